@@ -1,0 +1,110 @@
+"""``manifest.json``: the commit point of a dataset.
+
+It is written last. A location without it is an incomplete dataset (an ingest may be running
+or was killed) and readers refuse it rather than reading part of it as if it were whole.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from collections import Counter
+from dataclasses import dataclass
+from importlib import metadata
+
+import pyarrow as pa
+
+from shards.urls import Location
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "onion-dataset"
+FORMAT_VERSION = 1
+RECORDED_LIBRARIES = ("onion", "numpy", "pillow", "pyarrow", "fsspec", "ray", "torch", "webdataset")
+
+
+class DatasetError(Exception):
+    """A dataset location that cannot be used; the message names the file at fault."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    split: str
+    examples: int
+    bytes: int
+    sha256: str
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in RECORDED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def count_rows(index: pa.Table) -> dict:
+    """Counts per status, split, class and split/status, from the index."""
+    rows = index.select(["split", "status", "class_name"]).to_pylist()
+    by_split_status = Counter(f"{r['split']}/{r['status']}" for r in rows)
+    return {
+        "total": len(rows),
+        "by_status": dict(sorted(Counter(r["status"] for r in rows).items())),
+        "by_split": dict(sorted(Counter(r["split"] for r in rows).items())),
+        "by_class": dict(sorted(Counter(str(r["class_name"]) for r in rows if r["status"] == "ok").items())),
+        "by_split_status": dict(sorted(by_split_status.items())),
+    }
+
+
+def build_manifest(
+    *,
+    index: pa.Table,
+    index_sha256: str,
+    shards: list[ShardEntry],
+    class_names: list[str],
+    source: str,
+    fingerprint: str,
+    command: list[str],
+    extra: dict | None = None,
+) -> dict:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "fingerprint": fingerprint,
+        "class_names": class_names,
+        "counts": count_rows(index),
+        "index": {"name": "index.parquet", "rows": len(index), "sha256": index_sha256},
+        "shards": [vars(shard) for shard in sorted(shards, key=lambda s: s.name)],
+        "command": command,
+        "versions": library_versions(),
+        **(extra or {}),
+    }
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def read_manifest(dataset: Location) -> dict:
+    """The manifest of a complete dataset, or a :class:`DatasetError` that says what is wrong."""
+    if not dataset.exists(MANIFEST_NAME):
+        if dataset.exists():
+            raise DatasetError(
+                f"{dataset.url}: no {MANIFEST_NAME}, so the dataset is incomplete "
+                "(an ingest is running or was interrupted; run the same command again to finish it)"
+            )
+        raise DatasetError(f"{dataset.url}: no such dataset")
+    try:
+        manifest = json.loads(dataset.read_bytes(MANIFEST_NAME))
+    except ValueError as error:
+        raise DatasetError(f"{dataset.url}/{MANIFEST_NAME}: not valid JSON ({error})") from error
+    if manifest.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{dataset.url}/{MANIFEST_NAME}: not an onion dataset manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(
+            f"{dataset.url}/{MANIFEST_NAME}: format version {manifest.get('format_version')} "
+            f"is not supported (this onion reads version {FORMAT_VERSION})"
+        )
+    return manifest

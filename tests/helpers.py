@@ -1,0 +1,61 @@
+"""Small real datasets for tests, written through the public shards API (no Ray needed)."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from shards.tarwriter import ShardExample
+from shards.urls import location
+from shards.writer import commit_dataset, write_shard
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def random_pixels(rng: np.random.Generator, size: int = 8, channels: int = 3) -> np.ndarray:
+    shape = (size, size, channels) if channels == 3 else (size, size)
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def write_direct_dataset(url: str, shard_sizes: list[int], split: str = "train", seed: int = 0) -> dict[str, tuple[int, bytes]]:
+    """A dataset with shards of exactly ``shard_sizes`` examples; returns key -> (label, png)."""
+    rng = np.random.default_rng(seed)
+    dataset = location(url)
+    rows, entries, truth = [], [], {}
+    counter = 0
+    for number, size in enumerate(shard_sizes):
+        examples = []
+        for _ in range(size):
+            key = f"ex-{counter:05d}"
+            counter += 1
+            label = int(rng.integers(3))
+            image = png_bytes(random_pixels(rng))
+            truth[key] = (label, image)
+            examples.append(ShardExample(key, image, "png", label, {"key": key}))
+        name = f"{split}-{number:06d}.tar"
+        entry, spans = write_shard(dataset, name, split, examples)
+        entries.append(entry)
+        for example, span in zip(examples, spans):
+            rows.append({"key": example.key, "label": example.label, "class_name": str(example.label),
+                         "split": split, "status": "ok", "shard": name, "image_ext": "png",
+                         "image_offset": span.image.offset, "image_size": span.image.size,
+                         "width": 8, "height": 8, "source_ref": f"test[{example.key}]"})
+    commit_dataset(dataset, rows=rows, shards=entries, class_names=["0", "1", "2"], source="test",
+                   fingerprint="test", command=["test"])
+    return truth
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels but holds almost no data (a bomb)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
