@@ -1,6 +1,7 @@
 """Small real datasets for tests, written through the public shards API (no Ray needed)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import zlib
@@ -24,8 +25,12 @@ def random_pixels(rng: np.random.Generator, size: int = 8, channels: int = 3) ->
     return rng.integers(0, 256, size=shape, dtype=np.uint8)
 
 
-def write_direct_dataset(url: str, shard_sizes: list[int], split: str = "train", seed: int = 0) -> dict[str, tuple[int, bytes]]:
-    """A dataset with shards of exactly ``shard_sizes`` examples; returns key -> (label, png)."""
+def write_direct_dataset(url: str, shard_sizes: list[int], split: str = "train", seed: int = 0,
+                         image_bytes=None) -> dict[str, tuple[int, bytes]]:
+    """A dataset with shards of exactly ``shard_sizes`` examples; returns key -> (label, png).
+
+    ``image_bytes(key, png)`` may replace an example's stored bytes (to plant bad members).
+    """
     rng = np.random.default_rng(seed)
     dataset = location(url)
     rows, entries, truth = [], [], {}
@@ -37,6 +42,7 @@ def write_direct_dataset(url: str, shard_sizes: list[int], split: str = "train",
             counter += 1
             label = int(rng.integers(3))
             image = png_bytes(random_pixels(rng))
+            image = image_bytes(key, image) if image_bytes else image
             truth[key] = (label, image)
             examples.append(ShardExample(key, image, "png", label, {"key": key}))
         name = f"{split}-{number:06d}.tar"
@@ -46,6 +52,7 @@ def write_direct_dataset(url: str, shard_sizes: list[int], split: str = "train",
             rows.append({"key": example.key, "label": example.label, "class_name": str(example.label),
                          "split": split, "status": "ok", "shard": name, "image_ext": "png",
                          "image_offset": span.image.offset, "image_size": span.image.size,
+                         "sha256": hashlib.sha256(example.image).hexdigest(),
                          "width": 8, "height": 8, "source_ref": f"test[{example.key}]"})
     commit_dataset(dataset, rows=rows, shards=entries, class_names=["0", "1", "2"], source="test",
                    fingerprint="test", command=["test"])

@@ -1,0 +1,150 @@
+"""Storage-layer figures for the README: ingest and reader throughput, reader memory.
+
+    .venv/bin/python benchmarks/storage.py [--out benchmarks/results] [--repeats 3]
+
+Every speed is measured side by side in this one run on this machine, as medians over repeats:
+  1. ingest of synthetic 50k at 32x32 with 1 vs 2 Ray workers (examples/s);
+  2. our shard reader vs torchvision ImageFolder over the same 20k images as PNG files,
+     with 1 and 2 DataLoader workers (decoded images/s);
+  3. the reader's peak RSS over a whole epoch of 10k vs 100k examples.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import PILToTensor
+
+from pipeline.ingest import IngestOptions, ingest
+from pipeline.sources import SourceOptions, open_source
+from shards import ShardDataset, location, read_index
+
+BATCH = 256
+
+
+def make_synthetic(out: Path, count: int, workers: int | None = None) -> float:
+    """Ingest synthetic data into ``out``; returns examples/s (Ray start-up not counted)."""
+    ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR")
+    source = open_source("synthetic", SourceOptions(count=count, image_size=32, val_fraction=0.0001))
+    start = time.perf_counter()
+    ingest(source, str(out), IngestOptions(shard_size=5000), command=["benchmark"], progress=False)
+    elapsed = time.perf_counter() - start
+    ray.shutdown()
+    return count / elapsed
+
+
+def export_image_folder(dataset: Path, folder: Path) -> None:
+    """The same train images, as PNG files in torchvision's class-per-folder layout."""
+    data = location(str(dataset))
+    for row in read_index(data).to_pylist():
+        if row["status"] == "ok" and row["split"] == "train":
+            target = folder / row["class_name"] / f"{row['key']}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data.read_range(row["shard"], row["image_offset"], row["image_offset"] + row["image_size"]))
+
+
+def images_per_second(loader: DataLoader) -> float:
+    start, count = time.perf_counter(), 0
+    for images, _labels, *_ in loader:
+        count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+def reader_loaders(dataset: Path, folder: Path, workers: int) -> dict[str, DataLoader]:
+    return {
+        "onion ShardDataset (batched in worker)": DataLoader(
+            ShardDataset(str(dataset), batch_size=BATCH, buffer_size=1000), batch_size=None, num_workers=workers),
+        "onion ShardDataset (DataLoader collate)": DataLoader(
+            ShardDataset(str(dataset), buffer_size=1000), batch_size=BATCH, num_workers=workers),
+        "torchvision ImageFolder": DataLoader(
+            ImageFolder(str(folder), transform=PILToTensor()), batch_size=BATCH, shuffle=True, num_workers=workers),
+    }
+
+
+def measure_readers(dataset: Path, folder: Path, repeats: int) -> list[dict]:
+    results = []
+    for workers in (1, 2):
+        loaders = reader_loaders(dataset, folder, workers)
+        for loader in loaders.values():  # warm the page cache and the workers' imports
+            images_per_second(loader)
+        timings: dict[str, list[float]] = {name: [] for name in loaders}
+        for _ in range(repeats):  # interleaved, so drift does not favour one reader
+            for name, loader in loaders.items():
+                timings[name].append(images_per_second(loader))
+        baseline = statistics.median(timings["torchvision ImageFolder"])
+        for name, values in timings.items():
+            results.append({"reader": name, "workers": workers, "images_per_s": statistics.median(values),
+                            "vs_imagefolder": statistics.median(values) / baseline})
+    return results
+
+
+def peak_rss_mib(dataset: Path) -> float:
+    """Peak RSS of a fresh process that reads one whole epoch in the main process."""
+    code = (
+        "import resource, sys; from shards import ShardDataset\n"
+        "n = sum(1 for _ in ShardDataset(sys.argv[1]))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    output = subprocess.run([sys.executable, "-c", code, str(dataset)], capture_output=True, text=True, check=True)
+    return float(output.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results", help="where storage.json and storage.md go")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ingest-count", type=int, default=50_000)
+    parser.add_argument("--reader-count", type=int, default=20_000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    report: dict = {"machine": f"{os.cpu_count()} CPUs", "repeats": args.repeats}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        ingest_rates = {1: [], 2: []}
+        for repeat in range(args.repeats):
+            for workers in (1, 2):
+                ingest_rates[workers].append(make_synthetic(root / f"ingest-{workers}-{repeat}", args.ingest_count, workers))
+        report["ingest"] = {f"{w} workers": statistics.median(r) for w, r in ingest_rates.items()}
+        report["ingest"]["speed-up"] = report["ingest"]["2 workers"] / report["ingest"]["1 workers"]
+        make_synthetic(root / "reader", args.reader_count)
+        export_image_folder(root / "reader", root / "folder")
+        report["reader"] = measure_readers(root / "reader", root / "folder", args.repeats)
+        make_synthetic(root / "rss-10k", 10_000)
+        make_synthetic(root / "rss-100k", 100_000)
+        small, large = peak_rss_mib(root / "rss-10k"), peak_rss_mib(root / "rss-100k")
+        report["reader_peak_rss_mib"] = {"10k": small, "100k": large, "ratio": large / small}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "storage.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "storage.md").write_text(render(report))
+    print(render(report))
+
+
+def render(report: dict) -> str:
+    lines = [f"Ingest, synthetic 32x32 ({report['machine']}, median of {report['repeats']}):", ""]
+    lines += ["| Ray workers | examples/s |", "|---|---|"]
+    lines += [f"| {k} | {v:,.0f} |" for k, v in report["ingest"].items() if k != "speed-up"]
+    lines += ["", f"Speed-up 2 vs 1 workers: {report['ingest']['speed-up']:.2f}x", ""]
+    lines += ["Reader, 20k 32x32 PNGs, decoded uint8 tensors in batches of 256:", ""]
+    lines += ["| reader | DataLoader workers | images/s | vs ImageFolder |", "|---|---|---|---|"]
+    lines += [f"| {r['reader']} | {r['workers']} | {r['images_per_s']:,.0f} | {r['vs_imagefolder']:.2f}x |" for r in report["reader"]]
+    rss = report["reader_peak_rss_mib"]
+    lines += ["", f"Reader peak RSS over one epoch: 10k examples {rss['10k']:.0f} MiB, "
+              f"100k examples {rss['100k']:.0f} MiB (ratio {rss['ratio']:.2f})", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
