@@ -3,6 +3,10 @@
 Stored images are 8-bit grey (``L``) or ``RGB``. Files already in the target format and mode,
 with no EXIF rotation to apply, are stored byte for byte (no generational loss); everything
 else is decoded and re-encoded deterministically.
+
+Small images are encoded as uncompressed PNG (deflate level 0) by default: still a standard PNG
+that any reader opens, at most a few KB, and about 4x faster to decode than a compressed one,
+which is what bounds a loader's images/s when images are tiny.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ FORMATS = {"png": "PNG", "jpg": "JPEG"}
 GREY_MODES = {"1", "L"}
 COLOUR_MODES = {"LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
 EXIF_ORIENTATION = 0x0112
+SMALL_IMAGE_PIXELS = 64 * 64  # at or below this, "auto" stores PNG uncompressed
+DEFAULT_PNG_LEVEL = 6
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,12 @@ class EncodeOptions:
     image_format: str = "png"
     jpeg_quality: int = 95
     max_pixels: int = 40_000_000
+    png_level: int | None = None  # zlib level 0-9; None: 0 for small images, else 6
+
+    def png_level_for(self, width: int, height: int) -> int:
+        if self.png_level is not None:
+            return self.png_level
+        return 0 if width * height <= SMALL_IMAGE_PIXELS else DEFAULT_PNG_LEVEL
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,7 @@ def _save(image: Image.Image, options: EncodeOptions) -> Encoded:
     image = image.convert("L" if image.mode in GREY_MODES else "RGB")
     buffer = io.BytesIO()
     if options.image_format == "png":
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", compress_level=options.png_level_for(image.width, image.height))
     else:
         image.save(buffer, format="JPEG", quality=options.jpeg_quality)
     return Encoded(buffer.getvalue(), options.image_format, image.width, image.height)

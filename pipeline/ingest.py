@@ -64,17 +64,16 @@ def plan_shards(records: list[Record], options: IngestOptions) -> list[ShardPlan
         total_bytes = sum(r.est_bytes for r in members)
         shards = max(-(-len(members) // options.shard_size), -(-total_bytes // options.shard_bytes), 1)
         target = -(-len(members) // shards)
-        current: list[Record] = []
+        groups: list[list[Record]] = [[]]
         planned_bytes = 0
         for i in order:
             record = members[i]
-            if current and (len(current) >= target or planned_bytes + record.est_bytes > options.shard_bytes):
-                plans.append(_shard_plan(split, len([p for p in plans if p.split == split]), current))
-                current, planned_bytes = [], 0
-            current.append(record)
+            if groups[-1] and (len(groups[-1]) >= target or planned_bytes + record.est_bytes > options.shard_bytes):
+                groups.append([])
+                planned_bytes = 0
+            groups[-1].append(record)
             planned_bytes += record.est_bytes
-        if current:
-            plans.append(_shard_plan(split, len([p for p in plans if p.split == split]), current))
+        plans += [_shard_plan(split, number, group) for number, group in enumerate(groups)]
     return plans
 
 
@@ -85,8 +84,8 @@ def _shard_plan(split: str, number: int, records: list[Record]) -> ShardPlan:
 def fingerprint(source: Source, plans: list[ShardPlan], options: IngestOptions) -> str:
     """Identity of the output: changes whenever any output byte could change."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"source": source.spec, "classes": source.class_names,
-                              "options": asdict(options)}, sort_keys=True).encode())
+    digest.update(json.dumps({"source": source.spec, "parameters": source.parameters,
+                              "classes": source.class_names, "options": asdict(options)}, sort_keys=True).encode())
     for plan in plans:
         for r in plan.records:
             digest.update(f"{plan.name}|{r.key}|{r.split}|{r.label}|{r.source_ref}|{r.est_bytes}|{r.planted}|{r.quarantine}\n".encode())
@@ -231,7 +230,7 @@ def ingest(
         dataset, rows=rows, shards=entries, class_names=source.class_names, source=source.spec,
         fingerprint=identity, command=command,
         extra={"accounting": {"inputs": len(records), "ok": ok, "quarantined": len(rows) - ok},
-               "ingest": asdict(options)},
+               "ingest": asdict(options), "source_parameters": source.parameters},
     )
     _clean_up(dataset)
     return IngestReport(dataset.url, manifest, resumed, already_complete=False)

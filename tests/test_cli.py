@@ -68,9 +68,12 @@ def test_killed_ingest_rerun_gives_identical_bytes(tmp_path):
     assert manifests[0] == manifests[1]
 
 
-def test_inspect_json_and_table(tmp_path):
+def test_ingest_inspect_and_refuse_to_overwrite(tmp_path):
     out = tmp_path / "digits"
     assert onion("ingest", "digits", out, "--shard-size", "500", "--workers", "1").returncode == 0
+    refused = onion("ingest", "synthetic", out)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [f"onion ingest: error: {out} already holds a different dataset (digits); choose another output or delete it"]
     summary = json.loads(onion("inspect", out, "--format", "json").stdout)
     assert summary["counts"]["total"] == 1797 and summary["accounting"]["ok"] == 1797
     assert sum(sum(c.values()) for c in summary["classes_by_split"].values()) == 1797

@@ -11,7 +11,7 @@ from pipeline.sources.base import Quarantine, Raw, Record, Source, SourceError
 class SourceOptions:
     """Options that some sources use; each source takes the ones it needs."""
 
-    val_fraction: float = 0.0
+    val_fraction: float | None = None  # None: the source's own default
     seed: int = 0
     count: int = 10_000
     image_size: int = 32
@@ -39,14 +39,14 @@ def _synthetic(argument: str, options: SourceOptions) -> Source:
     return SyntheticSource(
         count=options.count, image_size=options.image_size, classes=options.classes,
         dup_rate=options.dup_rate, near_dup_rate=options.near_dup_rate, flip_rate=options.flip_rate,
-        val_fraction=options.val_fraction or 0.2, seed=options.seed,
+        val_fraction=0.2 if options.val_fraction is None else options.val_fraction, seed=options.seed,
     )
 
 
 def _imagefolder(argument: str, options: SourceOptions) -> Source:
     from pipeline.sources.imagefolder import ImageFolderSource
 
-    return ImageFolderSource(argument, val_fraction=options.val_fraction)
+    return ImageFolderSource(argument, val_fraction=options.val_fraction or 0.0)
 
 
 def _cifar(argument: str, options: SourceOptions) -> Source:

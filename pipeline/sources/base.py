@@ -44,6 +44,7 @@ class Source(ABC):
 
     spec: str
     class_names: list[str]
+    parameters: dict = {}  # what else shapes the output (recorded in the manifest)
 
     @abstractmethod
     def records(self) -> list[Record]:

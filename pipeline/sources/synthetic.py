@@ -52,6 +52,9 @@ class SyntheticSource(Source):
         self.rates = (dup_rate, near_dup_rate, flip_rate)
         self.val_fraction, self.seed = val_fraction, seed
         self.class_names = [f"class{c}" for c in range(classes)]
+        self.parameters = {"count": count, "image_size": image_size, "classes": classes, "dup_rate": dup_rate,
+                           "near_dup_rate": near_dup_rate, "flip_rate": flip_rate, "val_fraction": val_fraction,
+                           "seed": seed}
 
     def key(self, index: int) -> str:
         return f"synthetic-{index:07d}"
