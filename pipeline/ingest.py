@@ -16,7 +16,7 @@ import ray
 from tqdm import tqdm
 
 from shards import STATUS_OK, STATUS_QUARANTINED, DatasetError, location, read_manifest
-from shards.manifest import MANIFEST_NAME, ShardEntry
+from shards.manifest import MANIFEST_NAME, DatasetInfo, ShardEntry
 from shards.tarwriter import ShardExample, check_key
 from shards.urls import Location
 from shards.writer import commit_dataset, write_shard
@@ -226,12 +226,11 @@ def ingest(
     _check_accounting(records, rows)
     entries = [results[p.name].entry for p in plans if results[p.name].entry is not None]
     ok = sum(r["status"] == STATUS_OK for r in rows)
-    manifest = commit_dataset(
-        dataset, rows=rows, shards=entries, class_names=source.class_names, source=source.spec,
-        fingerprint=identity, command=command,
+    manifest = commit_dataset(dataset, rows=rows, shards=entries, info=DatasetInfo(
+        class_names=source.class_names, source=source.spec, fingerprint=identity, command=command,
         extra={"accounting": {"inputs": len(records), "ok": ok, "quarantined": len(rows) - ok},
                "ingest": asdict(options), "source_parameters": source.parameters},
-    )
+    ))
     _clean_up(dataset)
     return IngestReport(dataset.url, manifest, resumed, already_complete=False)
 

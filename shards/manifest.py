@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import platform
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 
 import pyarrow as pa
@@ -57,29 +57,30 @@ def count_rows(index: pa.Table) -> dict:
     }
 
 
-def build_manifest(
-    *,
-    index: pa.Table,
-    index_sha256: str,
-    shards: list[ShardEntry],
-    class_names: list[str],
-    source: str,
-    fingerprint: str,
-    command: list[str],
-    extra: dict | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the manifest says about a dataset beyond its index and shards."""
+
+    class_names: list[str]
+    source: str
+    fingerprint: str  # identity of the output: equal fingerprints mean byte-identical datasets
+    command: list[str]
+    extra: dict = field(default_factory=dict)
+
+
+def build_manifest(*, index: pa.Table, index_sha256: str, shards: list[ShardEntry], info: DatasetInfo) -> dict:
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "source": source,
-        "fingerprint": fingerprint,
-        "class_names": class_names,
+        "source": info.source,
+        "fingerprint": info.fingerprint,
+        "class_names": info.class_names,
         "counts": count_rows(index),
         "index": {"name": "index.parquet", "rows": len(index), "sha256": index_sha256},
         "shards": [vars(shard) for shard in sorted(shards, key=lambda s: s.name)],
-        "command": command,
+        "command": info.command,
         "versions": library_versions(),
-        **(extra or {}),
+        **info.extra,
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 
 from shards.index import INDEX_NAME, rows_to_table, table_to_parquet_bytes
-from shards.manifest import MANIFEST_NAME, ShardEntry, build_manifest, manifest_bytes
+from shards.manifest import MANIFEST_NAME, DatasetInfo, ShardEntry, build_manifest, manifest_bytes
 from shards.tarwriter import ShardExample, WrittenExample, build_shard
 from shards.urls import Location
 
@@ -18,24 +18,11 @@ def write_shard(dataset: Location, name: str, split: str, examples: list[ShardEx
     return entry, written
 
 
-def commit_dataset(
-    dataset: Location,
-    *,
-    rows: list[dict],
-    shards: list[ShardEntry],
-    class_names: list[str],
-    source: str,
-    fingerprint: str,
-    command: list[str],
-    extra: dict | None = None,
-) -> dict:
+def commit_dataset(dataset: Location, *, rows: list[dict], shards: list[ShardEntry], info: DatasetInfo) -> dict:
     """Write ``index.parquet`` and then ``manifest.json``, which makes the dataset complete."""
     table = rows_to_table(rows)
     index_data = table_to_parquet_bytes(table)
     dataset.write_atomic(INDEX_NAME, index_data)
-    manifest = build_manifest(
-        index=table, index_sha256=hashlib.sha256(index_data).hexdigest(), shards=shards,
-        class_names=class_names, source=source, fingerprint=fingerprint, command=command, extra=extra,
-    )
+    manifest = build_manifest(index=table, index_sha256=hashlib.sha256(index_data).hexdigest(), shards=shards, info=info)
     dataset.write_atomic(MANIFEST_NAME, manifest_bytes(manifest))
     return manifest

@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from shards.manifest import DatasetInfo
 from shards.tarwriter import ShardExample
 from shards.urls import location
 from shards.writer import commit_dataset, write_shard
@@ -54,8 +55,8 @@ def write_direct_dataset(url: str, shard_sizes: list[int], split: str = "train",
                          "image_offset": span.image.offset, "image_size": span.image.size,
                          "sha256": hashlib.sha256(example.image).hexdigest(),
                          "width": 8, "height": 8, "source_ref": f"test[{example.key}]"})
-    commit_dataset(dataset, rows=rows, shards=entries, class_names=["0", "1", "2"], source="test",
-                   fingerprint="test", command=["test"])
+    commit_dataset(dataset, rows=rows, shards=entries,
+                   info=DatasetInfo(class_names=["0", "1", "2"], source="test", fingerprint="test", command=["test"]))
     return truth
 
 
