@@ -104,6 +104,7 @@ def make_image_folder(root):
         "cat/sixteen.png": None,
         "loose.png": png_bytes(random_pixels(rng, 12)),
     }
+    (root / "cat" / "gone.png").symlink_to(root / "nowhere.png")  # a link whose target is missing
     for name, data in bad.items():
         if data is None:
             Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(root / name)
@@ -120,6 +121,7 @@ EXPECTED_REASONS = {
     "dog/big.png": "decompression bomb: 120x120 = 14400 pixels exceeds --max-pixels 10000",
     "cat/sixteen.png": "unsupported image mode I;16",
     "loose.png": "not inside a class folder",
+    "cat/gone.png": "unreadable file: No such file or directory",
 }
 
 
@@ -130,7 +132,7 @@ def test_imagefolder_quarantines_each_bad_input_with_its_reason(ray_local, tmp_p
     run_ingest(f"imagefolder:{root}", out, source_options=SourceOptions(val_fraction=0.3), shard_size=4,
                encode=EncodeOptions(max_pixels=10_000))
     index = read_index(location(str(out))).to_pylist()
-    files = [p for p in root.rglob("*") if p.is_file()]
+    files = [p for p in root.rglob("*") if p.is_file() or p.is_symlink()]
     assert len(index) == len(files)  # the accounting identity: every input has a row
     by_ref = {row["source_ref"]: row for row in index}
     for name, reason in EXPECTED_REASONS.items():
