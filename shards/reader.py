@@ -9,7 +9,7 @@ splits work across DataLoader workers and distributed ranks by the rule in
 from __future__ import annotations
 
 import hashlib
-from itertools import repeat
+from itertools import islice, repeat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -101,6 +101,7 @@ class ShardDataset(IterableDataset):
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
         self.epoch = 0
+        self.start_batch = 0
         self.shard_sha256 = {s["name"]: s["sha256"] for s in self.manifest["shards"]}
         self.shard_rows = self._load_rows()
 
@@ -127,9 +128,17 @@ class ShardDataset(IterableDataset):
             )
         return rows
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order to produce (call before iterating, as with DistributedSampler)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch whose order to produce (call before iterating, as with DistributedSampler).
+
+        ``start_batch`` resumes mid-epoch: the first ``start_batch`` batches this rank's DataLoader
+        would yield are skipped without being decoded (batch mode only). DataLoader workers
+        deliver batches round-robin; each skips those of its own that fall before the restart.
+        """
+        if start_batch and not self.batch_size:
+            raise ValueError("resuming mid-epoch needs batch_size (batches made by the reader)")
         self.epoch = epoch
+        self.start_batch = start_batch
 
     @property
     def total_examples(self) -> int:
@@ -150,10 +159,15 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        encoded = self._encoded(self.segments(worker, num_workers))
+        # A resumed DataLoader asks worker 0 first, so worker 0 takes the part whose batch is next.
+        part = (worker + self.start_batch) % num_workers
+        encoded = self._encoded(self.segments(part, num_workers))
         if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, part])
             encoded = shuffle_buffer(encoded, self.buffer_size, rng)
+        if self.start_batch:
+            skipped = len(range(part, self.start_batch, num_workers)) * self.batch_size
+            encoded = islice(encoded, skipped, None)
         if not self.batch_size:
             return map(self._sample, encoded)
         if self.transform is None:  # fast path: stack HxWxC arrays, one layout change per batch

@@ -154,3 +154,16 @@ def test_unknown_split_is_named(tmp_path):
     write_direct_dataset(url, [3])
     with pytest.raises(DatasetError, match="no split 'test' \\(splits: train\\)"):
         ShardDataset(url, split="test")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 3])
+def test_resume_mid_epoch_continues_at_the_same_batch(tmp_path, num_workers):
+    url = str(tmp_path / "ds")
+    write_direct_dataset(url, UNEVEN)
+    dataset = ShardDataset(url, seed=4, batch_size=5, buffer_size=7)
+    dataset.set_epoch(2)
+    whole = [keys for _, _, keys in DataLoader(dataset, batch_size=None, num_workers=num_workers)]
+    for start in (1, 4, len(whole) - 1):
+        dataset.set_epoch(2, start_batch=start)
+        resumed = [keys for _, _, keys in DataLoader(dataset, batch_size=None, num_workers=num_workers)]
+        assert resumed == whole[start:]

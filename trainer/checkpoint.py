@@ -1,0 +1,106 @@
+"""Atomic checkpoints: model weights (safetensors, timm's keys), optimiser, schedule, RNG, position.
+
+A checkpoint is a folder ``checkpoints/step-<N>/``; ``checkpoints/latest.json`` names the newest
+complete one and is written last, so a run killed while saving resumes from the previous one.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from shards.urls import Location
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+MODEL_FILE = "model.safetensors"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class Position:
+    """Where training stands: the next batch to train is ``batch`` of ``epoch``."""
+
+    step: int
+    epoch: int
+    batch: int
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_bytes(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes) -> object:
+    # Our own file (optimizer state, numpy RNG tuples): not an untrusted pickle.
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def folder_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def save_rank_state(run: Location, position: Position, rank: int) -> None:
+    """Each rank's RNG, written before rank 0 commits the checkpoint."""
+    run.child(CHECKPOINTS, folder_name(position.step)).write_atomic(f"rng-r{rank}.pt", to_bytes(rng_state()))
+
+
+def commit_checkpoint(run: Location, position: Position, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Rank 0: weights and optimiser state, then the pointer that makes the checkpoint current."""
+    folder = run.child(CHECKPOINTS, folder_name(position.step))
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    folder.write_atomic(MODEL_FILE, save_safetensors(weights))
+    folder.write_atomic("state.pt", to_bytes({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}))
+    checkpoints = run.child(CHECKPOINTS)
+    checkpoints.write_atomic(LATEST, json.dumps(vars(position)).encode())
+    complete = sorted(n for n in checkpoints.list_names() if n.startswith("step-"))
+    for old in complete[:-KEEP_CHECKPOINTS]:
+        checkpoints.remove(old, recursive=True)
+
+
+def latest_position(run: Location) -> Position | None:
+    checkpoints = run.child(CHECKPOINTS)
+    if not checkpoints.exists(LATEST):
+        return None
+    return Position(**json.loads(checkpoints.read_bytes(LATEST)))
+
+
+def load_checkpoint(run: Location, position: Position, rank: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    folder = run.child(CHECKPOINTS, folder_name(position.step))
+    model.load_state_dict(load_safetensors(folder.read_bytes(MODEL_FILE)))
+    state = from_bytes(folder.read_bytes("state.pt"))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(from_bytes(folder.read_bytes(f"rng-r{rank}.pt")))
+
+
+def load_weights(run: Location) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's weights, with timm's state_dict keys."""
+    position = latest_position(run)
+    if position is None:
+        raise FileNotFoundError(f"{run.url}: no checkpoint")
+    return load_safetensors(run.child(CHECKPOINTS, folder_name(position.step)).read_bytes(MODEL_FILE))

@@ -1,0 +1,68 @@
+"""Starting training: one process, ``--nproc N`` local processes, or under ``torchrun``.
+
+DDP uses NCCL on GPUs and gloo on CPUs. Every rank streams its own share of the shards (the
+reader's exact-once rule), and all ranks write dynamics into the same run directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from shards import location
+from trainer.config import TrainConfig
+from trainer.loop import CONFIG_NAME, SUMMARY_NAME, Trainer
+
+
+def saved_config(run: str) -> TrainConfig:
+    """The resolved configuration a run was started with (what ``--resume`` continues)."""
+    folder = location(run)
+    if not folder.exists(CONFIG_NAME):
+        raise FileNotFoundError(f"{run}: no {CONFIG_NAME}, so there is no run to resume")
+    return TrainConfig(**json.loads(folder.read_bytes(CONFIG_NAME)))
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_rank(rank: int, config: TrainConfig, resume: bool, world_size: int, address: str | None) -> dict:
+    if world_size > 1:
+        if address:
+            dist.init_process_group(backend(), init_method=address, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend())  # torchrun's environment
+    try:
+        trainer = Trainer(config, rank, world_size)
+        if resume:
+            trainer.resume()
+        return trainer.train()
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def _spawned(rank: int, config: TrainConfig, resume: bool, world_size: int, address: str) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    _run_rank(rank, config, resume, world_size, address)
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict:
+    """Run training to the end and return the summary written to ``RUN/summary.json``."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        return _run_rank(int(os.environ["RANK"]), config, resume, int(os.environ["WORLD_SIZE"]), None)
+    if config.nproc > 1:
+        address = f"tcp://127.0.0.1:{free_port()}"
+        mp.spawn(_spawned, args=(config, resume, config.nproc, address), nprocs=config.nproc, join=True)
+        return json.loads(location(config.out).read_bytes(SUMMARY_NAME))
+    return _run_rank(0, config, resume, 1, None)

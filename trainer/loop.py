@@ -1,0 +1,249 @@
+"""The training loop: stream shards, train the sparse ViT, evaluate, checkpoint, record dynamics."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.data import Mixup
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from shards import ShardDataset, location, read_index, read_manifest
+from shards.urls import Location
+from trainer.checkpoint import Position, commit_checkpoint, latest_position, load_checkpoint, save_rank_state
+from trainer.config import TrainConfig
+from trainer.dynamics import DynamicsRecorder
+from trainer.model import build_model, model_kwargs
+from trainer.schedule import KeepSchedule
+from trainer.sparse_vit import SparseVisionTransformer
+
+CONFIG_NAME = "config.json"
+SUMMARY_NAME = "summary.json"
+METRICS_NAME = "metrics.csv"
+
+
+@dataclass
+class DataInfo:
+    img_size: int
+    num_classes: int
+
+
+def data_info(dataset: Location) -> DataInfo:
+    manifest = read_manifest(dataset)
+    index = read_index(dataset, columns=["width", "height", "status"]).to_pydict()
+    sides = {max(w, h) for w, h, s in zip(index["width"], index["height"], index["status"]) if s == "ok"}
+    return DataInfo(img_size=max(sides), num_classes=len(manifest["class_names"]))
+
+
+def pick_device(config: TrainConfig, rank: int) -> torch.device:
+    if config.device != "auto":
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def autocast_for(config: TrainConfig, device: torch.device):  # noqa: ANN201 - a context manager
+    use_bf16 = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def lr_lambda(config: TrainConfig, steps_per_epoch: int):  # noqa: ANN201 - a function of the step
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    total = max(1, config.epochs * steps_per_epoch)
+    floor = config.min_lr / config.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def prepare(images: torch.Tensor, img_size: int, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW to normalised float on the device, resized when the model wants another size."""
+    x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if x.shape[-1] != img_size or x.shape[-2] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.run = location(config.out)
+        self.dataset = location(config.dataset)
+        self.device = pick_device(config, rank)
+        info = data_info(self.dataset)
+        self.img_size = config.img_size or info.img_size
+        self.num_classes = info.num_classes
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+        self.model: SparseVisionTransformer = build_model(config, self.img_size, self.num_classes).to(self.device)
+        self.model.record_cls_attention = config.record_dynamics
+        self.ddp = DistributedDataParallel(self.model) if world_size > 1 else None
+        self.train_data = ShardDataset(config.dataset, "train", seed=config.seed, batch_size=config.batch_size,
+                                       channels=3, rank=rank, world_size=world_size)
+        self.val_data = ShardDataset(config.dataset, "val", shuffle=False, batch_size=config.batch_size,
+                                     channels=3, rank=rank, world_size=world_size)
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_data) / config.batch_size))
+        decay, no_decay = [], []
+        for name, parameter in self.model.named_parameters():
+            (no_decay if parameter.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(parameter)
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.steps_per_epoch))
+        ramp = dict(warmup_steps=int(config.keep_warmup_epochs * self.steps_per_epoch),
+                    ramp_steps=int(config.keep_ramp_epochs * self.steps_per_epoch), quantum=config.keep_quantum)
+        self.token_schedule = KeepSchedule(config.token_keep, **ramp)
+        self.attn_schedule = KeepSchedule(config.attn_keep, **ramp)
+        self.mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                            num_classes=self.num_classes) if config.mixup > 0 or config.cutmix > 0 else None)
+        self.dynamics = DynamicsRecorder(self.run, rank) if config.record_dynamics else None
+        self.position = Position(step=0, epoch=0, batch=0)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def resume(self) -> bool:
+        position = latest_position(self.run)
+        if position is None:
+            return False
+        load_checkpoint(self.run, position, self.rank, self.model, self.optimizer, self.scheduler)
+        if self.dynamics:
+            self.dynamics.drop_parts_after(position.step)
+        self.position = position
+        return True
+
+    def checkpoint(self) -> None:
+        if self.dynamics:
+            self.dynamics.flush(self.position.step)
+        save_rank_state(self.run, self.position, self.rank)
+        self._barrier()
+        if self.is_main:
+            commit_checkpoint(self.run, self.position, self.model, self.optimizer, self.scheduler)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def train(self) -> dict:
+        config = self.config
+        if self.is_main:
+            self.run.write_atomic(CONFIG_NAME, json.dumps(config.to_dict(), indent=2).encode())
+            self.run.write_atomic("model.json", json.dumps(
+                {"model": config.model, "kwargs": model_kwargs(config, self.img_size, self.num_classes)}, indent=2).encode())
+        train_seconds, train_images = 0.0, 0
+        val_top1 = float("nan")
+        while self.position.epoch < config.epochs:
+            started = time.perf_counter()
+            images, loss_sum, correct = self._train_epoch()
+            elapsed = time.perf_counter() - started
+            train_seconds += elapsed
+            train_images += images
+            val_top1, val_loss = self.evaluate()
+            self.position = Position(self.position.step, self.position.epoch + 1, 0)
+            self.checkpoint()
+            if self.is_main:
+                self._log({"epoch": self.position.epoch, "step": self.position.step,
+                           "train_loss": loss_sum / max(1, images), "train_top1": 100.0 * correct / max(1, images),
+                           "val_top1": val_top1, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
+                           "token_keep": self.model.token_keep, "attn_keep": self.model.attn_keep,
+                           "images_per_second": images * self.world_size / max(elapsed, 1e-9), "epoch_seconds": elapsed})
+        summary = {"val_top1": val_top1, "train_seconds": train_seconds,
+                   "images_per_second": train_images * self.world_size / max(train_seconds, 1e-9),
+                   "epochs": config.epochs, "steps": self.position.step, "world_size": self.world_size,
+                   "device": str(self.device), "config": config.to_dict(),
+                   "model_kwargs": model_kwargs(config, self.img_size, self.num_classes)}
+        if self.is_main:
+            self.run.write_atomic(SUMMARY_NAME, json.dumps(summary, indent=2).encode())
+        return summary
+
+    def _train_epoch(self) -> tuple[int, float, int]:
+        config, model = self.config, self.ddp or self.model
+        model.train()
+        self.train_data.set_epoch(self.position.epoch, start_batch=self.position.batch)
+        loader = DataLoader(self.train_data, batch_size=None, num_workers=config.workers,
+                            persistent_workers=False, pin_memory=self.device.type == "cuda")
+        images_seen, loss_sum, correct = 0, 0.0, 0
+        bar = tqdm(loader, total=self.steps_per_epoch - self.position.batch, disable=not self.is_main,
+                   desc=f"epoch {self.position.epoch + 1}/{config.epochs}", unit="batch", leave=False)
+        join = model.join() if self.ddp else nullcontext()
+        started = time.perf_counter()
+        with join:
+            for images, labels, keys in bar:
+                self.model.set_rates(self.token_schedule(self.position.step), self.attn_schedule(self.position.step))
+                x = prepare(images, self.img_size, self.device)
+                y = labels.to(self.device)
+                inputs, targets = self.mixup(x, y) if self.mixup and len(x) % 2 == 0 else (x, y)
+                with autocast_for(config, self.device):
+                    logits = model(inputs)
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=0.0 if self.mixup else config.label_smoothing)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad)
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.dynamics:
+                    self.dynamics.record(keys, self.position.epoch, self.position.step, logits, y,
+                                         self.model.last_cls_attention_variance)
+                images_seen += len(keys)
+                loss_value = loss.item()
+                loss_sum += loss_value * len(keys)
+                correct += int((logits.argmax(dim=1) == y).sum())
+                self.position = Position(self.position.step + 1, self.position.epoch, self.position.batch + 1)
+                bar.set_postfix(img_s=f"{images_seen * self.world_size / (time.perf_counter() - started):.0f}",
+                                loss=f"{loss_value:.3f}")
+                if config.checkpoint_every and self.position.step % config.checkpoint_every == 0:
+                    self.checkpoint()
+        return images_seen, loss_sum, correct
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        self.model.eval()
+        totals = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, count
+        loader = DataLoader(self.val_data, batch_size=None, num_workers=self.config.workers)
+        for images, labels, _ in loader:
+            y = labels.to(self.device)
+            with autocast_for(self.config, self.device):
+                logits = self.model(prepare(images, self.img_size, self.device)).float()
+            totals += torch.tensor([float((logits.argmax(1) == y).sum()), float(F.cross_entropy(logits, y, reduction="sum")), len(y)],
+                                   dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        correct, loss_sum, count = totals.tolist()
+        return 100.0 * correct / max(count, 1), loss_sum / max(count, 1)
+
+    def _log(self, row: dict) -> None:
+        if not self.run.is_local:
+            return  # CSV and TensorBoard are written to local runs; summary.json goes everywhere
+        path = os.path.join(self.run.root, METRICS_NAME)
+        new = not os.path.exists(path)
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(os.path.join(self.run.root, "tensorboard")) as board:
+            for name, value in row.items():
+                if name not in ("epoch", "step"):
+                    board.add_scalar(name, value, row["step"])

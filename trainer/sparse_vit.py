@@ -1,0 +1,181 @@
+"""Token- and attention-sparse forward pass for timm Vision Transformers.
+
+``sparsify(vit, ...)`` returns a view of a timm ``VisionTransformer`` that shares every parameter
+(same module tree, same state_dict keys) but runs a forward pass that:
+
+* **token level**: at the pruning blocks, after attention and before the MLP, ranks patch tokens
+  by the class token's attention (averaged over heads) and gathers the top ``ceil(keep * N)``;
+  optionally the dropped ones are fused into one attention-weighted token (EViT);
+* **attention level**: at the same blocks, from the head-averaged attention among the kept
+  tokens, each query keeps its top ``ceil(attn_keep * M)`` keys (prefix tokens' rows and columns
+  always kept); that boolean mask serves the following blocks until the next pruning block.
+
+Ranking needs only the class-token row of the attention map, so blocks keep the fused
+``scaled_dot_product_attention`` kernel; the full map is formed only at pruning blocks when the
+attention level is on. With both rates at 1.0 the output equals timm's own forward.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+
+def default_token_blocks(depth: int) -> tuple[int, ...]:
+    """Blocks 3, 6, 9 (0-based) of 12, scaled to other depths."""
+    return tuple(sorted({max(1, depth * k // 4) for k in (1, 2, 3)} - {depth}))
+
+
+def kept_count(rate: float, total: int) -> int:
+    return max(1, min(total, math.ceil(rate * total - 1e-9)))
+
+
+class SparseVisionTransformer(VisionTransformer):
+    """A timm VisionTransformer whose forward drops tokens and attention connections.
+
+    Made by :func:`sparsify`, never constructed directly.
+    """
+
+    token_keep: float
+    attn_keep: float
+    token_blocks: frozenset[int]
+    fuse_token: bool
+    record_cls_attention: bool
+    last_cls_attention_variance: torch.Tensor | None
+    last_token_counts: list[int]
+
+    def set_rates(self, token_keep: float | None = None, attn_keep: float | None = None) -> None:
+        """Change the keep rates between steps (for schedules)."""
+        for name, value in (("token_keep", token_keep), ("attn_keep", attn_keep)):
+            if value is not None:
+                if not 0.0 < value <= 1.0:
+                    raise ValueError(f"{name} must be in (0, 1], not {value}")
+                setattr(self, name, float(value))
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("the sparse ViT computes its own attention masks")
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        mask = None
+        counts = []
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            prune = i in self.token_blocks and (self.token_keep < 1.0 or self.attn_keep < 1.0)
+            x, mask = self._block(block, x, mask, prune, record=self.record_cls_attention and i == last)
+            counts.append(x.shape[1])
+        self.last_token_counts = counts
+        return self.norm(x)
+
+    def _block(self, block: Block, x: torch.Tensor, mask: torch.Tensor | None, prune: bool, record: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn: Attention = block.attn
+        h = block.norm1(x)
+        batch, tokens, _ = h.shape
+        qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        full = cls_row = None
+        if prune and self.attn_keep < 1.0:
+            # The attention level ranks every query's keys: the whole (head-averaged) map is needed.
+            probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = attn.attn_drop(probs) @ v
+            full = probs.mean(dim=1)
+            cls_row = full[:, 0]
+        else:
+            # A pruning block's new ranking is made without the previous block's mask.
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if prune or mask is None else mask.unsqueeze(1),
+                dropout_p=attn.attn_drop.p if self.training else 0.0,
+            )
+            if prune or record:
+                cls_row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)[:, 0]
+        out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))))
+        x = x + block.drop_path1(block.ls1(out))
+        if record:
+            self.last_cls_attention_variance = cls_row[:, self.num_prefix_tokens:].detach().float().var(dim=1)
+        if prune:
+            x, full = self._drop_tokens(x, cls_row, full)
+            mask = self._attention_mask(full) if full is not None else None
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return x, mask
+
+    def _drop_tokens(self, x: torch.Tensor, cls_row: torch.Tensor, full: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gather the prefix tokens and the top patch tokens; ``full`` is cut to the kept tokens."""
+        prefix = self.num_prefix_tokens
+        batch, _, dim = x.shape
+        if self.token_keep >= 1.0:
+            return x, full
+        scores = cls_row[:, prefix:]
+        keep = kept_count(self.token_keep, scores.shape[1])
+        top = scores.topk(keep, dim=1, sorted=False).indices.sort(dim=1).values
+        index = torch.cat([torch.arange(prefix, device=x.device).expand(batch, prefix), top + prefix], dim=1)
+        kept = x.gather(1, index.unsqueeze(-1).expand(-1, -1, dim))
+        if full is not None:
+            rows = full.gather(1, index.unsqueeze(-1).expand(-1, -1, full.shape[2]))
+            full = rows.gather(2, index.unsqueeze(1).expand(-1, index.shape[1], -1))
+        if self.fuse_token and keep < scores.shape[1]:
+            weights = scores.scatter(1, top, 0.0)
+            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            fused = (weights.unsqueeze(-1) * x[:, prefix:]).sum(dim=1, keepdim=True)
+            kept = torch.cat([kept, fused], dim=1)
+            if full is not None:
+                full = F.pad(full, (0, 1, 0, 1), value=1.0)  # the fused token attends and is attended fully
+        return kept, full
+
+    def _attention_mask(self, full: torch.Tensor) -> torch.Tensor | None:
+        """Boolean (B, M, M): each query's top keys, plus every prefix row and column."""
+        if self.attn_keep >= 1.0:
+            return None
+        batch, tokens, _ = full.shape
+        keys = kept_count(self.attn_keep, tokens)
+        top = full.topk(keys, dim=-1, sorted=False).indices
+        mask = torch.zeros(batch, tokens, tokens, dtype=torch.bool, device=full.device).scatter_(-1, top, True)
+        mask[:, :, : self.num_prefix_tokens] = True
+        mask[:, : self.num_prefix_tokens, :] = True
+        return mask
+
+
+def sparsify(
+    vit: VisionTransformer,
+    token_keep: float = 1.0,
+    token_blocks: Sequence[int] | None = None,
+    attn_keep: float = 1.0,
+    fuse_token: bool = False,
+) -> SparseVisionTransformer:
+    """A sparse view of ``vit`` that shares its parameters (and state_dict keys).
+
+    Args:
+        vit: a timm ``VisionTransformer`` with a class token and standard pre-norm blocks.
+        token_keep: share of patch tokens kept at each pruning block (1.0: none dropped).
+        token_blocks: 0-based blocks that prune (default 3, 6, 9 of 12, scaled to the depth).
+        attn_keep: share of keys each query keeps from a pruning block on (1.0: dense).
+        fuse_token: add one token that is the attention-weighted sum of the dropped ones.
+    """
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"sparsify needs a timm VisionTransformer, not {type(vit).__name__}")
+    if vit.cls_token is None:
+        raise ValueError("sparsify needs a class token: tokens are ranked by the class token's attention")
+    for i, block in enumerate(vit.blocks):
+        if type(block) is not Block or type(block.attn) is not Attention or block.attn.gate is not None:
+            raise TypeError(f"block {i} is {type(block).__name__}/{type(block.attn).__name__}: "
+                            "sparsify supports timm's pre-norm Block with the standard Attention")
+    blocks = tuple(default_token_blocks(len(vit.blocks)) if token_blocks is None else token_blocks)
+    if any(not 0 <= b < len(vit.blocks) for b in blocks):
+        raise ValueError(f"token_blocks {blocks} outside 0..{len(vit.blocks) - 1}")
+    sparse = copy.copy(vit)  # shares the module and parameter dicts, so every parameter is shared
+    sparse.__class__ = SparseVisionTransformer
+    sparse.token_blocks = frozenset(blocks)
+    sparse.fuse_token = fuse_token
+    sparse.record_cls_attention = False
+    sparse.last_cls_attention_variance = None
+    sparse.last_token_counts = []
+    sparse.token_keep = sparse.attn_keep = 1.0
+    sparse.set_rates(token_keep, attn_keep)
+    return sparse
