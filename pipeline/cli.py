@@ -9,8 +9,13 @@ from rich.console import Console
 from shards import DatasetError
 
 from pipeline.sources import SOURCES, SourceError, SourceOptions
+from trainer.errors import RunError
 
 EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Arguments that do not make a runnable command; exit code 2."""
 
 
 class OnionArgumentParser(argparse.ArgumentParser):
@@ -97,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ray_options(ingest)
     ingest.set_defaults(handler=run_ingest)
 
+    add_train_parser(commands)
+
     inspect = commands.add_parser(
         "inspect", help="show what a dataset holds",
         description="Counts by split, class and status; quarantined examples with their reasons; shards with sizes.",
@@ -106,6 +113,60 @@ def build_parser() -> argparse.ArgumentParser:
                          help="table for people (default), json for scripts")
     inspect.set_defaults(handler=run_inspect)
     return parser
+
+
+def add_train_parser(commands: argparse._SubParsersAction) -> None:
+    from trainer.config import TrainConfig
+
+    train = commands.add_parser(
+        "train", help="train a token/attention-sparse timm ViT on an onion dataset",
+        description="Stream DATASET's train split into a timm ViT that drops tokens and attention "
+                    "connections, evaluate on val every epoch, checkpoint atomically, and write "
+                    "per-example training dynamics. Settings: defaults < --config YAML < flags.",
+    )
+    train.add_argument("dataset", nargs="?", help=TrainConfig.help_of()["dataset"])
+    train.add_argument("--config", help="YAML file with any of the settings below (flag names with _)")
+    train.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint, at the same sample")
+    for name, text in TrainConfig.help_of().items():
+        if name == "dataset":
+            continue
+        default = TrainConfig.__dataclass_fields__[name].default
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text} (default {default})")
+        elif name == "token_blocks":
+            train.add_argument(flag, type=block_list, default=None, help=text)
+        else:
+            kind = float if isinstance(default, float) else int if name in INT_KNOBS else str
+            train.add_argument(flag, type=kind, default=None, help=f"{text} (default {default})")
+    train.set_defaults(handler=run_train)
+
+
+INT_KNOBS = {"img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "seed",
+             "workers", "checkpoint_every", "nproc"}
+
+
+def block_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block numbers like 3,6,9, not {text!r}") from None
+
+
+def run_train(args: argparse.Namespace, console: Console) -> None:
+    from trainer.config import TrainConfig
+    from trainer.launch import saved_config, train
+
+    overrides = {name: getattr(args, name) for name in TrainConfig.help_of()}
+    if args.resume:
+        config = saved_config(args.resume)
+    else:
+        config = TrainConfig.from_sources(args.config, overrides)
+        if not config.dataset or not config.out:
+            raise UsageError("train needs DATASET and --out RUN (or --resume RUN)")
+    summary = train(config, resume=bool(args.resume))
+    console.print(f"{config.out}: val top-1 {summary['val_top1']:.2f}%  {summary['images_per_second']:.0f} img/s  "
+                  f"{summary['train_seconds']:.1f} s training")
 
 
 def run_ingest(args: argparse.Namespace, console: Console) -> None:
@@ -149,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         args.handler(args, console)
-    except (SourceError, DatasetError) as error:
+    except (SourceError, DatasetError, UsageError, RunError) as error:
         sys.stderr.write(f"onion {args.command}: error: {error}\n")
         return EXIT_USAGE
     return 0

@@ -1,4 +1,7 @@
 """Models and optimisation: the token/attention-sparse timm ViT and the streaming training loop.
 
-Filled in by the trainer issue; present now so the package layout of DESIGN.md holds.
+``from trainer import sparsify`` is the public entry point for one's own training loop.
 """
+from trainer.sparse_vit import SparseVisionTransformer, sparsify
+
+__all__ = ["SparseVisionTransformer", "sparsify"]

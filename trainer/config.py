@@ -1,4 +1,7 @@
-"""Training configuration: one dataclass, filled from defaults, a YAML file, then the command line."""
+"""Training configuration: one dataclass, filled from defaults, a YAML file, then the command line.
+
+Every field carries its help text, so ``onion train --help`` explains every knob.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,51 +9,54 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from trainer.errors import RunError
+
+
+def knob(default: object, help: str) -> object:  # noqa: A002 - argparse's word
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
 
 @dataclass
 class TrainConfig:
-    dataset: str = ""
-    out: str = ""
-    # model (any timm VisionTransformer by name, resized for small images)
-    model: str = "deit_tiny_patch16_224"
-    img_size: int | None = None  # default: the dataset's image size
-    patch_size: int | None = None  # default: 4 for images of 16+ pixels, else 2
-    depth: int | None = None
-    embed_dim: int | None = None
-    num_heads: int | None = None
-    drop_path: float = 0.0
-    # sparsity and its schedules
-    token_keep: float = 1.0
-    token_blocks: list[int] | None = None  # default: 3, 6, 9 of 12, scaled to the depth
-    attn_keep: float = 1.0
-    fuse_token: bool = False
-    keep_warmup_epochs: float = 0.0  # keep rate 1.0 this long
-    keep_ramp_epochs: float = 0.0  # then cosine down to the target over this long
-    keep_quantum: float = 0.05
-    # optimisation
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    clip_grad: float = 1.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    # running
-    seed: int = 0
-    workers: int = 2
-    checkpoint_every: int = 0  # steps; 0: at epoch ends only
-    amp: str = "auto"  # auto: bf16 on a GPU that supports it, off on CPU; bf16; off
-    device: str = "auto"
-    nproc: int = 1
-    record_dynamics: bool = True
-    extra: dict = field(default_factory=dict)
+    dataset: str = knob("", "onion dataset to train on (path or URL); its train and val splits are used")
+    out: str = knob("", "run directory: checkpoints, dynamics/, metrics.csv, tensorboard/, summary.json")
+    model: str = knob("deit_tiny_patch16_224", "any timm VisionTransformer name")
+    img_size: int | None = knob(None, "input side in pixels (default: the dataset's image size)")
+    patch_size: int | None = knob(None, "patch side (default: 4 for images of 16+ pixels, else 2)")
+    depth: int | None = knob(None, "number of blocks (default: the model's)")
+    embed_dim: int | None = knob(None, "token width (default: the model's)")
+    num_heads: int | None = knob(None, "attention heads (default: the model's)")
+    drop_path: float = knob(0.0, "stochastic depth rate")
+    token_keep: float = knob(1.0, "share of patch tokens kept at each pruning block (1.0: token level off)")
+    token_blocks: list[int] | None = knob(None, "0-based pruning blocks, e.g. 3,6,9 (default: 3,6,9 of 12, scaled to the depth)")
+    attn_keep: float = knob(1.0, "share of keys each query keeps from a pruning block on (1.0: attention level off)")
+    fuse_token: bool = knob(False, "fuse the dropped tokens into one attention-weighted token (EViT)")
+    keep_warmup_epochs: float = knob(0.0, "epochs at keep rate 1.0 before the keep rates start falling")
+    keep_ramp_epochs: float = knob(0.0, "epochs over which keep rates fall (cosine) from 1.0 to their targets")
+    keep_quantum: float = knob(0.05, "keep rates are rounded up to multiples of this (few distinct token counts)")
+    epochs: int = knob(10, "training epochs")
+    batch_size: int = knob(128, "batch size per process")
+    lr: float = knob(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = knob(1e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = knob(0.05, "AdamW weight decay (not on norms, biases, pos_embed, cls_token)")
+    warmup_epochs: float = knob(1.0, "linear learning-rate warm-up, in epochs")
+    label_smoothing: float = knob(0.1, "label smoothing of the training loss")
+    clip_grad: float = knob(1.0, "gradient norm clipping (0: off)")
+    mixup: float = knob(0.0, "timm Mixup alpha (0: off)")
+    cutmix: float = knob(0.0, "timm CutMix alpha (0: off)")
+    seed: int = knob(0, "seed of weights, data order, dropout and mixup")
+    workers: int = knob(2, "DataLoader worker processes per training process")
+    checkpoint_every: int = knob(0, "also checkpoint every N steps (0: at epoch ends only)")
+    amp: str = knob("auto", "auto (bf16 on a GPU that supports it, else off), bf16, or off")
+    device: str = knob("auto", "auto (cuda if present), cpu, cuda, cuda:1, ...")
+    nproc: int = knob(1, "DDP processes on this machine (gloo on CPU, NCCL on GPU); or launch with torchrun")
+    record_dynamics: bool = knob(True, "write per-example training dynamics to dynamics/*.parquet")
 
     @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
+    def help_of(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_sources(cls, yaml_path: str | None, overrides: dict) -> "TrainConfig":
@@ -59,9 +65,9 @@ class TrainConfig:
         if yaml_path:
             with open(yaml_path, encoding="utf-8") as handle:
                 loaded = yaml.safe_load(handle) or {}
-            unknown = set(loaded) - cls.field_names()
+            unknown = set(loaded) - set(cls.help_of())
             if unknown:
-                raise ValueError(f"{yaml_path}: unknown settings {sorted(unknown)}")
+                raise RunError(f"{yaml_path}: unknown settings {sorted(unknown)}")
             values.update(loaded)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from shards import location
 from trainer.config import TrainConfig
+from trainer.errors import RunError
 from trainer.loop import CONFIG_NAME, SUMMARY_NAME, Trainer
 
 
@@ -22,8 +23,14 @@ def saved_config(run: str) -> TrainConfig:
     """The resolved configuration a run was started with (what ``--resume`` continues)."""
     folder = location(run)
     if not folder.exists(CONFIG_NAME):
-        raise FileNotFoundError(f"{run}: no {CONFIG_NAME}, so there is no run to resume")
+        raise RunError(f"{run}: no {CONFIG_NAME}, so there is no run to resume")
     return TrainConfig(**json.loads(folder.read_bytes(CONFIG_NAME)))
+
+
+def check_run_directory(config: TrainConfig, resume: bool) -> None:
+    if not resume and location(config.out).exists(CONFIG_NAME):
+        raise RunError(f"{config.out} already holds a run; continue it with --resume {config.out} "
+                       "or choose another --out")
 
 
 def backend() -> str:
@@ -59,6 +66,7 @@ def _spawned(rank: int, config: TrainConfig, resume: bool, world_size: int, addr
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
     """Run training to the end and return the summary written to ``RUN/summary.json``."""
+    check_run_directory(config, resume)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         return _run_rank(int(os.environ["RANK"]), config, resume, int(os.environ["WORLD_SIZE"]), None)
     if config.nproc > 1:

@@ -179,8 +179,7 @@ class Trainer:
         config, model = self.config, self.ddp or self.model
         model.train()
         self.train_data.set_epoch(self.position.epoch, start_batch=self.position.batch)
-        loader = DataLoader(self.train_data, batch_size=None, num_workers=config.workers,
-                            persistent_workers=False, pin_memory=self.device.type == "cuda")
+        loader = self._loader(self.train_data)
         images_seen, loss_sum, correct = 0, 0.0, 0
         bar = tqdm(loader, total=self.steps_per_epoch - self.position.batch, disable=not self.is_main,
                    desc=f"epoch {self.position.epoch + 1}/{config.epochs}", unit="batch", leave=False)
@@ -215,11 +214,17 @@ class Trainer:
                     self.checkpoint()
         return images_seen, loss_sum, correct
 
+    def _loader(self, data: ShardDataset) -> DataLoader:
+        # A private generator: creating a DataLoader iterator draws a seed, which must not move the
+        # global RNG (dropout, mixup), or a resumed run would diverge from an uninterrupted one.
+        return DataLoader(data, batch_size=None, num_workers=self.config.workers,
+                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.seed))
+
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         self.model.eval()
         totals = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, count
-        loader = DataLoader(self.val_data, batch_size=None, num_workers=self.config.workers)
+        loader = self._loader(self.val_data)
         for images, labels, _ in loader:
             y = labels.to(self.device)
             with autocast_for(self.config, self.device):

@@ -1,0 +1,145 @@
+import math
+
+import pytest
+import timm
+import torch
+
+from trainer import sparsify
+from trainer.flops import ViTShape, forward_flops, token_counts
+from trainer.schedule import KeepSchedule
+from trainer.sparse_vit import default_token_blocks
+
+CONFIGS = [
+    ("deit_tiny_patch16_224", dict(img_size=32, patch_size=4, num_classes=10)),
+    ("vit_small_patch16_224", dict(img_size=48, patch_size=8, num_classes=7, depth=5, global_pool="avg", reg_tokens=2, qkv_bias=False)),
+]
+
+
+def make(name, kwargs, seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+@pytest.mark.parametrize("name, kwargs", CONFIGS)
+def test_identity_with_timm_at_full_rates(name, kwargs):
+    vit = make(name, kwargs)
+    sparse = sparsify(vit, token_keep=1.0, attn_keep=1.0)
+    assert list(sparse.state_dict()) == list(vit.state_dict())
+    assert all(a is b for a, b in zip(sparse.parameters(), vit.parameters()))
+    x = torch.randn(4, 3, kwargs["img_size"], kwargs["img_size"])
+    with torch.no_grad():
+        assert (sparse(x) - vit(x)).abs().max().item() <= 1e-5
+    sparse.set_rates(token_keep=0.5, attn_keep=0.5)
+    with torch.no_grad():
+        assert (sparse(x) - vit(x)).abs().max().item() > 1e-3  # really sparse now
+        sparse.set_rates(1.0, 1.0)
+        assert (sparse(x) - vit(x)).abs().max().item() <= 1e-5  # and rates can go back
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("keep", [0.7, 0.35])
+def test_token_counts_follow_the_rate_and_the_flops_model(keep, fuse):
+    vit = make(*CONFIGS[0])
+    sparse = sparsify(vit, token_keep=keep, token_blocks=(3, 6, 9), fuse_token=fuse)
+    with torch.no_grad():
+        sparse(torch.randn(2, 3, 32, 32))
+    expected = [mlp for _, mlp in token_counts(ViTShape.of(vit), keep, {3, 6, 9}, fuse)]
+    assert sparse.last_token_counts == expected
+    patches = 64
+    for block in (3, 6, 9):
+        kept = math.ceil(keep * patches)
+        assert expected[block] == 1 + kept + (1 if fuse else 0)
+        patches = kept + (1 if fuse else 0)
+
+
+def test_class_token_and_top_tokens_are_kept():
+    sparse = sparsify(make(*CONFIGS[0]), token_keep=0.25)
+    x = torch.randn(2, 9, 4)
+    scores = torch.tensor([[0.0, 1, 9, 2, 8, 3, 7, 4, 5], [0.0, 9, 8, 7, 6, 5, 4, 3, 2]])
+    kept, _ = sparse._drop_tokens(x, scores, None)
+    assert torch.equal(kept[:, 0], x[:, 0])  # the class token, whatever its own score
+    assert torch.equal(kept[0, 1:], x[0, [2, 4]]) and torch.equal(kept[1, 1:], x[1, [1, 2]])
+    sparse.fuse_token = True
+    fused, _ = sparse._drop_tokens(x, scores, None)
+    weights = scores[0, [1, 3, 5, 6, 7, 8]] / scores[0, [1, 3, 5, 6, 7, 8]].sum()
+    assert torch.allclose(fused[0, -1], (weights[:, None] * x[0, [1, 3, 5, 6, 7, 8]]).sum(0))
+
+
+def test_attention_mask_keeps_top_keys_and_prefix_rows_and_columns():
+    sparse = sparsify(make(*CONFIGS[1]), attn_keep=0.3)
+    prefix = sparse.num_prefix_tokens
+    full = torch.rand(3, 20, 20).softmax(-1)
+    mask = sparse._attention_mask(full)
+    keys = math.ceil(0.3 * 20)
+    assert mask[:, :prefix].all() and mask[:, :, :prefix].all()
+    top = full.topk(keys, dim=-1).indices
+    assert mask.gather(-1, top).all()  # every query keeps its strongest keys
+    per_row = mask[:, prefix:].sum(-1)
+    assert ((per_row >= keys) & (per_row <= keys + prefix)).all()
+    others = mask[:, prefix:].clone().scatter_(-1, top[:, prefix:], False)
+    assert not others[:, :, prefix:].any()  # and nothing else beyond the prefix columns
+
+
+def test_gradients_reach_every_parameter_when_sparse():
+    vit = make(*CONFIGS[0]).train()
+    sparse = sparsify(vit, token_keep=0.5, attn_keep=0.4, fuse_token=True)
+    loss = sparse(torch.randn(4, 3, 32, 32)).logsumexp(-1).mean()
+    loss.backward()
+    missing = [n for n, p in sparse.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_sparse_trained_weights_load_into_plain_timm():
+    name, kwargs = CONFIGS[0]
+    sparse = sparsify(make(name, kwargs).train(), token_keep=0.5, attn_keep=0.5)
+    optimizer = torch.optim.SGD(sparse.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(sparse(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+        optimizer.step()
+    dense = timm.create_model(name, pretrained=False, **kwargs).eval()
+    dense.load_state_dict(sparse.state_dict())
+    sparse.eval().set_rates(1.0, 1.0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (dense(x) - sparse(x)).abs().max().item() <= 1e-5
+
+
+def test_sparsify_refuses_models_it_cannot_handle():
+    with pytest.raises(TypeError, match="needs a timm VisionTransformer"):
+        sparsify(torch.nn.Linear(2, 2))
+    no_class_token = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                       depth=2, class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match="needs a class token"):
+        sparsify(no_class_token)
+    with pytest.raises(ValueError, match="token_keep must be in"):
+        sparsify(make(*CONFIGS[0]), token_keep=0.0)
+
+
+def test_default_blocks_scale_with_depth():
+    assert default_token_blocks(12) == (3, 6, 9)
+    assert default_token_blocks(6) == (1, 3, 4)
+    assert default_token_blocks(4) == (1, 2, 3)
+
+
+def test_keep_schedule_warmup_cosine_constant_and_quantised():
+    schedule = KeepSchedule(target=0.7, warmup_steps=10, ramp_steps=100, quantum=0.05)
+    assert [schedule(s) for s in (0, 9, 10)] == [1.0, 1.0, 1.0]
+    rates = [schedule(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # never rises
+    assert rates[-1] == pytest.approx(0.7) and schedule(10_000) == pytest.approx(0.7)
+    assert len({round(r, 6) for r in rates}) <= 7  # 1.0, 0.95, ..., 0.7
+    assert all(abs(r / 0.05 - round(r / 0.05)) < 1e-6 for r in rates)
+
+
+def test_flops_match_a_hand_computation():
+    shape = ViTShape(depth=2, dim=4, mlp_hidden=8, patches=4, patch_pixels=12, prefix_tokens=1, num_classes=3)
+    embed, head = 2 * 4 * 12 * 4, 2 * 4 * 3
+
+    def block(n, m):  # attention with n tokens, MLP with m tokens
+        return 2 * n * 4 * 12 + 2 * n * n * 4 * 2 + 2 * n * 4 * 4 + 2 * m * 4 * 8 * 2
+
+    assert forward_flops(shape) == embed + head + 2 * block(5, 5)
+    # keep 0.5 at block 0: ceil(0.5 * 4) = 2 patches + class token after block 0's attention
+    assert forward_flops(shape, 0.5, {0}) == embed + head + block(5, 3) + block(3, 3)
+    assert forward_flops(shape, 0.5, {0}, fuse_token=True) == embed + head + block(5, 4) + block(4, 4)

@@ -1,0 +1,128 @@
+"""The trainer on real data (scikit-learn digits), real processes, real checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pyarrow.compute as pc
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from pipeline.ingest import IngestOptions, ingest
+from pipeline.sources import open_source
+from shards import location, read_index
+from trainer.checkpoint import load_weights
+from trainer.config import TrainConfig
+from trainer.dynamics import read_dynamics
+from trainer.launch import train
+
+# A small ViT that learns digits in two epochs: 8x8 images, 4x4 patches, 3 blocks.
+SMALL = dict(epochs=2, batch_size=16, depth=3, embed_dim=96, num_heads=4, patch_size=4, lr=1e-3,
+             warmup_epochs=0.2, label_smoothing=0.0, weight_decay=0.01, workers=1, token_blocks=[1])
+
+
+@pytest.fixture(scope="module")
+def digits(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "digits"
+    ingest(open_source("digits"), str(out), IngestOptions(shard_size=300), command=["test"], progress=False)
+    return str(out)
+
+
+def train_keys(dataset):
+    index = read_index(location(dataset), columns=["key", "split", "status"])
+    return sorted(index.filter(pc.equal(index["split"], "train"))["key"].to_pylist())
+
+
+@pytest.mark.parametrize("sparsity", [dict(), dict(token_keep=0.5, attn_keep=0.5, fuse_token=True)])
+def test_two_epochs_on_digits_learn_and_record_every_presentation(digits, tmp_path, sparsity):
+    summary = train(TrainConfig(dataset=digits, out=str(tmp_path / "run"), **SMALL, **sparsity))
+    assert summary["val_top1"] > 50.0, summary["val_top1"]  # chance is 10%
+    assert summary["epochs"] == 2 and summary["train_seconds"] > 0 and summary["images_per_second"] > 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["val_top1"] == summary["val_top1"]
+    dynamics = read_dynamics(location(str(tmp_path / "run"))).to_pylist()
+    keys = train_keys(digits)
+    assert len(dynamics) == 2 * len(keys)  # one row per presentation
+    for epoch in (0, 1):
+        assert sorted(r["key"] for r in dynamics if r["epoch"] == epoch) == keys
+    assert {"correct", "loss", "margin", "cls_attention_variance", "step"} <= set(dynamics[0])
+    assert all(r["loss"] >= 0 and r["cls_attention_variance"] >= 0 for r in dynamics)
+    assert all((r["margin"] > 0) == r["correct"] for r in dynamics if r["margin"] != 0)
+    metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 3 and metrics[0].startswith("epoch,step,train_loss")
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_checkpoint_loads_into_plain_timm(digits, tmp_path):
+    train(TrainConfig(dataset=digits, out=str(tmp_path / "run"), **{**SMALL, "epochs": 1}, token_keep=0.5))
+    built = json.loads((tmp_path / "run" / "model.json").read_text())
+    dense = timm.create_model(built["model"], pretrained=False, **built["kwargs"])
+    dense.load_state_dict(load_weights(location(str(tmp_path / "run"))))  # strict: same keys, same shapes
+    assert dense(torch.zeros(1, 3, 8, 8)).shape == (1, 10)
+
+
+ONION = [sys.executable, "-m", "pipeline"]
+
+
+def train_command(dataset, out):
+    flags = ["--epochs", "3", "--batch-size", "32", "--depth", "2", "--embed-dim", "64", "--num-heads", "2",
+             "--patch-size", "4", "--token-keep", "0.5", "--attn-keep", "0.5", "--token-blocks", "1",
+             "--checkpoint-every", "7", "--workers", "2", "--mixup", "0.2", "--drop-path", "0.1"]
+    return [*ONION, "train", dataset, "--out", str(out), *flags]
+
+
+def test_killed_training_resumes_to_identical_weights(digits, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(train_command(digits, reference), check=True, capture_output=True, timeout=300)
+    process = subprocess.Popen(train_command(digits, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    latest = killed / "checkpoints" / "latest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["step"] >= 50):
+        assert process.poll() is None, "training finished before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    position = json.loads(latest.read_text())
+    assert 0 < position["batch"] or position["epoch"] < 3  # killed mid-run
+    resumed = subprocess.run([*ONION, "train", "--resume", str(killed)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    final = [load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors")) for run in (reference, killed)]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
+    rows = [read_dynamics(location(str(run))) for run in (reference, killed)]
+    assert rows[0].sort_by([("step", "ascending"), ("key", "ascending")]).equals(
+        rows[1].sort_by([("step", "ascending"), ("key", "ascending")]))
+
+
+def test_two_process_ddp_sees_every_example_once_per_epoch(digits, tmp_path):
+    summary = train(TrainConfig(dataset=digits, out=str(tmp_path / "ddp"), nproc=2, **SMALL))
+    assert summary["world_size"] == 2
+    dynamics = read_dynamics(location(str(tmp_path / "ddp")))
+    keys = train_keys(digits)
+    for epoch in (0, 1):
+        seen = Counter(dynamics.filter(pc.equal(dynamics["epoch"], epoch))["key"].to_pylist())
+        assert sorted(seen) == keys and set(seen.values()) == {1}
+    parts = {p.name.split("-s")[0] for p in (tmp_path / "ddp" / "dynamics").iterdir()}
+    assert parts == {"part-r0", "part-r1"}  # both ranks wrote into the same run
+
+
+def test_config_file_and_cli_errors(digits, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("epochs: 1\nbatch_size: 64\ndepth: 1\nembed_dim: 32\nnum_heads: 2\npatch_size: 4\nworkers: 0\n")
+    run = tmp_path / "run"
+    done = subprocess.run([*ONION, "train", digits, "--out", str(run), "--config", str(config), "--token-keep", "0.5"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["epochs"] == 1 and saved["depth"] == 1 and saved["token_keep"] == 0.5 and saved["attn_keep"] == 1.0
+    again = subprocess.run([*ONION, "train", digits, "--out", str(run)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already holds a run; continue it with --resume" in again.stderr
+    config.write_text("epochz: 3\n")
+    bad = subprocess.run([*ONION, "train", digits, "--out", str(tmp_path / "x"), "--config", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown settings ['epochz']" in bad.stderr
