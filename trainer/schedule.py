@@ -22,5 +22,5 @@ class KeepSchedule:
         progress = 1.0 if self.ramp_steps <= 0 else min(1.0, (step - self.warmup_steps) / self.ramp_steps)
         rate = self.target + (1.0 - self.target) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if self.quantum > 0:
-            rate = math.ceil(round(rate / self.quantum, 6)) * self.quantum  # round up: never below target
+            rate = round(math.ceil(round(rate / self.quantum, 6)) * self.quantum, 6)  # up: never below target
         return min(1.0, max(self.target, rate))

@@ -10,9 +10,11 @@
   tokens, each query keeps its top ``ceil(attn_keep * M)`` keys (prefix tokens' rows and columns
   always kept); that boolean mask serves the following blocks until the next pruning block.
 
-Ranking needs only the class-token row of the attention map, so blocks keep the fused
-``scaled_dot_product_attention`` kernel; the full map is formed only at pruning blocks when the
-attention level is on. With both rates at 1.0 the output equals timm's own forward.
+Every block runs the fused ``scaled_dot_product_attention`` kernel, forward and backward. Ranking
+needs only the class-token row of the attention map (the whole map when the attention level is
+on), formed on the side without autograd at pruning blocks only: indices carry no gradient, and
+the fused token's weights are treated as constants. With both rates at 1.0 the output equals
+timm's own forward.
 """
 from __future__ import annotations
 
@@ -81,28 +83,27 @@ class SparseVisionTransformer(VisionTransformer):
         qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
+        dropout = attn.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if prune or mask is None else mask.to(q.dtype), dropout_p=dropout,
+        )  # a pruning block ranks afresh, without the previous block's mask
         full = cls_row = None
-        if prune and self.attn_keep < 1.0:
-            # The attention level ranks every query's keys: the whole (head-averaged) map is needed.
-            probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            out = attn.attn_drop(probs) @ v
-            full = probs.mean(dim=1)
-            cls_row = full[:, 0]
-        else:
-            # A pruning block's new ranking is made without the previous block's mask.
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if prune or mask is None else mask.unsqueeze(1),
-                dropout_p=attn.attn_drop.p if self.training else 0.0,
-            )
-            if prune or record:
-                cls_row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)[:, 0]
+        if prune or record:
+            # Rankings choose indices, which carry no gradient: the maps are formed without autograd,
+            # so the fused kernel above keeps the whole backward pass.
+            with torch.no_grad():
+                if prune and self.attn_keep < 1.0:
+                    full = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+                    cls_row = full[:, 0]
+                else:
+                    cls_row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)[:, 0]
         out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))))
         x = x + block.drop_path1(block.ls1(out))
         if record:
-            self.last_cls_attention_variance = cls_row[:, self.num_prefix_tokens:].detach().float().var(dim=1)
+            self.last_cls_attention_variance = cls_row[:, self.num_prefix_tokens:].float().var(dim=1)
         if prune:
             x, full = self._drop_tokens(x, cls_row, full)
-            mask = self._attention_mask(full) if full is not None else None
+            mask = additive(self._attention_mask(full)) if full is not None else None
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return x, mask
 
@@ -130,7 +131,7 @@ class SparseVisionTransformer(VisionTransformer):
         return kept, full
 
     def _attention_mask(self, full: torch.Tensor) -> torch.Tensor | None:
-        """Boolean (B, M, M): each query's top keys, plus every prefix row and column."""
+        """(B, M, M), True where a query keeps a key: its top keys, plus every prefix row and column."""
         if self.attn_keep >= 1.0:
             return None
         batch, tokens, _ = full.shape
@@ -140,6 +141,17 @@ class SparseVisionTransformer(VisionTransformer):
         mask[:, :, : self.num_prefix_tokens] = True
         mask[:, : self.num_prefix_tokens, :] = True
         return mask
+
+
+def additive(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A boolean keep-mask as the (B, 1, M, M) additive bias SDPA takes (0 kept, -inf dropped).
+
+    Made once per pruning block: handing SDPA the boolean mask would convert it in every block,
+    forward and backward.
+    """
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf")).unsqueeze(1)
 
 
 def sparsify(

@@ -1,0 +1,168 @@
+"""Trainer figures for the README: sparse vs dense step speed, attention-level cost, dynamics cost.
+
+    .venv/bin/python benchmarks/training.py [--out benchmarks/results] [--repeats 5]
+
+All arms run interleaved in one process on the same random batches; each figure is a median of
+``--repeats`` timings of ``--steps`` training steps (forward, backward, AdamW step).
+  1. DeiT-Tiny shape (12 blocks, width 192, 3 heads) at 32x32 with 4x4 patches: dense, token
+     keep 0.7 at blocks 3,6,9, and token + attention keep 0.3; measured vs FLOPs-predicted speed-up;
+  2. the attention level's cost on top of the token level at longer sequences (larger images);
+  3. the cost of recording training dynamics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from shards import location
+from trainer import sparsify
+from trainer.dynamics import DynamicsRecorder
+from trainer.flops import ViTShape, forward_flops
+
+BLOCKS = (3, 6, 9)
+DEVICE = torch.device("cpu")
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast():  # noqa: ANN201 - bf16 on GPUs, as the trainer's "auto" does
+    return torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+PATCH = 4
+
+
+def deit_tiny(img_size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=PATCH, num_classes=10)
+
+
+class Arm:
+    """One configuration: a sparse view of its own model, an optimiser, optional dynamics recording."""
+
+    def __init__(self, img_size: int, token_keep: float, attn_keep: float, recorder: DynamicsRecorder | None = None) -> None:
+        self.model = sparsify(deit_tiny(img_size).to(DEVICE), token_keep=token_keep, token_blocks=BLOCKS, attn_keep=attn_keep).train()
+        self.model.record_cls_attention = recorder is not None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.recorder = recorder
+        self.flops = forward_flops(ViTShape.of(self.model), token_keep, set(BLOCKS))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, keys: list[str], step: int) -> None:
+        with autocast():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.recorder is not None:
+            self.recorder.record(keys, 0, step, logits, y, self.model.last_cls_attention_variance)
+
+    def seconds(self, x: torch.Tensor, y: torch.Tensor, keys: list[str], steps: int) -> float:
+        synchronize()
+        start = time.perf_counter()
+        for step in range(steps):
+            self.step(x, y, keys, step)
+        if self.recorder is not None:
+            self.recorder.flush(steps)
+        synchronize()
+        return (time.perf_counter() - start) / steps
+
+
+def race(arms: dict[str, Arm], img_size: int, batch: int, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each arm, interleaved so machine drift favours none."""
+    x = torch.randn(batch, 3, img_size, img_size, device=DEVICE)
+    y = torch.randint(0, 10, (batch,), device=DEVICE)
+    keys = [f"k{i}" for i in range(batch)]
+    for arm in arms.values():
+        arm.seconds(x, y, keys, 2)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(repeats):
+        for name, arm in arms.items():
+            times[name].append(arm.seconds(x, y, keys, steps))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="training", help="file stem of the written results")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (then bf16 autocast)")
+    parser.add_argument("--img-size", type=int, default=32, help="image side of the main table")
+    parser.add_argument("--patch", type=int, default=4, help="patch side of every model")
+    parser.add_argument("--skip-extras", action="store_true", help="only the main table")
+    args = parser.parse_args()
+    global DEVICE, PATCH
+    DEVICE, PATCH = torch.device(args.device), args.patch
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    report: dict = {"device": where, "repeats": args.repeats, "steps": args.steps, "batch": args.batch}
+
+    size = args.img_size
+    report["tokens"] = (size // PATCH) ** 2 + 1
+    report["img_size"] = size
+    arms = {"dense": Arm(size, 1.0, 1.0), "token 0.7": Arm(size, 0.7, 1.0), "token 0.7 + attention 0.3": Arm(size, 0.7, 0.3)}
+    seconds = race(arms, size, args.batch, args.steps, args.repeats)
+    dense = arms["dense"]
+    report["speed"] = [{"arm": name, "seconds_per_step": seconds[name],
+                        "measured_speedup": seconds["dense"] / seconds[name],
+                        "flops_speedup": dense.flops / arm.flops,
+                        "measured_over_predicted": (seconds["dense"] / seconds[name]) / (dense.flops / arm.flops)}
+                       for name, arm in arms.items()]
+
+    report["attention_level"] = []
+    report["dynamics_overhead"] = None
+    if args.skip_extras:
+        return write(report, Path(args.out), args.name)
+    for img_size, batch in ((32, args.batch), (64, max(1, args.batch // 4)), (96, max(1, args.batch // 8)),
+                            (128, max(1, args.batch // 16))):
+        pair = {"token": Arm(img_size, 0.7, 1.0), "token+attention": Arm(img_size, 0.7, 0.3)}
+        timing = race(pair, img_size, batch, args.steps, args.repeats)
+        report["attention_level"].append({"tokens": (img_size // PATCH) ** 2 + 1, "batch": batch,
+                                          "relative_time": timing["token+attention"] / timing["token"]})
+
+    with tempfile.TemporaryDirectory() as scratch:
+        pair = {"without dynamics": Arm(32, 0.7, 1.0),
+                "with dynamics": Arm(32, 0.7, 1.0, DynamicsRecorder(location(scratch), 0))}
+        timing = race(pair, 32, args.batch, args.steps, args.repeats)
+    report["dynamics_overhead"] = timing["with dynamics"] / timing["without dynamics"] - 1.0
+    write(report, Path(args.out), args.name)
+
+
+def write(report: dict, out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(render(report))
+    print(render(report))
+
+
+def render(report: dict) -> str:
+    lines = [f"Training steps, DeiT-Tiny shape at {report['img_size']}x{report['img_size']} / patch {PATCH} "
+             f"({report['tokens']} tokens), batch {report['batch']}, "
+             f"{report['device']}, median of {report['repeats']} x {report['steps']} steps:", "",
+             "| arm | s/step | measured speed-up | FLOPs-predicted | measured / predicted |", "|---|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['seconds_per_step']:.3f} | {r['measured_speedup']:.2f}x | {r['flops_speedup']:.2f}x | "
+              f"{r['measured_over_predicted']:.2f} |" for r in report["speed"]]
+    if not report["attention_level"]:
+        return "\n".join(lines + [""])
+    lines += ["", "Attention level (keep 0.3) on top of token level (keep 0.7), time relative to token level alone:", "",
+              "| tokens | batch | relative time |", "|---|---|---|"]
+    lines += [f"| {r['tokens']} | {r['batch']} | {r['relative_time']:.3f} |" for r in report["attention_level"]]
+    lines += ["", f"Dynamics recording overhead: {100 * report['dynamics_overhead']:+.1f}% of step time", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
