@@ -54,8 +54,8 @@ def plan_shards(records: list[Record], options: IngestOptions) -> list[ShardPlan
     """Shuffle each split with the seed, then cut it into balanced shards.
 
     A split needs ``k`` shards to respect both the example and the planned-byte limit; examples
-    are spread evenly over them (no tiny tail shard), and a shard still closes early when its
-    planned bytes would pass the limit.
+    are spread evenly over them (sizes differ by at most one, no tiny tail shard), and a shard
+    still closes early when its planned bytes would pass the limit.
     """
     plans: list[ShardPlan] = []
     for split in sorted({r.split for r in records}):
@@ -63,12 +63,14 @@ def plan_shards(records: list[Record], options: IngestOptions) -> list[ShardPlan
         order = np.random.default_rng([options.seed, 7]).permutation(len(members))
         total_bytes = sum(r.est_bytes for r in members)
         shards = max(-(-len(members) // options.shard_size), -(-total_bytes // options.shard_bytes), 1)
-        target = -(-len(members) // shards)
         groups: list[list[Record]] = [[]]
-        planned_bytes = 0
+        planned_bytes, remaining = 0, len(members)
+        target = -(-remaining // shards)
         for i in order:
             record = members[i]
             if groups[-1] and (len(groups[-1]) >= target or planned_bytes + record.est_bytes > options.shard_bytes):
+                remaining -= len(groups[-1])
+                target = -(-remaining // max(1, shards - len(groups)))  # spread what is left evenly
                 groups.append([])
                 planned_bytes = 0
             groups[-1].append(record)
@@ -190,6 +192,7 @@ def ingest(
     ray_address: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    extra_manifest: dict | None = None,
 ) -> IngestReport:
     """Run the whole ingest; Ray starts (or is joined) only once the output is known to be usable."""
     records = source.records()
@@ -229,7 +232,7 @@ def ingest(
     manifest = commit_dataset(dataset, rows=rows, shards=entries, info=DatasetInfo(
         class_names=source.class_names, source=source.spec, fingerprint=identity, command=command,
         extra={"accounting": {"inputs": len(records), "ok": ok, "quarantined": len(rows) - ok},
-               "ingest": asdict(options), "source_parameters": source.parameters},
+               "ingest": asdict(options), "source_parameters": source.parameters, **(extra_manifest or {})},
     ))
     _clean_up(dataset)
     return IngestReport(dataset.url, manifest, resumed, already_complete=False)

@@ -67,6 +67,7 @@ class ShardDataset(IterableDataset):
             catches a flipped byte); ``shards`` checks each whole shard against the manifest
             before use (reads whole shards); ``none`` trusts the storage.
         rank, world_size: override the ``torch.distributed`` values (tests, custom launchers).
+        shards: read only these shards (scoring jobs hand one shard to each task).
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class ShardDataset(IterableDataset):
         verify: str = "members",
         rank: int | None = None,
         world_size: int | None = None,
+        shards: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.dataset = location(url)
@@ -104,6 +106,11 @@ class ShardDataset(IterableDataset):
         self.start_batch = 0
         self.shard_sha256 = {s["name"]: s["sha256"] for s in self.manifest["shards"]}
         self.shard_rows = self._load_rows()
+        if shards is not None:
+            unknown = set(shards) - set(self.shard_rows)
+            if unknown:
+                raise DatasetError(f"{self.dataset.url}: no shard {sorted(unknown)[0]!r} in split {split!r}")
+            self.shard_rows = {name: self.shard_rows[name] for name in shards}
 
     def _load_rows(self) -> dict[str, ShardRows]:
         index = read_index(self.dataset, columns=READ_COLUMNS + ["split", "status"])

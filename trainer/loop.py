@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -41,9 +42,10 @@ class DataInfo:
 
 def data_info(dataset: Location) -> DataInfo:
     manifest = read_manifest(dataset)
-    index = read_index(dataset, columns=["width", "height", "status"]).to_pydict()
-    sides = {max(w, h) for w, h, s in zip(index["width"], index["height"], index["status"]) if s == "ok"}
-    return DataInfo(img_size=max(sides), num_classes=len(manifest["class_names"]))
+    index = read_index(dataset, columns=["width", "height", "status"])
+    ok = index.filter(pc.equal(index["status"], "ok"))
+    side = max(pc.max(ok["width"]).as_py(), pc.max(ok["height"]).as_py())
+    return DataInfo(img_size=side, num_classes=len(manifest["class_names"]))
 
 
 def pick_device(config: TrainConfig, rank: int) -> torch.device:
@@ -181,7 +183,7 @@ class Trainer:
         self.train_data.set_epoch(self.position.epoch, start_batch=self.position.batch)
         loader = self._loader(self.train_data)
         images_seen, loss_sum, correct = 0, 0.0, 0
-        bar = tqdm(loader, total=self.steps_per_epoch - self.position.batch, disable=not self.is_main,
+        bar = tqdm(loader, total=self.steps_per_epoch - self.position.batch, disable=None if self.is_main else True,
                    desc=f"epoch {self.position.epoch + 1}/{config.epochs}", unit="batch", leave=False)
         join = model.join() if self.ddp else nullcontext()
         started = time.perf_counter()

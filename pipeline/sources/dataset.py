@@ -11,8 +11,12 @@ from pipeline.sources.base import Record, Source, SourceError
 
 
 class DatasetSource(Source):
-    def __init__(self, url: str) -> None:
-        self.spec = f"dataset:{url}"
+    """All of a dataset, or (``only_keys``) just those examples plus whole ``whole_splits``."""
+
+    def __init__(self, url: str, only_keys: frozenset[str] | None = None, whole_splits: tuple[str, ...] = (),
+                 label: str | None = None) -> None:
+        self.spec = f"dataset:{url}" + (f"#{label}" if label else "")
+        self.only_keys, self.whole_splits = only_keys, whole_splits
         self.dataset = location(url)
         try:
             manifest = read_manifest(self.dataset)
@@ -23,6 +27,8 @@ class DatasetSource(Source):
     def records(self) -> list[Record]:
         records = []
         for row in read_index(self.dataset).to_pylist():
+            if self.only_keys is not None and row["key"] not in self.only_keys and row["split"] not in self.whole_splits:
+                continue
             ok = row["status"] == STATUS_OK
             records.append(Record(
                 key=row["key"], split=row["split"], label=row["label"], source_ref=row["source_ref"],
