@@ -106,12 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_curation_parsers(commands)
 
     inspect = commands.add_parser(
-        "inspect", help="show what a dataset holds",
-        description="Counts by split, class and status; quarantined examples with their reasons; shards with sizes.",
+        "inspect", help="show what a dataset holds, and who a selection kept or dropped and why",
+        description="Without options: counts by split, class and status, quarantined examples with their "
+                    "reasons, shards with sizes. With --selection: kept/dropped/quarantined per class and "
+                    "reason, score quantiles, and optional pictures. --key, --diff and --sql answer the rest.",
     )
     inspect.add_argument("dataset", help="dataset location (path or fsspec URL)")
-    inspect.add_argument("--format", dest="output_format", choices=("table", "json"), default="table",
-                         help="table for people (default), json for scripts")
+    inspect.add_argument("--selection", metavar="VERSION", help="summarise a selection, e.g. v0001")
+    inspect.add_argument("--key", help="lineage of one example across all selections, with its scores")
+    inspect.add_argument("--diff", nargs=2, metavar=("OLD", "NEW"), help="what changed between two selections")
+    inspect.add_argument("--plot", metavar="FILE.png", help="with --selection: score histogram of kept vs dropped")
+    inspect.add_argument("--grid", metavar="FILE.png", help="with --selection: thumbnails of the highest and lowest scored")
+    inspect.add_argument("--sql", help="DuckDB query over tables index, scores_<name>, selections")
+    inspect.add_argument("--format", dest="output_format", choices=("table", "json", "csv"), default="table",
+                         help="table for people (default), json or csv for scripts")
     inspect.set_defaults(handler=run_inspect)
     return parser
 
@@ -324,9 +332,46 @@ def quarantine_reasons(url: str) -> dict[str, int]:
 
 
 def run_inspect(args: argparse.Namespace, console: Console) -> None:
-    from pipeline.inspection import inspect_dataset
+    from pipeline.inspection import emit, inspect_dataset
 
-    inspect_dataset(args.dataset, args.output_format, console)
+    if (args.plot or args.grid) and not args.selection:
+        raise UsageError("--plot and --grid draw a selection: add --selection VERSION")
+    try:
+        if args.sql:
+            from pipeline.sql import query
+
+            emit(query(args.dataset, args.sql).to_pylist(), args.output_format, console, "query")
+        elif args.key:
+            from pipeline.selection_report import key_lineage, key_scores
+
+            emit(key_lineage(args.dataset, args.key), args.output_format, console, f"lineage of {args.key}",
+                 extra={"scores": key_scores(args.dataset, args.key)})
+        elif args.diff:
+            from pipeline.selection_report import selection_diff
+
+            emit(selection_diff(args.dataset, *args.diff), args.output_format, console, f"{args.diff[0]} -> {args.diff[1]}")
+        elif args.selection:
+            run_selection_report(args, console)
+        else:
+            inspect_dataset(args.dataset, args.output_format, console)
+    except (KeyError, ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error).strip("'\"")) from error
+
+
+def run_selection_report(args: argparse.Namespace, console: Console) -> None:
+    from pipeline.inspection import emit
+    from pipeline.selection_report import selection_summary
+
+    emit(selection_summary(args.dataset, args.selection), args.output_format, console, f"selection {args.selection}")
+    if args.plot or args.grid:
+        from pipeline.plots import extremes_grid, score_histogram
+
+        if args.plot:
+            score_histogram(args.dataset, args.selection, args.plot)
+            console.print(f"wrote {args.plot}")
+        if args.grid:
+            extremes_grid(args.dataset, args.selection, args.grid)
+            console.print(f"wrote {args.grid}")
 
 
 def main(argv: list[str] | None = None) -> int:

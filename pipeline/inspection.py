@@ -1,6 +1,7 @@
 """``onion inspect``: what a dataset holds, as tables for people or JSON for scripts."""
 from __future__ import annotations
 
+import csv
 import json
 from collections import Counter
 
@@ -98,3 +99,56 @@ def inspect_dataset(url: str, output_format: str, console: Console) -> None:
         console.file.write(json.dumps(summary, indent=2) + "\n")
     else:
         render_summary(summary, console)
+
+
+def emit(data: dict | list[dict], output_format: str, console: Console, title: str, extra: dict | None = None) -> None:
+    """Rows or a summary as tables for people, or JSON / CSV for scripts."""
+    if extra:
+        data = {"rows": data, **extra} if isinstance(data, list) else {**data, **extra}
+    if output_format == "json":
+        console.file.write(json.dumps(data, indent=2, default=str) + "\n")
+        return
+    for name, rows in sections(data, title).items():
+        if output_format == "csv":
+            console.file.write(f"# {name}\n")
+            write_csv(rows, console)
+        else:
+            render_rows(rows, name, console)
+
+
+def sections(data: dict | list[dict], title: str) -> dict[str, list[dict]]:
+    """A summary as named lists of rows: its plain values in one, each nested value in its own."""
+    if isinstance(data, list):
+        return {title: data}
+    result = {title: [{"name": k, "value": v} for k, v in data.items() if not isinstance(v, (list, dict))]}
+    for key, value in data.items():
+        if isinstance(value, list):
+            result[key] = value
+        elif isinstance(value, dict):
+            result[key] = [{"name": k, **v} if isinstance(v, dict) else {"name": k, "value": v} for k, v in value.items()]
+    return result
+
+
+def write_csv(rows: list[dict], console: Console) -> None:
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    writer = csv.DictWriter(console.file, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def render_rows(rows: list[dict], title: str, console: Console, limit: int = 50) -> None:
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    table = titled_table(f"{title} ({len(rows)} rows)" if len(rows) > limit else title)
+    for column in columns:
+        table.add_column(str(column), overflow="fold")
+    for row in rows[:limit]:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    console.print(table)
+    if len(rows) > limit:
+        console.print(f"... and {len(rows) - limit} more (use --format json or csv for all)")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)

@@ -106,3 +106,49 @@ def test_a_killed_ray_worker_still_gives_complete_identical_el2n(curated):
     assert np.allclose(faulty["score"].to_numpy(), clean["score"].to_numpy(), rtol=0, atol=1e-6)
     write_scores(location(dataset), "el2n", faulty)
     assert read_scores(location(dataset), "el2n").num_rows == len(SourceExamples.of(location(dataset)).keys)
+
+
+def onion(capsys, *args):
+    from pipeline.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
+
+
+def test_rounds_and_inspection_from_the_command_line(curated, capsys, tmp_path):
+    import csv
+    import io
+    import json
+
+    from PIL import Image
+
+    dataset, run = curated
+    onion(capsys, "score", dataset, "forgetting", "--run", run)
+    first = onion(capsys, "select", dataset, "--round", "0", "--keep", "0.8", "--seed", "7")
+    v0 = first.split("selections/")[1].split(".parquet")[0]
+    second = onion(capsys, "select", dataset, "--round", "1", "--parent", v0, "--remove-n", "50", "--scores", "forgetting")
+    v1 = second.split("selections/")[1].split(".parquet")[0]
+    summary = json.loads(onion(capsys, "inspect", dataset, "--selection", v1, "--format", "json"))
+    assert summary["by_reason"]["unforgettable@r1"] == 50 and summary["by_reason"]["restored@r1"] == 50
+    assert summary["counts"]["kept"] == sum(c.get("kept", 0) for c in summary["by_class"].values())
+    assert summary["examples"] == sum(summary["counts"].values())
+    diff = json.loads(onion(capsys, "inspect", dataset, "--diff", v0, v1, "--format", "json"))
+    assert len(diff["newly_dropped"]) == 50 and len(diff["newly_kept"]) == 50
+    moved = diff["newly_dropped"][0]["key"]
+    lineage = json.loads(onion(capsys, "inspect", dataset, "--key", moved, "--format", "json"))
+    decisions = {row["version"]: (row["kept"], row["reason"]) for row in lineage["rows"]}
+    assert decisions[v0] == (True, "kept") and decisions[v1] == (False, "unforgettable@r1")
+    assert "forgetting" in lineage["scores"]
+    table = onion(capsys, "inspect", dataset, "--selection", v1, "--plot", tmp_path / "h.png", "--grid", tmp_path / "g.png")
+    assert "by_reason" in table and "restored@r1" in table
+    for picture in ("h.png", "g.png"):
+        with Image.open(tmp_path / picture) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 300
+    rows = list(csv.DictReader(io.StringIO(onion(
+        capsys, "inspect", dataset, "--sql", f"select kept, count(*) n from selections where version = '{v1}' group by kept order by kept",
+        "--format", "csv").split("\n", 1)[1])))
+    assert [(r["kept"], int(r["n"])) for r in rows] == [("False", summary["examples"] - summary["counts"]["kept"]),
+                                                       ("True", summary["counts"]["kept"])]
