@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
     add_curation_parsers(commands)
+    add_curate_parser(commands)
 
     inspect = commands.add_parser(
         "inspect", help="show what a dataset holds, and who a selection kept or dropped and why",
@@ -259,19 +260,37 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("dataset", nargs="?", help=TrainConfig.help_of()["dataset"])
     train.add_argument("--config", help="YAML file with any of the settings below (flag names with _)")
     train.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint, at the same sample")
+    add_train_options(train)
+    train.set_defaults(handler=run_train)
+
+
+def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per training setting, with its help text and default."""
+    from trainer.config import TrainConfig
+
+    group = parser.add_argument_group("training settings")
     for name, text in TrainConfig.help_of().items():
-        if name == "dataset":
+        if name == "dataset" or name in skip:
             continue
         default = TrainConfig.__dataclass_fields__[name].default
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
-            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text} (default {default})")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text} (default {default})")
         elif name == "token_blocks":
-            train.add_argument(flag, type=block_list, default=None, help=text)
+            group.add_argument(flag, type=block_list, default=None, help=text)
         else:
             kind = float if isinstance(default, float) else int if name in INT_KNOBS else str
-            train.add_argument(flag, type=kind, default=None, help=f"{text} (default {default})")
-    train.set_defaults(handler=run_train)
+            group.add_argument(flag, type=kind, default=None, help=f"{text} (default {default})")
+
+
+def train_config(args: argparse.Namespace, **fixed: object) -> "TrainConfig":  # noqa: F821 - imported lazily
+    from trainer.config import TrainConfig
+
+    overrides = {name: getattr(args, name, None) for name in TrainConfig.help_of()}
+    config = TrainConfig.from_sources(args.config, {**overrides, **fixed})
+    if not config.dataset or not config.out:
+        raise UsageError(f"{args.command} needs DATASET and --out RUN")
+    return config
 
 
 INT_KNOBS = {"img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "seed",
@@ -285,17 +304,44 @@ def block_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected block numbers like 3,6,9, not {text!r}") from None
 
 
+def add_curate_parser(commands: argparse._SubParsersAction) -> None:
+    curate = commands.add_parser(
+        "curate", help="the whole example-level method: rounds of train -> score -> select -> survivor shards",
+        description="Round 0 keeps a random --keep share; each later round scores the kept examples by the "
+                    "previous phase's training dynamics, swaps the --remove-n easiest out and as many from "
+                    "the dropped pool in, writes the survivors as shards, and training continues (same "
+                    "model, optimiser, schedule) for --round-epochs. Run the same command again to resume.",
+    )
+    curate.add_argument("dataset", help="source dataset location")
+    curate.add_argument("--config", help="YAML file with training settings")
+    curate.add_argument("--rounds", type=positive_int, default=5, help="curation rounds (default 5)")
+    curate.add_argument("--round-epochs", type=positive_int, default=30, help="training epochs per round (default 30)")
+    curate.add_argument("--keep", type=float, default=0.8, help="share of usable train examples kept (default 0.8)")
+    curate.add_argument("--remove-n", type=positive_int, help="examples swapped per round (default 10%% of the kept)")
+    curate.add_argument("--scorer", default="forgetting", choices=("forgetting", "loss"),
+                        help="dynamics-based score that ranks the kept examples (default forgetting)")
+    add_ray_options(curate)
+    add_train_options(curate, skip=("epochs", "nproc", "workers"))  # --workers is Ray's here; DataLoader workers: --config
+    curate.set_defaults(handler=run_curate)
+
+
+def run_curate(args: argparse.Namespace, console: Console) -> None:
+    from pipeline.curate import CurationPlan, curate
+
+    plan = CurationPlan(args.rounds, args.round_epochs, args.keep, args.remove_n, args.scorer, args.seed or 0)
+    config = train_config(args, dataset=args.dataset, epochs=args.rounds * args.round_epochs)
+    try:
+        result = curate(args.dataset, config, plan, ray_address=args.address, workers=args.workers)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    console.print(f"{config.out}: {args.rounds} rounds, selections {', '.join(result['selections'])}; "
+                  f"val top-1 {result['val_top1']:.2f}%  {result['train_seconds']:.1f} s training")
+
+
 def run_train(args: argparse.Namespace, console: Console) -> None:
-    from trainer.config import TrainConfig
     from trainer.launch import saved_config, train
 
-    overrides = {name: getattr(args, name) for name in TrainConfig.help_of()}
-    if args.resume:
-        config = saved_config(args.resume)
-    else:
-        config = TrainConfig.from_sources(args.config, overrides)
-        if not config.dataset or not config.out:
-            raise UsageError("train needs DATASET and --out RUN (or --resume RUN)")
+    config = saved_config(args.resume) if args.resume else train_config(args)
     summary = train(config, resume=bool(args.resume))
     console.print(f"{config.out}: val top-1 {summary['val_top1']:.2f}%  {summary['images_per_second']:.0f} img/s  "
                   f"{summary['train_seconds']:.1f} s training")

@@ -84,9 +84,13 @@ def _shard_plan(split: str, number: int, records: list[Record]) -> ShardPlan:
 
 
 def fingerprint(source: Source, plans: list[ShardPlan], options: IngestOptions) -> str:
-    """Identity of the output: changes whenever any output byte could change."""
+    """Identity of the output: changes whenever any output byte could change.
+
+    The source's location is left out (records carry relative references), so a moved input
+    directory, or a copied dataset, still matches its earlier output.
+    """
     digest = hashlib.sha256()
-    digest.update(json.dumps({"source": source.spec, "parameters": source.parameters,
+    digest.update(json.dumps({"parameters": source.parameters,
                               "classes": source.class_names, "options": asdict(options)}, sort_keys=True).encode())
     for plan in plans:
         for r in plan.records:

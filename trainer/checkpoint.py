@@ -30,6 +30,8 @@ class Position:
     step: int
     epoch: int
     batch: int
+    train_seconds: float = 0.0  # totals over finished epochs, so a resumed run reports the whole run
+    train_images: int = 0
 
 
 def rng_state() -> dict:

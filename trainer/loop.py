@@ -8,7 +8,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow.compute as pc
@@ -98,11 +98,7 @@ class Trainer:
         self.model: SparseVisionTransformer = build_model(config, self.img_size, self.num_classes).to(self.device)
         self.model.record_cls_attention = config.record_dynamics
         self.ddp = DistributedDataParallel(self.model) if world_size > 1 else None
-        self.train_data = ShardDataset(config.dataset, "train", seed=config.seed, batch_size=config.batch_size,
-                                       channels=3, rank=rank, world_size=world_size)
-        self.val_data = ShardDataset(config.dataset, "val", shuffle=False, batch_size=config.batch_size,
-                                     channels=3, rank=rank, world_size=world_size)
-        self.steps_per_epoch = max(1, math.ceil(len(self.train_data) / config.batch_size))
+        self.use_dataset(config.dataset)
         decay, no_decay = [], []
         for name, parameter in self.model.named_parameters():
             (no_decay if parameter.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(parameter)
@@ -117,6 +113,16 @@ class Trainer:
                             num_classes=self.num_classes) if config.mixup > 0 or config.cutmix > 0 else None)
         self.dynamics = DynamicsRecorder(self.run, rank) if config.record_dynamics else None
         self.position = Position(step=0, epoch=0, batch=0)
+        self.val_top1 = float("nan")
+
+    def use_dataset(self, url: str) -> None:
+        """Stream this dataset from the next epoch on (curation rounds swap in their survivors)."""
+        config = self.config
+        self.train_data = ShardDataset(url, "train", seed=config.seed, batch_size=config.batch_size,
+                                       channels=3, rank=self.rank, world_size=self.world_size)
+        self.val_data = ShardDataset(url, "val", shuffle=False, batch_size=config.batch_size,
+                                     channels=3, rank=self.rank, world_size=self.world_size)
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_data) / config.batch_size))
 
     @property
     def is_main(self) -> bool:
@@ -145,35 +151,35 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-    def train(self) -> dict:
+    def train(self, until_epoch: int | None = None) -> dict:
+        """Train up to ``until_epoch`` (default: the end); the summary is written at the end."""
         config = self.config
         if self.is_main:
             self.run.write_atomic(CONFIG_NAME, json.dumps(config.to_dict(), indent=2).encode())
             self.run.write_atomic("model.json", json.dumps(
                 {"model": config.model, "kwargs": model_kwargs(config, self.img_size, self.num_classes)}, indent=2).encode())
-        train_seconds, train_images = 0.0, 0
-        val_top1 = float("nan")
-        while self.position.epoch < config.epochs:
+        last = min(config.epochs, until_epoch if until_epoch is not None else config.epochs)
+        while self.position.epoch < last:
             started = time.perf_counter()
             images, loss_sum, correct = self._train_epoch()
             elapsed = time.perf_counter() - started
-            train_seconds += elapsed
-            train_images += images
-            val_top1, val_loss = self.evaluate()
-            self.position = Position(self.position.step, self.position.epoch + 1, 0)
+            self.val_top1, val_loss = self.evaluate()
+            done = self.position
+            self.position = Position(done.step, done.epoch + 1, 0, done.train_seconds + elapsed,
+                                     done.train_images + images * self.world_size)
             self.checkpoint()
             if self.is_main:
                 self._log({"epoch": self.position.epoch, "step": self.position.step,
                            "train_loss": loss_sum / max(1, images), "train_top1": 100.0 * correct / max(1, images),
-                           "val_top1": val_top1, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
+                           "val_top1": self.val_top1, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
                            "token_keep": self.model.token_keep, "attn_keep": self.model.attn_keep,
                            "images_per_second": images * self.world_size / max(elapsed, 1e-9), "epoch_seconds": elapsed})
-        summary = {"val_top1": val_top1, "train_seconds": train_seconds,
-                   "images_per_second": train_images * self.world_size / max(train_seconds, 1e-9),
-                   "epochs": config.epochs, "steps": self.position.step, "world_size": self.world_size,
+        summary = {"val_top1": self.val_top1, "train_seconds": self.position.train_seconds,
+                   "images_per_second": self.position.train_images / max(self.position.train_seconds, 1e-9),
+                   "epochs": self.position.epoch, "steps": self.position.step, "world_size": self.world_size,
                    "device": str(self.device), "config": config.to_dict(),
                    "model_kwargs": model_kwargs(config, self.img_size, self.num_classes)}
-        if self.is_main:
+        if self.is_main and self.position.epoch >= config.epochs:
             self.run.write_atomic(SUMMARY_NAME, json.dumps(summary, indent=2).encode())
         return summary
 
@@ -209,7 +215,7 @@ class Trainer:
                 loss_value = loss.item()
                 loss_sum += loss_value * len(keys)
                 correct += int((logits.argmax(dim=1) == y).sum())
-                self.position = Position(self.position.step + 1, self.position.epoch, self.position.batch + 1)
+                self.position = replace(self.position, step=self.position.step + 1, batch=self.position.batch + 1)
                 bar.set_postfix(img_s=f"{images_seen * self.world_size / (time.perf_counter() - started):.0f}",
                                 loss=f"{loss_value:.3f}")
                 if config.checkpoint_every and self.position.step % config.checkpoint_every == 0:

@@ -1,0 +1,88 @@
+"""``onion curate``: rounds of train -> score -> select -> survivor shards, and its resumption."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.curate import CurationPlan, curate
+from pipeline.ingest import IngestOptions, ingest
+from pipeline.materialize import kept_url
+from pipeline.selection import read_selection
+from pipeline.sources import open_source
+from shards import location, read_manifest
+from trainer.config import TrainConfig
+from trainer.dynamics import read_dynamics
+
+TINY = dict(batch_size=32, depth=2, embed_dim=64, num_heads=2, patch_size=4, lr=2e-3, warmup_epochs=0.3, workers=1)
+
+
+@pytest.fixture(scope="module")
+def digits(ray_local, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data") / "digits")
+    ingest(open_source("digits"), out, IngestOptions(shard_size=300), command=["test"], progress=False)
+    return out
+
+
+def test_three_rounds_train_on_their_survivors(digits, tmp_path):
+    run = str(tmp_path / "run")
+    plan = CurationPlan(rounds=3, round_epochs=1, keep=0.8, remove_n=60, scorer="forgetting")
+    result = curate(digits, TrainConfig(dataset=digits, out=run, epochs=3, **TINY), plan, progress=False)
+    versions = result["selections"]
+    assert len(versions) == 3 and result["epochs"] == 3
+    dataset = location(digits)
+    kept_sets = []
+    for number, version in enumerate(versions):
+        table = read_selection(dataset, version)
+        kept_sets.append(set(table.filter(table["kept"])["key"].to_pylist()))
+        accounting = read_manifest(location(kept_url(digits, version)))["selection"]
+        assert accounting["kept"] == len(kept_sets[-1]) == len(kept_sets[0])  # constant size
+        if number:
+            assert set(table["reason"].to_pylist()) >= {f"unforgettable@r{number}", f"restored@r{number}"}
+            assert len(kept_sets[-2] - kept_sets[-1]) == 60
+    dynamics = read_dynamics(location(run))
+    for epoch, kept in enumerate(kept_sets):  # each phase trained exactly on its round's survivors
+        seen = dynamics.filter(pc.equal(dynamics["epoch"], epoch))["key"].to_pylist()
+        assert sorted(seen) == sorted(kept)
+    assert json.loads((tmp_path / "run" / "curation.json").read_text())["selections"] == versions
+
+
+def command(dataset, run):
+    return [sys.executable, "-m", "pipeline", "curate", dataset, "--out", str(run), "--rounds", "3", "--round-epochs", "2",
+            "--remove-n", "60", "--checkpoint-every", "5", "--batch-size", "32", "--depth", "2", "--embed-dim", "64",
+            "--num-heads", "2", "--patch-size", "4", "--workers", "1"]
+
+
+def test_killed_curation_resumes_to_the_same_result(ray_local, tmp_path):
+    copy, other = str(tmp_path / "digits"), str(tmp_path / "digits2")  # selections go into the dataset: one each
+    for out in (copy, other):
+        ingest(open_source("digits"), out, IngestOptions(shard_size=300), command=["test"], progress=False)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    done = subprocess.run(command(copy, reference), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    process = subprocess.Popen(command(other, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    latest = killed / "checkpoints" / "latest.json"
+    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["epoch"] >= 3):
+        assert process.poll() is None, "curation finished before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    again = subprocess.run(command(other, killed), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    final = [load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors")) for run in (reference, killed)]
+    assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
+    versions = [json.loads((run / "curation.json").read_text())["selections"] for run in (reference, killed)]
+    assert versions[0] == versions[1] == ["v0001", "v0002", "v0003"]
+    for version in versions[0]:
+        assert read_selection(location(copy), version).equals(read_selection(location(other), version))
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (reference, killed)]
+    assert summaries[0]["val_top1"] == summaries[1]["val_top1"] and np.isfinite(summaries[0]["val_top1"])
