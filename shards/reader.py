@@ -23,7 +23,7 @@ from shards.decode import DecodeError, decode_pixels
 from shards.index import STATUS_OK, read_index
 from shards.manifest import DatasetError, read_manifest
 from shards.partition import Segment, epoch_segments, rank_size
-from shards.urls import Location, location
+from shards.urls import location
 
 READ_CHUNK_BYTES = 4 << 20  # one ranged read covers at most this many bytes
 READ_COLUMNS = ["key", "label", "shard", "image_offset", "image_size", "sha256"]

@@ -4,7 +4,6 @@ import os
 import pickle
 
 import numpy as np
-import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
