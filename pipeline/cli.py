@@ -10,6 +10,7 @@ from shards import DatasetError
 
 from pipeline.cli_common import (EXIT_USAGE, OnionArgumentParser, UsageError, add_ray_options, fraction,
                                  package_version, positive_int)
+from pipeline.cli_bench import add_bench_parser
 from pipeline.cli_curation import add_curate_parser, add_curation_parsers
 from pipeline.cli_train import add_train_parser
 from pipeline.sources import SOURCES, SourceError, SourceOptions
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_curation_parsers(commands)
     add_curate_parser(commands)
+    add_bench_parser(commands)
 
     inspect = commands.add_parser(
         "inspect", help="show what a dataset holds, and who a selection kept or dropped and why",

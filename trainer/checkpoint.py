@@ -32,6 +32,7 @@ class Position:
     batch: int
     train_seconds: float = 0.0  # totals over finished epochs, so a resumed run reports the whole run
     train_images: int = 0
+    train_flops: float = 0.0  # matrix-product FLOPs of the steps taken (forward x 3), at their real token counts
 
 
 def rng_state() -> dict:

@@ -25,6 +25,7 @@ from shards.urls import Location
 from trainer.checkpoint import Position, commit_checkpoint, latest_position, load_checkpoint, save_rank_state
 from trainer.config import TrainConfig
 from trainer.dynamics import DynamicsRecorder
+from trainer.flops import ViTShape, forward_flops
 from trainer.model import build_model, model_kwargs
 from trainer.schedule import KeepSchedule
 from trainer.sparse_vit import SparseVisionTransformer
@@ -32,6 +33,7 @@ from trainer.sparse_vit import SparseVisionTransformer
 CONFIG_NAME = "config.json"
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.csv"
+TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Trainer:
         random.seed(config.seed)
         self.model: SparseVisionTransformer = build_model(config, self.img_size, self.num_classes).to(self.device)
         self.model.record_cls_attention = config.record_dynamics
+        self.shape = ViTShape.of(self.model)
         self.ddp = DistributedDataParallel(self.model) if world_size > 1 else None
         self.use_dataset(config.dataset)
         decay, no_decay = [], []
@@ -165,8 +168,8 @@ class Trainer:
             elapsed = time.perf_counter() - started
             self.val_top1, val_loss = self.evaluate()
             done = self.position
-            self.position = Position(done.step, done.epoch + 1, 0, done.train_seconds + elapsed,
-                                     done.train_images + images * self.world_size)
+            self.position = replace(done, epoch=done.epoch + 1, batch=0, train_seconds=done.train_seconds + elapsed,
+                                    train_images=done.train_images + images * self.world_size)
             self.checkpoint()
             if self.is_main:
                 self._log({"epoch": self.position.epoch, "step": self.position.step,
@@ -177,6 +180,7 @@ class Trainer:
         summary = {"val_top1": self.val_top1, "train_seconds": self.position.train_seconds,
                    "images_per_second": self.position.train_images / max(self.position.train_seconds, 1e-9),
                    "epochs": self.position.epoch, "steps": self.position.step, "world_size": self.world_size,
+                   "train_images": self.position.train_images, "train_flops": self.position.train_flops,
                    "device": str(self.device), "config": config.to_dict(),
                    "model_kwargs": model_kwargs(config, self.img_size, self.num_classes)}
         if self.is_main and self.position.epoch >= config.epochs:
@@ -215,7 +219,10 @@ class Trainer:
                 loss_value = loss.item()
                 loss_sum += loss_value * len(keys)
                 correct += int((logits.argmax(dim=1) == y).sum())
-                self.position = replace(self.position, step=self.position.step + 1, batch=self.position.batch + 1)
+                step_flops = TRAIN_FLOPS_PER_FORWARD * len(keys) * forward_flops(
+                    self.shape, self.model.token_keep, self.model.token_blocks, self.model.fuse_token)
+                self.position = replace(self.position, step=self.position.step + 1, batch=self.position.batch + 1,
+                                        train_flops=self.position.train_flops + step_flops * self.world_size)
                 bar.set_postfix(img_s=f"{images_seen * self.world_size / (time.perf_counter() - started):.0f}",
                                 loss=f"{loss_value:.3f}")
                 if config.checkpoint_every and self.position.step % config.checkpoint_every == 0:

@@ -1,0 +1,41 @@
+"""``onion bench train`` and ``onion bench data``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from pipeline.cli_common import UsageError, positive_int
+
+
+def add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    from pipeline.bench_train import PRESETS
+
+    bench = commands.add_parser("bench", help="side-by-side benchmarks: training arms, data loaders")
+    kinds = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
+    trained = kinds.add_parser(
+        "train", help="dense vs each level alone vs all three, same data, seeds and settings",
+        description="Train the arms dense, example, token, attention, token+attention and tri-level "
+                    "(plus any from --arms YAML) on a preset's data, interleaved over seeds, and write "
+                    "results.md (table), results.png (top-1 against time relative to dense) and results.json.",
+    )
+    trained.add_argument("--preset", choices=list(PRESETS), default="smoke",
+                         help="smoke: CI-sized (< 3 min); cpu: mnist5k, DeiT-Tiny shape (<= 45 min on 2 cores); "
+                              "gpu: a CUDA machine")
+    trained.add_argument("--seeds", type=positive_int, help="seeds per arm (default: the preset's)")
+    trained.add_argument("--arms", help="YAML mapping of extra arm name -> training settings (curate: true for rounds)")
+    trained.add_argument("--out", help="results folder (default benchmarks/results/bench-<preset>)")
+    trained.set_defaults(handler=run_bench_train)
+
+
+def run_bench_train(args: argparse.Namespace, console: Console) -> None:
+    from pipeline.bench_train import bench_train, markdown
+
+    out = Path(args.out or f"benchmarks/results/bench-{args.preset}")
+    try:
+        rows = bench_train(args.preset, out, args.seeds, args.arms)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    console.print(markdown(rows, f"preset {args.preset}"))
+    console.print(f"wrote {out}/results.md, results.png, results.json")
