@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two entry points of the README. Each makes (or reuses) the project's virtualenv first.
-#   ./run.sh demo   ingest the built-in mnist5k digits with an embedded local Ray, inspect them,
-#                   then train a token- and attention-sparse ViT on them for 2 epochs
+#   ./run.sh demo   the whole method on the built-in mnist5k digits with an embedded local Ray:
+#                   ingest, inspect, curate (3 rounds, token + attention sparsity), inspect the survivors
 #   ./run.sh test   run the test suite
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,16 +28,17 @@ case "${1:-}" in
         ensure_venv
         out=${2:-data/mnist5k}
         run=${3:-runs/mnist5k}
-        "$VENV/bin/onion" ingest mnist5k "$out" --shard-size 1000
-        "$VENV/bin/onion" inspect "$out"
-        if [ -f "$run/summary.json" ]; then
-            echo "$run already finished (delete it to train again)"
-        elif [ -f "$run/config.json" ]; then
-            "$VENV/bin/onion" train --resume "$run"
-        else
-            "$VENV/bin/onion" train "$out" --out "$run" --epochs 2 --depth 6 --token-keep 0.7 --attn-keep 0.3
-        fi
-        echo "dataset: $out   run: $run (summary.json, metrics.csv, dynamics/, checkpoints/, tensorboard/)"
+        onion=$VENV/bin/onion
+        "$onion" ingest mnist5k "$out" --shard-size 1000
+        "$onion" inspect "$out"
+        # All three levels: curation rounds of the examples, tokens kept 70%, attention keys 30%.
+        # Re-running resumes (or, once finished, only reports).
+        "$onion" curate "$out" --out "$run" --rounds 3 --round-epochs 1 --remove-n 300 \
+            --token-keep 0.7 --attn-keep 0.3 --depth 6
+        last=$("$VENV/bin/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['selections'][-1])" "$run/curation.json")
+        "$onion" inspect "$out" --selection "$last" --plot "$run/scores.png" --grid "$run/extremes.png"
+        echo "dataset: $out (selections/, kept/, scores/)   run: $run (summary.json, metrics.csv, dynamics/, checkpoints/)"
+        echo "pictures: $run/scores.png $run/extremes.png"
         ;;
     test)
         ensure_venv

@@ -14,21 +14,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import ray
 import torch
-from torch.utils.data import DataLoader
-from torchvision.datasets import ImageFolder
-from torchvision.transforms import PILToTensor
 
 from pipeline.ingest import IngestOptions, ingest
 from pipeline.sources import SourceOptions, open_source
-from shards import ShardDataset, location, read_index
+from pipeline.bench_data import export_image_folder, measure_readers, peak_rss_mib
 
 BATCH = 256
 
@@ -42,65 +37,6 @@ def make_synthetic(out: Path, count: int, workers: int | None = None) -> float:
     elapsed = time.perf_counter() - start
     ray.shutdown()
     return count / elapsed
-
-
-def export_image_folder(dataset: Path, folder: Path) -> None:
-    """The same train images, as PNG files in torchvision's class-per-folder layout."""
-    data = location(str(dataset))
-    for row in read_index(data).to_pylist():
-        if row["status"] == "ok" and row["split"] == "train":
-            target = folder / row["class_name"] / f"{row['key']}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data.read_range(row["shard"], row["image_offset"], row["image_offset"] + row["image_size"]))
-
-
-def images_per_second(loader: DataLoader) -> float:
-    start, count = time.perf_counter(), 0
-    for images, _labels, *_ in loader:
-        count += len(images)
-    return count / (time.perf_counter() - start)
-
-
-def reader_loaders(dataset: Path, folder: Path, workers: int) -> dict[str, DataLoader]:
-    return {
-        "onion ShardDataset (batched in worker)": DataLoader(
-            ShardDataset(str(dataset), batch_size=BATCH, buffer_size=1000), batch_size=None, num_workers=workers),
-        "onion ShardDataset (DataLoader collate)": DataLoader(
-            ShardDataset(str(dataset), buffer_size=1000), batch_size=BATCH, num_workers=workers),
-        "torchvision ImageFolder": DataLoader(
-            ImageFolder(str(folder), transform=PILToTensor()), batch_size=BATCH, shuffle=True, num_workers=workers),
-    }
-
-
-def measure_readers(dataset: Path, folder: Path, repeats: int) -> list[dict]:
-    results = []
-    for workers in (1, 2):
-        loaders = reader_loaders(dataset, folder, workers)
-        for loader in loaders.values():  # warm the page cache and the workers' imports
-            images_per_second(loader)
-        timings: dict[str, list[float]] = {name: [] for name in loaders}
-        for _ in range(repeats):  # interleaved, so drift does not favour one reader
-            for name, loader in loaders.items():
-                timings[name].append(images_per_second(loader))
-        baseline = statistics.median(timings["torchvision ImageFolder"])
-        for name, values in timings.items():
-            results.append({"reader": name, "workers": workers, "images_per_s": statistics.median(values),
-                            "vs_imagefolder": statistics.median(values) / baseline})
-    return results
-
-
-def peak_rss_mib(dataset: Path) -> dict[str, float]:
-    """Peak RSS of a fresh process reading one whole epoch: after imports, and at the end."""
-    # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss still counts the parent's peak.
-    code = (
-        "import re, sys; from shards import ShardDataset\n"
-        "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024\n"
-        "imported = peak(); n = sum(1 for _ in ShardDataset(sys.argv[1]))\n"
-        "print(imported, peak())\n"
-    )
-    output = subprocess.run([sys.executable, "-c", code, str(dataset)], capture_output=True, text=True, check=True)
-    imported, peak = map(float, output.stdout.strip().splitlines()[-1].split())
-    return {"after_imports": imported, "peak": peak}
 
 
 def main() -> None:
@@ -125,7 +61,7 @@ def main() -> None:
         report["reader"] = measure_readers(root / "reader", root / "folder", args.repeats)
         make_synthetic(root / "rss-10k", 10_000)
         make_synthetic(root / "rss-100k", 100_000)
-        small, large = peak_rss_mib(root / "rss-10k"), peak_rss_mib(root / "rss-100k")
+        small, large = peak_rss_mib(root / "rss-10k"), peak_rss_mib(root / "rss-100k")  # our reader
         report["reader_peak_rss_mib"] = {"10k": small, "100k": large, "ratio": large["peak"] / small["peak"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,15 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     trained.add_argument("--arms", help="YAML mapping of extra arm name -> training settings (curate: true for rounds)")
     trained.add_argument("--out", help="results folder (default benchmarks/results/bench-<preset>)")
     trained.set_defaults(handler=run_bench_train)
+    data = kinds.add_parser(
+        "data", help="our shard reader vs torchvision ImageFolder on the same images",
+        description="Ingest synthetic 32x32 images, write the same PNGs as an ImageFolder, and measure decoded "
+                    "images/s with 1 and 2 DataLoader workers (interleaved, medians) and each reader's peak RSS.",
+    )
+    data.add_argument("--count", type=positive_int, default=20_000, help="images (default 20000)")
+    data.add_argument("--repeats", type=positive_int, default=3, help="timed repeats per reader (default 3)")
+    data.add_argument("--out", default="benchmarks/results/bench-data", help="results and data folder")
+    data.set_defaults(handler=run_bench_data)
 
 
 def run_bench_train(args: argparse.Namespace, console: Console) -> None:
@@ -39,3 +48,15 @@ def run_bench_train(args: argparse.Namespace, console: Console) -> None:
         raise UsageError(str(error)) from error
     console.print(markdown(rows, f"preset {args.preset}"))
     console.print(f"wrote {out}/results.md, results.png, results.json")
+
+
+def run_bench_data(args: argparse.Namespace, console: Console) -> None:
+    import json
+
+    from pipeline.bench_data import bench_data, render
+
+    out = Path(args.out)
+    report = bench_data(out, args.count, args.repeats)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(render(report))
+    console.print(render(report))

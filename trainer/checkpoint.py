@@ -33,6 +33,7 @@ class Position:
     train_seconds: float = 0.0  # totals over finished epochs, so a resumed run reports the whole run
     train_images: int = 0
     train_flops: float = 0.0  # matrix-product FLOPs of the steps taken (forward x 3), at their real token counts
+    val_top1: float = float("nan")  # after the last finished epoch
 
 
 def rng_state() -> dict:

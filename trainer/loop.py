@@ -116,7 +116,6 @@ class Trainer:
                             num_classes=self.num_classes) if config.mixup > 0 or config.cutmix > 0 else None)
         self.dynamics = DynamicsRecorder(self.run, rank) if config.record_dynamics else None
         self.position = Position(step=0, epoch=0, batch=0)
-        self.val_top1 = float("nan")
 
     def use_dataset(self, url: str) -> None:
         """Stream this dataset from the next epoch on (curation rounds swap in their survivors)."""
@@ -166,18 +165,18 @@ class Trainer:
             started = time.perf_counter()
             images, loss_sum, correct = self._train_epoch()
             elapsed = time.perf_counter() - started
-            self.val_top1, val_loss = self.evaluate()
+            val_top1, val_loss = self.evaluate()
             done = self.position
             self.position = replace(done, epoch=done.epoch + 1, batch=0, train_seconds=done.train_seconds + elapsed,
-                                    train_images=done.train_images + images * self.world_size)
+                                    train_images=done.train_images + images * self.world_size, val_top1=val_top1)
             self.checkpoint()
             if self.is_main:
                 self._log({"epoch": self.position.epoch, "step": self.position.step,
                            "train_loss": loss_sum / max(1, images), "train_top1": 100.0 * correct / max(1, images),
-                           "val_top1": self.val_top1, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
+                           "val_top1": val_top1, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
                            "token_keep": self.model.token_keep, "attn_keep": self.model.attn_keep,
                            "images_per_second": images * self.world_size / max(elapsed, 1e-9), "epoch_seconds": elapsed})
-        summary = {"val_top1": self.val_top1, "train_seconds": self.position.train_seconds,
+        summary = {"val_top1": self.position.val_top1, "train_seconds": self.position.train_seconds,
                    "images_per_second": self.position.train_images / max(self.position.train_seconds, 1e-9),
                    "epochs": self.position.epoch, "steps": self.position.step, "world_size": self.world_size,
                    "train_images": self.position.train_images, "train_flops": self.position.train_flops,
