@@ -54,8 +54,10 @@ PRESETS = {
     "smoke": Preset("digits", SourceOptions(), dict(depth=4, embed_dim=64, num_heads=2, img_size=16, patch_size=4, batch_size=64,
                                                     workers=1, lr=2e-3, warmup_epochs=0.3, token_blocks=[1]),
                     epochs=4, rounds=2, token_keep=0.5, attn_keep=0.5, seeds=1),
-    # MNIST 5k with a DeiT-Tiny-shaped ViT for 28x28 (patch 4: 49 tokens + class token). Sized from
-    # ~32 s per dense epoch on 2 cores so 6 arms x 3 seeds fit in 45 minutes; not yet run in full.
+    # MNIST 5k with a DeiT-Tiny-shaped ViT for 28x28 (patch 4: 49 tokens + class token). NOT yet
+    # tuned: a first try (batch 128, 6 epochs) ran 47 s per dense epoch on 2 cores and reached only
+    # 31% top-1 after 4 epochs (32 steps per epoch is too few); it needs smaller batches or a
+    # smaller model to converge inside the 45-minute budget for 6 arms x 3 seeds.
     "cpu": Preset("mnist5k", SourceOptions(), dict(embed_dim=192, num_heads=3, depth=12, patch_size=4, batch_size=128,
                                                    workers=2, lr=1e-3, warmup_epochs=1, keep_warmup_epochs=1,
                                                    keep_ramp_epochs=2),
