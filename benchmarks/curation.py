@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import ray
 from ray.util import ActorPool
+
+from report_files import write_report
 
 from pipeline.ingest import IngestOptions, ingest
 from pipeline.materialize import materialize
@@ -108,11 +109,7 @@ def main() -> None:
         report = {"planted": planted_table(root, args.count, args.epochs),
                   "scoring": scoring_speed(root, args.speed_count, args.repeats),
                   "select_materialize": select_and_materialize(root, args.big)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "curation.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "curation.md").write_text(render(report))
-    print(render(report))
+    write_report(Path(args.out), "curation", report, render)
 
 
 def render(report: dict) -> str:

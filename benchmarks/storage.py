@@ -11,7 +11,6 @@ Every speed is measured side by side in this one run on this machine, as medians
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import ray
 import torch
+
+from report_files import write_report
 
 from pipeline.ingest import IngestOptions, ingest
 from pipeline.sources import SourceOptions, open_source
@@ -63,11 +64,7 @@ def main() -> None:
         make_synthetic(root / "rss-100k", 100_000)
         small, large = peak_rss_mib(root / "rss-10k"), peak_rss_mib(root / "rss-100k")  # our reader
         report["reader_peak_rss_mib"] = {"10k": small, "100k": large, "ratio": large["peak"] / small["peak"]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "storage.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "storage.md").write_text(render(report))
-    print(render(report))
+    write_report(Path(args.out), "storage", report, render)
 
 
 def render(report: dict) -> str:

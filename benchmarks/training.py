@@ -12,7 +12,6 @@ All arms run interleaved in one process on the same random batches; each figure 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from report_files import write_report
 from shards import location
 from trainer import sparsify
 from trainer.dynamics import DynamicsRecorder
@@ -125,7 +125,7 @@ def main() -> None:
     report["attention_level"] = []
     report["dynamics_overhead"] = None
     if args.skip_extras:
-        return write(report, Path(args.out), args.name)
+        return write_report(Path(args.out), args.name, report, render)
     for img_size, batch in ((32, args.batch), (64, max(1, args.batch // 4)), (96, max(1, args.batch // 8)),
                             (128, max(1, args.batch // 16))):
         pair = {"token": Arm(img_size, 0.7, 1.0), "token+attention": Arm(img_size, 0.7, 0.3)}
@@ -138,14 +138,7 @@ def main() -> None:
                 "with dynamics": Arm(32, 0.7, 1.0, DynamicsRecorder(location(scratch), 0))}
         timing = race(pair, 32, args.batch, args.steps, args.repeats)
     report["dynamics_overhead"] = timing["with dynamics"] / timing["without dynamics"] - 1.0
-    write(report, Path(args.out), args.name)
-
-
-def write(report: dict, out: Path, name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{name}.md").write_text(render(report))
-    print(render(report))
+    write_report(Path(args.out), args.name, report, render)
 
 
 def render(report: dict) -> str:
