@@ -8,7 +8,7 @@ from rich.console import Console
 
 from shards import DatasetError
 
-from pipeline.cli_common import (EXIT_USAGE, OnionArgumentParser, UsageError, add_ray_options, fraction,
+from pipeline.cli_common import (EXIT_FAILURE, EXIT_USAGE, OnionArgumentParser, UsageError, add_ray_options, fraction,
                                  package_version, positive_int)
 from pipeline.cli_bench import add_bench_parser
 from pipeline.cli_curation import add_curate_parser, add_curation_parsers
@@ -82,12 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--format", dest="output_format", choices=("table", "json", "csv"), default="table",
                          help="table for people (default), json or csv for scripts")
     inspect.set_defaults(handler=run_inspect)
+
+    verify = commands.add_parser(
+        "verify", help="check every shard against the manifest and index (sizes, checksums, tar members)",
+        description="Read each shard whole and parse it in memory (nothing is extracted): size and sha256 "
+                    "against the manifest; members regular files with safe names, in the index's order, "
+                    "none duplicated, missing or extra; each image's bytes against the index's sha256. "
+                    "Exit 0 when all is well, 1 with one line per problem naming the shard and member.",
+    )
+    verify.add_argument("dataset", help="dataset location (path or fsspec URL)")
+    verify.set_defaults(handler=run_verify)
     return parser
 
 
 def run_ingest(args: argparse.Namespace, console: Console) -> None:
     from pipeline.encode import EncodeOptions
     from pipeline.ingest import IngestOptions, ingest
+    from pipeline.ray_runtime import describe_nodes
     from pipeline.sources import open_source
 
     source = open_source(args.source, SourceOptions(
@@ -103,6 +114,8 @@ def run_ingest(args: argparse.Namespace, console: Console) -> None:
         f"resumed {report.resumed_shards} finished shards" if report.resumed_shards else "written")
     console.print(f"{report.url}: {state}. inputs={accounting['inputs']} ok={accounting['ok']} "
                   f"quarantined={accounting['quarantined']} shards={len(report.manifest['shards'])}")
+    if report.tasks_per_node:
+        console.print(f"shards written on {describe_nodes(report.tasks_per_node)}", soft_wrap=True)
     if accounting["quarantined"]:
         reasons = quarantine_reasons(report.url)
         console.print("quarantined: " + ", ".join(f"{count} {reason}" for reason, count in reasons.items()))
@@ -113,6 +126,16 @@ def quarantine_reasons(url: str) -> dict[str, int]:
     from pipeline.inspection import dataset_summary
 
     return dataset_summary(url)["quarantine_reasons"]
+
+
+def run_verify(args: argparse.Namespace, console: Console) -> None:
+    from shards.verify import verify_dataset
+
+    checked, problems = verify_dataset(args.dataset)
+    if problems:
+        raise DatasetDamaged(f"{args.dataset}: {len(problems)} problem(s) in {checked} shards:\n" +
+                             "\n".join(f"  {problem}" for problem in problems))
+    console.print(f"{args.dataset}: {checked} shards verified, no problems", soft_wrap=True)
 
 
 def run_inspect(args: argparse.Namespace, console: Console) -> None:
@@ -158,6 +181,15 @@ def run_selection_report(args: argparse.Namespace, console: Console) -> None:
             console.print(f"wrote {args.grid}")
 
 
+class DatasetDamaged(Exception):
+    """``onion verify`` found problems (exit 1: the data, not the command line, is at fault)."""
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """Errors from the filesystem or object store (missing bucket, denied access, no credentials)."""
+    return isinstance(error, OSError) or type(error).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
@@ -166,6 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, DatasetError, UsageError, RunError) as error:
         sys.stderr.write(f"onion {args.command}: error: {error}\n")
         return EXIT_USAGE
+    except DatasetDamaged as error:
+        sys.stderr.write(f"onion {args.command}: error: {error}\n")
+        return EXIT_FAILURE
+    except Exception as error:
+        if not is_storage_failure(error):
+            raise
+        # Retries are spent (or pointless): name the locations involved, never the credentials.
+        where = ", ".join(str(getattr(args, name)) for name in ("dataset", "out", "run") if getattr(args, name, None))
+        sys.stderr.write(f"onion {args.command}: error: {where}: {type(error).__name__}: {error}\n")
+        return EXIT_FAILURE
     return 0
 
 

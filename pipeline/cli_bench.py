@@ -24,7 +24,10 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
                          help="smoke: CI-sized (< 3 min); cpu: mnist5k, DeiT-Tiny shape (<= 45 min on 2 cores); "
                               "gpu: a CUDA machine")
     trained.add_argument("--seeds", type=positive_int, help="seeds per arm (default: the preset's)")
-    trained.add_argument("--arms", help="YAML mapping of extra arm name -> training settings (curate: true for rounds)")
+    trained.add_argument("--arms", help="YAML mapping of extra arm name -> training settings (curate: true for rounds, "
+                                        "keep: share of examples kept), e.g. for a trade-off curve")
+    trained.add_argument("--only", type=lambda text: text.split(","),
+                         help="comma-separated arms to run besides dense (default: all)")
     trained.add_argument("--out", help="results folder (default benchmarks/results/bench-<preset>)")
     trained.set_defaults(handler=run_bench_train)
     data = kinds.add_parser(
@@ -43,7 +46,7 @@ def run_bench_train(args: argparse.Namespace, console: Console) -> None:
 
     out = Path(args.out or f"benchmarks/results/bench-{args.preset}")
     try:
-        rows = bench_train(args.preset, out, args.seeds, args.arms)
+        rows = bench_train(args.preset, out, args.seeds, args.arms, args.only)
     except ValueError as error:
         raise UsageError(str(error)) from error
     console.print(markdown(rows, f"preset {args.preset}"))

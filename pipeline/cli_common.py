@@ -5,6 +5,7 @@ import argparse
 import sys
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the job could not finish (storage failed after its retries)
 
 
 class UsageError(Exception):

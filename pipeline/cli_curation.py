@@ -67,11 +67,15 @@ def run_score(args: argparse.Namespace, console: Console) -> None:
 
     from pipeline.scoring import ScoreContext, compute_scores, write_scores
 
-    if args.address:
+    workers = args.workers or 2
+    if args.scorer == "el2n":  # the one scorer that runs on Ray: one actor per CPU of the cluster
+        import ray
+
         from pipeline.ray_runtime import init_ray
 
         init_ray(args.address, args.workers)
-    context = ScoreContext(args.dataset, args.run, args.first_epoch, args.last_epoch, args.seed, args.workers or 2)
+        workers = args.workers or max(1, int(ray.cluster_resources().get("CPU", 2)))
+    context = ScoreContext(args.dataset, args.run, args.first_epoch, args.last_epoch, args.seed, workers)
     try:
         table = compute_scores(args.scorer, context)
     except (ValueError, FileNotFoundError) as error:

@@ -22,8 +22,7 @@ from pipeline.materialize import kept_url, materialize
 from pipeline.scoring import ScoreContext, compute_scores, write_scores
 from pipeline.selection import SourceExamples, initial_round, next_round, read_selection, save_selection
 from trainer.config import TrainConfig
-from trainer.launch import check_run_directory
-from trainer.loop import Trainer
+from trainer.loop import CONFIG_NAME, Trainer
 
 CURATION_NAME = "curation.json"
 
@@ -47,12 +46,14 @@ def curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, *, ray_add
     """Run (or finish) all rounds; returns the training summary plus the rounds' selections."""
     dataset = location(dataset_url)
     run = location(config.out)
-    resuming = run.exists(CURATION_NAME)
-    if resuming:
+    record = {"dataset": dataset_url, "plan": asdict(plan)}
+    if not run.exists(CURATION_NAME) and run.exists(CONFIG_NAME):
+        raise ValueError(f"{config.out} already holds a training run; use another --out")
+    # curation.json, created exclusively, makes this job the run's owner; finding it means resuming
+    if not run.create_exclusive(CURATION_NAME, json.dumps({**record, "selections": []}, indent=2).encode()):
         stored = json.loads(run.read_bytes(CURATION_NAME))
-        if stored["plan"] != asdict(plan) or stored["dataset"] != dataset_url:
+        if {"dataset": stored["dataset"], "plan": stored["plan"]} != record:
             raise ValueError(f"{config.out} holds a curation with other settings; use another --out")
-    check_run_directory(config, resume=resuming)
     source = SourceExamples.of(dataset)
     ingest_options = IngestOptions(seed=plan.seed)
     versions: list[str] = []
@@ -72,8 +73,7 @@ def curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, *, ray_add
         versions.append(save_selection(dataset, table, {"curation": config.out, "round": round_number, **asdict(plan)}))
         materialize(dataset_url, versions[-1], ingest_options, ["onion", "curate", dataset_url, config.out],
                     ray_address=ray_address, workers=workers, progress=progress)
-        run.write_atomic(CURATION_NAME, json.dumps({"dataset": dataset_url, "plan": asdict(plan),
-                                                    "selections": versions}, indent=2).encode())
+        run.write_atomic(CURATION_NAME, json.dumps({**record, "selections": versions}, indent=2).encode())
         if trainer is None:
             trainer = Trainer(TrainConfig(**{**config.to_dict(), "dataset": kept_url(dataset_url, versions[0])}))
             trainer.resume()

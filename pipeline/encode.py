@@ -20,8 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline.sources.base import Quarantine, Raw
 
 FORMATS = {"png": "PNG", "jpg": "JPEG"}
-GREY_MODES = {"1", "L"}
-COLOUR_MODES = {"LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
+GREY_MODES = {"1", "L", "LA"}  # alpha is dropped: stored images are L or RGB
+COLOUR_MODES = {"P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
 EXIF_ORIENTATION = 0x0112
 SMALL_IMAGE_PIXELS = 64 * 64  # at or below this, "auto" stores PNG uncompressed
 DEFAULT_PNG_LEVEL = 6

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import ray
@@ -22,7 +23,7 @@ from shards.urls import Location
 from shards.writer import commit_dataset, write_shard
 
 from pipeline.encode import EncodeOptions, encode_example
-from pipeline.ray_runtime import init_ray
+from pipeline.ray_runtime import current_node, init_ray
 from pipeline.sources import Quarantine, Record, Source, SourceError
 
 PARTS = "_parts"
@@ -48,6 +49,7 @@ class ShardPlan:
 class ShardResult:
     entry: ShardEntry | None
     rows: list[dict]
+    node: str = ""  # Ray node that wrote it ("" when a killed run had already finished it)
 
 
 def plan_shards(records: list[Record], options: IngestOptions) -> list[ShardPlan]:
@@ -116,6 +118,7 @@ def ingest_shard(source: Source, plan: ShardPlan, dataset_url: str, options: Ing
     rows: list[dict] = []
     examples: list[ShardExample] = []
     encoded_rows: list[dict] = []
+    source.prefetch([record for record in plan.records if not record.quarantine])
     for record in plan.records:
         if record.quarantine:
             rows.append(quarantined_row(record, source.class_names, record.quarantine))
@@ -138,7 +141,7 @@ def ingest_shard(source: Source, plan: ShardPlan, dataset_url: str, options: Ing
         for row, span in zip(encoded_rows, spans):
             row.update(image_offset=span.image.offset, image_size=span.image.size, cls_offset=span.cls.offset,
                        cls_size=span.cls.size, json_offset=span.json.offset, json_size=span.json.size)
-    result = ShardResult(entry, rows + encoded_rows)
+    result = ShardResult(entry, rows + encoded_rows, current_node())
     dataset.child(PARTS).write_atomic(f"{plan.name}.json", json.dumps(
         {"entry": asdict(entry) if entry else None, "rows": result.rows}, sort_keys=True).encode())
     return result
@@ -165,6 +168,7 @@ class IngestReport:
     manifest: dict
     resumed_shards: int
     already_complete: bool
+    tasks_per_node: Counter = field(default_factory=Counter)
 
 
 def check_output(dataset: Location, print_fingerprint: str) -> bool:
@@ -185,6 +189,19 @@ def check_output(dataset: Location, print_fingerprint: str) -> bool:
     if foreign:
         raise DatasetError(f"{dataset.url} is not empty and is not an onion dataset (found {foreign[0]!r})")
     return False
+
+
+def claim_output(dataset: Location, print_fingerprint: str, source_spec: str) -> None:
+    """Make this job the output's owner, or find that an identical job owns it (a resume, or a twin
+    whose bytes will equal ours). A job for a different dataset that got there first wins: this
+    one stops before writing anything, so the output is never a mix of two datasets."""
+    plan = json.dumps({"fingerprint": print_fingerprint, "source": source_spec}).encode()
+    if dataset.create_exclusive(PLAN_NAME, plan):
+        return
+    owner = json.loads(dataset.read_bytes(PLAN_NAME))
+    if owner.get("fingerprint") != print_fingerprint:
+        raise DatasetError(f"{dataset.url} is being written by another ingest of a different dataset "
+                           f"({owner.get('source')}); choose another output, or wait for it and delete it")
 
 
 def ingest(
@@ -210,8 +227,8 @@ def ingest(
     if check_output(dataset, identity):
         _clean_up(dataset)
         return IngestReport(dataset.url, read_manifest(dataset), 0, already_complete=True)
+    claim_output(dataset, identity, source.spec)
     init_ray(ray_address, workers)
-    dataset.write_atomic(PLAN_NAME, json.dumps({"fingerprint": identity, "source": source.spec}).encode())
     dataset.remove_stale_temporaries()
     results: dict[str, ShardResult] = {}
     for plan in plans:
@@ -239,7 +256,8 @@ def ingest(
                "ingest": asdict(options), "source_parameters": source.parameters, **(extra_manifest or {})},
     ))
     _clean_up(dataset)
-    return IngestReport(dataset.url, manifest, resumed, already_complete=False)
+    nodes = Counter(result.node for result in results.values() if result.node)
+    return IngestReport(dataset.url, manifest, resumed, already_complete=False, tasks_per_node=nodes)
 
 
 def _check_keys(records: list[Record]) -> None:

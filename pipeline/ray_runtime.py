@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 
 import ray
 
@@ -20,3 +21,14 @@ def init_ray(address: str | None = None, workers: int | None = None) -> None:
         return
     # Local and private to this process: keep Ray's start-up notices (auth tokens...) quiet.
     ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR)
+
+
+def current_node() -> str:
+    """Short id of the Ray node running the caller (inside a task or actor)."""
+    return ray.get_runtime_context().get_node_id()[:8]
+
+
+def describe_nodes(tasks_per_node: Counter) -> str:
+    """``2 Ray nodes (1a2b3c4d: 4 tasks, 5e6f7a8b: 3 tasks)``: where the work ran."""
+    detail = ", ".join(f"{node}: {count} tasks" for node, count in sorted(tasks_per_node.items()))
+    return f"{len(tasks_per_node)} Ray node{'s' if len(tasks_per_node) != 1 else ''} ({detail})"

@@ -238,19 +238,23 @@ def fingerprint(table: pa.Table) -> str:
 
 
 def save_selection(dataset: Location, table: pa.Table, parameters: dict) -> str:
-    """Store ``table`` as the next version, or return the version that already holds the same rows."""
+    """Store ``table`` as the next version, or return the version that already holds the same rows.
+
+    Versions are created exclusively: when two jobs save at once, the second sees the first's
+    version appear and takes the next number, so no version is ever overwritten."""
     folder = dataset.child(SELECTIONS)
     identity = fingerprint(table)
-    versions = sorted(n[:-len(".parquet")] for n in folder.list_names() if n.startswith("v") and n.endswith(".parquet"))
-    for version in versions:
-        if pq.read_schema(io.BytesIO(folder.read_bytes(f"{version}.parquet"))).metadata.get(b"fingerprint") == identity.encode():
-            return version
-    version = f"v{len(versions) + 1:04d}"
     metadata = {b"fingerprint": identity.encode(), b"parameters": json.dumps(parameters, sort_keys=True).encode()}
     sink = io.BytesIO()
     pq.write_table(table.replace_schema_metadata(metadata), sink, compression="zstd")
-    folder.write_atomic(f"{version}.parquet", sink.getvalue())
-    return version
+    while True:
+        versions = sorted(n[:-len(".parquet")] for n in folder.list_names() if n.startswith("v") and n.endswith(".parquet"))
+        for version in versions:
+            if pq.read_schema(io.BytesIO(folder.read_bytes(f"{version}.parquet"))).metadata.get(b"fingerprint") == identity.encode():
+                return version
+        version = f"v{int(versions[-1][1:]) + 1 if versions else 1:04d}"
+        if folder.create_exclusive(f"{version}.parquet", sink.getvalue()):
+            return version
 
 
 def read_selection(dataset: Location, version: str) -> pa.Table:

@@ -9,8 +9,11 @@ splits work across DataLoader workers and distributed ranks by the rule in
 from __future__ import annotations
 
 import hashlib
-from itertools import islice, repeat
+import math
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice, repeat
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +29,8 @@ from shards.partition import Segment, epoch_segments, rank_size
 from shards.urls import location
 
 READ_CHUNK_BYTES = 4 << 20  # one ranged read covers at most this many bytes
+READ_AHEAD = 2  # ranged reads in flight ahead of decoding (hides object-store latency)
+TAR_HEADER = 512  # bytes of the tar header in front of every member's data
 READ_COLUMNS = ["key", "label", "shard", "image_offset", "image_size", "sha256"]
 VERIFY_MODES = ("members", "shards", "none")
 
@@ -196,28 +201,62 @@ class ShardDataset(IterableDataset):
 
     def _encoded(self, segments: list[Segment]) -> Iterator[tuple[memoryview, int, str, str]]:
         """Encoded samples of the segments, read in ranged chunks of bounded size."""
-        for segment in segments:
-            rows = self.shard_rows[segment.shard]
-            whole = self._verified_shard(segment.shard) if self.verify == "shards" else None
-            for lo, hi in chunk_bounds(rows.offsets, rows.sizes, segment.start, segment.stop, READ_CHUNK_BYTES):
-                base = int(rows.offsets[lo])
-                end = int(rows.offsets[hi - 1] + rows.sizes[hi - 1])
-                data = whole[base:end] if whole is not None else self.dataset.read_range(segment.shard, base, end)
-                view = memoryview(data)  # samples are views into the chunk: no per-sample copy
-                keys = rows.keys.slice(lo, hi - lo).to_pylist()
-                starts = (rows.offsets[lo:hi] - base).tolist()
-                stops = (rows.offsets[lo:hi] - base + rows.sizes[lo:hi]).tolist()
-                labels = rows.labels[lo:hi].tolist()
-                members = [view[a:b] for a, b in zip(starts, stops)]
-                if self.verify == "members":
-                    self._check_members(segment.shard, members, keys, rows.sha256.slice(lo, hi - lo).to_pylist())
-                yield from zip(members, labels, keys, repeat(segment.shard))
+        limit = math.inf if self.verify == "shards" else READ_CHUNK_BYTES  # whole-shard check: one chunk
+        chunks = [(segment.shard, lo, hi) for segment in segments
+                  for lo, hi in chunk_bounds(self.shard_rows[segment.shard].offsets, self.shard_rows[segment.shard].sizes,
+                                             segment.start, segment.stop, limit)]
+        for (shard, lo, hi), data in zip(chunks, self._read_ahead(chunks)):
+            rows = self.shard_rows[shard]
+            base = self._chunk_start(rows, lo)
+            view = memoryview(data)  # samples are views into the chunk: no per-sample copy
+            keys = rows.keys.slice(lo, hi - lo).to_pylist()
+            starts = (rows.offsets[lo:hi] - base).tolist()
+            stops = (rows.offsets[lo:hi] - base + rows.sizes[lo:hi]).tolist()
+            labels = rows.labels[lo:hi].tolist()
+            members = [view[a:b] for a, b in zip(starts, stops)]
+            if self.verify == "members":
+                headers = [view[a - TAR_HEADER:a] for a in starts]
+                self._check_members(shard, members, headers, keys, rows.sha256.slice(lo, hi - lo).to_pylist())
+            yield from zip(members, labels, keys, repeat(shard))
 
-    def _check_members(self, shard: str, members: list[memoryview], keys: list[str], expected: list[str]) -> None:
-        for member, key, digest in zip(members, keys, expected):
-            if hashlib.sha256(member).hexdigest() != digest:
-                raise DatasetError(f"{self.dataset.url}/{shard}: member {key} does not match its sha256 "
-                                   "in the index: the shard is corrupt")
+    def _read_ahead(self, chunks: list[tuple[str, int, int]]) -> Iterator[bytes]:
+        """The chunks' bytes in order, with up to READ_AHEAD further reads already in flight."""
+        with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="onion-read") as pool:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append(pool.submit(self._read_chunk, *chunk))
+                if len(pending) > READ_AHEAD:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def _read_chunk(self, shard: str, lo: int, hi: int) -> bytes:
+        rows = self.shard_rows[shard]
+        base, end = self._chunk_start(rows, lo), int(rows.offsets[hi - 1] + rows.sizes[hi - 1])
+        try:
+            data = self._verified_shard(shard)[base:end] if self.verify == "shards" else self.dataset.read_range(shard, base, end)
+        except FileNotFoundError as error:
+            raise DatasetError(f"{self.dataset.url}/{shard}: missing (the manifest lists it)") from error
+        if len(data) != end - base:
+            raise DatasetError(f"{self.dataset.url}/{shard}: truncated: members {rows.keys[lo]}.* to {rows.keys[hi - 1]}.* "
+                               f"need bytes {base}-{end} but the shard ends at byte {base + len(data)}")
+        return data
+
+    def _chunk_start(self, rows: ShardRows, lo: int) -> int:
+        """Where a chunk's read starts: at its first image, or at that image's tar header when checked."""
+        return int(rows.offsets[lo]) - (TAR_HEADER if self.verify == "members" else 0)
+
+    def _check_members(self, shard: str, members: list[memoryview], headers: list[memoryview], keys: list[str],
+                       expected: list[str]) -> None:
+        """Each image's tar header names it as a regular file of the indexed size, and its bytes hash to the index's
+        sha256: a shard edited, reordered or damaged after it was written gives an error, never wrong samples."""
+        for member, header, key, digest in zip(members, headers, keys, expected):
+            problem = header_problem(header, key, len(member))
+            if problem is None and hashlib.sha256(member).hexdigest() != digest:
+                problem = "its bytes do not match the sha256 in the index"
+            if problem:
+                raise DatasetError(f"{self.dataset.url}/{shard}: member {key}.*: {problem}: the shard is corrupt "
+                                   "or does not match its index (onion verify lists every problem)")
 
     def _verified_shard(self, name: str) -> bytes:
         data = self.dataset.read_bytes(name)
@@ -228,6 +267,20 @@ class ShardDataset(IterableDataset):
                 f"({str(self.shard_sha256.get(name))[:16]}...): the shard is corrupt or was replaced"
             )
         return data
+
+
+def header_problem(header: memoryview, key: str, size: int) -> str | None:
+    """What is wrong with the USTAR header in front of an image member of ``size`` bytes, if anything."""
+    name, prefix = (bytes(header[a:b]).split(b"\0", 1)[0] for a, b in ((0, 100), (345, 500)))
+    if prefix or name.split(b".", 1)[0] != key.encode():
+        return f"the tar header there names {(prefix + b'/' + name if prefix else name).decode(errors='replace')!r}"
+    if header[156:157] not in (b"0", b"\0"):
+        return f"the tar header there is of type {bytes(header[156:157])!r}, not a regular file"
+    try:
+        declared = int(bytes(header[124:136]).strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return "the tar header's size field is not a number"
+    return None if declared == size else f"the tar header says {declared} bytes, the index {size}"
 
 
 def chunk_bounds(offsets: np.ndarray, sizes: np.ndarray, start: int, stop: int, limit: int) -> Iterator[tuple[int, int]]:

@@ -3,36 +3,53 @@
 Every location in onion may be a local path or any fsspec URL (``s3://``, ``memory://``,
 ``file://``). Writes are atomic: on a local disk a file is written under a temporary name and
 renamed; on object stores it is uploaded whole in one request, which is atomic there.
+
+Object stores are configured the standard way: ``s3://`` takes its endpoint, region and credentials
+from the AWS environment and config files (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ...), so MinIO,
+Ceph or any S3-compatible store works; onion never prints them. Transient faults (5xx, throttling,
+dropped connections, timeouts) are retried with exponential backoff by botocore's ``standard`` retry
+mode, ``S3_MAX_ATTEMPTS`` attempts unless ``AWS_MAX_ATTEMPTS`` says otherwise.
 """
 from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 TEMP_MARKER = ".tmp-"
+S3_MAX_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
 class Location:
-    """A directory-like location: a filesystem plus the root path inside it."""
+    """A directory-like location: a filesystem plus the root path inside it.
 
-    fs: fsspec.AbstractFileSystem
+    The filesystem object is looked up on use, not stored: fsspec caches one instance per process
+    and makes a fresh one after a fork, so a Location can travel to DataLoader workers and Ray tasks
+    (async filesystems such as s3fs must not be shared across a fork).
+    """
+
     root: str
     url: str
+    protocol: str
+    options: tuple = field(default=(), repr=False)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.filesystem(self.protocol, **dict(self.options))
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts]) if parts else self.root
 
     def child(self, *parts: str) -> "Location":
-        return Location(self.fs, self.path(*parts), join_url(self.url, *parts))
+        return Location(self.path(*parts), join_url(self.url, *parts), self.protocol, self.options)
 
     @property
     def is_local(self) -> bool:
-        return isinstance(self.fs, LocalFileSystem)
+        return self.protocol in LocalFileSystem.protocol
 
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
@@ -43,6 +60,13 @@ class Location:
     def read_range(self, name: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a file: one ranged read, no scan."""
         return self.fs.cat_file(self.path(name), start=start, end=end)
+
+    def read_ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
+        """Several ``(name, start, end)`` ranges, fetched concurrently where the filesystem can."""
+        if not ranges:
+            return []
+        names, starts, ends = zip(*ranges)
+        return self.fs.cat_ranges([self.path(name) for name in names], list(starts), list(ends))
 
     def size(self, *parts: str) -> int:
         return int(self.fs.size(self.path(*parts)))
@@ -69,6 +93,33 @@ class Location:
             # Object stores and memory:// commit a single PUT whole, never partly.
             self.fs.pipe_file(target, data)
 
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Write a whole file only if none exists: True when this call created it, False when another
+        writer got there first. Two jobs racing for one output use it to agree on a single owner."""
+        target = self.path(name)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            temp = f"{target}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            with open(temp, "wb") as handle:
+                handle.write(data)
+            try:
+                os.link(temp, target)  # atomic, fails if the target exists, and never shows a partial file
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(temp)
+        if self.protocol in ("s3", "s3a"):
+            try:
+                self.fs.pipe_file(target, data, mode="create")  # a conditional PUT (If-None-Match: *)
+                return True
+            except FileExistsError:
+                return False
+        if self.fs.exists(target):  # other stores: best effort
+            return False
+        self.fs.pipe_file(target, data)
+        return True
+
     def remove(self, *parts: str, recursive: bool = False) -> None:
         path = self.path(*parts)
         if self.fs.exists(path):
@@ -86,10 +137,25 @@ def join_url(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
 
+def storage_options(protocol: str) -> dict:
+    """onion's defaults for a protocol; the user's environment and config files still apply."""
+    if protocol not in ("s3", "s3a"):
+        return {}
+    # Other processes (Ray tasks, ranks) write the same prefixes: never answer from a stale listing.
+    options: dict = {"use_listings_cache": False}
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        options["config_kwargs"] = {"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}}
+    return options
+
+
 def location(url: str | os.PathLike[str]) -> Location:
     """Resolve a local path or fsspec URL to a :class:`Location`."""
     text = os.fspath(url)
-    fs, root = fsspec.core.url_to_fs(text)
+    protocol = fsspec.core.split_protocol(text)[0] or "file"
+    options = storage_options(protocol)
+    fs, root = fsspec.core.url_to_fs(text, **options)
     if isinstance(fs, LocalFileSystem):
         root = os.path.abspath(root)
-    return Location(fs=fs, root=root.rstrip("/") or "/", url=text.rstrip("/") or text)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return Location(root=root.rstrip("/") or "/", url=text.rstrip("/") or text, protocol=protocol,
+                    options=tuple(sorted(options.items())))

@@ -53,6 +53,8 @@ def write_direct_dataset(url: str, shard_sizes: list[int], split: str = "train",
             rows.append({"key": example.key, "label": example.label, "class_name": str(example.label),
                          "split": split, "status": "ok", "shard": name, "image_ext": "png",
                          "image_offset": span.image.offset, "image_size": span.image.size,
+                         "cls_offset": span.cls.offset, "cls_size": span.cls.size,
+                         "json_offset": span.json.offset, "json_size": span.json.size,
                          "sha256": hashlib.sha256(example.image).hexdigest(),
                          "width": 8, "height": 8, "source_ref": f"test[{example.key}]"})
     commit_dataset(dataset, rows=rows, shards=entries,

@@ -135,7 +135,7 @@ def test_verify_names_the_corrupt_shard(tmp_path):
     data = bytearray(shard.read_bytes())
     data[700] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(DatasetError, match=r"train-000002.tar: member ex-00008 does not match its sha256 in the index"):
+    with pytest.raises(DatasetError, match=r"train-000002.tar: member ex-00008.\*: its bytes do not match the sha256 in the index"):
         list(ShardDataset(str(url)))
     with pytest.raises(DatasetError, match="train-000002.tar: sha256 .* does not match the manifest"):
         list(ShardDataset(str(url), verify="shards"))

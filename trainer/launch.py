@@ -27,8 +27,12 @@ def saved_config(run: str) -> TrainConfig:
     return TrainConfig(**json.loads(folder.read_bytes(CONFIG_NAME)))
 
 
-def check_run_directory(config: TrainConfig, resume: bool) -> None:
-    if not resume and location(config.out).exists(CONFIG_NAME):
+def claim_run_directory(config: TrainConfig, resume: bool) -> None:
+    """A fresh run owns its directory: its config.json is created exclusively, so of two jobs started
+    on one --out only the first trains there (under torchrun, rank 0 claims it for all ranks)."""
+    if resume or int(os.environ.get("RANK", "0")) != 0:
+        return
+    if not location(config.out).create_exclusive(CONFIG_NAME, json.dumps(config.to_dict(), indent=2).encode()):
         raise RunError(f"{config.out} already holds a run; continue it with --resume {config.out} "
                        "or choose another --out")
 
@@ -66,11 +70,15 @@ def _spawned(rank: int, config: TrainConfig, resume: bool, world_size: int, addr
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
     """Run training to the end and return the summary written to ``RUN/summary.json``."""
-    check_run_directory(config, resume)
+    claim_run_directory(config, resume)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         return _run_rank(int(os.environ["RANK"]), config, resume, int(os.environ["WORLD_SIZE"]), None)
     if config.nproc > 1:
         address = f"tcp://127.0.0.1:{free_port()}"
-        mp.spawn(_spawned, args=(config, resume, config.nproc, address), nprocs=config.nproc, join=True)
+        try:
+            mp.spawn(_spawned, args=(config, resume, config.nproc, address), nprocs=config.nproc, join=True)
+        except mp.ProcessExitedException as error:  # one rank died: spawn has stopped the others
+            raise RunError(f"{config.out}: training process {error.error_index} of {config.nproc} died "
+                           f"({error}); the others were stopped. Continue with --resume {config.out}") from error
         return json.loads(location(config.out).read_bytes(SUMMARY_NAME))
     return _run_rank(0, config, resume, 1, None)

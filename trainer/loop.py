@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -251,15 +252,16 @@ class Trainer:
         return 100.0 * correct / max(count, 1), loss_sum / max(count, 1)
 
     def _log(self, row: dict) -> None:
+        """Append a row to metrics.csv (rewritten whole, so object-store runs get it too) and TensorBoard."""
+        previous = self.run.read_bytes(METRICS_NAME).decode() if self.run.exists(METRICS_NAME) else ""
+        line = io.StringIO()
+        writer = csv.DictWriter(line, fieldnames=list(row))
+        if not previous:
+            writer.writeheader()
+        writer.writerow(row)
+        self.run.write_atomic(METRICS_NAME, (previous + line.getvalue()).encode())
         if not self.run.is_local:
-            return  # CSV and TensorBoard are written to local runs; summary.json goes everywhere
-        path = os.path.join(self.run.root, METRICS_NAME)
-        new = not os.path.exists(path)
-        with open(path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+            return  # TensorBoard's writer needs a local directory
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(os.path.join(self.run.root, "tensorboard")) as board:

@@ -8,6 +8,8 @@ changes nothing in the output.
 from __future__ import annotations
 
 import json
+import sys
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +22,7 @@ from tqdm import tqdm
 from shards import ShardDataset, location
 from safetensors.torch import load as load_safetensors
 
+from pipeline.ray_runtime import current_node, describe_nodes
 from trainer.checkpoint import CHECKPOINTS, MODEL_FILE
 from trainer.loop import prepare
 
@@ -49,7 +52,7 @@ class EL2NScorer:
             self.models.append(model.eval().to(self.device))
 
     @torch.no_grad()
-    def score_shard(self, dataset_url: str, split: str, shard: str) -> tuple[list[str], np.ndarray]:
+    def score_shard(self, dataset_url: str, split: str, shard: str) -> tuple[list[str], np.ndarray, str]:
         keys: list[str] = []
         scores: list[np.ndarray] = []
         data = ShardDataset(dataset_url, split, shuffle=False, batch_size=BATCH, channels=3, shards=[shard])
@@ -59,7 +62,7 @@ class EL2NScorer:
             errors = [(model(x).float().softmax(dim=1) - onehot).norm(dim=1) for model in self.models]
             scores.append(torch.stack(errors).mean(dim=0).cpu().numpy())
             keys.extend(batch_keys)
-        return keys, np.concatenate(scores) if scores else np.zeros(0)
+        return keys, np.concatenate(scores) if scores else np.zeros(0), current_node()
 
 
 def el2n(dataset_url: str, split: str, shards: list[str], run_url: str, workers: int, progress: bool = True) -> pa.Table:
@@ -69,9 +72,13 @@ def el2n(dataset_url: str, split: str, shards: list[str], run_url: str, workers:
     keys: list[str] = []
     values: list[np.ndarray] = []
     jobs = pool.map_unordered(lambda actor, shard: actor.score_shard.remote(dataset_url, split, shard), shards)
-    for shard_keys, shard_scores in tqdm(jobs, total=len(shards), unit="shard", desc="el2n", disable=not progress):
+    nodes: Counter = Counter()
+    for shard_keys, shard_scores, node in tqdm(jobs, total=len(shards), unit="shard", desc="el2n", disable=not progress):
         keys.extend(shard_keys)
         values.append(shard_scores)
+        nodes[node] += 1
+    if progress:
+        tqdm.write(f"el2n: {len(shards)} shards scored on {describe_nodes(nodes)}", file=sys.stderr)
     score = np.concatenate(values) if values else np.zeros(0)
     table = pa.table({"key": pa.array(keys, pa.string()), "score": score, "tiebreak": np.zeros(len(keys)),
                       "checkpoints": np.full(len(keys), len(folders))})

@@ -54,6 +54,10 @@ class Source(ABC):
     def load(self, record: Record) -> Raw:
         """Encoded file bytes or a uint8 pixel array (HxW or HxWx3); may raise :class:`Quarantine`."""
 
+    def prefetch(self, records: list[Record]) -> None:
+        """Called (in the Ray task) before ``records`` are loaded, so a remote source can fetch them in
+        a few large reads instead of one request each. Default: nothing to do."""
+
 
 def hash_split(key: str, val_fraction: float) -> str:
     """A stable split from the key alone: the same key always lands in the same split."""
@@ -67,6 +71,12 @@ _UNSAFE_KEY_CHARACTERS = re.compile(r"[^A-Za-z0-9_-]+")
 def safe_key_part(text: str, limit: int = 40) -> str:
     """Text reduced to what keys allow (letters, digits, '_' and '-')."""
     return _UNSAFE_KEY_CHARACTERS.sub("_", text).strip("_")[:limit] or "x"
+
+
+def printable(path: str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogates) become
+    ``\\xNN`` escapes, so the index can store any name the filesystem allows."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def short_hash(text: str) -> str:

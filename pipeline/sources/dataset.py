@@ -6,6 +6,7 @@ original reason, so the accounting carries over.
 from __future__ import annotations
 
 from shards import STATUS_OK, DatasetError, location, read_index, read_manifest
+from shards.reader import READ_CHUNK_BYTES
 
 from pipeline.sources.base import Record, Source, SourceError
 
@@ -23,6 +24,7 @@ class DatasetSource(Source):
         except DatasetError as error:
             raise SourceError(str(error)) from error
         self.class_names = list(manifest["class_names"])
+        self._fetched: dict[str, bytes] = {}
 
     def records(self) -> list[Record]:
         records = []
@@ -38,6 +40,29 @@ class DatasetSource(Source):
             ))
         return records
 
+    def prefetch(self, records: list[Record]) -> None:
+        """Read the records' members as a few ranges of neighbouring members, concurrently."""
+        runs = coalesce(sorted(record.locator + (record.key,) for record in records))
+        chunks = self.dataset.read_ranges([(shard, start, end) for shard, start, end, _ in runs])
+        self._fetched = {key: chunk[offset - start:offset - start + size]
+                         for (_, start, _, members), chunk in zip(runs, chunks) for key, offset, size in members}
+
     def load(self, record: Record) -> bytes:
         shard, offset, size = record.locator
-        return self.dataset.read_range(shard, offset, offset + size)
+        fetched = self._fetched.pop(record.key, None)
+        return fetched if fetched is not None else self.dataset.read_range(shard, offset, offset + size)
+
+
+def coalesce(members: list[tuple[str, int, int, str]], gap: int = 64 << 10,
+             limit: int = READ_CHUNK_BYTES) -> list[tuple[str, int, int, list[tuple[str, int, int]]]]:
+    """Sorted ``(shard, offset, size, key)`` members merged into ranges ``(shard, start, end, members)``:
+    neighbours less than ``gap`` bytes apart share one range of at most ``limit`` bytes."""
+    runs: list[tuple[str, int, int, list]] = []
+    for shard, offset, size, key in members:
+        if runs and runs[-1][0] == shard and offset - runs[-1][2] < gap and offset + size - runs[-1][1] <= limit:
+            shard_, start, _, grouped = runs[-1]
+            runs[-1] = (shard_, start, offset + size, grouped)
+        else:
+            runs.append((shard, offset, offset + size, []))
+        runs[-1][3].append((key, offset, size))
+    return runs

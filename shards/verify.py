@@ -1,0 +1,120 @@
+"""``onion verify``: check a dataset's shards against its manifest and index without trusting them.
+
+Each shard is read whole and parsed as a tar *in memory* (nothing is ever extracted, so a member
+named ``../x`` or ``/etc/x`` cannot write anywhere). A shard passes when its size and sha256 equal
+the manifest's, every member is a regular file with a safe name ``<key>.<ext>``, members come in
+the index's order with no duplicates, none missing and none extra, every header's size fits in the
+shard, and every member's bytes sit where the index says (image sha256 included).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+
+from shards.index import STATUS_OK, read_index
+from shards.manifest import read_manifest
+from shards.urls import Location, location
+
+MEMBER_SUFFIXES = ("image", "cls", "json")
+
+
+@dataclass(frozen=True)
+class Problem:
+    shard: str
+    member: str | None
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.shard}" + (f": member {self.member}" if self.member else "") + f": {self.what}"
+
+
+def verify_dataset(url: str) -> tuple[int, list[Problem]]:
+    """Check every shard; returns (shards checked, problems found)."""
+    dataset = location(url)
+    manifest = read_manifest(dataset)
+    index = read_index(dataset)
+    ok = index.filter(pc.equal(index["status"], STATUS_OK)).to_pylist()
+    problems: list[Problem] = []
+    for entry in manifest["shards"]:
+        rows = sorted((row for row in ok if row["shard"] == entry["name"]), key=lambda row: row["image_offset"])
+        problems += list(verify_shard(dataset, entry, rows))
+    listed = {entry["name"] for entry in manifest["shards"]}
+    problems += [Problem(name, None, "the index points into a shard the manifest does not list")
+                 for name in sorted({row["shard"] for row in ok} - listed)]
+    return len(manifest["shards"]), problems
+
+
+def verify_shard(dataset: Location, entry: dict, rows: list[dict]) -> Iterator[Problem]:
+    name = entry["name"]
+    if not dataset.exists(name):
+        yield Problem(name, None, "missing from storage")
+        return
+    data = dataset.read_bytes(name)
+    if len(data) != entry["bytes"]:
+        yield Problem(name, None, f"{len(data)} bytes, the manifest says {entry['bytes']} (truncated or replaced)")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        yield Problem(name, None, f"sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}...")
+    expected = [(f"{row['key']}.{ext}", row[f"{part}_offset"], row[f"{part}_size"])
+                for row in rows for part, ext in zip(MEMBER_SUFFIXES, (row["image_ext"], "cls", "json"))]
+    found = yield from tar_members(name, data)
+    yield from compare_members(name, found, expected)
+    for row in rows:
+        start, size = row["image_offset"], row["image_size"]
+        if start + size <= len(data) and hashlib.sha256(data[start:start + size]).hexdigest() != row["sha256"]:
+            yield Problem(name, f"{row['key']}.{row['image_ext']}", "bytes do not match the index's sha256")
+
+
+def tar_members(shard: str, data: bytes) -> Iterator[Problem]:
+    """Parse the tar headers; yields problems and returns [(name, data offset, size)] of the members."""
+    members: list[tuple[str, int, int]] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if info.offset_data + info.size > len(data):
+                    yield Problem(shard, info.name, f"header claims {info.size} bytes but only "
+                                                    f"{max(0, len(data) - info.offset_data)} remain in the shard")
+                    break
+                if not info.isreg():
+                    yield Problem(shard, info.name, f"not a regular file ({member_kind(info)}); refused")
+                elif info.name.startswith("/") or ".." in info.name.split("/") or "/" in info.name:
+                    yield Problem(shard, info.name, "unsafe member name (absolute, '..' or a directory); refused")
+                members.append((info.name, info.offset_data, info.size))
+    except tarfile.TarError as error:
+        yield Problem(shard, members[-1][0] if members else None, f"tar structure is broken after this point: {error}")
+    return members
+
+
+def member_kind(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return f"symbolic link to {info.linkname}"
+    if info.islnk():
+        return f"hard link to {info.linkname}"
+    return "directory" if info.isdir() else "device or fifo"
+
+
+def compare_members(shard: str, found: list[tuple[str, int, int]], expected: list[tuple[str, int, int]]) -> Iterator[Problem]:
+    names = [member[0] for member in found]
+    seen: set[str] = set()
+    for member in names:
+        if member in seen:
+            yield Problem(shard, member, "appears twice in the shard")
+        seen.add(member)
+    wanted = {member[0] for member in expected}
+    for member in sorted(wanted - seen):
+        yield Problem(shard, member, "listed in the index but missing from the shard")
+    for member in sorted(seen - wanted):
+        yield Problem(shard, member, "in the shard but not in the index")
+    spans = {member[0]: member[1:] for member in found}
+    order = [member for member in names if member in wanted]
+    if order != [member[0] for member in expected if member[0] in seen] and len(set(order)) == len(order):
+        yield Problem(shard, None, "members are not in the index's order")
+    for member, offset, size in expected:
+        if member in spans and spans[member] != (offset, size):
+            yield Problem(shard, member, f"at byte {spans[member][0]} with {spans[member][1]} bytes; "
+                                         f"the index says byte {offset} with {size} bytes")

@@ -1,0 +1,156 @@
+"""Every onion command against a real S3-compatible server on loopback (moto's standalone server),
+configured only through the standard AWS environment; injected 500s and dropped connections."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import fsspec
+import pyarrow.compute as pc
+import pytest
+
+from loopback import SECRET, FaultyProxy, aws_environment, environment, free_port, moto_server
+from pipeline.ingest import IngestOptions, ingest
+from pipeline.sources import open_source
+from shards import ShardDataset, location, read_index
+from trainer.dynamics import read_dynamics
+
+ONION = [sys.executable, "-m", "pipeline"]
+BUCKET = "onion-test"
+TRAIN = ["--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4", "--epochs", "2",
+         "--batch-size", "64", "--workers", "1", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """The server's endpoint, with this process's AWS environment pointing at it."""
+    with moto_server() as endpoint, environment(aws_environment(endpoint)):
+        fresh_filesystems()
+        fsspec.filesystem("s3").mkdir(BUCKET)
+        yield endpoint
+    fresh_filesystems()
+
+
+def fresh_filesystems() -> None:
+    """fsspec caches filesystem objects; a changed endpoint needs new ones."""
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+
+
+def onion(endpoint: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **aws_environment(endpoint)}
+    result = subprocess.run([*ONION, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, f"onion {' '.join(args)}:\n{result.stderr[-3000:]}"
+    assert SECRET not in result.stdout + result.stderr  # credentials are never printed
+    return result
+
+
+def objects(url: str) -> dict[str, bytes]:
+    """Every object under ``url``, by path relative to it."""
+    where = location(url)
+    return {path[len(where.root) + 1:]: where.fs.cat_file(path) for path in sorted(where.fs.find(where.root))}
+
+
+def run_flow(endpoint: str, prefix: str) -> dict[str, bytes]:
+    """ingest -> select -> materialize -> train, all on s3://; returns every object written."""
+    data, run = f"s3://{BUCKET}/{prefix}/digits", f"s3://{BUCKET}/{prefix}/run"
+    onion(endpoint, "ingest", "digits", data, "--shard-size", "300", "--workers", "1")
+    onion(endpoint, "select", data, "--strategy", "random", "--keep", "0.5", "--seed", "1", "--workers", "1")
+    onion(endpoint, "materialize", data, "--selection", "v0001", "--workers", "1")
+    onion(endpoint, "train", f"{data}/kept/v0001", "--out", run, *TRAIN)
+    return objects(f"s3://{BUCKET}/{prefix}")
+
+
+# Files with wall-clock figures or the run's path in them, and the saved RNG state (Python's global
+# generator also feeds botocore's retry jitter, so retries change it; training does not draw from it).
+VARIABLE = ("run/metrics.csv", "run/summary.json", "run/config.json", "/state.pt", "/latest.json", "/rng-r0.pt")
+
+
+def comparable(files: dict[str, bytes]) -> dict[str, bytes]:
+    """What must be identical between two runs of the same flow: everything but timings and the
+    locations that manifests record (the command line, a re-sharded source's URL)."""
+    def strip(name: str, data: bytes) -> bytes:
+        if not name.endswith("manifest.json"):
+            return data
+        manifest = json.loads(data)
+        manifest.pop("command", None)
+        manifest.pop("source", None)
+        return json.dumps(manifest, sort_keys=True).encode()
+    return {name: strip(name, data) for name, data in files.items() if not name.endswith(VARIABLE)}
+
+
+@pytest.fixture(scope="module")
+def clean_flow(s3):
+    return run_flow(s3, "clean")
+
+
+def test_ingest_to_s3_equals_local_ingest(s3, clean_flow, ray_local, tmp_path):
+    local = tmp_path / "digits"
+    ingest(open_source("digits"), str(local), IngestOptions(shard_size=300), command=["test"], progress=False)
+    on_disk = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    remote = {name.removeprefix("digits/"): data for name, data in clean_flow.items()
+              if name.startswith("digits/") and "/" not in name.removeprefix("digits/")}
+    assert sorted(remote) == sorted(on_disk)
+    assert comparable(remote) == comparable(on_disk)
+
+
+def test_whole_flow_runs_on_s3(s3, clean_flow):
+    names = set(clean_flow)
+    assert {"digits/selections/v0001.parquet", "digits/kept/v0001/manifest.json", "run/summary.json",
+            "run/metrics.csv", "run/checkpoints/latest.json"} <= names
+    kept = read_index(location(f"s3://{BUCKET}/clean/digits/kept/v0001"))
+    train_keys = sorted(kept.filter(pc.equal(kept["split"], "train"))["key"].to_pylist())
+    dynamics = read_dynamics(location(f"s3://{BUCKET}/clean/run"))
+    for epoch in (0, 1):  # each survivor trained on exactly once per epoch, streamed from s3
+        assert sorted(dynamics.filter(pc.equal(dynamics["epoch"], epoch))["key"].to_pylist()) == train_keys
+    assert len(clean_flow["run/metrics.csv"].decode().splitlines()) == 3  # header + 2 epochs
+    assert not any(SECRET.encode() in data for data in clean_flow.values())
+
+
+def test_injected_500s_and_dropped_connections_change_nothing(s3, clean_flow):
+    with FaultyProxy(s3, error_every=7, drop_every=11) as proxy:
+        faulty = run_flow(proxy.endpoint, "faulty")
+        assert proxy.errors > 10 and proxy.drops > 5, (proxy.requests, proxy.errors, proxy.drops)
+        with environment({"AWS_ENDPOINT_URL": proxy.endpoint}):
+            fresh_filesystems()
+            dataset = ShardDataset(f"s3://{BUCKET}/faulty/digits", split="train", shuffle=True, seed=0)
+            keys = [key for _, _, key in dataset]
+        fresh_filesystems()
+    assert comparable(faulty) == comparable(clean_flow)  # shards, indexes, selections, weights, dynamics
+    summaries = [json.loads(files["run/summary.json"]) for files in (faulty, clean_flow)]
+    assert summaries[0]["val_top1"] == summaries[1]["val_top1"] and summaries[0]["steps"] == summaries[1]["steps"]
+    assert sorted(keys) == sorted(Counter(keys)) and len(keys) == len(dataset)
+
+
+
+def test_two_node_torchrun_streams_each_example_once_per_epoch_from_s3(s3, clean_flow):
+    """Two torchrun "nodes" (node ranks 0 and 1, gloo over loopback) train on a dataset on s3://."""
+    data, run = f"s3://{BUCKET}/clean/digits/kept/v0001", f"s3://{BUCKET}/ddp/run"
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rendezvous, "--node-rank", str(rank),
+                               "-m", "pipeline", "train", data, "--out", run, *TRAIN],
+                              env={**os.environ, **aws_environment(s3)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    summary = json.loads(location(run).read_bytes("summary.json"))
+    assert summary["world_size"] == 2
+    kept = read_index(location(data))
+    train_keys = sorted(kept.filter(pc.equal(kept["split"], "train"))["key"].to_pylist())
+    dynamics = read_dynamics(location(run))  # every rank's rows, in one place
+    for epoch in (0, 1):
+        seen = Counter(dynamics.filter(pc.equal(dynamics["epoch"], epoch))["key"].to_pylist())
+        assert sorted(seen) == train_keys and set(seen.values()) == {1}
+    parts = {name.split("-s")[0] for name in location(run).child("dynamics").list_names()}
+    assert parts == {"part-r0", "part-r1"}
+
+
+def test_missing_bucket_is_one_line_naming_the_location(s3):
+    env = {**os.environ, **aws_environment(s3)}
+    result = subprocess.run([*ONION, "ingest", "digits", "s3://no-such-bucket/digits", "--workers", "1"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "s3://no-such-bucket/digits" in lines[0] and "bucket" in lines[0], result.stderr
+    assert SECRET not in result.stderr

@@ -1,0 +1,74 @@
+"""A real two-node Ray cluster on loopback (``ray start --head`` plus ``ray start --address``, each
+with its own custom resource): ingest and EL2N scoring joined with ``--address`` run tasks on both
+nodes and give the same bytes as a single-node run."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loopback import LoopbackRayCluster
+from trainer.config import TrainConfig
+from trainer.launch import train
+
+ONION = [sys.executable, "-m", "pipeline"]
+SOURCE = ["synthetic", "--count", "1200", "--image-size", "16", "--shard-size", "60"]
+NODES = re.compile(r"on (\d+) Ray nodes? \(([^)]*)\)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with LoopbackRayCluster(str(tmp_path_factory.mktemp("ray-logs"))) as loopback:
+        loopback.add_node()
+        yield loopback.address
+
+
+def onion(*args: str, address: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    command = [*ONION, *args, *(["--address", address] if address else ["--workers", "2"])]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr[-3000:]}"
+    return result
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def nodes_used(output: str) -> int:
+    found = NODES.search(output)
+    assert found, output
+    return int(found.group(1))
+
+
+def test_ingest_and_scoring_use_both_nodes_and_equal_a_single_node_run(cluster, tmp_path):
+    single, spread = tmp_path / "single", tmp_path / "cluster"
+    onion("ingest", *SOURCE[:1], str(single), *SOURCE[1:])
+    result = onion("ingest", *SOURCE[:1], str(spread), *SOURCE[1:], address=cluster)
+    assert nodes_used(result.stdout) == 2
+    reference = files_of(single)
+    assert files_of(spread).keys() == reference.keys()
+    for name, data in files_of(spread).items():
+        if name != "manifest.json":  # it records the command line, which names the output
+            assert data == reference[name], name
+
+    run = tmp_path / "run"
+    train(TrainConfig(dataset=str(single), out=str(run), epochs=1, depth=2, embed_dim=32, num_heads=2, patch_size=4,
+                      batch_size=64, workers=0, seed=0))
+    onion("score", str(single), "el2n", "--run", str(run))
+    result = onion("score", str(spread), "el2n", "--run", str(run), address=cluster)
+    assert nodes_used(result.stderr) == 2
+    scores = [(root / "scores" / "el2n.parquet").read_bytes() for root in (single, spread)]
+    assert scores[0] == scores[1]
+
+
+def test_cluster_launcher_config_passes_rays_schema():
+    import yaml
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    config = yaml.safe_load((Path(__file__).parent.parent / "ray_cluster.yaml").read_text())
+    validate_config(fillout_defaults(config))  # raises on a field Ray does not know or a missing one
+    assert config["provider"]["type"] == "aws" and config["head_node_type"] in config["available_node_types"]
+    assert any("pip install" in command and "onion" in command for command in config["setup_commands"])
