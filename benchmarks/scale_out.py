@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from report_files import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # loopback servers, shared with the tests
-from loopback import LoopbackRayCluster, aws_environment, environment, moto_server  # noqa: E402
+from loopback import RAY_CLUSTER_ENV, LoopbackRayCluster, aws_environment, environment, moto_server  # noqa: E402
 
 from pipeline.bench_data import BATCH, images_per_second  # noqa: E402
 from pipeline.ingest import IngestOptions, ingest  # noqa: E402
@@ -65,7 +65,7 @@ def reader_figures(root: Path, count: int, repeats: int) -> dict:
 
 def timed(*args: str) -> float:
     start = time.perf_counter()
-    result = subprocess.run([*ONION, *args], capture_output=True, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    result = subprocess.run([*ONION, *args], capture_output=True, text=True, env={**os.environ, **RAY_CLUSTER_ENV})
     if result.returncode:
         raise RuntimeError(f"onion {' '.join(args)}: {result.stderr[-2000:]}")
     return time.perf_counter() - start

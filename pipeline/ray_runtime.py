@@ -20,7 +20,8 @@ def init_ray(address: str | None = None, workers: int | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     # Local and private to this process: keep Ray's start-up notices (auth tokens...) quiet.
-    ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR)
+    # address="local": a new Ray of our own even when `ray start` runs a cluster on this machine
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR)
 
 
 def current_node() -> str:

@@ -163,13 +163,18 @@ class FaultyProxy:
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
+# Ray >= 2.52 protects clusters made by ``ray start`` with a token (~/.ray/auth_token, made by the head
+# if missing); nodes and drivers joining one say so with RAY_AUTH_MODE=token.
+RAY_CLUSTER_ENV = {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
+
+
 def start_ray_node(args: list[str], log: str, cpus: int = 1) -> subprocess.Popen:
     """``ray start ... --block`` in its own process group, so exactly this node can be stopped
     (``ray stop`` would also stop a test session's embedded Ray)."""
     with open(log, "wb") as output:
         return subprocess.Popen([*RAY, "start", *args, "--num-cpus", str(cpus), "--block", "--disable-usage-stats"],
                                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "RAY_ADDRESS": ""})
+                                env={**os.environ, **RAY_CLUSTER_ENV})
 
 
 def stop_ray_node(process: subprocess.Popen) -> None:
@@ -187,20 +192,29 @@ def wait_for_ray_nodes(address: str, count: int, timeout: float = 120) -> None:
              "print(sum(n['Alive'] for n in ray.nodes()))")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        result = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([sys.executable, "-c", probe, address], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, **RAY_CLUSTER_ENV})
         if result.returncode == 0 and result.stdout.strip() == str(count):
             return
         time.sleep(1)
     raise RuntimeError(f"the loopback Ray cluster at {address} did not reach {count} nodes")
 
 
+def host_address() -> str:
+    """The address Ray gives the nodes of this machine."""
+    from ray.util import get_node_ip_address
+
+    return get_node_ip_address()
+
+
 class LoopbackRayCluster:
-    """A head node, then ``add_node()`` for each further node; each node has one CPU and a custom
-    resource of its own (``node0``, ``node1``, ...)."""
+    """Ray nodes on this machine: a head, then ``add_node()`` for each further one; each node has one
+    CPU and a custom resource of its own (``node0``, ``node1``, ...). Ray names nodes by the host's
+    address, so ``address`` is that address and the head's port."""
 
     def __init__(self, log_dir: str) -> None:
         self.log_dir = log_dir
-        self.address = f"127.0.0.1:{free_port()}"
+        self.address = f"{host_address()}:{free_port()}"
         self.nodes: list[subprocess.Popen] = []
 
     def __enter__(self) -> "LoopbackRayCluster":
@@ -215,7 +229,7 @@ class LoopbackRayCluster:
         number = len(self.nodes)
         role = ["--head", "--port", self.address.split(":")[1], "--include-dashboard", "false"] if number == 0 \
             else ["--address", self.address]
-        self.nodes.append(start_ray_node([*role, "--node-ip-address", "127.0.0.1", "--resources", f'{{"node{number}": 1}}'],
+        self.nodes.append(start_ray_node([*role, "--resources", f'{{"node{number}": 1}}'],
                                          os.path.join(self.log_dir, f"node{number}.log")))
         wait_for_ray_nodes(self.address, len(self.nodes))
 

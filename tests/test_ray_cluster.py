@@ -1,5 +1,5 @@
-"""A real two-node Ray cluster on loopback (``ray start --head`` plus ``ray start --address``, each
-with its own custom resource): ingest and EL2N scoring joined with ``--address`` run tasks on both
+"""A real two-node Ray cluster on this machine (``ray start --head`` plus ``ray start --address``,
+each with its own custom resource): ingest and EL2N scoring joined with ``--address`` run tasks on both
 nodes and give the same bytes as a single-node run."""
 import os
 import re
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loopback import LoopbackRayCluster
+from loopback import RAY_CLUSTER_ENV, LoopbackRayCluster
 from trainer.config import TrainConfig
 from trainer.launch import train
 
@@ -26,7 +26,7 @@ def cluster(tmp_path_factory):
 
 
 def onion(*args: str, address: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = {**os.environ, **(RAY_CLUSTER_ENV if address else {"RAY_ADDRESS": ""})}
     command = [*ONION, *args, *(["--address", address] if address else ["--workers", "2"])]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr[-3000:]}"
