@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         if not is_storage_failure(error):
             raise
         # Retries are spent (or pointless): name the locations involved, never the credentials.
+        cause = getattr(error, "cause", None)  # a Ray task's own exception, without Ray's traceback
+        error = cause if isinstance(cause, BaseException) else error
         where = ", ".join(str(getattr(args, name)) for name in ("dataset", "out", "run") if getattr(args, name, None))
         sys.stderr.write(f"onion {args.command}: error: {where}: {type(error).__name__}: {error}\n")
         return EXIT_FAILURE

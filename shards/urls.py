@@ -84,11 +84,16 @@ class Location:
             parent = os.path.dirname(target)
             os.makedirs(parent, exist_ok=True)
             temp = f"{target}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            with open(temp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, target)
+            try:
+                with open(temp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, target)
+            except BaseException:
+                if os.path.exists(temp):  # a full disk, say: leave no half-written temporary behind
+                    os.remove(temp)
+                raise
         else:
             # Object stores and memory:// commit a single PUT whole, never partly.
             self.fs.pipe_file(target, data)

@@ -27,8 +27,9 @@ def test_two_different_ingests_into_one_output(tmp_path):
     assert codes == [0, 2], [r.stderr[-2000:] for r in results]
     winner, loser = sorted(results, key=lambda result: result.returncode)
     message = loser.stderr.strip().splitlines()
-    assert len(message) == 1 and str(out) in message[0] and (
-        "being written by another ingest" in message[0] or "already holds a different dataset" in message[0]), message
+    assert len(message) == 1 and str(out) in message[0] and any(
+        reason in message[0] for reason in ("being written by another ingest", "holds an unfinished ingest of a "
+                                            "different dataset", "already holds a different dataset")), message
     assert verify_dataset(str(out))[1] == []
     alone = tmp_path / "alone"
     seed = winner.args[winner.args.index("--seed") + 1]
