@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import fsspec
-import ray
 import torch
 from torch.utils.data import DataLoader
 
@@ -31,8 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # loo
 from loopback import RAY_CLUSTER_ENV, LoopbackRayCluster, aws_environment, environment, moto_server  # noqa: E402
 
 from pipeline.bench_data import BATCH, images_per_second  # noqa: E402
-from pipeline.ingest import IngestOptions, ingest  # noqa: E402
-from pipeline.sources import SourceOptions, open_source  # noqa: E402
 from shards import ShardDataset  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.launch import train  # noqa: E402
@@ -42,10 +39,9 @@ ONION = [sys.executable, "-m", "pipeline"]
 
 def reader_figures(root: Path, count: int, repeats: int) -> dict:
     local = root / "reader"
-    ray.init(include_dashboard=False, logging_level="ERROR")
-    ingest(open_source("synthetic", SourceOptions(count=count, image_size=32, val_fraction=0.0001)), str(local),
-           IngestOptions(shard_size=5000), command=["benchmark"], progress=False)
-    ray.shutdown()
+    # In a subprocess: a Ray started and stopped in this process slows its DataLoaders for a while.
+    timed("ingest", "synthetic", str(local), "--count", str(count), "--image-size", "32", "--val-fraction", "0.0001",
+          "--shard-size", "5000")
     with moto_server() as endpoint, environment(aws_environment(endpoint)):
         s3 = fsspec.filesystem("s3")
         s3.mkdir("bench")
@@ -73,10 +69,7 @@ def timed(*args: str) -> float:
 
 def cluster_figures(root: Path, count: int, repeats: int) -> dict:
     scored = root / "scored"
-    ray.init(include_dashboard=False, logging_level="ERROR")
-    ingest(open_source("synthetic", SourceOptions(count=count, image_size=32)), str(scored),
-           IngestOptions(shard_size=500), command=["benchmark"], progress=False)
-    ray.shutdown()
+    timed("ingest", "synthetic", str(scored), "--count", str(count), "--image-size", "32", "--shard-size", "500")
     run = root / "run"
     train(TrainConfig(dataset=str(scored), out=str(run), epochs=1, depth=4, embed_dim=96, num_heads=3, patch_size=4,
                       batch_size=128, workers=1))

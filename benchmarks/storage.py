@@ -23,6 +23,7 @@ import torch
 from report_files import write_report
 
 from pipeline.ingest import IngestOptions, ingest
+from pipeline.ray_runtime import init_ray
 from pipeline.sources import SourceOptions, open_source
 from pipeline.bench_data import export_image_folder, measure_readers, peak_rss_mib
 
@@ -31,7 +32,7 @@ BATCH = 256
 
 def make_synthetic(out: Path, count: int, workers: int | None = None) -> float:
     """Ingest synthetic data into ``out``; returns examples/s (Ray start-up not counted)."""
-    ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR")
+    init_ray(workers=workers)
     source = open_source("synthetic", SourceOptions(count=count, image_size=32, val_fraction=0.0001))
     start = time.perf_counter()
     ingest(source, str(out), IngestOptions(shard_size=5000), command=["benchmark"], progress=False)
