@@ -29,16 +29,18 @@ case "${1:-}" in
         out=${2:-data/mnist5k}
         run=${3:-runs/mnist5k}
         onion=$VENV/bin/onion
-        "$onion" ingest mnist5k "$out" --shard-size 1000
+        # ONION_DEMO_SOURCE / ONION_DEMO_SETTINGS make a smaller demo for the test suite.
+        source_name=${ONION_DEMO_SOURCE:-mnist5k}
+        read -r -a settings <<< "${ONION_DEMO_SETTINGS:---rounds 3 --round-epochs 3 --remove-n 300 --depth 6 --patch-size 7 --lr 5e-4}"
+        "$onion" ingest "$source_name" "$out" --shard-size 1000
         "$onion" inspect "$out"
-        # All three levels: curation rounds of the examples, tokens kept 70%, attention keys 30%.
-        # Re-running resumes (or, once finished, only reports).
-        "$onion" curate "$out" --out "$run" --rounds 3 --round-epochs 1 --remove-n 300 \
-            --token-keep 0.7 --attn-keep 0.3 --depth 6
+        # All three levels: curation rounds of the examples (2 epochs per round, so forgetting can be
+        # seen), tokens kept 70%, attention keys 30%. Re-running resumes (or, once finished, only reports).
+        "$onion" curate "$out" --out "$run" --token-keep 0.7 --attn-keep 0.3 "${settings[@]}"
         last=$("$VENV/bin/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['selections'][-1])" "$run/curation.json")
         "$onion" inspect "$out" --selection "$last" --plot "$run/scores.png" --grid "$run/extremes.png"
         echo "dataset: $out (selections/, kept/, scores/)   run: $run (summary.json, metrics.csv, dynamics/, checkpoints/)"
-        echo "pictures: $run/scores.png $run/extremes.png"
+        echo "pictures: $run/scores.png (scores of kept vs dropped) $run/extremes.png (hardest and easiest, in words)"
         ;;
     test)
         ensure_venv

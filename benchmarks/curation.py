@@ -22,13 +22,13 @@ from ray.util import ActorPool
 
 from report_files import write_report
 
-from pipeline.ingest import IngestOptions, ingest
-from pipeline.materialize import materialize
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.curation.materialize import materialize
 from pipeline.ray_runtime import init_ray
-from pipeline.scoring import SCORERS, ScoreContext, compute_scores
-from pipeline.scoring.el2n import EL2NScorer, checkpoint_folders
-from pipeline.selection import STRATEGIES, SelectOptions, SourceExamples, save_selection, select
-from pipeline.sources import SourceOptions, open_source
+from pipeline.curation.scoring import SCORERS, ScoreContext, compute_scores
+from pipeline.curation.scoring.el2n import EL2NScorer, checkpoint_folders
+from pipeline.curation.selection import STRATEGIES, SelectOptions, SourceExamples, save_selection, select
+from pipeline.ingest.sources import SourceOptions, open_source
 from shards import location, read_index, read_manifest
 from trainer.config import TrainConfig
 from trainer.launch import train
@@ -41,7 +41,7 @@ def planted_table(root: Path, count: int, epochs: int) -> list[dict]:
     source = open_source("synthetic", SourceOptions(count=count, image_size=16, dup_rate=0.1, near_dup_rate=0.1, flip_rate=0.1))
     ingest(source, dataset, IngestOptions(shard_size=500), ["benchmark"], progress=False)
     train(TrainConfig(dataset=dataset, out=run, epochs=epochs, batch_size=64, depth=2, embed_dim=64, num_heads=2,
-                      patch_size=4, lr=2e-3, warmup_epochs=0.3, workers=1, label_smoothing=0.0, weight_decay=0.01))
+                      patch_size=4, lr=2e-3, warmup_epochs=0.3, loader_workers=1, label_smoothing=0.0, weight_decay=0.01))
     examples = SourceExamples.of(location(dataset))
     planted = {r["key"]: r["planted"] or "" for r in read_index(location(dataset), columns=["key", "planted"]).to_pylist()}
     masks = {kind: np.array([planted[k].startswith(prefix) for k in examples.keys]) for kind, prefix in KINDS.items()}
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--speed-count", type=int, default=30_000, help="examples for the EL2N speed test")
     args = parser.parse_args()
-    init_ray(workers=2)
+    init_ray(cpus=2)
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         report = {"planted": planted_table(root, args.count, args.epochs),

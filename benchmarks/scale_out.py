@@ -24,15 +24,12 @@ import fsspec
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.bench.data import BATCH, images_per_second
 from report_files import write_report
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # loopback servers, shared with the tests
-from loopback import RAY_CLUSTER_ENV, LoopbackRayCluster, aws_environment, environment, moto_server  # noqa: E402
-
-from pipeline.bench_data import BATCH, images_per_second  # noqa: E402
-from shards import ShardDataset  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.launch import train  # noqa: E402
+from shards import ShardDataset
+from shards.testing import RAY_CLUSTER_ENV, LoopbackRayCluster, aws_environment, environment, moto_server
+from trainer.config import TrainConfig
+from trainer.launch import train
 
 ONION = [sys.executable, "-m", "pipeline"]
 
@@ -47,7 +44,8 @@ def reader_figures(root: Path, count: int, repeats: int) -> dict:
         s3.mkdir("bench")
         s3.put(str(local), "bench/reader", recursive=True)
         urls = {"local disk": str(local), "s3:// (loopback)": "s3://bench/reader"}
-        loaders = {name: DataLoader(ShardDataset(url, batch_size=BATCH, buffer_size=1000), batch_size=None, num_workers=2)
+        loaders = {name: DataLoader(ShardDataset(url, batch_size=BATCH, buffer_size=1000), batch_size=None,
+                                    num_workers=2)
                    for name, url in urls.items()}
         for loader in loaders.values():
             images_per_second(loader)  # warm-up: page cache, worker imports
@@ -72,7 +70,7 @@ def cluster_figures(root: Path, count: int, repeats: int) -> dict:
     timed("ingest", "synthetic", str(scored), "--count", str(count), "--image-size", "32", "--shard-size", "500")
     run = root / "run"
     train(TrainConfig(dataset=str(scored), out=str(run), epochs=1, depth=4, embed_dim=96, num_heads=3, patch_size=4,
-                      batch_size=128, workers=1))
+                      batch_size=128, loader_workers=1))
     figures: dict = {"examples": count}
     with LoopbackRayCluster(str(root)) as cluster:
         for nodes in (1, 2):
@@ -80,13 +78,15 @@ def cluster_figures(root: Path, count: int, repeats: int) -> dict:
                 cluster.add_node()
             ingest_s, score_s = [], []
             for repeat in range(repeats):
-                ingest_s.append(timed("ingest", "synthetic", str(root / f"ingest-{nodes}-{repeat}"), "--count", str(count),
-                                      "--image-size", "32", "--shard-size", "500", "--address", cluster.address))
+                ingest_s.append(timed("ingest", "synthetic", str(root / f"ingest-{nodes}-{repeat}"),
+                                      "--count", str(count), "--image-size", "32", "--shard-size", "500",
+                                      "--address", cluster.address))
                 score_s.append(timed("score", str(scored), "el2n", "--run", str(run), "--address", cluster.address))
             figures[f"{nodes} node"] = {"ingest_examples_per_s": count / statistics.median(ingest_s),
                                         "el2n_examples_per_s": count / statistics.median(score_s)}
     for task in ("ingest", "el2n"):
-        figures[f"{task} speed-up"] = figures["2 node"][f"{task}_examples_per_s"] / figures["1 node"][f"{task}_examples_per_s"]
+        rate = f"{task}_examples_per_s"
+        figures[f"{task} speed-up"] = figures["2 node"][rate] / figures["1 node"][rate]
     return figures
 
 
@@ -115,9 +115,10 @@ def render(report: dict) -> str:
               f"Loopback Ray cluster, one CPU per node, {cluster['examples']:,} examples, whole command "
               f"(driver start and connect included):", "",
               "| nodes | ingest examples/s | el2n scoring examples/s |", "|---|---|---|"]
-    lines += [f"| {n} | {cluster[f'{n} node']['ingest_examples_per_s']:,.0f} | {cluster[f'{n} node']['el2n_examples_per_s']:,.0f} |"
-              for n in (1, 2)]
-    lines += ["", f"Speed-up 2 vs 1 node: ingest {cluster['ingest speed-up']:.2f}x, el2n {cluster['el2n speed-up']:.2f}x", ""]
+    lines += [f"| {n} | {cluster[f'{n} node']['ingest_examples_per_s']:,.0f} "
+              f"| {cluster[f'{n} node']['el2n_examples_per_s']:,.0f} |" for n in (1, 2)]
+    lines += ["", f"Speed-up 2 vs 1 node: ingest {cluster['ingest speed-up']:.2f}x, "
+              f"el2n {cluster['el2n speed-up']:.2f}x", ""]
     return "\n".join(lines)
 
 

@@ -22,17 +22,17 @@ import torch
 
 from report_files import write_report
 
-from pipeline.ingest import IngestOptions, ingest
+from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ray_runtime import init_ray
-from pipeline.sources import SourceOptions, open_source
-from pipeline.bench_data import export_image_folder, measure_readers, peak_rss_mib
+from pipeline.ingest.sources import SourceOptions, open_source
+from pipeline.bench.data import export_image_folder, measure_readers, peak_rss_mib
 
 BATCH = 256
 
 
 def make_synthetic(out: Path, count: int, workers: int | None = None) -> float:
     """Ingest synthetic data into ``out``; returns examples/s (Ray start-up not counted)."""
-    init_ray(workers=workers)
+    init_ray(cpus=workers)
     source = open_source("synthetic", SourceOptions(count=count, image_size=32, val_fraction=0.0001))
     start = time.perf_counter()
     ingest(source, str(out), IngestOptions(shard_size=5000), command=["benchmark"], progress=False)

@@ -8,10 +8,12 @@ from collections import Counter
 import ray
 
 
-def init_ray(address: str | None = None, workers: int | None = None) -> None:
+def init_ray(address: str | None = None, cpus: int | None = None) -> None:
     """Join ``address`` (or RAY_ADDRESS) when given, else start Ray inside this process.
 
-    ``workers`` caps the local CPUs Ray schedules on (ignored on a cluster).
+    ``cpus`` caps the local CPUs Ray schedules on (ignored on a cluster). The CLI calls this with the
+    user's options before any work; library functions call :func:`ensure_ray`, which keeps what is
+    running. (Ray's own auto-init would *join* a cluster that ``ray start`` runs on this machine.)
     """
     if ray.is_initialized():
         return
@@ -21,7 +23,16 @@ def init_ray(address: str | None = None, workers: int | None = None) -> None:
         return
     # Local and private to this process: keep Ray's start-up notices (auth tokens...) quiet.
     # address="local": a new Ray of our own even when `ray start` runs a cluster on this machine
-    ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR)
+
+
+def ensure_ray() -> None:
+    """Ray as the caller started it, else an embedded local one (RAY_ADDRESS is honoured)."""
+    init_ray()
+
+
+def cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def current_node() -> str:

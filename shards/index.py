@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shards.urls import Location
@@ -52,9 +53,40 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def parquet_bytes_to_table(data: bytes) -> pa.Table:
-    return pq.read_table(io.BytesIO(data))
+def parquet_bytes_to_table(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file's bytes to a table.
+
+    The bytes are first copied into Arrow-owned memory and read through a native ``BufferReader``,
+    never through a Python file object (``io.BytesIO``) or a buffer wrapping Python ``bytes``.
+    ``pq.read_table`` reads through async generators whose last references (the file reader, its
+    pre-buffer ``ReadRangeCache`` and the buffers it read) may be released on one of Arrow's
+    IO/CPU pool threads *after* ``read_table`` has returned. When those buffers wrap Python objects
+    their destructor calls ``PyGILState_Ensure``; if that happens while the interpreter is
+    finalizing, CPython ends the thread with ``pthread_exit``, whose forced unwind through a
+    ``noexcept`` C++ destructor calls ``std::terminate``: "terminate called without an active
+    exception", exit 134, in about half the short scripts that read an index then exit (gdb: the
+    aborting thread is in ``arrow::py::PyBuffer::~PyBuffer`` <- ``ReadRangeCache::LazyImpl``
+    dtor). Arrow-owned memory frees without the GIL, so a late release is harmless. One memcpy.
+    """
+    stream = pa.BufferOutputStream()
+    stream.write(data)
+    return pq.read_table(pa.BufferReader(stream.getvalue()), columns=columns)
 
 
 def read_index(dataset: Location, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(io.BytesIO(dataset.read_bytes(INDEX_NAME)), columns=columns)
+    return parquet_bytes_to_table(dataset.read_bytes(INDEX_NAME), columns=columns)
+
+
+def usable_train(index: pa.Table) -> pa.Table:
+    """The rows a selection chooses among: train split, status ok."""
+    return index.filter(pc.and_(pc.equal(index["split"], "train"), pc.equal(index["status"], STATUS_OK)))
+
+
+def parquet_names(folder: Location) -> list[str]:
+    """Sorted names (without ``.parquet``) of the tables in ``folder`` (scores/, selections/, ...)."""
+    return sorted(name[: -len(".parquet")] for name in folder.list_names() if name.endswith(".parquet"))
+
+
+def read_parquet(folder: Location, name: str, columns: list[str] | None = None) -> pa.Table:
+    """``folder/name.parquet`` read whole (tables here are small; one request on object stores)."""
+    return parquet_bytes_to_table(folder.read_bytes(f"{name}.parquet"), columns=columns)

@@ -13,16 +13,14 @@ from importlib import metadata
 
 import pyarrow as pa
 
-from shards.urls import Location
+from shards.errors import DatasetError
+from shards.index import INDEX_NAME
+from shards.urls import TEMP_MARKER, Location
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "onion-dataset"
 FORMAT_VERSION = 1
 RECORDED_LIBRARIES = ("onion", "numpy", "pillow", "pyarrow", "fsspec", "ray", "torch", "webdataset")
-
-
-class DatasetError(Exception):
-    """A dataset location that cannot be used; the message names the file at fault."""
 
 
 @dataclass(frozen=True)
@@ -88,15 +86,23 @@ def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
 
+def is_ingest_output(name: str) -> bool:
+    """Shards, the index, and an ingest's bookkeeping (names starting with ``_``) or temporaries."""
+    return name.endswith(".tar") or name in (INDEX_NAME, MANIFEST_NAME) or name.startswith("_") or TEMP_MARKER in name
+
+
 def read_manifest(dataset: Location) -> dict:
     """The manifest of a complete dataset, or a :class:`DatasetError` that says what is wrong."""
     if not dataset.exists(MANIFEST_NAME):
-        if dataset.exists():
-            raise DatasetError(
-                f"{dataset.url}: no {MANIFEST_NAME}, so the dataset is incomplete "
-                "(an ingest is running or was interrupted; run the same command again to finish it)"
-            )
-        raise DatasetError(f"{dataset.url}: no such dataset")
+        if not dataset.exists():
+            raise DatasetError(f"{dataset.url}: no such dataset")
+        if not any(is_ingest_output(name) for name in dataset.list_names()):
+            raise DatasetError(f"{dataset.url}: not an onion dataset (no {MANIFEST_NAME}, and nothing an ingest writes; "
+                               "make one with: onion ingest SOURCE OUT)")
+        raise DatasetError(
+            f"{dataset.url}: no {MANIFEST_NAME}, so the dataset is incomplete "
+            "(an ingest is running or was interrupted; run the same command again to finish it)"
+        )
     try:
         manifest = json.loads(dataset.read_bytes(MANIFEST_NAME))
     except ValueError as error:

@@ -9,6 +9,7 @@ splits work across DataLoader workers and distributed ranks by the rule in
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -20,13 +21,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.decode import DecodeError, decode_pixels
 from shards.index import STATUS_OK, read_index
-from shards.manifest import DatasetError, read_manifest
+from shards.errors import DatasetDamaged, DatasetError, UnknownKey
+from shards.manifest import read_manifest
 from shards.partition import Segment, epoch_segments, rank_size
-from shards.urls import location
+from shards.urls import Location, location
 
 READ_CHUNK_BYTES = 4 << 20  # one ranged read covers at most this many bytes
 READ_AHEAD = 2  # ranged reads in flight ahead of decoding (hides object-store latency)
@@ -191,7 +194,7 @@ class ShardDataset(IterableDataset):
         try:
             return decode_pixels(data, self.channels)
         except DecodeError as error:
-            raise DatasetError(f"{self.dataset.url}/{shard}: member {key}.* does not decode: {error}") from error
+            raise DatasetDamaged(f"{self.dataset.url}/{shard}: member {key}.* does not decode: {error}") from error
 
     def _sample(self, item: tuple[memoryview, int, str, str]) -> Sample:
         image = torch.from_numpy(self._pixels(item)).permute(2, 0, 1).contiguous()
@@ -236,9 +239,9 @@ class ShardDataset(IterableDataset):
         try:
             data = self._verified_shard(shard)[base:end] if self.verify == "shards" else self.dataset.read_range(shard, base, end)
         except FileNotFoundError as error:
-            raise DatasetError(f"{self.dataset.url}/{shard}: missing (the manifest lists it)") from error
+            raise DatasetDamaged(f"{self.dataset.url}/{shard}: missing (the manifest lists it)") from error
         if len(data) != end - base:
-            raise DatasetError(f"{self.dataset.url}/{shard}: truncated: members {rows.keys[lo]}.* to {rows.keys[hi - 1]}.* "
+            raise DatasetDamaged(f"{self.dataset.url}/{shard}: truncated: members {rows.keys[lo]}.* to {rows.keys[hi - 1]}.* "
                                f"need bytes {base}-{end} but the shard ends at byte {base + len(data)}")
         return data
 
@@ -255,14 +258,14 @@ class ShardDataset(IterableDataset):
             if problem is None and hashlib.sha256(member).hexdigest() != digest:
                 problem = "its bytes do not match the sha256 in the index"
             if problem:
-                raise DatasetError(f"{self.dataset.url}/{shard}: member {key}.*: {problem}: the shard is corrupt "
+                raise DatasetDamaged(f"{self.dataset.url}/{shard}: member {key}.*: {problem}: the shard is corrupt "
                                    "or does not match its index (onion verify lists every problem)")
 
     def _verified_shard(self, name: str) -> bytes:
         data = self.dataset.read_bytes(name)
         actual = hashlib.sha256(data).hexdigest()
         if actual != self.shard_sha256.get(name):
-            raise DatasetError(
+            raise DatasetDamaged(
                 f"{self.dataset.url}/{name}: sha256 {actual[:16]}... does not match the manifest "
                 f"({str(self.shard_sha256.get(name))[:16]}...): the shard is corrupt or was replaced"
             )
@@ -336,19 +339,30 @@ def _collate(batch: list[tuple], stack: Callable[[list], torch.Tensor]) -> tuple
 class Example:
     key: str
     label: int
-    image_ext: str
-    image: bytes
+    image_ext: str  # png or jpg
+    image: bytes  # the stored (encoded) file, byte for byte; to_pil() or decode_image() to see it
+
+    def to_pil(self) -> Image.Image:
+        """The image, decoded (a PIL image: ``.show()``, ``.save(...)``, ``numpy.asarray(...)``)."""
+        with Image.open(io.BytesIO(self.image)) as image:
+            image.load()
+            return image
+
+
+def index_row(dataset: Location, key: str) -> dict:
+    """The index row of ``key`` in a complete dataset (an :class:`UnknownKey` error if there is none)."""
+    read_manifest(dataset)
+    index = read_index(dataset)
+    rows = index.filter(pc.equal(index["key"], key)).to_pylist()
+    if not rows:
+        raise UnknownKey(f"{dataset.url}: no example with key {key!r}")
+    return rows[0]
 
 
 def read_example(url: str, key: str) -> Example:
     """One example by key, read by byte range from its shard through the index (no scan)."""
     dataset = location(url)
-    read_manifest(dataset)
-    index = read_index(dataset)
-    rows = index.filter(pc.equal(index["key"], key)).to_pylist()
-    if not rows:
-        raise KeyError(f"{dataset.url}: no example with key {key!r}")
-    row = rows[0]
+    row = index_row(dataset, key)
     if row["status"] != STATUS_OK:
         raise DatasetError(f"{dataset.url}: example {key!r} is {row['status']}: {row['reason']}")
     start = row["image_offset"]

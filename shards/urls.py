@@ -13,13 +13,17 @@ mode, ``S3_MAX_ATTEMPTS`` attempts unless ``AWS_MAX_ATTEMPTS`` says otherwise.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from shards.faults import boundary
+
 TEMP_MARKER = ".tmp-"
+TEMPORARY = re.compile(re.escape(TEMP_MARKER) + r"[0-9]+-[0-9a-f]{8}$")  # what temporary_name() appends
 S3_MAX_ATTEMPTS = 10
 
 
@@ -72,7 +76,12 @@ class Location:
         return int(self.fs.size(self.path(*parts)))
 
     def list_names(self) -> list[str]:
-        """Names directly under this location (empty when it does not exist)."""
+        """Names directly under this location (empty when it does not exist), without our own
+        temporaries: a file being written is not there until it is renamed into place. (A writer
+        killed before its rename leaves one; a re-run must not take it for someone else's file.)"""
+        return [name for name in self._all_names() if not is_temporary(name)]
+
+    def _all_names(self) -> list[str]:
         if not self.fs.exists(self.root):
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
@@ -83,13 +92,15 @@ class Location:
         if self.is_local:
             parent = os.path.dirname(target)
             os.makedirs(parent, exist_ok=True)
-            temp = f"{target}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            temp = temporary_name(target)
             try:
                 with open(temp, "wb") as handle:
                     handle.write(data)
                     handle.flush()
                     os.fsync(handle.fileno())
+                boundary("temp", temp)  # fault injection (see shards.faults); nothing when unset
                 os.replace(temp, target)
+                boundary("rename", target)
             except BaseException:
                 if os.path.exists(temp):  # a full disk, say: leave no half-written temporary behind
                     os.remove(temp)
@@ -97,6 +108,7 @@ class Location:
         else:
             # Object stores and memory:// commit a single PUT whole, never partly.
             self.fs.pipe_file(target, data)
+            boundary("put", target)
 
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Write a whole file only if none exists: True when this call created it, False when another
@@ -104,38 +116,54 @@ class Location:
         target = self.path(name)
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            temp = f"{target}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            temp = temporary_name(target)
             with open(temp, "wb") as handle:
                 handle.write(data)
+            boundary("temp", temp)
             try:
                 os.link(temp, target)  # atomic, fails if the target exists, and never shows a partial file
+                boundary("link", target)
                 return True
             except FileExistsError:
                 return False
             finally:
                 os.remove(temp)
+                boundary("drop-temp", temp)
         if self.protocol in ("s3", "s3a"):
             try:
                 self.fs.pipe_file(target, data, mode="create")  # a conditional PUT (If-None-Match: *)
+                boundary("put", target)
                 return True
             except FileExistsError:
                 return False
         if self.fs.exists(target):  # other stores: best effort
             return False
         self.fs.pipe_file(target, data)
+        boundary("put", target)
         return True
 
     def remove(self, *parts: str, recursive: bool = False) -> None:
         path = self.path(*parts)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=recursive)
+            boundary("remove", path)
 
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files left by a killed writer; returns how many."""
-        stale = [name for name in self.list_names() if TEMP_MARKER in name]
+        stale = [name for name in self._all_names() if TEMP_MARKER in name]
         for name in stale:
             self.remove(name)
         return len(stale)
+
+
+def temporary_name(target: str) -> str:
+    return f"{target}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of the temporaries :meth:`Location.write_atomic` and
+    :meth:`Location.create_exclusive` write before renaming or linking into place."""
+    return TEMPORARY.search(name) is not None
 
 
 def join_url(url: str, *parts: str) -> str:

@@ -1,9 +1,4 @@
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(scope="session")
@@ -13,6 +8,18 @@ def ray_local():
 
     from pipeline.ray_runtime import init_ray
 
-    init_ray(workers=2)
+    init_ray(cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits(ray_local, tmp_path_factory):
+    """The built-in ``digits`` source (scikit-learn's 1,797 8x8 images) ingested in shards of 300.
+    Per module, not per session: curation writes its selections into the dataset."""
+    from pipeline.ingest.job import IngestOptions, ingest
+    from pipeline.ingest.sources import open_source
+
+    out = tmp_path_factory.mktemp("data") / "digits"
+    ingest(open_source("digits"), str(out), IngestOptions(shard_size=300), command=["test"], progress=False)
+    return str(out)

@@ -1,10 +1,14 @@
-"""Small real datasets for tests, written through the public shards API (no Ray needed)."""
+"""What the test files share: the ``onion`` command as a subprocess, a folder's files as bytes, and
+small real datasets written through the public shards API (no Ray needed)."""
 from __future__ import annotations
 
 import hashlib
 import io
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -13,6 +17,30 @@ from shards.manifest import DatasetInfo
 from shards.tarwriter import ShardExample
 from shards.urls import location
 from shards.writer import commit_dataset, write_shard
+
+# ``onion`` as a user runs it, from this interpreter (not relying on the console script being on PATH).
+ONION = [sys.executable, "-m", "pipeline"]
+
+
+def onion(*args: object, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``onion ARGS`` in a subprocess, its output captured as text; the exit status is left to the caller."""
+    return subprocess.run([*ONION, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def onion_ok(*args: object, **kwargs) -> subprocess.CompletedProcess:
+    """``onion ARGS`` that must exit 0; a failure shows the command and the end of its stderr."""
+    result = onion(*args, **kwargs)
+    command = " ".join(map(str, args))
+    assert result.returncode == 0, f"onion {command} exited {result.returncode}:\n{result.stderr[-3000:]}"
+    return result
+
+
+def files_of(path: Path) -> dict[str, bytes]:
+    """Every file under the folder ``path``, by POSIX path relative to it, in sorted order; a single
+    file is ``{"": its bytes}``."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -49,7 +77,7 @@ def write_direct_dataset(url: str, shard_sizes: list[int], split: str = "train",
         name = f"{split}-{number:06d}.tar"
         entry, spans = write_shard(dataset, name, split, examples)
         entries.append(entry)
-        for example, span in zip(examples, spans):
+        for example, span in zip(examples, spans, strict=True):
             rows.append({"key": example.key, "label": example.label, "class_name": str(example.label),
                          "split": split, "status": "ok", "shard": name, "image_ext": "png",
                          "image_offset": span.image.offset, "image_size": span.image.size,
@@ -68,4 +96,5 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))

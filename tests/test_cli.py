@@ -3,24 +3,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from helpers import ONION, files_of, onion
 from shards import DatasetError, ShardDataset
 
-ONION = [sys.executable, "-m", "pipeline"]
-KILL_RUN = ["ingest", "synthetic", "--count", "3000", "--image-size", "16", "--shard-size", "60", "--workers", "2"]
-
-
-def onion(*args, **kwargs):
-    return subprocess.run([*ONION, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
-
-
-def files_of(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+KILL_RUN = ["ingest", "synthetic", "--count", "3000", "--image-size", "16", "--shard-size", "60", "--ray-cpus", "2"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -39,7 +29,8 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, args, message):
 def test_help_explains_the_options():
     result = onion("ingest", "--help")
     assert result.returncode == 0
-    for option in ("--shard-size", "--shard-bytes", "--format", "--max-pixels", "--address", "--workers", "imagefolder:DIR"):
+    for option in ("--shard-size", "--shard-bytes", "--image-format", "--max-pixels", "--address", "--ray-cpus",
+                   "imagefolder:DIR"):
         assert option in result.stdout
 
 
@@ -70,10 +61,11 @@ def test_killed_ingest_rerun_gives_identical_bytes(tmp_path):
 
 def test_ingest_inspect_and_refuse_to_overwrite(tmp_path):
     out = tmp_path / "digits"
-    assert onion("ingest", "digits", out, "--shard-size", "500", "--workers", "1").returncode == 0
+    assert onion("ingest", "digits", out, "--shard-size", "500", "--ray-cpus", "1").returncode == 0
     refused = onion("ingest", "synthetic", out)
     assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines() == [f"onion ingest: error: {out} already holds a different dataset (digits); choose another output or delete it"]
+    assert refused.stderr.strip().splitlines() == [
+        f"onion ingest: error: {out} already holds a different dataset (digits); choose another output or delete it"]
     summary = json.loads(onion("inspect", out, "--format", "json").stdout)
     assert summary["counts"]["total"] == 1797 and summary["accounting"]["ok"] == 1797
     assert sum(sum(c.values()) for c in summary["classes_by_split"].values()) == 1797

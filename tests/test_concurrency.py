@@ -1,22 +1,17 @@
 """Two jobs racing for one output location: exactly one owns it, the other stops with a clear error
 before writing anything, and the output is never a mix of the two."""
 import subprocess
-import sys
 
+from helpers import ONION, files_of, onion_ok
 from shards.verify import verify_dataset
 
-ONION = [sys.executable, "-m", "pipeline"]
-SYNTHETIC = ["--count", "600", "--image-size", "16", "--shard-size", "30", "--workers", "1"]
+SYNTHETIC = ["--count", "600", "--image-size", "16", "--shard-size", "30", "--ray-cpus", "1"]
 
 
 def race(*commands: list[str]) -> list[subprocess.CompletedProcess]:
     processes = [subprocess.Popen([*ONION, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for command in commands]
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate()) for p in processes]
-
-
-def files_of(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_two_different_ingests_into_one_output(tmp_path):
@@ -33,8 +28,7 @@ def test_two_different_ingests_into_one_output(tmp_path):
     assert verify_dataset(str(out))[1] == []
     alone = tmp_path / "alone"
     seed = winner.args[winner.args.index("--seed") + 1]
-    subprocess.run([*ONION, "ingest", "synthetic", str(alone), *SYNTHETIC, "--seed", seed], check=True,
-                   capture_output=True, timeout=600)
+    onion_ok("ingest", "synthetic", alone, *SYNTHETIC, "--seed", seed, timeout=600)
     raced, clean = files_of(out), files_of(alone)
     raced.pop("manifest.json"), clean.pop("manifest.json")  # their command lines name the outputs
     assert raced == clean  # exactly the winner's dataset, nothing of the loser's
@@ -49,9 +43,9 @@ def test_two_identical_ingests_agree(tmp_path):
 
 def test_two_trainings_into_one_run_directory(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
-    subprocess.run([*ONION, "ingest", "digits", str(data), "--workers", "1"], check=True, capture_output=True, timeout=600)
+    onion_ok("ingest", "digits", data, "--ray-cpus", "1", timeout=600)
     train = ["train", str(data), "--out", str(run), "--epochs", "1", "--depth", "1", "--embed-dim", "32",
-             "--num-heads", "2", "--workers", "0"]
+             "--num-heads", "2", "--loader-workers", "0"]
     results = race([*train, "--seed", "1"], [*train, "--seed", "2"])
     assert sorted(result.returncode for result in results) == [0, 2], [r.stderr[-2000:] for r in results]
     loser = max(results, key=lambda result: result.returncode)

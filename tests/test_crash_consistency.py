@@ -1,18 +1,31 @@
-"""Crash consistency: ingest, score, select, materialize and train are SIGKILLed (with the embedded
-Ray they started) at random points, seeds fixed, again and again on one output; after every kill no
-file is visible under its final name unless it is complete, and once a re-run finishes the output
-equals an uninterrupted run: bytes for datasets, scores and selections, weights for training.
+"""Crash consistency: ingest, score, select, materialize and train are killed, with the embedded Ray
+they started, and after every kill no file is visible under its final name unless it is complete;
+once a re-run finishes, the output equals an uninterrupted run: bytes for datasets, scores and
+selections, weights and dynamics for training.
 
-``ONION_KILL_POINTS`` sets the kills per command (default 3 in the suite; the README's figure
-comes from ``ONION_KILL_POINTS=20``)."""
+Kills are placed two ways:
+
+* at write boundaries (``shards.faults``): an uninterrupted run of each command, counted, gives its
+  N boundaries (each temporary written, each rename or link into place, each temporary dropped,
+  each removal); the command is then run once per chosen boundary k, SIGKILLed at exactly the
+  k-th one, checked, and re-run to the end. ``ONION_FAULT_POINTS=all`` tries every boundary (the
+  README's figure); by default an evenly spaced few per command. Commands run with
+  ``--ray-cpus 1``, so the numbering is the same from run to run.
+* at random wall-clock times (``ONION_KILL_POINTS`` per command, default 1, seeds fixed), with Ray
+  using two CPUs, so kills also land between concurrent writers.
+
+``ONION_FAULT_PARALLEL`` (default 3) runs that many killed workspaces at once; with ``-s`` each
+command prints ``JOB: N of N write boundaries survived``.
+"""
 import json
 import os
 import random
+import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,19 +33,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.ingest import IngestOptions, ingest
-from pipeline.selection import SourceExamples, initial_round, save_selection
-from pipeline.sources import SourceOptions, open_source
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.curation.selection import SourceExamples, initial_round, save_selection
+from pipeline.ingest.sources import SourceOptions, open_source
 from shards import location
-from shards.urls import TEMP_MARKER
+from shards.faults import COUNTER, FAULT_AT, kill_session, read_boundaries
+from shards.urls import TEMP_MARKER, TEMPORARY
 from trainer.config import TrainConfig
 from trainer.dynamics import read_dynamics
 from trainer.launch import train
 
 ONION = [sys.executable, "-m", "pipeline"]
-KILL_POINTS = int(os.environ.get("ONION_KILL_POINTS", "3"))
+KILL_POINTS = int(os.environ.get("ONION_KILL_POINTS", "1"))
+FAULT_POINTS = os.environ.get("ONION_FAULT_POINTS", "2")  # "all", or how many boundaries per command
+PARALLEL = int(os.environ.get("ONION_FAULT_PARALLEL", "3"))
+TIMEOUT = 600
 TINY = ["--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4", "--batch-size", "16",
-        "--workers", "0", "--seed", "1"]
+        "--loader-workers", "0", "--seed", "1"]
 
 
 @dataclass
@@ -45,19 +62,22 @@ class Job:
     resume: list[str] = field(default_factory=list)  # used instead of ``command`` once this file exists...
     resume_when: str = ""  # ...relative to the workspace
 
-    def argv(self, workspace: Path) -> list[str]:
+    def argv(self, workspace: Path, ray_cpus: str | None = None) -> list[str]:
         continuing = self.resume and (workspace / self.resume_when).exists()
-        return [*ONION, *[str(workspace / a[1:]) if a.startswith("@") else a for a in (self.resume if continuing else self.command)]]
+        args = [str(workspace / a[1:]) if a.startswith("@") else a for a in (self.resume if continuing else self.command)]
+        if ray_cpus and "--ray-cpus" in args:
+            args[args.index("--ray-cpus") + 1] = ray_cpus
+        return [*ONION, *args]
 
 
 JOBS = [
-    Job("ingest", ["ingest", "synthetic", "@out", "--count", "1500", "--image-size", "16", "--shard-size", "50",
-                   "--workers", "2"], "out"),
-    Job("score", ["score", "@data", "el2n", "--run", "@run", "--workers", "2"], "data/scores/el2n.parquet"),
+    Job("ingest", ["ingest", "synthetic", "@out", "--count", "400", "--image-size", "16", "--shard-size", "100",
+                   "--ray-cpus", "2"], "out"),
+    Job("score", ["score", "@data", "el2n", "--run", "@run", "--ray-cpus", "2"], "data/scores/el2n.parquet"),
     Job("select", ["select", "@data", "--strategy", "drop-easy", "--scores", "el2n-base", "--keep", "0.5", "--seed", "3"],
         "data/selections/v0002.parquet"),
-    Job("materialize", ["materialize", "@data", "--selection", "v0001", "--workers", "2"], "data/kept/v0001"),
-    Job("train", ["train", "@data", "--out", "@out", "--epochs", "3", "--checkpoint-every", "7", *TINY], "out",
+    Job("materialize", ["materialize", "@data", "--selection", "v0001", "--ray-cpus", "2"], "data/kept/v0001"),
+    Job("train", ["train", "@data", "--out", "@out", "--epochs", "2", "--checkpoint-every", "30", *TINY], "out",
         resume=["train", "--resume", "@out"], resume_when="out/config.json"),
 ]
 
@@ -70,12 +90,38 @@ def base(ray_local, tmp_path_factory):
     ingest(open_source("synthetic", SourceOptions(count=900, image_size=16)), str(data), IngestOptions(shard_size=60),
            command=["test"], progress=False)
     train(TrainConfig(dataset=str(data), out=str(run), epochs=1, depth=2, embed_dim=32, num_heads=2, patch_size=4,
-                      batch_size=64, workers=0))
+                      batch_size=64, loader_workers=0))
     save_selection(location(str(data)), initial_round(SourceExamples.of(location(str(data))), 0.8, 0), {"test": True})
-    subprocess.run([*ONION, "score", str(data), "el2n", "--run", str(run), "--workers", "2"], check=True,
+    subprocess.run([*ONION, "score", str(data), "el2n", "--run", str(run), "--ray-cpus", "2"], check=True,
                    capture_output=True, timeout=300)
     os.rename(data / "scores" / "el2n.parquet", data / "scores" / "el2n-base.parquet")
     return root
+
+
+@dataclass
+class Reference:
+    """An uninterrupted, counted run of a job: its output and the write boundaries it passed."""
+
+    workspace: Path
+    files: dict
+    boundaries: list[str]
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def references(base, tmp_path_factory):
+    made: dict[str, Reference] = {}
+
+    def of(job: Job) -> Reference:
+        if job.name not in made:
+            space = workspace_from(base, tmp_path_factory.mktemp(f"reference-{job.name}") / "space")
+            counter = space.parent / "boundaries"
+            seconds = run_to_end(job, space, {COUNTER: str(counter)})
+            made[job.name] = Reference(space, comparable(job, files_of(space / job.written)),
+                                       [describe(b, space) for b in read_boundaries(str(counter))], seconds)
+        return made[job.name]
+
+    return of
 
 
 def workspace_from(base: Path, target: Path) -> Path:
@@ -87,6 +133,12 @@ def files_of(root: Path) -> dict[str, bytes]:
     if root.is_file():
         return {"": root.read_bytes()}
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def describe(boundary: tuple[int, str, str], workspace: Path) -> str:
+    """``rename out/train-000001.tar``: a boundary without what differs between runs (pids, workspace)."""
+    _, kind, path = boundary
+    return f"{kind} {TEMPORARY.sub(TEMP_MARKER + '*', os.path.relpath(path, workspace))}"
 
 
 def comparable(job: Job, files: dict[str, bytes]) -> dict:
@@ -109,10 +161,12 @@ def check_after_kill(job: Job, workspace: Path, reference: dict[str, bytes]) -> 
     """Whatever is visible under a final name is complete: equal to the uninterrupted run's file."""
     visible = files_of(workspace / job.written) if (workspace / job.written).exists() else {}
     if job.name == "train":
-        latest = workspace / job.written / "checkpoints" / "latest.json"
-        if latest.exists():  # the pointer is written last, so what it names is whole
-            step = json.loads(latest.read_text())["step"]
-            load_file(str(workspace / job.written / "checkpoints" / f"step-{step:09d}" / "model.safetensors"))
+        checkpoints = workspace / job.written / "checkpoints"
+        if (checkpoints / "latest.json").exists():  # the pointer is written last, so what it names is whole
+            folder = checkpoints / f"step-{json.loads((checkpoints / 'latest.json').read_text())['step']:09d}"
+            load_file(str(folder / "model.safetensors"))
+            for name in ("state.pt", "rng-r0.pt"):
+                torch.load(folder / name, weights_only=False)
         return
     complete = comparable(job, visible)
     for name, data in complete.items():
@@ -123,41 +177,114 @@ def check_after_kill(job: Job, workspace: Path, reference: dict[str, bytes]) -> 
         assert {n: d for n, d in complete.items() if n in reference} == reference
 
 
-def run_to_end(job: Job, workspace: Path) -> float:
+def check_rerun_equals(job: Job, workspace: Path, ref: Reference) -> None:
+    if job.name == "train":  # the newest checkpoint's weights, whatever the step folder names are
+        final = [load_file(str(sorted((space / "out" / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+                 for space in (ref.workspace, workspace)]
+        assert final[0].keys() == final[1].keys()
+        assert all(torch.equal(final[0][name], final[1][name]) for name in final[0]), "train: weights differ"
+        order = [("step", "ascending"), ("key", "ascending")]
+        rows = [read_dynamics(location(str(space / "out"))).sort_by(order) for space in (ref.workspace, workspace)]
+        assert rows[0].equals(rows[1]), "train: dynamics differ"  # every presentation once, as if never interrupted
+    else:
+        assert comparable(job, files_of(workspace / job.written)) == ref.files, f"{job.name}: re-run differs"
+
+
+def run_to_end(job: Job, workspace: Path, env: dict | None = None) -> float:
     started = time.perf_counter()
-    result = subprocess.run(job.argv(workspace), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(job.argv(workspace, ray_cpus="1"), capture_output=True, text=True, timeout=TIMEOUT,
+                            env={**os.environ, **(env or {})})
     assert result.returncode == 0, f"{job.name}: {result.stderr[-3000:]}"
     return time.perf_counter() - started
 
 
+def chosen_boundaries(count: int) -> list[int]:
+    """Every boundary (1..count) for ``ONION_FAULT_POINTS=all``, else that many, evenly spaced
+    (the middle of equal stretches: 1 of 29 is boundary 15)."""
+    wanted = count if FAULT_POINTS == "all" else min(count, int(FAULT_POINTS))
+    return [int((i + 0.5) * count / wanted) + 1 for i in range(wanted)]
+
+
+def stale_temporaries(workspace: Path) -> list[str]:
+    return sorted(p.relative_to(workspace).as_posix() for p in workspace.rglob("*") if TEMPORARY.search(p.name))
+
+
+@dataclass
+class Outcome:
+    failure: str | None  # what went wrong, or None: nothing partial was visible and the re-run equals the reference
+    stale: list[str]  # temporaries of the killed run still there after the re-run (garbage, never read)
+
+
+def killed_at_boundary(job: Job, base: Path, ref: Reference, at: int, scratch: Path) -> Outcome:
+    """Kill a fresh run at boundary ``at``, check, re-run to the end, compare."""
+    space = workspace_from(base, scratch / "space")
+    counter = scratch / "boundaries"
+    where = f"boundary {at} ({ref.boundaries[at - 1]})"
+    process = subprocess.Popen(job.argv(space, ray_cpus="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True, env={**os.environ, COUNTER: str(counter), FAULT_AT: str(at)})
+    try:
+        _, stderr = process.communicate(timeout=TIMEOUT)
+    finally:
+        kill_session(process.pid)  # nothing of it may run on (the hook already killed it all)
+    passed = [describe(b, space) for b in read_boundaries(str(counter))]
+    if process.returncode == 0 or passed != ref.boundaries[:at]:
+        return Outcome(f"{where}: not reached the same way (exit {process.returncode}, passed {len(passed)}, "
+                       f"last {passed[-1:]}): {stderr.decode()[-1500:]}", [])
+    left = sorted(p.relative_to(space).as_posix() for p in (space / job.written).rglob("*")) \
+        if (space / job.written).is_dir() else []
+    try:
+        check_after_kill(job, space, ref.files)
+        run_to_end(job, space)
+        check_rerun_equals(job, space, ref)
+    except AssertionError as error:
+        return Outcome(f"{where}, leaving {left}: {str(error)[:3000]}", [])
+    stale = stale_temporaries(space)
+    shutil.rmtree(space, ignore_errors=True)
+    return Outcome(None, stale)
+
+
 @pytest.mark.parametrize("job", JOBS, ids=[job.name for job in JOBS])
-def test_killed_at_random_points_then_rerun_equals_uninterrupted(base, tmp_path, job):
-    reference_space = workspace_from(base, tmp_path / "reference")
-    seconds = run_to_end(job, reference_space)
-    reference = comparable(job, files_of(reference_space / job.written))
+def test_killed_at_write_boundaries_then_rerun_equals_uninterrupted(base, references, tmp_path, job):
+    ref = references(job)
+    count = len(ref.boundaries)
+    assert count > 0, f"{job.name}: no write boundary counted; is the hook in shards.urls.Location wired?"
+    points = chosen_boundaries(count)
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        outcomes = list(pool.map(lambda at: killed_at_boundary(job, base, ref, at, tmp_path / f"at-{at}"), points))
+    failed = [outcome.failure for outcome in outcomes if outcome.failure]
+    assert not failed, f"{job.name}: {len(failed)} of {len(points)} boundaries failed:\n" + "\n".join(failed)
+    print(f"\n{job.name}: {len(points)} of {count} write boundaries survived"
+          + ("" if len(points) == count else " (evenly spaced; ONION_FAULT_POINTS=all tries every one)"))
+    for at, outcome in zip(points, outcomes):  # not a failure: nothing reads them; worth knowing all the same
+        if outcome.stale:
+            print(f"{job.name}: killed at boundary {at} ({ref.boundaries[at - 1]}), the re-run left {outcome.stale}")
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[job.name for job in JOBS])
+def test_killed_at_random_times_then_rerun_equals_uninterrupted(base, references, tmp_path, job):
+    """Random-time kills, with Ray on two CPUs. A command that finishes before its kill is not a
+    kill: the try starts over on a fresh copy, so every counted kill is mid-run."""
+    ref = references(job)
     killed_space = workspace_from(base, tmp_path / "killed")
     rng = random.Random(f"{job.name}-{KILL_POINTS}")
-    kills = 0
+    kills = tries = 0
     while kills < KILL_POINTS:
+        tries += 1
+        if tries > 20 * KILL_POINTS:
+            pytest.skip(f"{job.name} finished before {tries - 1 - kills} of its random kill times (not a failure)")
         process = subprocess.Popen(job.argv(killed_space), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
-        time.sleep(rng.uniform(0.2, seconds))
-        if process.poll() is not None:  # finished first: start over on a fresh copy, so every kill is mid-run
+        time.sleep(rng.uniform(0.2, ref.seconds))
+        finished = process.poll() is not None
+        kill_session(process.pid)  # the command, its Ray, and Ray's workers (process groups of their own)
+        process.wait()
+        if finished:
             shutil.rmtree(killed_space)
             workspace_from(base, killed_space)
             continue
-        os.killpg(process.pid, signal.SIGKILL)  # the command and the Ray it started
-        process.wait()
         kills += 1
-        check_after_kill(job, killed_space, reference)
-    run_to_end(job, killed_space)
-    if job.name == "train":  # the newest checkpoint's weights, whatever the step folder names are
-        final = [load_file(str(sorted((space / "out" / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
-                 for space in (reference_space, killed_space)]
-        assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
-        order = [("step", "ascending"), ("key", "ascending")]
-        rows = [read_dynamics(location(str(space / "out"))).sort_by(order) for space in (reference_space, killed_space)]
-        assert rows[0].equals(rows[1])  # every presentation recorded once, as if never interrupted
-    else:
-        assert comparable(job, files_of(killed_space / job.written)) == reference
-    print(f"{job.name}: survived {kills} kill points")
+        check_after_kill(job, killed_space, ref.files)
+    result = subprocess.run(job.argv(killed_space), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, f"{job.name}: {result.stderr[-3000:]}"
+    check_rerun_equals(job, killed_space, ref)
+    print(f"\n{job.name}: survived {kills} random-time kills")

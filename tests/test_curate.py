@@ -3,7 +3,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -12,31 +11,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.curate import CurationPlan, curate
-from pipeline.ingest import IngestOptions, ingest
-from pipeline.materialize import kept_url
-from pipeline.selection import read_selection
-from pipeline.sources import open_source
-from shards import location, read_manifest
+from helpers import ONION, onion_ok
+from pipeline.curation.materialize import kept_url
+from pipeline.curation.rounds import CurationPlan, curate
+from pipeline.curation.scoring import read_scores
+from pipeline.curation.selection import read_selection
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.ingest.sources import open_source
+from shards import UsageError, location, read_manifest
 from trainer.config import TrainConfig
 from trainer.dynamics import read_dynamics
 
-TINY = dict(batch_size=32, depth=2, embed_dim=64, num_heads=2, patch_size=4, lr=2e-3, warmup_epochs=0.3, workers=1)
-
-
-@pytest.fixture(scope="module")
-def digits(ray_local, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "digits")
-    ingest(open_source("digits"), out, IngestOptions(shard_size=300), command=["test"], progress=False)
-    return out
+TINY = dict(batch_size=32, depth=2, embed_dim=64, num_heads=2, patch_size=4, lr=2e-3, warmup_epochs=0.3,
+            loader_workers=1)
 
 
 def test_three_rounds_train_on_their_survivors(digits, tmp_path):
     run = str(tmp_path / "run")
-    plan = CurationPlan(rounds=3, round_epochs=1, keep=0.8, remove_n=60, scorer="forgetting")
-    result = curate(digits, TrainConfig(dataset=digits, out=run, epochs=3, **TINY), plan, progress=False)
+    plan = CurationPlan(rounds=3, round_epochs=2, keep=0.8, remove_n=60, scorer="forgetting")
+    result = curate(digits, TrainConfig(dataset=digits, out=run, epochs=6, **TINY), plan, progress=False)
     versions = result["selections"]
-    assert len(versions) == 3 and result["epochs"] == 3
+    assert len(versions) == 3 and result["epochs"] == 6
+    assert [r["restored"] for r in result["rounds"]] == [0, 60, 60]
+    assert [r["dropped"] for r in result["rounds"][1:]] == [{"unforgettable": 60}, {"unforgettable": 60}]
     dataset = location(digits)
     kept_sets = []
     for number, version in enumerate(versions):
@@ -48,16 +45,31 @@ def test_three_rounds_train_on_their_survivors(digits, tmp_path):
             assert set(table["reason"].to_pylist()) >= {f"unforgettable@r{number}", f"restored@r{number}"}
             assert len(kept_sets[-2] - kept_sets[-1]) == 60
     dynamics = read_dynamics(location(run))
-    for epoch, kept in enumerate(kept_sets):  # each phase trained exactly on its round's survivors
+    for epoch in range(6):  # each phase trained exactly on its round's survivors
         seen = dynamics.filter(pc.equal(dynamics["epoch"], epoch))["key"].to_pylist()
-        assert sorted(seen) == sorted(kept)
+        assert sorted(seen) == sorted(kept_sets[epoch // 2])
     assert json.loads((tmp_path / "run" / "curation.json").read_text())["selections"] == versions
+    for number in (1, 2):  # never-learned examples rank hardest: none is dropped as unforgettable
+        scores = read_scores(dataset, f"forgetting-run-r{number}").to_pylist()
+        never = {r["key"] for r in scores if r["presentations"] and not r["learned"]}
+        table = read_selection(dataset, versions[number])
+        dropped_now = {k for k, reason in zip(table["key"].to_pylist(), table["reason"].to_pylist(), strict=True)
+                       if reason == f"unforgettable@r{number}"}
+        assert not never & dropped_now
+        assert len({r["score"] for r in scores if r["presentations"]}) >= 2
 
 
-def command(dataset, run):
-    return [sys.executable, "-m", "pipeline", "curate", dataset, "--out", str(run), "--rounds", "3", "--round-epochs", "2",
+def test_a_signal_free_plan_is_refused_before_anything_is_written(digits, tmp_path):
+    plan = CurationPlan(rounds=2, round_epochs=1, keep=0.8, remove_n=60, scorer="forgetting")
+    with pytest.raises(UsageError, match="forgetting has no signal with --round-epochs 1.*--round-epochs 2 or more"):
+        curate(digits, TrainConfig(dataset=digits, out=str(tmp_path / "run"), epochs=2, **TINY), plan, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def curate_args(dataset, run):
+    return ["curate", dataset, "--out", str(run), "--rounds", "3", "--round-epochs", "2",
             "--remove-n", "60", "--checkpoint-every", "5", "--batch-size", "32", "--depth", "2", "--embed-dim", "64",
-            "--num-heads", "2", "--patch-size", "4", "--workers", "1"]
+            "--num-heads", "2", "--patch-size", "4", "--ray-cpus", "1"]
 
 
 def test_killed_curation_resumes_to_the_same_result(ray_local, tmp_path):
@@ -65,10 +77,9 @@ def test_killed_curation_resumes_to_the_same_result(ray_local, tmp_path):
     for out in (copy, other):
         ingest(open_source("digits"), out, IngestOptions(shard_size=300), command=["test"], progress=False)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    done = subprocess.run(command(copy, reference), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    process = subprocess.Popen(command(other, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    onion_ok(*curate_args(copy, reference))
+    process = subprocess.Popen([*ONION, *curate_args(other, killed)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     latest = killed / "checkpoints" / "latest.json"
     while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["epoch"] >= 3):
@@ -76,9 +87,9 @@ def test_killed_curation_resumes_to_the_same_result(ray_local, tmp_path):
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    again = subprocess.run(command(other, killed), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    final = [load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors")) for run in (reference, killed)]
+    onion_ok(*curate_args(other, killed))
+    final = [load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+             for run in (reference, killed)]
     assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
     versions = [json.loads((run / "curation.json").read_text())["selections"] for run in (reference, killed)]
     assert versions[0] == versions[1] == ["v0001", "v0002", "v0003"]

@@ -7,12 +7,11 @@ import psutil
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.ingest import IngestOptions
-from pipeline.materialize import kept_url, materialize
-from pipeline.scoring import ScoreContext, compute_scores, read_scores, write_scores
-from pipeline.selection import SelectOptions, SourceExamples, initial_round, save_selection, select
-from pipeline.ingest import ingest
-from pipeline.sources import SourceOptions, open_source
+from pipeline.curation.materialize import kept_url, materialize
+from pipeline.curation.scoring import ScoreContext, compute_scores, read_scores, write_scores
+from pipeline.curation.selection import SelectOptions, SourceExamples, initial_round, save_selection, select
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.ingest.sources import SourceOptions, open_source
 from shards import ShardDataset, location, read_index, read_manifest
 from trainer.config import TrainConfig
 from trainer.launch import train
@@ -32,10 +31,12 @@ FLIP_RECALL = {"loss": 0.9, "forgetting": 0.6}
 def curated(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("curation")
     dataset, run = str(root / "syn"), str(root / "run")
-    source = open_source("synthetic", SourceOptions(count=1500, image_size=16, flip_rate=0.1, dup_rate=0.05, near_dup_rate=0.05))
+    source = open_source("synthetic", SourceOptions(count=1500, image_size=16, flip_rate=0.1, dup_rate=0.05,
+                                                    near_dup_rate=0.05))
     ingest(source, dataset, IngestOptions(shard_size=100), command=["test"], progress=False)
-    train(TrainConfig(dataset=dataset, out=run, epochs=6, batch_size=32, depth=2, embed_dim=64, num_heads=2, patch_size=4,
-                      lr=2e-3, warmup_epochs=0.3, workers=1, label_smoothing=0.0, weight_decay=0.01))
+    train(TrainConfig(dataset=dataset, out=run, epochs=6, batch_size=32, depth=2, embed_dim=64, num_heads=2,
+                      patch_size=4, lr=2e-3, warmup_epochs=0.3, loader_workers=1, label_smoothing=0.0,
+                      weight_decay=0.01))
     return dataset, run
 
 
@@ -64,7 +65,7 @@ def test_materialized_shards_hold_exactly_the_kept_examples(curated):
     selection = read_index(location(dataset), columns=["key", "split"])
     chosen = save_selection(location(dataset), initial_round(source, 0.8, seed=3), {"round": 0})
     assert chosen == version  # same inputs and seed: the same, immutable version
-    from pipeline.selection import read_selection
+    from pipeline.curation.selection import read_selection
 
     rows = read_selection(location(dataset), version)
     kept = set(rows.filter(rows["kept"])["key"].to_pylist())
@@ -91,13 +92,13 @@ def kill_one_scorer_when_it_runs(killed: list, stop: threading.Event) -> None:
 
 def test_a_killed_ray_worker_still_gives_complete_identical_el2n(curated):
     dataset, run = curated
-    clean = compute_scores("el2n", ScoreContext(dataset, run, workers=2, progress=False))
+    clean = compute_scores("el2n", ScoreContext(dataset, run, actors=2, progress=False))
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=kill_one_scorer_when_it_runs, args=(killed, stop))
     killer.start()
     try:
-        faulty = compute_scores("el2n", ScoreContext(dataset, run, workers=2, progress=False))
+        faulty = compute_scores("el2n", ScoreContext(dataset, run, actors=2, progress=False))
     finally:
         stop.set()
         killer.join()
@@ -108,7 +109,8 @@ def test_a_killed_ray_worker_still_gives_complete_identical_el2n(curated):
     assert read_scores(location(dataset), "el2n").num_rows == len(SourceExamples.of(location(dataset)).keys)
 
 
-def onion(capsys, *args):
+def onion_main(capsys, *args):
+    """``onion ARGS`` in this process (its Ray is the session's), which must exit 0; returns stdout."""
     from pipeline.cli import main
 
     code = main([str(a) for a in args])
@@ -125,30 +127,32 @@ def test_rounds_and_inspection_from_the_command_line(curated, capsys, tmp_path):
     from PIL import Image
 
     dataset, run = curated
-    onion(capsys, "score", dataset, "forgetting", "--run", run)
-    first = onion(capsys, "select", dataset, "--round", "0", "--keep", "0.8", "--seed", "7")
+    onion_main(capsys, "score", dataset, "forgetting", "--run", run)
+    first = onion_main(capsys, "select", dataset, "--round", "0", "--keep", "0.8", "--seed", "7")
     v0 = first.split("selections/")[1].split(".parquet")[0]
-    second = onion(capsys, "select", dataset, "--round", "1", "--parent", v0, "--remove-n", "50", "--scores", "forgetting")
+    second = onion_main(capsys, "select", dataset, "--round", "1", "--parent", v0, "--remove-n", "50",
+                        "--scores", "forgetting")
     v1 = second.split("selections/")[1].split(".parquet")[0]
-    summary = json.loads(onion(capsys, "inspect", dataset, "--selection", v1, "--format", "json"))
+    summary = json.loads(onion_main(capsys, "inspect", dataset, "--selection", v1, "--format", "json"))
     assert summary["by_reason"]["unforgettable@r1"] == 50 and summary["by_reason"]["restored@r1"] == 50
     assert summary["counts"]["kept"] == sum(c.get("kept", 0) for c in summary["by_class"].values())
     assert summary["examples"] == sum(summary["counts"].values())
-    diff = json.loads(onion(capsys, "inspect", dataset, "--diff", v0, v1, "--format", "json"))
+    diff = json.loads(onion_main(capsys, "inspect", dataset, "--diff", v0, v1, "--format", "json"))
     assert len(diff["newly_dropped"]) == 50 and len(diff["newly_kept"]) == 50
     moved = diff["newly_dropped"][0]["key"]
-    lineage = json.loads(onion(capsys, "inspect", dataset, "--key", moved, "--format", "json"))
-    decisions = {row["version"]: (row["kept"], row["reason"]) for row in lineage["rows"]}
+    lineage = json.loads(onion_main(capsys, "inspect", dataset, "--key", moved, "--format", "json"))
+    decisions = {row["version"]: (row["kept"], row["reason"]) for row in lineage["lineage"]}
     assert decisions[v0] == (True, "kept") and decisions[v1] == (False, "unforgettable@r1")
     assert "forgetting" in lineage["scores"]
-    table = onion(capsys, "inspect", dataset, "--selection", v1, "--plot", tmp_path / "h.png", "--grid", tmp_path / "g.png")
+    table = onion_main(capsys, "inspect", dataset, "--selection", v1, "--plot", tmp_path / "h.png",
+                       "--grid", tmp_path / "g.png")
     assert "by_reason" in table and "restored@r1" in table
     for picture in ("h.png", "g.png"):
         with Image.open(tmp_path / picture) as image:
             image.verify()
             assert image.format == "PNG" and image.size[0] > 300
-    rows = list(csv.DictReader(io.StringIO(onion(
-        capsys, "inspect", dataset, "--sql", f"select kept, count(*) n from selections where version = '{v1}' group by kept order by kept",
-        "--format", "csv").split("\n", 1)[1])))
+    query = f"select kept, count(*) n from selections where version = '{v1}' group by kept order by kept"
+    answer = onion_main(capsys, "inspect", dataset, "--sql", query, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(answer.split("\n", 1)[1])))
     assert [(r["kept"], int(r["n"])) for r in rows] == [("False", summary["examples"] - summary["counts"]["kept"]),
                                                        ("True", summary["counts"]["kept"])]

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from helpers import png_bytes, png_header_only, random_pixels
-from pipeline.encode import EncodeOptions
-from pipeline.ingest import IngestOptions, ingest
-from pipeline.sources import SourceOptions, open_source
+from pipeline.ingest.encode import EncodeOptions
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.ingest.sources import SourceOptions, open_source
 from shards import location, read_example, read_index, read_manifest
 from shards.decode import decode_pixels
 
@@ -52,7 +52,8 @@ def build_folder(root):
     (root / "dog" / "animated.gif").write_bytes(encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]))
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
-    (root / "dog" / "rotated.jpg").write_bytes(encoded(Image.fromarray(random_pixels(rng, 12)[:, :8]), "JPEG", exif=exif))
+    rotated = Image.fromarray(random_pixels(rng, 12)[:, :8])
+    (root / "dog" / "rotated.jpg").write_bytes(encoded(rotated, "JPEG", exif=exif))
     (root / "dog" / "photo.bmp").write_bytes(encoded(rgb, "BMP"))
     (root / "cat" / "locked.png").write_bytes(png_bytes(random_pixels(rng, 12)))
     os.chmod(root / "cat" / "locked.png", 0)

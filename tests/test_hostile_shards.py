@@ -5,13 +5,11 @@ import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 
 import pytest
 
-from helpers import write_direct_dataset
+from helpers import onion, write_direct_dataset
 from shards import DatasetError, ShardDataset
 from shards.verify import verify_dataset
 
@@ -77,13 +75,16 @@ HOSTILE = {
     "member missing": (member_missing, VICTIM, "the tar header says 1 bytes"),  # its .cls member is there now
     "keys out of order": (out_of_order, "ex-00005", f"names '{VICTIM}.png'"),
     "duplicate keys": (duplicate_key, "ex-00007", f"names '{VICTIM}.png'"),
-    "'..' in a member name": (lambda d: edit_header(d, f"{VICTIM}.png", name=b"../evil.png"), VICTIM, "'../evil.png'"),
-    "absolute member name": (lambda d: edit_header(d, f"{VICTIM}.png", name=b"/etc/evil.png"), VICTIM, "'/etc/evil.png'"),
+    "'..' in a member name": (lambda d: edit_header(d, f"{VICTIM}.png", name=b"../evil.png"), VICTIM,
+                              "'../evil.png'"),
+    "absolute member name": (lambda d: edit_header(d, f"{VICTIM}.png", name=b"/etc/evil.png"), VICTIM,
+                             "'/etc/evil.png'"),
     "symbolic-link member": (lambda d: edit_header(d, f"{VICTIM}.png", type=b"2", linkname=b"/etc/passwd"), VICTIM,
                              "not a regular file"),
     "hard-link member": (lambda d: edit_header(d, f"{VICTIM}.png", type=b"1", linkname=b"ex-00005.png"), VICTIM,
                          "not a regular file"),
-    "gigantic member header": (lambda d: edit_header(d, f"{VICTIM}.png", size=SIZE_8_GIB), VICTIM, "the tar header says"),
+    "gigantic member header": (lambda d: edit_header(d, f"{VICTIM}.png", size=SIZE_8_GIB), VICTIM,
+                               "the tar header says"),
 }
 VERIFY_FINDS = {  # what onion verify says about each (besides the shard's checksum)
     "truncated tar": "truncated or replaced",
@@ -118,7 +119,8 @@ def test_hostile_shard_gives_an_error_naming_shard_and_member(dataset, kind):
     (dataset / SHARD).write_bytes(damage((dataset / SHARD).read_bytes()))
     with pytest.raises(DatasetError) as raised:
         read_all(dataset)
-    assert f"{SHARD}: " in str(raised.value) and member in str(raised.value) and message in str(raised.value), str(raised.value)
+    error = str(raised.value)
+    assert f"{SHARD}: " in error and member in error and message in error, error
     checked, problems = verify_dataset(str(dataset))
     found = [str(problem) for problem in problems]
     assert checked == 3 and all(text.startswith(SHARD) for text in found), found
@@ -146,10 +148,9 @@ def test_missing_shard_file_is_named(dataset):
 
 
 def test_onion_verify_command(dataset):
-    command = [sys.executable, "-m", "pipeline", "verify", str(dataset)]
-    healthy = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    healthy = onion("verify", dataset, timeout=120)
     assert healthy.returncode == 0 and "3 shards verified, no problems" in healthy.stdout
     (dataset / SHARD).write_bytes(out_of_order((dataset / SHARD).read_bytes()))
-    damaged = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    damaged = onion("verify", dataset, timeout=120)
     assert damaged.returncode == 1
     assert "not in the index's order" in damaged.stderr and f"{SHARD}: member ex-00005.png" in damaged.stderr

@@ -5,18 +5,15 @@ import pickle
 import numpy as np
 import pytest
 
-from helpers import png_bytes, random_pixels
-from pipeline.ingest import IngestOptions, ingest
-from pipeline.sources import SourceError, SourceOptions, open_source
+from helpers import files_of, png_bytes, random_pixels
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.ingest.sources import SourceError, SourceOptions, open_source
 from shards import DatasetError, ShardDataset, location, read_index, read_manifest
 
 
-def run_ingest(spec, out, *, source_options=SourceOptions(), **options):
-    return ingest(open_source(spec, source_options), str(out), IngestOptions(**options), command=["test"], progress=False)
-
-
-def all_files(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def run_ingest(spec, out, *, source_options=None, **options):
+    source = open_source(spec, source_options or SourceOptions())
+    return ingest(source, str(out), IngestOptions(**options), command=["test"], progress=False)
 
 
 def test_digits_ingest_accounts_for_every_input(ray_local, tmp_path):
@@ -39,11 +36,11 @@ def test_same_input_gives_byte_identical_output(ray_local, tmp_path):
     source = SourceOptions(count=200, image_size=16)
     run_ingest("synthetic", tmp_path / "a", source_options=source, **options)
     run_ingest("synthetic", tmp_path / "b", source_options=source, **options)
-    first, second = all_files(tmp_path / "a"), all_files(tmp_path / "b")
+    first, second = files_of(tmp_path / "a"), files_of(tmp_path / "b")
     assert len([n for n in first if n.endswith(".tar")]) >= 5
     assert first == second
     again = run_ingest("synthetic", tmp_path / "a", source_options=source, **options)
-    assert again.already_complete and all_files(tmp_path / "a") == first
+    assert again.already_complete and files_of(tmp_path / "a") == first
 
 
 def test_output_holding_a_different_dataset_is_refused(ray_local, tmp_path):
@@ -59,11 +56,13 @@ def test_output_holding_a_different_dataset_is_refused(ray_local, tmp_path):
 
 
 def test_synthetic_plants_marked_redundancy(ray_local, tmp_path):
-    run_ingest("synthetic", tmp_path / "s", source_options=SourceOptions(count=600, dup_rate=0.1, near_dup_rate=0.1, flip_rate=0.1), shard_size=200)
+    planting = SourceOptions(count=600, dup_rate=0.1, near_dup_rate=0.1, flip_rate=0.1)
+    run_ingest("synthetic", tmp_path / "s", source_options=planting, shard_size=200)
     index = read_index(location(str(tmp_path / "s")))
     rows = {r["key"]: r for r in index.to_pylist()}
     planted = [r for r in rows.values() if r["planted"]]
-    kinds = {kind: [r for r in planted if r["planted"].startswith(kind)] for kind in ("dup-of:", "near-dup-of:", "label-flip")}
+    kinds = {kind: [r for r in planted if r["planted"].startswith(kind)]
+             for kind in ("dup-of:", "near-dup-of:", "label-flip")}
     assert all(30 <= len(v) <= 80 for v in kinds.values()), {k: len(v) for k, v in kinds.items()}
     assert all(r["split"] == "train" for r in planted)
     for row in kinds["dup-of:"]:
@@ -134,7 +133,8 @@ def test_cifar_python_binary_and_malicious_pickle(ray_local, tmp_path):
     run_ingest(f"cifar:{tmp_path / 'bin'}", tmp_path / "out100")
     rows = read_index(location(str(tmp_path / "out100"))).to_pylist()
     assert sorted(r["label"] for r in rows if r["status"] == "ok") == [42, 99]
-    assert [r["reason"] for r in rows if r["status"] != "ok"] == ["not a usable CIFAR batch: 100 bytes is not a whole number of 3074-byte records"]
+    assert [r["reason"] for r in rows if r["status"] != "ok"] == [
+        "not a usable CIFAR batch: 100 bytes is not a whole number of 3074-byte records"]
 
 
 def test_unknown_and_missing_sources_are_named():

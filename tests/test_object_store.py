@@ -5,21 +5,20 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import fsspec
 import pyarrow.compute as pc
 import pytest
 
-from loopback import SECRET, FaultyProxy, aws_environment, environment, free_port, moto_server
-from pipeline.ingest import IngestOptions, ingest
-from pipeline.sources import open_source
+from helpers import files_of, onion
 from shards import ShardDataset, location, read_index
+from shards.testing import SECRET, FaultyProxy, aws_environment, environment, free_port, moto_server
 from trainer.dynamics import read_dynamics
 
-ONION = [sys.executable, "-m", "pipeline"]
 BUCKET = "onion-test"
 TRAIN = ["--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4", "--epochs", "2",
-         "--batch-size", "64", "--workers", "1", "--seed", "3"]
+         "--batch-size", "64", "--loader-workers", "0", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,9 @@ def fresh_filesystems() -> None:
     fsspec.get_filesystem_class("s3").clear_instance_cache()
 
 
-def onion(endpoint: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **aws_environment(endpoint)}
-    result = subprocess.run([*ONION, *args], capture_output=True, text=True, timeout=600, env=env)
+def onion_s3(endpoint: str, *args: str) -> subprocess.CompletedProcess:
+    """``onion ARGS`` with the AWS environment pointing at ``endpoint``; it must succeed."""
+    result = onion(*args, timeout=600, env={**os.environ, **aws_environment(endpoint)})
     assert result.returncode == 0, f"onion {' '.join(args)}:\n{result.stderr[-3000:]}"
     assert SECRET not in result.stdout + result.stderr  # credentials are never printed
     return result
@@ -54,10 +53,10 @@ def objects(url: str) -> dict[str, bytes]:
 def run_flow(endpoint: str, prefix: str) -> dict[str, bytes]:
     """ingest -> select -> materialize -> train, all on s3://; returns every object written."""
     data, run = f"s3://{BUCKET}/{prefix}/digits", f"s3://{BUCKET}/{prefix}/run"
-    onion(endpoint, "ingest", "digits", data, "--shard-size", "300", "--workers", "1")
-    onion(endpoint, "select", data, "--strategy", "random", "--keep", "0.5", "--seed", "1", "--workers", "1")
-    onion(endpoint, "materialize", data, "--selection", "v0001", "--workers", "1")
-    onion(endpoint, "train", f"{data}/kept/v0001", "--out", run, *TRAIN)
+    onion_s3(endpoint, "ingest", "digits", data, "--shard-size", "300", "--ray-cpus", "1")
+    onion_s3(endpoint, "select", data, "--strategy", "random", "--keep", "0.5", "--seed", "1", "--ray-cpus", "1")
+    onion_s3(endpoint, "materialize", data, "--selection", "v0001", "--ray-cpus", "1")
+    onion_s3(endpoint, "train", f"{data}/kept/v0001", "--out", run, *TRAIN)
     return objects(f"s3://{BUCKET}/{prefix}")
 
 
@@ -84,10 +83,8 @@ def clean_flow(s3):
     return run_flow(s3, "clean")
 
 
-def test_ingest_to_s3_equals_local_ingest(s3, clean_flow, ray_local, tmp_path):
-    local = tmp_path / "digits"
-    ingest(open_source("digits"), str(local), IngestOptions(shard_size=300), command=["test"], progress=False)
-    on_disk = {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+def test_ingest_to_s3_equals_local_ingest(s3, clean_flow, digits):
+    on_disk = files_of(Path(digits))  # the same ingest (digits, shards of 300) to local disk
     remote = {name.removeprefix("digits/"): data for name, data in clean_flow.items()
               if name.startswith("digits/") and "/" not in name.removeprefix("digits/")}
     assert sorted(remote) == sorted(on_disk)
@@ -126,7 +123,8 @@ def test_injected_500s_and_dropped_connections_change_nothing(s3, clean_flow):
 def test_two_node_torchrun_streams_each_example_once_per_epoch_from_s3(s3, clean_flow):
     """Two torchrun "nodes" (node ranks 0 and 1, gloo over loopback) train on a dataset on s3://."""
     data, run = f"s3://{BUCKET}/clean/digits/kept/v0001", f"s3://{BUCKET}/ddp/run"
-    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                  "--master-port", str(free_port())]
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rendezvous, "--node-rank", str(rank),
                                "-m", "pipeline", "train", data, "--out", run, *TRAIN],
                               env={**os.environ, **aws_environment(s3)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -147,9 +145,8 @@ def test_two_node_torchrun_streams_each_example_once_per_epoch_from_s3(s3, clean
 
 
 def test_missing_bucket_is_one_line_naming_the_location(s3):
-    env = {**os.environ, **aws_environment(s3)}
-    result = subprocess.run([*ONION, "ingest", "digits", "s3://no-such-bucket/digits", "--workers", "1"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = onion("ingest", "digits", "s3://no-such-bucket/digits", "--ray-cpus", "1",
+                   env={**os.environ, **aws_environment(s3)})
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "s3://no-such-bucket/digits" in lines[0] and "bucket" in lines[0], result.stderr

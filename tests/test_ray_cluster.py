@@ -4,16 +4,15 @@ nodes and give the same bytes as a single-node run."""
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from loopback import RAY_CLUSTER_ENV, LoopbackRayCluster
+from helpers import files_of, onion
+from shards.testing import RAY_CLUSTER_ENV, LoopbackRayCluster
 from trainer.config import TrainConfig
 from trainer.launch import train
 
-ONION = [sys.executable, "-m", "pipeline"]
 SOURCE = ["synthetic", "--count", "1200", "--image-size", "16", "--shard-size", "60"]
 NODES = re.compile(r"on (\d+) Ray nodes? \(([^)]*)\)")
 
@@ -25,16 +24,13 @@ def cluster(tmp_path_factory):
         yield loopback.address
 
 
-def onion(*args: str, address: str | None = None) -> subprocess.CompletedProcess:
+def onion_on(*args: str, address: str | None = None) -> subprocess.CompletedProcess:
+    """``onion ARGS`` joined to the Ray cluster at ``address``, or with an embedded Ray of 2 CPUs; it must succeed."""
     env = {**os.environ, **(RAY_CLUSTER_ENV if address else {"RAY_ADDRESS": ""})}
-    command = [*ONION, *args, *(["--address", address] if address else ["--workers", "2"])]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr[-3000:]}"
+    command = [*args, *(["--address", address] if address else ["--ray-cpus", "2"])]
+    result = onion(*command, timeout=600, env=env)
+    assert result.returncode == 0, f"onion {' '.join(command)}:\n{result.stderr[-3000:]}"
     return result
-
-
-def files_of(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def nodes_used(output: str) -> int:
@@ -45,8 +41,8 @@ def nodes_used(output: str) -> int:
 
 def test_ingest_and_scoring_use_both_nodes_and_equal_a_single_node_run(cluster, tmp_path):
     single, spread = tmp_path / "single", tmp_path / "cluster"
-    onion("ingest", *SOURCE[:1], str(single), *SOURCE[1:])
-    result = onion("ingest", *SOURCE[:1], str(spread), *SOURCE[1:], address=cluster)
+    onion_on("ingest", *SOURCE[:1], str(single), *SOURCE[1:])
+    result = onion_on("ingest", *SOURCE[:1], str(spread), *SOURCE[1:], address=cluster)
     assert nodes_used(result.stdout) == 2
     reference = files_of(single)
     assert files_of(spread).keys() == reference.keys()
@@ -56,9 +52,9 @@ def test_ingest_and_scoring_use_both_nodes_and_equal_a_single_node_run(cluster, 
 
     run = tmp_path / "run"
     train(TrainConfig(dataset=str(single), out=str(run), epochs=1, depth=2, embed_dim=32, num_heads=2, patch_size=4,
-                      batch_size=64, workers=0, seed=0))
-    onion("score", str(single), "el2n", "--run", str(run))
-    result = onion("score", str(spread), "el2n", "--run", str(run), address=cluster)
+                      batch_size=64, loader_workers=0, seed=0))
+    onion_on("score", str(single), "el2n", "--run", str(run))
+    result = onion_on("score", str(spread), "el2n", "--run", str(run), address=cluster)
     assert nodes_used(result.stderr) == 2
     scores = [(root / "scores" / "el2n.parquet").read_bytes() for root in (single, spread)]
     assert scores[0] == scores[1]

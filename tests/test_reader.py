@@ -66,7 +66,10 @@ def test_exact_once_across_two_ranks_with_uneven_shards(tmp_path):
 def test_shuffle_is_seeded_and_changes_per_epoch(tmp_path):
     url = str(tmp_path / "ds")
     write_direct_dataset(url, UNEVEN)
-    order = lambda seed, epoch: [k for *_, k in _with_epoch(ShardDataset(url, seed=seed, buffer_size=16), epoch)]
+
+    def order(seed, epoch):
+        return [k for *_, k in _with_epoch(ShardDataset(url, seed=seed, buffer_size=16), epoch)]
+
     assert order(0, 0) == order(0, 0)
     assert order(0, 0) != order(0, 1)
     assert sorted(order(0, 0)) == sorted(order(0, 1))
@@ -135,7 +138,8 @@ def test_verify_names_the_corrupt_shard(tmp_path):
     data = bytearray(shard.read_bytes())
     data[700] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(DatasetError, match=r"train-000002.tar: member ex-00008.\*: its bytes do not match the sha256 in the index"):
+    damaged = r"train-000002.tar: member ex-00008.\*: its bytes do not match the sha256 in the index"
+    with pytest.raises(DatasetError, match=damaged):
         list(ShardDataset(str(url)))
     with pytest.raises(DatasetError, match="train-000002.tar: sha256 .* does not match the manifest"):
         list(ShardDataset(str(url), verify="shards"))

@@ -5,16 +5,15 @@ test_curation.py."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
+from helpers import ONION, onion, onion_ok
 from shards.verify import verify_dataset
 
-ONION = [sys.executable, "-m", "pipeline"]
-INGEST = ["ingest", "synthetic", "--count", "500", "--image-size", "32", "--shard-size", "100", "--workers", "1"]
+INGEST = ["ingest", "synthetic", "--count", "500", "--image-size", "32", "--shard-size", "100", "--ray-cpus", "1"]
 
 
 @pytest.fixture
@@ -30,15 +29,15 @@ def small_filesystem(tmp_path):
 
 def test_disk_full_while_writing_shards_is_a_clean_error_and_a_rerun_completes(small_filesystem):
     out = small_filesystem / "out"
-    command = [*ONION, *INGEST[:2], str(out), *INGEST[2:]]  # ~1.5 MB of shards for 1 MiB of disk
-    full = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    command = [*INGEST[:2], out, *INGEST[2:]]  # ~1.5 MB of shards for 1 MiB of disk
+    full = onion(*command, timeout=600)
     assert full.returncode == 1, full.stderr[-3000:]
     errors = [line for line in full.stderr.splitlines() if line.startswith("onion ingest: error:")]
     assert errors and str(out) in errors[0] and "No space left on device" in errors[0], full.stderr[-3000:]
     assert not (out / "manifest.json").exists()  # nothing claims to be complete
     written = sorted(out.glob("*.tar"))
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_filesystem)], check=True)
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    rerun = onion(*command, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert verify_dataset(str(out))[1] == []
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # no half-written temporaries left behind
@@ -47,9 +46,9 @@ def test_disk_full_while_writing_shards_is_a_clean_error_and_a_rerun_completes(s
 
 def test_a_killed_ddp_rank_stops_the_run_with_a_clear_error(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
-    subprocess.run([*ONION, "ingest", "digits", str(data), "--workers", "1"], check=True, capture_output=True, timeout=600)
+    onion_ok("ingest", "digits", data, "--ray-cpus", "1", timeout=600)
     command = [*ONION, "train", str(data), "--out", str(run), "--nproc", "2", "--epochs", "50", "--depth", "2",
-               "--embed-dim", "32", "--num-heads", "2", "--workers", "0", "--batch-size", "16"]
+               "--embed-dim", "32", "--num-heads", "2", "--loader-workers", "0", "--batch-size", "16"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "metrics.csv").exists():  # the ranks are training

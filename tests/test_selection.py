@@ -1,12 +1,23 @@
 """Scores and selections on hand-made inputs with known answers."""
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.scoring.dynamics_scores import forgetting, mean_loss
-from pipeline.selection import (Candidates, SelectOptions, SourceExamples, choose, initial_round, largest_remainder,
-                                next_round, save_selection, select)
-from shards import location
+from pipeline.curation.scoring.dynamics_scores import forgetting, mean_loss, require_signal
+from pipeline.curation.selection import (
+    Candidates,
+    SelectOptions,
+    SourceExamples,
+    choose,
+    initial_round,
+    largest_remainder,
+    next_round,
+    save_selection,
+    select,
+)
+from shards import UsageError, location
 
 
 def presentations(rows):
@@ -29,16 +40,49 @@ DYNAMICS = presentations([
 def test_forgetting_counts_never_learned_and_ties():
     table = forgetting(["a", "b", "c", "d", "e"], DYNAMICS)
     rows = {r["key"]: r for r in table.to_pylist()}
-    assert rows["a"]["forgetting_events"] == 2 and rows["a"]["score"] == 2
-    assert rows["b"]["learned"] is False and rows["b"]["score"] == 2  # never learned = the maximum
+    assert rows["a"]["forgetting_events"] == 2 and rows["a"]["score"] == 2  # 2 events in 3 transitions, P = 4
+    assert rows["b"]["learned"] is False and rows["b"]["score"] == 4  # never learned: P, above every learned one
     assert rows["c"]["score"] == 0 and rows["d"]["score"] == 0  # learned once, never forgotten
     assert rows["c"]["tiebreak"] < rows["d"]["tiebreak"]  # more concentrated attention: easier
     assert np.isnan(rows["e"]["score"]) and rows["e"]["presentations"] == 0
     assert table.num_rows == 5  # the unknown key is ignored
     candidates = Candidates(np.array(table["key"].to_pylist(), dtype=object), np.zeros(5),
                             table["score"].to_numpy(zero_copy_only=False), table["tiebreak"].to_numpy())
-    # b ties with a at the maximum; its attention is more concentrated, so it ranks as easier
-    assert [candidates.keys[i] for i in candidates.easiest_first()] == ["c", "d", "b", "a", "e"]
+    assert [candidates.keys[i] for i in candidates.easiest_first()] == ["c", "d", "a", "b", "e"]
+
+
+def test_one_presentation_each_never_learned_ranks_above_learned():
+    """The demo's old defect: with one presentation per example no event is possible, and never-learned
+    examples tied with the learned ones at 0, so the tie-break dropped the hardest as 'unforgettable'."""
+    once = presentations([("x", 0, True, 0.1, 0.9), ("y", 1, False, 3.0, 0.0), ("z", 2, True, 0.2, 0.8),
+                          ("w", 3, False, 2.5, 0.0)])
+    rows = {r["key"]: r for r in forgetting(["w", "x", "y", "z"], once).to_pylist()}
+    learned = [rows[k]["score"] for k in ("x", "z")]
+    never = [rows[k]["score"] for k in ("w", "y")]
+    assert min(never) > max(learned), rows
+    assert [rows[k]["learned"] for k in "wxyz"] == [False, True, False, True]
+    assert [rows[k]["presentations"] for k in "wxyz"] == [1, 1, 1, 1]
+
+
+def test_fewer_presentations_are_scored_as_a_rate_below_never_learned():
+    """A restored example seen twice (P = 4 for the others): events per transition, scaled to P - 1."""
+    restored = presentations([("a", 0, True, 0.1, 0.2), ("a", 10, False, 2.0, 0.2), ("a", 20, True, 0.2, 0.2),
+                              ("a", 30, True, 0.2, 0.2),
+                              ("r", 25, True, 0.1, 0.1), ("r", 35, False, 1.0, 0.1),
+                              ("s", 26, True, 0.1, 0.1), ("s", 36, True, 0.1, 0.1),
+                              ("n", 27, False, 2.0, 0.1), ("n", 37, False, 2.0, 0.1)])
+    rows = {r["key"]: r for r in forgetting(["a", "n", "r", "s"], restored).to_pylist()}
+    assert rows["a"]["forgetting_events"] == 1 and rows["a"]["score"] == pytest.approx(1 * 3 / 3)
+    assert rows["r"]["forgetting_events"] == 1 and rows["r"]["score"] == pytest.approx(1 * 3 / 1)
+    assert rows["s"]["score"] == 0
+    assert rows["n"]["score"] == 4 > rows["r"]["score"]
+
+
+def test_a_signal_free_window_is_refused_in_one_line():
+    once = presentations([("x", 0, True, 0.1, 0.9), ("y", 1, False, 3.0, 0.0)])
+    with pytest.raises(UsageError, match=r"no signal in run-x.*1 presentation\(s\) per example.*--round-epochs 2"):
+        require_signal(forgetting(["x", "y"], once), "run-x")
+    require_signal(forgetting(["a", "b", "c", "d"], DYNAMICS), "run-y")  # 3-4 presentations each: fine
 
 
 def test_mean_loss():
@@ -66,7 +110,7 @@ def test_rounds_keep_sizes_restore_only_from_the_pool_and_are_seeded():
     assert set(first["reason"].to_pylist()) == {"kept", "random-initial", "quarantined"}
     parent, version = first, "v0001"
     for round_number in (1, 2, 3):
-        scores = scores_for(src, round_number)
+        scores = scored_by("forgetting", scores_for(src, round_number))
         table = next_round(src, parent, version, scores, remove_n=7, round_number=round_number, seed=5)
         before, after = np.array(parent["kept"].to_pylist()), np.array(table["kept"].to_pylist())
         assert after.sum() == before.sum()  # size constant
@@ -79,12 +123,21 @@ def test_rounds_keep_sizes_restore_only_from_the_pool_and_are_seeded():
         easiest = [k for k in np.array(scores["key"])[np.argsort(scores["score"].to_numpy())] if before[int(k[1:])]][:7]
         assert sorted(src.keys[dropped]) == sorted(easiest)
         reasons = np.array(table["reason"].to_pylist())
-        assert set(reasons[dropped]) == {f"unforgettable@r{round_number}"} and set(reasons[restored]) == {f"restored@r{round_number}"}
+        assert set(reasons[dropped]) == {f"unforgettable@r{round_number}"}
+        assert set(reasons[restored]) == {f"restored@r{round_number}"}
         again = next_round(src, parent, version, scores, remove_n=7, round_number=round_number, seed=5)
         assert again.equals(table)
         other = next_round(src, parent, version, scores, remove_n=7, round_number=round_number, seed=6)
         assert not other.equals(table)
         parent, version = table, f"v{round_number + 1:04d}"
+    # the drop's name follows the scorer recorded in the file, not the file's name
+    by_loss = next_round(src, parent, version, scored_by("loss", scores_for(src, 9)), remove_n=3, round_number=4,
+                         seed=5)
+    assert "easy@r4" in by_loss["reason"].to_pylist() and "unforgettable@r4" not in by_loss["reason"].to_pylist()
+
+
+def scored_by(scorer, table):
+    return table.replace_schema_metadata({b"onion": json.dumps({"scorer": scorer}).encode()})
 
 
 @pytest.mark.parametrize("strategy", ["drop-easy", "drop-hard", "random", "stratified"])

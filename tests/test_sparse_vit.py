@@ -1,18 +1,38 @@
 import math
+import pickle
 
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
-from trainer import sparsify
+from trainer import sparse_vit, sparsify
 from trainer.flops import ViTShape, forward_flops, token_counts
 from trainer.schedule import KeepSchedule
-from trainer.sparse_vit import default_token_blocks
+from trainer.sparse_vit import SparseVisionTransformerDistilled, default_token_blocks
 
 CONFIGS = [
     ("deit_tiny_patch16_224", dict(img_size=32, patch_size=4, num_classes=10)),
-    ("vit_small_patch16_224", dict(img_size=48, patch_size=8, num_classes=7, depth=5, global_pool="avg", reg_tokens=2, qkv_bias=False)),
+    ("vit_small_patch16_224",
+     dict(img_size=48, patch_size=8, num_classes=7, depth=5, global_pool="avg", reg_tokens=2, qkv_bias=False)),
 ]
+
+
+# Tiny models of every family sparsify supports: 64 patches, depth 4, so pruning blocks (1, 2, 3).
+TINY = dict(img_size=32, patch_size=4, depth=4, embed_dim=32, num_heads=2, num_classes=10)
+PATCHES = 64
+# family: (timm model, overrides, prefix tokens, ranked by the class token's attention)
+FAMILIES = {
+    "class_token": ("deit_tiny_patch16_224", TINY, 1, True),
+    "distilled": ("deit_tiny_distilled_patch16_224", TINY, 2, True),
+    "registers": ("vit_small_patch16_224",
+                  dict(TINY, reg_tokens=4, no_embed_class=True, global_pool="avg", qkv_bias=False), 5, True),
+    "class_free": ("vit_small_patch16_224", dict(TINY, class_token=False, global_pool="avg"), 0, False),
+    "class_free_registers": ("vit_small_patch16_224",
+                             dict(TINY, class_token=False, reg_tokens=2, global_pool="avg", no_embed_class=True),
+                             2, False),
+}
+each_family = pytest.mark.parametrize("family", list(FAMILIES))
 
 
 def make(name, kwargs, seed=0):
@@ -20,13 +40,27 @@ def make(name, kwargs, seed=0):
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
 
-@pytest.mark.parametrize("name, kwargs", CONFIGS)
-def test_identity_with_timm_at_full_rates(name, kwargs):
-    vit = make(name, kwargs)
+def make_family(family, seed=0):
+    name, kwargs, _, _ = FAMILIES[family]
+    return make(name, kwargs, seed)
+
+
+def ranking_row(block, h, by_class):
+    """The documented ranking row, from scratch, from a block's normalised input ``h``: the class
+    token's attention, or the attention each token receives averaged over queries; heads averaged."""
+    attn = block.attn
+    q, k, _ = attn.qkv(h).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
+    weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1).mean(1)  # (B, query, key)
+    return weights[:, 0] if by_class else weights.mean(1)
+
+
+@each_family
+def test_identity_with_timm_at_full_rates(family):
+    vit = make_family(family)
     sparse = sparsify(vit, token_keep=1.0, attn_keep=1.0)
     assert list(sparse.state_dict()) == list(vit.state_dict())
     assert all(a is b for a, b in zip(sparse.parameters(), vit.parameters()))
-    x = torch.randn(4, 3, kwargs["img_size"], kwargs["img_size"])
+    x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert (sparse(x) - vit(x)).abs().max().item() <= 1e-5
     sparse.set_rates(token_keep=0.5, attn_keep=0.5)
@@ -80,9 +114,9 @@ def test_attention_mask_keeps_top_keys_and_prefix_rows_and_columns():
     assert not others[:, :, prefix:].any()  # and nothing else beyond the prefix columns
 
 
-def test_gradients_reach_every_parameter_when_sparse():
-    vit = make(*CONFIGS[0]).train()
-    sparse = sparsify(vit, token_keep=0.5, attn_keep=0.4, fuse_token=True)
+@each_family
+def test_gradients_reach_every_parameter_when_sparse(family):
+    sparse = sparsify(make_family(family).train(), token_keep=0.5, attn_keep=0.4, fuse_token=True)
     loss = sparse(torch.randn(4, 3, 32, 32)).logsumexp(-1).mean()
     loss.backward()
     missing = [n for n, p in sparse.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -108,12 +142,108 @@ def test_sparse_trained_weights_load_into_plain_timm():
 def test_sparsify_refuses_models_it_cannot_handle():
     with pytest.raises(TypeError, match="needs a timm VisionTransformer"):
         sparsify(torch.nn.Linear(2, 2))
-    no_class_token = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                                       depth=2, class_token=False, global_pool="avg")
-    with pytest.raises(ValueError, match="needs a class token"):
-        sparsify(no_class_token)
+
+    class Custom(VisionTransformer):  # its own overrides would be bypassed
+        pass
+
+    with pytest.raises(TypeError, match="not the subclass Custom"):
+        sparsify(Custom(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+    gated = make_family("class_token")
+    gated.blocks[1].attn.gate = torch.nn.Linear(32, 32)  # as timm >= 1.0.28 builds with gated=True
+    with pytest.raises(TypeError, match="block 1 .*ungated Attention"):
+        sparsify(gated)
     with pytest.raises(ValueError, match="token_keep must be in"):
         sparsify(make(*CONFIGS[0]), token_keep=0.0)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@each_family
+def test_pruning_keeps_prefix_tokens_and_the_top_ranked_patches(family, fuse):
+    name, kwargs, prefix, by_class = FAMILIES[family]
+    keep = 0.4
+    sparse = sparsify(make(name, kwargs), token_keep=keep, attn_keep=0.5, fuse_token=fuse)
+    sparse.record_cls_attention = True
+    normed, drops = [], []
+    for block in sparse.blocks:
+        block.norm1.register_forward_hook(lambda module, args, out: normed.append(out))
+    drop_tokens = sparse._drop_tokens
+
+    def spy(x, row, full):
+        kept, full = drop_tokens(x, row, full)
+        drops.append((x, row, kept))
+        return kept, full
+
+    sparse._drop_tokens = spy
+    with torch.no_grad():
+        out = sparse(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, kwargs["num_classes"])
+    assert sorted(sparse.token_blocks) == [1, 2, 3] and len(drops) == 3
+    expected, patches, tokens = [], PATCHES, prefix + PATCHES
+    for block in range(4):
+        if block in sparse.token_blocks:
+            patches = math.ceil(keep * patches) + fuse  # a fused token competes like a patch later
+            tokens = prefix + patches
+        expected.append(tokens)
+    assert sparse.last_token_counts == expected
+    for block, (x, row, kept) in zip((1, 2, 3), drops):
+        assert torch.allclose(row, ranking_row(sparse.blocks[block], normed[block], by_class), atol=1e-6)
+        assert torch.equal(kept[:, :prefix], x[:, :prefix])  # every prefix token, first, whatever its score
+        n = math.ceil(keep * (x.shape[1] - prefix))
+        top = row[:, prefix:].topk(n, dim=1).indices.sort(dim=1).values + prefix
+        assert torch.equal(kept[:, prefix:prefix + n], x.gather(1, top.unsqueeze(-1).expand(-1, -1, x.shape[2])))
+    last_row = ranking_row(sparse.blocks[-1], normed[-1], by_class)  # the trainer's tie-break statistic
+    assert torch.allclose(sparse.last_cls_attention_variance, last_row[:, prefix:].var(dim=1), rtol=1e-3, atol=0)
+
+
+def test_distilled_deit_keeps_its_heads_and_pickles():
+    vit = make_family("distilled").train()
+    vit.set_distilled_training(True)  # timm then returns (class head, distillation head) while training
+    sparse = sparsify(vit)
+    assert type(sparse) is SparseVisionTransformerDistilled
+    x = torch.randn(4, 3, 32, 32)
+    ours, theirs = sparse(x), vit(x)
+    assert isinstance(ours, tuple) and len(ours) == len(theirs) == 2
+    assert all((a - b).abs().max().item() <= 1e-5 for a, b in zip(ours, theirs))
+    sparse.set_rates(token_keep=0.5)
+    assert [logits.shape for logits in sparse(x)] == [(4, 10), (4, 10)]
+    assert type(pickle.loads(pickle.dumps(sparse))) is SparseVisionTransformerDistilled
+
+
+@each_family
+def test_grad_checkpointing_checkpoints_each_block_and_changes_nothing(family, monkeypatch):
+    vit = make_family(family).train()
+    vit.set_grad_checkpointing(True)
+    sparse = sparsify(vit, token_keep=0.5, attn_keep=0.5, fuse_token=True)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_vit, "checkpoint", counting)
+    x = torch.randn(4, 3, 32, 32)
+
+    def step():
+        sparse.zero_grad(set_to_none=True)
+        out = sparse(x)
+        out.logsumexp(-1).mean().backward()
+        return out.detach(), [p.grad.clone() for p in sparse.parameters()]
+
+    out, grads = step()
+    assert calls == [False] * 4  # every block, non-reentrant
+    sparse.grad_checkpointing = False
+    plain_out, plain_grads = step()
+    assert len(calls) == 4
+    assert torch.allclose(out, plain_out, atol=1e-6)  # recomputation kept the same tokens
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, plain_grads))
+    sparse.grad_checkpointing = True
+    sparse.set_rates(1.0, 1.0)
+    assert (sparse(x) - vit(x)).abs().max().item() <= 1e-5  # timm checkpoints its own forward too
+    with torch.no_grad():
+        sparse(x)
+    sparse.eval()
+    sparse(x)
+    assert len(calls) == 8  # only the one training forward with gradients added calls
 
 
 def test_default_blocks_scale_with_depth():

@@ -13,12 +13,13 @@ def examples():
 def test_spans_point_at_member_data():
     data, written = build_shard(examples())
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for example, spans in zip(examples(), written):
+        for example, spans in zip(examples(), written, strict=True):
             member = tar.extractfile(f"{example.key}.png").read()
             assert member == example.image
             assert data[spans.image.offset : spans.image.offset + spans.image.size] == example.image
             assert data[spans.cls.offset : spans.cls.offset + spans.cls.size] == str(example.label).encode()
-            assert tar.extractfile(f"{example.key}.json").read() == data[spans.json.offset : spans.json.offset + spans.json.size]
+            json_bytes = data[spans.json.offset : spans.json.offset + spans.json.size]
+            assert tar.extractfile(f"{example.key}.json").read() == json_bytes
 
 
 def test_same_input_gives_identical_bytes_and_fixed_headers():

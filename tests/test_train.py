@@ -3,7 +3,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -13,8 +12,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from pipeline.ingest import IngestOptions, ingest
-from pipeline.sources import open_source
+from helpers import ONION, onion, onion_ok
 from shards import location, read_index
 from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig
@@ -23,14 +21,7 @@ from trainer.launch import train
 
 # A small ViT that learns digits in two epochs: 8x8 images, 4x4 patches, 3 blocks.
 SMALL = dict(epochs=2, batch_size=16, depth=3, embed_dim=96, num_heads=4, patch_size=4, lr=1e-3,
-             warmup_epochs=0.2, label_smoothing=0.0, weight_decay=0.01, workers=1, token_blocks=[1])
-
-
-@pytest.fixture(scope="module")
-def digits(ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "digits"
-    ingest(open_source("digits"), str(out), IngestOptions(shard_size=300), command=["test"], progress=False)
-    return str(out)
+             warmup_epochs=0.2, label_smoothing=0.0, weight_decay=0.01, loader_workers=1, token_blocks=[1])
 
 
 def train_keys(dataset):
@@ -65,21 +56,18 @@ def test_checkpoint_loads_into_plain_timm(digits, tmp_path):
     assert dense(torch.zeros(1, 3, 8, 8)).shape == (1, 10)
 
 
-ONION = [sys.executable, "-m", "pipeline"]
-
-
-def train_command(dataset, out):
+def train_args(dataset, out):
     flags = ["--epochs", "3", "--batch-size", "32", "--depth", "2", "--embed-dim", "64", "--num-heads", "2",
              "--patch-size", "4", "--token-keep", "0.5", "--attn-keep", "0.5", "--token-blocks", "1",
-             "--checkpoint-every", "7", "--workers", "2", "--mixup", "0.2", "--drop-path", "0.1"]
-    return [*ONION, "train", dataset, "--out", str(out), *flags]
+             "--checkpoint-every", "7", "--loader-workers", "2", "--mixup", "0.2", "--drop-path", "0.1"]
+    return ["train", dataset, "--out", str(out), *flags]
 
 
 def test_killed_training_resumes_to_identical_weights(digits, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(train_command(digits, reference), check=True, capture_output=True, timeout=300)
-    process = subprocess.Popen(train_command(digits, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    onion_ok(*train_args(digits, reference))
+    process = subprocess.Popen([*ONION, *train_args(digits, killed)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     latest = killed / "checkpoints" / "latest.json"
     deadline = time.time() + 240
     while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["step"] >= 50):
@@ -89,9 +77,10 @@ def test_killed_training_resumes_to_identical_weights(digits, tmp_path):
     process.wait()
     position = json.loads(latest.read_text())
     assert 0 < position["batch"] or position["epoch"] < 3  # killed mid-run
-    resumed = subprocess.run([*ONION, "train", "--resume", str(killed)], capture_output=True, text=True, timeout=300)
+    resumed = onion("train", "--resume", killed)
     assert resumed.returncode == 0, resumed.stderr
-    final = [load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors")) for run in (reference, killed)]
+    final = [load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
+             for run in (reference, killed)]
     assert final[0].keys() == final[1].keys()
     assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
     rows = [read_dynamics(location(str(run))) for run in (reference, killed)]
@@ -115,14 +104,12 @@ def test_config_file_and_cli_errors(digits, tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("epochs: 1\nbatch_size: 64\ndepth: 1\nembed_dim: 32\nnum_heads: 2\npatch_size: 4\nworkers: 0\n")
     run = tmp_path / "run"
-    done = subprocess.run([*ONION, "train", digits, "--out", str(run), "--config", str(config), "--token-keep", "0.5"],
-                          capture_output=True, text=True, timeout=300)
+    done = onion("train", digits, "--out", run, "--config", config, "--token-keep", "0.5")
     assert done.returncode == 0, done.stderr
     saved = json.loads((run / "config.json").read_text())
     assert saved["epochs"] == 1 and saved["depth"] == 1 and saved["token_keep"] == 0.5 and saved["attn_keep"] == 1.0
-    again = subprocess.run([*ONION, "train", digits, "--out", str(run)], capture_output=True, text=True, timeout=120)
+    again = onion("train", digits, "--out", run, timeout=120)
     assert again.returncode == 2 and "already holds a run; continue it with --resume" in again.stderr
     config.write_text("epochz: 3\n")
-    bad = subprocess.run([*ONION, "train", digits, "--out", str(tmp_path / "x"), "--config", str(config)],
-                         capture_output=True, text=True, timeout=120)
+    bad = onion("train", digits, "--out", tmp_path / "x", "--config", config, timeout=120)
     assert bad.returncode == 2 and "unknown settings ['epochz']" in bad.stderr

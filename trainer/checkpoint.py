@@ -16,10 +16,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from shards.urls import Location
+from trainer.errors import RunError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 MODEL_FILE = "model.safetensors"
+MODEL_JSON = "model.json"  # in the run folder: the timm model name and kwargs, to rebuild it for scoring
 KEEP_CHECKPOINTS = 2
 
 
@@ -106,5 +108,5 @@ def load_weights(run: Location) -> dict[str, torch.Tensor]:
     """The newest checkpoint's weights, with timm's state_dict keys."""
     position = latest_position(run)
     if position is None:
-        raise FileNotFoundError(f"{run.url}: no checkpoint")
+        raise RunError(f"{run.url}: no checkpoint to load weights from")
     return load_safetensors(run.child(CHECKPOINTS, folder_name(position.step)).read_bytes(MODEL_FILE))

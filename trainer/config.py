@@ -5,6 +5,8 @@ Every field carries its help text, so ``onion train --help`` explains every knob
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 
 import yaml
@@ -40,23 +42,68 @@ class TrainConfig:
     batch_size: int = knob(128, "batch size per process")
     lr: float = knob(1e-3, "peak learning rate (AdamW)")
     min_lr: float = knob(1e-5, "learning rate at the end of the cosine decay")
-    weight_decay: float = knob(0.05, "AdamW weight decay (not on norms, biases, pos_embed, cls_token)")
+    weight_decay: float = knob(0.05, "AdamW weight decay (not on norms, biases, position embedding, class/distillation/register tokens)")
     warmup_epochs: float = knob(1.0, "linear learning-rate warm-up, in epochs")
     label_smoothing: float = knob(0.1, "label smoothing of the training loss")
     clip_grad: float = knob(1.0, "gradient norm clipping (0: off)")
     mixup: float = knob(0.0, "timm Mixup alpha (0: off)")
     cutmix: float = knob(0.0, "timm CutMix alpha (0: off)")
     seed: int = knob(0, "seed of weights, data order, dropout and mixup")
-    workers: int = knob(2, "DataLoader worker processes per training process")
+    loader_workers: int = knob(2, "DataLoader worker processes per training process")
     checkpoint_every: int = knob(0, "also checkpoint every N steps (0: at epoch ends only)")
     amp: str = knob("auto", "auto (bf16 on a GPU that supports it, else off), bf16, or off")
     device: str = knob("auto", "auto (cuda if present), cpu, cuda, cuda:1, ...")
     nproc: int = knob(1, "DDP processes on this machine (gloo on CPU, NCCL on GPU); or launch with torchrun")
     record_dynamics: bool = knob(True, "write per-example training dynamics to dynamics/*.parquet")
 
+    def __post_init__(self) -> None:
+        self.check()
+
     @classmethod
     def help_of(cls) -> dict[str, str]:
         return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def field_types(cls) -> dict[str, type]:
+        """Each setting's value type (``int`` for ``int | None``), from the annotations."""
+        hints = typing.get_type_hints(cls)
+        return {name: next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+                for name, hint in hints.items()}
+
+    def check(self) -> None:
+        """Refuse values a setting cannot mean, naming the option (a rate of 1.5 would silently run at 1.0)."""
+        def refuse(name: str, rule: str) -> None:
+            raise RunError(f"--{name.replace('_', '-')} must be {rule}, not {getattr(self, name)!r}")
+
+        for name in RATES:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+                refuse(name, "in (0, 1]")
+        for name in NON_NEGATIVE:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                refuse(name, "a number >= 0")
+        for name in POSITIVE_COUNTS:
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                refuse(name, "a whole number >= 1")
+        for name in SHARES:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                refuse(name, "in [0, 1)")
+        if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            refuse("loader_workers", "a whole number >= 0")
+        if self.keep_quantum > 1.0:
+            refuse("keep_quantum", "at most 1")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """A configuration from stored values; settings renamed since (``workers``) are read under their new name."""
+        values = {RENAMED.get(name, name): value for name, value in values.items()}
+        unknown = set(values) - set(cls.help_of())
+        if unknown:
+            raise RunError(f"unknown settings {sorted(unknown)}")
+        return cls(**values)
 
     @classmethod
     def from_sources(cls, yaml_path: str | None, overrides: dict) -> "TrainConfig":
@@ -65,12 +112,20 @@ class TrainConfig:
         if yaml_path:
             with open(yaml_path, encoding="utf-8") as handle:
                 loaded = yaml.safe_load(handle) or {}
-            unknown = set(loaded) - set(cls.help_of())
+            unknown = {RENAMED.get(name, name) for name in loaded} - set(cls.help_of())
             if unknown:
                 raise RunError(f"{yaml_path}: unknown settings {sorted(unknown)}")
             values.update(loaded)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        return cls.from_dict(values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+RENAMED = {"workers": "loader_workers"}  # old name -> current name, for configs written before the rename
+RATES = ("token_keep", "attn_keep")
+SHARES = ("drop_path", "label_smoothing")
+NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "keep_warmup_epochs", "keep_ramp_epochs",
+                "keep_quantum", "clip_grad", "mixup", "cutmix", "checkpoint_every")
+POSITIVE_COUNTS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "nproc")

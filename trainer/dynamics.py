@@ -6,13 +6,12 @@ after its checkpoint and writes them again with the same name and content.
 """
 from __future__ import annotations
 
-import io
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from shards.index import parquet_names, read_parquet, table_to_parquet_bytes
 from shards.urls import Location
 
 DYNAMICS = "dynamics"
@@ -53,9 +52,7 @@ class DynamicsRecorder:
         columns = {"key": pa.array(self._keys, pa.string())}
         for name in ("epoch", "step", "correct", "loss", "margin", "cls_attention_variance"):
             columns[name] = pa.array(torch.cat(self._tensors[name]).numpy())
-        sink = io.BytesIO()
-        pq.write_table(pa.table(columns), sink)
-        self.folder.write_atomic(part_name(self.rank, step), sink.getvalue())
+        self.folder.write_atomic(part_name(self.rank, step), table_to_parquet_bytes(pa.table(columns)))
         self._keys, self._tensors = [], {}
 
     def drop_parts_after(self, step: int) -> None:
@@ -75,5 +72,5 @@ def part_step(name: str) -> int:
 
 def read_dynamics(run: Location) -> pa.Table:
     folder = run.child(DYNAMICS)
-    tables = [pq.read_table(io.BytesIO(folder.read_bytes(n))) for n in folder.list_names() if n.endswith(".parquet")]
+    tables = [read_parquet(folder, name) for name in parquet_names(folder)]
     return pa.concat_tables(tables) if tables else pa.table({})

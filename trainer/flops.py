@@ -20,6 +20,7 @@ class ViTShape:
     patch_pixels: int  # channels * patch * patch
     prefix_tokens: int
     num_classes: int
+    heads: int = 1  # classifier heads: 2 for distilled DeiT (class and distillation token)
 
     @classmethod
     def of(cls, vit) -> "ViTShape":  # noqa: ANN001 - any timm VisionTransformer
@@ -29,6 +30,7 @@ class ViTShape:
             patches=vit.patch_embed.num_patches,
             patch_pixels=vit.patch_embed.proj.in_channels * vit.patch_embed.proj.kernel_size[0] * vit.patch_embed.proj.kernel_size[1],
             prefix_tokens=vit.num_prefix_tokens, num_classes=vit.num_classes,
+            heads=2 if getattr(vit, "head_dist", None) is not None else 1,
         )
 
 
@@ -48,7 +50,7 @@ def token_counts(shape: ViTShape, token_keep: float, token_blocks: frozenset[int
 
 def forward_flops(shape: ViTShape, token_keep: float = 1.0, token_blocks: frozenset[int] | set[int] = frozenset(), fuse_token: bool = False) -> int:
     d, h = shape.dim, shape.mlp_hidden
-    total = 2 * shape.patches * shape.patch_pixels * d + 2 * d * shape.num_classes
+    total = 2 * shape.patches * shape.patch_pixels * d + 2 * d * shape.num_classes * shape.heads
     for attention_tokens, mlp_tokens in token_counts(shape, token_keep, token_blocks, fuse_token):
         n = attention_tokens
         total += 2 * n * d * 3 * d + 2 * n * n * d * 2 + 2 * n * d * d  # qkv, scores and weighted sum, proj

@@ -13,28 +13,50 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shards import location
+from shards import location, read_manifest
+from trainer.checkpoint import latest_position
 from trainer.config import TrainConfig
 from trainer.errors import RunError
 from trainer.loop import CONFIG_NAME, SUMMARY_NAME, Trainer
 
 
+CURATION_MARK = "curation.json"  # written by onion curate, which owns such a run
+
+
 def saved_config(run: str) -> TrainConfig:
     """The resolved configuration a run was started with (what ``--resume`` continues)."""
     folder = location(run)
+    if folder.exists(CURATION_MARK):  # rounds swap the data between phases; plain resume would not
+        raise RunError(f"{run} is a curation run: continue it by running the same onion curate command again")
     if not folder.exists(CONFIG_NAME):
         raise RunError(f"{run}: no {CONFIG_NAME}, so there is no run to resume")
-    return TrainConfig(**json.loads(folder.read_bytes(CONFIG_NAME)))
+    return TrainConfig.from_dict(json.loads(folder.read_bytes(CONFIG_NAME)))
 
 
-def claim_run_directory(config: TrainConfig, resume: bool) -> None:
+def claim_run_directory(config: TrainConfig, resume: bool) -> bool:
     """A fresh run owns its directory: its config.json is created exclusively, so of two jobs started
-    on one --out only the first trains there (under torchrun, rank 0 claims it for all ranks)."""
+    on one --out only the first trains there (under torchrun, rank 0 claims it for all ranks).
+    Returns whether this call made the claim."""
     if resume or int(os.environ.get("RANK", "0")) != 0:
-        return
+        return False
     if not location(config.out).create_exclusive(CONFIG_NAME, json.dumps(config.to_dict(), indent=2).encode()):
         raise RunError(f"{config.out} already holds a run; continue it with --resume {config.out} "
                        "or choose another --out")
+    return True
+
+
+def release_unstarted_claim(config: TrainConfig) -> None:
+    """A job that fails before its first checkpoint leaves nothing to continue: free the folder, so
+    the corrected command can run there. (Once a checkpoint exists the claim stays: --resume.)"""
+    run = location(config.out)
+    if latest_position(run) is None:
+        run.remove(CONFIG_NAME)
+
+
+def finished_summary(run: str) -> dict | None:
+    """The summary of a run that trained all its epochs, else None."""
+    folder = location(run)
+    return json.loads(folder.read_bytes(SUMMARY_NAME)) if folder.exists(SUMMARY_NAME) else None
 
 
 def backend() -> str:
@@ -69,8 +91,21 @@ def _spawned(rank: int, config: TrainConfig, resume: bool, world_size: int, addr
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
-    """Run training to the end and return the summary written to ``RUN/summary.json``."""
-    claim_run_directory(config, resume)
+    """Run training to the end and return the summary written to ``RUN/summary.json``.
+
+    The dataset is checked before the run folder is claimed, and a claim whose job failed before
+    its first checkpoint is released, so a failed command never locks its output."""
+    read_manifest(location(config.dataset))
+    claimed = claim_run_directory(config, resume)
+    try:
+        return _train(config, resume)
+    except BaseException:
+        if claimed:
+            release_unstarted_claim(config)
+        raise
+
+
+def _train(config: TrainConfig, resume: bool) -> dict:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         return _run_rank(int(os.environ["RANK"]), config, resume, int(os.environ["WORLD_SIZE"]), None)
     if config.nproc > 1:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -21,12 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from shards import ShardDataset, location, read_index, read_manifest
+from shards import STATUS_OK, ShardDataset, location, read_index, read_manifest
 from shards.urls import Location
-from trainer.checkpoint import Position, commit_checkpoint, latest_position, load_checkpoint, save_rank_state
+from trainer.checkpoint import (MODEL_JSON, Position, commit_checkpoint, latest_position, load_checkpoint,
+                                save_rank_state)
 from trainer.config import TrainConfig
 from trainer.dynamics import DynamicsRecorder
 from trainer.flops import ViTShape, forward_flops
+from trainer.inputs import prepare
 from trainer.model import build_model, model_kwargs
 from trainer.schedule import KeepSchedule
 from trainer.sparse_vit import SparseVisionTransformer
@@ -34,6 +37,7 @@ from trainer.sparse_vit import SparseVisionTransformer
 CONFIG_NAME = "config.json"
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.csv"
+NO_DECAY_TOKENS = ("pos_embed", "cls_token", "dist_token", "reg_token")  # learned tokens: no weight decay
 TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
 
 
@@ -46,7 +50,7 @@ class DataInfo:
 def data_info(dataset: Location) -> DataInfo:
     manifest = read_manifest(dataset)
     index = read_index(dataset, columns=["width", "height", "status"])
-    ok = index.filter(pc.equal(index["status"], "ok"))
+    ok = index.filter(pc.equal(index["status"], STATUS_OK))
     side = max(pc.max(ok["width"]).as_py(), pc.max(ok["height"]).as_py())
     return DataInfo(img_size=side, num_classes=len(manifest["class_names"]))
 
@@ -78,14 +82,6 @@ def lr_lambda(config: TrainConfig, steps_per_epoch: int):  # noqa: ANN201 - a fu
     return factor
 
 
-def prepare(images: torch.Tensor, img_size: int, device: torch.device) -> torch.Tensor:
-    """uint8 NCHW to normalised float on the device, resized when the model wants another size."""
-    x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-    if x.shape[-1] != img_size or x.shape[-2] != img_size:
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
-    return x
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
         self.config, self.rank, self.world_size = config, rank, world_size
@@ -105,7 +101,7 @@ class Trainer:
         self.use_dataset(config.dataset)
         decay, no_decay = [], []
         for name, parameter in self.model.named_parameters():
-            (no_decay if parameter.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(parameter)
+            (no_decay if parameter.ndim <= 1 or name in NO_DECAY_TOKENS else decay).append(parameter)
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.steps_per_epoch))
@@ -159,7 +155,7 @@ class Trainer:
         config = self.config
         if self.is_main:
             self.run.write_atomic(CONFIG_NAME, json.dumps(config.to_dict(), indent=2).encode())
-            self.run.write_atomic("model.json", json.dumps(
+            self.run.write_atomic(MODEL_JSON, json.dumps(
                 {"model": config.model, "kwargs": model_kwargs(config, self.img_size, self.num_classes)}, indent=2).encode())
         last = min(config.epochs, until_epoch if until_epoch is not None else config.epochs)
         while self.position.epoch < last:
@@ -232,7 +228,7 @@ class Trainer:
     def _loader(self, data: ShardDataset) -> DataLoader:
         # A private generator: creating a DataLoader iterator draws a seed, which must not move the
         # global RNG (dropout, mixup), or a resumed run would diverge from an uninterrupted one.
-        return DataLoader(data, batch_size=None, num_workers=self.config.workers,
+        return DataLoader(data, batch_size=None, num_workers=self.config.loader_workers,
                           pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.seed))
 
     @torch.no_grad()
@@ -260,6 +256,11 @@ class Trainer:
             writer.writeheader()
         writer.writerow(row)
         self.run.write_atomic(METRICS_NAME, (previous + line.getvalue()).encode())
+        if not sys.stderr.isatty():  # the progress bar is off in logs and pipes: one line per epoch instead
+            sys.stderr.write(f"{self.config.out}: epoch {row['epoch']}/{self.config.epochs}  "
+                             f"train loss {row['train_loss']:.4f}  val top-1 {row['val_top1']:.2f}%  "
+                             f"{row['images_per_second']:.0f} img/s  {row['epoch_seconds']:.1f} s\n")
+            sys.stderr.flush()
         if not self.run.is_local:
             return  # TensorBoard's writer needs a local directory
         from torch.utils.tensorboard import SummaryWriter

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: training arms (:mod:`.train`) and data loaders (:mod:`.data`)."""

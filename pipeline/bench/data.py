@@ -1,0 +1,112 @@
+"""``onion bench data``: our shard reader against torchvision's ImageFolder on the same images.
+
+Decoded uint8 images/s with 1 and 2 DataLoader workers, interleaved repeats, medians; and the peak
+RSS of one epoch read in a fresh process. ImageFolder reads the very PNG bytes stored in the shards.
+"""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import PILToTensor
+
+from shards import ShardDataset, location, read_index
+from shards.index import usable_train
+
+BATCH = 256
+
+
+def export_image_folder(dataset: Path, folder: Path) -> None:
+    """The same train images, as PNG files in torchvision's class-per-folder layout."""
+    data = location(str(dataset))
+    for row in usable_train(read_index(data)).to_pylist():
+        target = folder / row["class_name"] / f"{row['key']}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.read_range(row["shard"], row["image_offset"], row["image_offset"] + row["image_size"]))
+
+
+def images_per_second(loader: DataLoader) -> float:
+    start, count = time.perf_counter(), 0
+    for images, _labels, *_ in loader:
+        count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+def reader_loaders(dataset: Path, folder: Path, workers: int) -> dict[str, DataLoader]:
+    return {
+        "onion ShardDataset (batched in worker)": DataLoader(
+            ShardDataset(str(dataset), batch_size=BATCH, buffer_size=1000), batch_size=None, num_workers=workers),
+        "onion ShardDataset (DataLoader collate)": DataLoader(
+            ShardDataset(str(dataset), buffer_size=1000), batch_size=BATCH, num_workers=workers),
+        "torchvision ImageFolder": DataLoader(
+            ImageFolder(str(folder), transform=PILToTensor()), batch_size=BATCH, shuffle=True, num_workers=workers),
+    }
+
+
+def measure_readers(dataset: Path, folder: Path, repeats: int) -> list[dict]:
+    results = []
+    for workers in (1, 2):
+        loaders = reader_loaders(dataset, folder, workers)
+        for loader in loaders.values():  # warm the page cache and the workers' imports
+            images_per_second(loader)
+        timings: dict[str, list[float]] = {name: [] for name in loaders}
+        for _ in range(repeats):  # interleaved, so drift does not favour one reader
+            for name, loader in loaders.items():
+                timings[name].append(images_per_second(loader))
+        baseline = statistics.median(timings["torchvision ImageFolder"])
+        for name, values in timings.items():
+            results.append({"reader": name, "workers": workers, "images_per_s": statistics.median(values),
+                            "vs_imagefolder": statistics.median(values) / baseline})
+    return results
+
+
+# (imports, expression that iterates one epoch) of each reader, for a fresh process
+READERS = {
+    "onion ShardDataset": ("from shards import ShardDataset", "ShardDataset(sys.argv[1], batch_size=256)"),
+    "torchvision ImageFolder": (
+        "from torch.utils.data import DataLoader\nfrom torchvision.datasets import ImageFolder\n"
+        "from torchvision.transforms import PILToTensor",
+        "DataLoader(ImageFolder(sys.argv[1], transform=PILToTensor()), batch_size=256)",
+    ),
+}
+
+
+def peak_rss_mib(path: Path, reader: str = "onion ShardDataset") -> dict[str, float]:
+    """Peak RSS of a fresh process reading one whole epoch in its main process: after imports, at the end."""
+    imports, epoch = READERS[reader]
+    # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss still counts the parent's peak.
+    code = (f"import re, sys\n{imports}\n"
+            "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) / 1024\n"
+            f"imported = peak()\nn = sum(1 for _ in {epoch})\nprint(imported, peak())\n")
+    output = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    imported, peak = map(float, output.stdout.strip().splitlines()[-1].split())
+    return {"after_imports": imported, "peak": peak}
+
+
+def bench_data(out: Path, count: int, repeats: int) -> dict:
+    """Ingest ``count`` synthetic 32x32 images, export them as PNG files, race the two readers."""
+    from pipeline.ingest.job import IngestOptions, ingest
+    from pipeline.ingest.sources import SourceOptions, open_source
+
+    dataset, folder = out / "data" / "synthetic", out / "data" / "imagefolder"
+    ingest(open_source("synthetic", SourceOptions(count=count, image_size=32, val_fraction=0.0001)), str(dataset),
+           IngestOptions(shard_size=5000), ["onion", "bench", "data"], progress=False)
+    if not folder.exists():
+        export_image_folder(dataset, folder)
+    return {"images": count, "speed": measure_readers(dataset, folder, repeats),
+            "peak_rss_mib": {"onion ShardDataset": peak_rss_mib(dataset, "onion ShardDataset"),
+                             "torchvision ImageFolder": peak_rss_mib(folder, "torchvision ImageFolder")}}
+
+
+def render(report: dict) -> str:
+    lines = [f"Readers on the same {report['images']:,} 32x32 PNG images, decoded uint8 tensors, batches of {BATCH}:", "",
+             "| reader | DataLoader workers | images/s | vs ImageFolder |", "|---|---|---|---|"]
+    lines += [f"| {r['reader']} | {r['workers']} | {r['images_per_s']:,.0f} | {r['vs_imagefolder']:.2f}x |" for r in report["speed"]]
+    lines += ["", "| reader | RSS after imports | peak RSS over one epoch |", "|---|---|---|"]
+    lines += [f"| {name} | {r['after_imports']:.0f} MiB | {r['peak']:.0f} MiB |" for name, r in report["peak_rss_mib"].items()]
+    return "\n".join(lines) + "\n"

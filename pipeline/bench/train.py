@@ -1,0 +1,203 @@
+"""``onion bench train``: every level of the method alone and together, side by side, in one run.
+
+Arms: ``dense`` (all examples, no sparsity), ``example`` (curation rounds only), ``token``,
+``attention``, ``token+attention`` and ``tri-level`` (all three), plus any from a YAML file. All use
+the same data, epochs, seeds and hyper-parameters; the arm order rotates with the seed so machine
+drift favours none. Time is each arm's whole wall clock (curation's scoring and survivor shards
+included); FLOPs are counted from the token counts the steps really ran with.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from shards import UsageError
+
+from pipeline.curation.rounds import CurationPlan, curate
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.ingest.sources import SourceOptions, open_source
+from trainer.config import TrainConfig
+from trainer.launch import train
+
+CURATE = "curate"  # arm setting: run the example level (curation rounds)
+TIMINGS = ("seconds", "images_per_second")
+KEEP = "keep"  # arm setting: share of the examples each curation round keeps (default: the preset's)
+
+
+@dataclass(frozen=True)
+class Preset:
+    source: str
+    source_options: SourceOptions
+    train: dict
+    epochs: int
+    rounds: int  # curation rounds for the example arms (epochs must divide evenly)
+    keep: float = 0.8
+    token_keep: float = 0.7
+    attn_keep: float = 0.3
+    seeds: int = 3
+    arms: dict = field(default_factory=dict)
+
+    def arm_settings(self) -> dict[str, dict]:
+        sparse = {"token_keep": self.token_keep}
+        attention = {"attn_keep": self.attn_keep}
+        return {"dense": {}, "example": {CURATE: True}, "token": sparse, "attention": attention,
+                "token+attention": {**sparse, **attention}, "tri-level": {CURATE: True, **sparse, **attention},
+                **self.arms}
+
+
+PRESETS = {
+    # Correctness only (CI): every arm end to end in well under 3 minutes on 2 CPU cores. Pruning at
+    # block 1 of 4: the class token's output feels dropped tokens and masked keys only through the
+    # blocks after the one whose mask it is, so pruning late in a shallow model would change nothing.
+    "smoke": Preset("digits", SourceOptions(), dict(depth=4, embed_dim=64, num_heads=2, img_size=16, patch_size=4, batch_size=64,
+                                                    loader_workers=1, lr=2e-3, warmup_epochs=0.3, token_blocks=[1]),
+                    epochs=4, rounds=2, token_keep=0.5, attn_keep=0.5, seeds=1),
+    # MNIST 5k with a DeiT-Tiny-shaped ViT (12 blocks, width 192, 3 heads) for 28x28: patch 7, so
+    # 16 tokens + class token. The dense arm converges in 8 epochs (val top-1 plateaus near 88%;
+    # train top-1 passes 95%): about 2.5 minutes on 2 cores, ~40 minutes for 6 arms x 3 seeds. Patch 4
+    # (49 tokens) trains 2.5x slower per image and reaches only ~63% in the same time.
+    "cpu": Preset("mnist5k", SourceOptions(), dict(embed_dim=192, num_heads=3, depth=12, patch_size=7, batch_size=32,
+                                                   loader_workers=2, lr=5e-4, warmup_epochs=1, keep_warmup_epochs=1,
+                                                   keep_ramp_epochs=1),
+                  epochs=8, rounds=4),
+    # A CUDA machine: DeiT-Tiny at 64x64 (patch 8) on 50k synthetic images.
+    "gpu": Preset("synthetic", SourceOptions(count=50_000, image_size=64), dict(patch_size=8, batch_size=256, loader_workers=8,
+                                                                                lr=2e-3, warmup_epochs=2, device="cuda",
+                                                                                keep_warmup_epochs=2, keep_ramp_epochs=4),
+                  epochs=30, rounds=5),
+}
+
+
+def describe_machine(preset: Preset) -> str:
+    """The card for CUDA presets (refused without one), else the CPU count."""
+    if preset.train.get("device", "cpu").startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("this preset trains on CUDA and this machine has no CUDA device; use --preset cpu")
+        return torch.cuda.get_device_name(0)
+    return f"{os.cpu_count()} CPUs"
+
+
+def run_arm(name: str, settings: dict, preset: Preset, dataset: str, out: Path, seed: int) -> dict:
+    settings = dict(settings)
+    curated = settings.pop(CURATE, False)
+    keep = settings.pop(KEEP, preset.keep)
+    run = out / "runs" / f"{re.sub(r'[^A-Za-z0-9.]+', '-', name)}-seed{seed}"
+    shutil.rmtree(run, ignore_errors=True)
+    config = TrainConfig(**{**preset.train, **settings, "dataset": dataset, "out": str(run), "epochs": preset.epochs,
+                            "seed": seed})
+    started = time.perf_counter()
+    if curated:
+        plan = CurationPlan(rounds=preset.rounds, round_epochs=preset.epochs // preset.rounds, keep=keep, seed=seed)
+        summary = curate(dataset, config, plan, progress=False)
+    else:
+        summary = train(config)
+    return {"arm": name, "seed": seed, "seconds": time.perf_counter() - started, "top1": summary["val_top1"],
+            "images": summary["train_images"], "flops": summary["train_flops"],
+            "images_per_second": summary["images_per_second"]}
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """Per arm: median time and speed over seeds (robust to a disturbed run), mean work and top-1."""
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    mean = {arm: {k: (statistics.median if k in TIMINGS else statistics.fmean)([r[k] for r in runs if r["arm"] == arm])
+                  for k in ("seconds", "images", "flops", "images_per_second")}
+            for arm in arms}
+    dense = mean["dense"]
+    rows = []
+    for arm in arms:
+        top1 = [r["top1"] for r in runs if r["arm"] == arm]
+        m = mean[arm]
+        rows.append({
+            "arm": arm, "seconds": m["seconds"], "relative_time": m["seconds"] / dense["seconds"],
+            "images_per_second": m["images_per_second"], "relative_flops": m["flops"] / dense["flops"],
+            "relative_flops_per_image": (m["flops"] / m["images"]) / (dense["flops"] / dense["images"]),
+            "top1_mean": statistics.fmean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+        })
+    for row in rows:
+        row["delta_top1"] = row["top1_mean"] - rows[0]["top1_mean"]
+        # measured speed-up over the one the FLOPs predict: 1.0 when time falls exactly as work does
+        row["speedup_vs_predicted"] = row["relative_flops"] / row["relative_time"]
+    return rows
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    lines = [title, "", "Time and images/s: medians over seeds; top-1: mean +- std.", "",
+             "| arm | time (s) | time vs dense | images/s | FLOPs vs dense | FLOPs/image vs dense | speed-up / FLOPs-predicted "
+             "| top-1 (%) | delta |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['seconds']:.1f} | {r['relative_time']:.2f}x | {r['images_per_second']:.0f} | "
+              f"{r['relative_flops']:.2f}x | {r['relative_flops_per_image']:.2f}x | {r['speedup_vs_predicted']:.2f} | "
+              f"{r['top1_mean']:.2f} +- {r['top1_std']:.2f} | "
+              f"{r['delta_top1']:+.2f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    for row in rows:
+        axes.errorbar(row["relative_time"], row["top1_mean"], yerr=row["top1_std"], fmt="o", capsize=3)
+        axes.annotate(row["arm"], (row["relative_time"], row["top1_mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axes.axvline(1.0, color="grey", lw=0.8, ls="--")
+    axes.set_xlabel("training time relative to dense")
+    axes.set_ylabel("top-1 (%)")
+    axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def bench_train(preset_name: str, out: Path, seeds: int | None = None, arms_file: str | None = None,
+                only: list[str] | None = None) -> list[dict]:
+    """Run the arms (all, or dense plus ``only``) over the seeds; write and return the table rows."""
+    preset = PRESETS[preset_name]
+    if arms_file:
+        with open(arms_file, encoding="utf-8") as handle:
+            preset = Preset(**{**preset.__dict__, "arms": yaml.safe_load(handle) or {}})
+    if preset.epochs % preset.rounds:
+        raise UsageError(f"preset {preset_name}: {preset.epochs} epochs do not split into {preset.rounds} rounds")
+    arms = list(preset.arm_settings().items())
+    if only:
+        unknown = sorted(set(only) - {name for name, _ in arms})
+        if unknown:
+            raise UsageError(f"unknown arms {unknown}; known: {[name for name, _ in arms]}")
+        arms = [(name, settings) for name, settings in arms if name == "dense" or name in only]  # dense: the baseline
+    machine = describe_machine(preset)
+    print(f"onion bench train --preset {preset_name}: on {machine}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = str(out / "data" / preset.source)
+    ingest(open_source(preset.source, preset.source_options), dataset, IngestOptions(), ["onion", "bench"], progress=False)
+    runs = []
+    for seed in range(seeds or preset.seeds):
+        for name, settings in arms[seed % len(arms):] + arms[: seed % len(arms)]:
+            runs.append(run_arm(name, settings, preset, dataset, out, seed))
+            (out / "runs.json").write_text(json.dumps(runs, indent=2))
+            done = runs[-1]
+            print(f"  seed {seed} {name}: {done['seconds']:.1f} s, val top-1 {done['top1']:.2f}% "
+                  f"({len(runs)} of {len(arms) * (seeds or preset.seeds)} runs)", file=sys.stderr, flush=True)
+    title = (f"onion bench train --preset {preset_name}: {preset.source}, {preset.epochs} epochs, "
+             f"{seeds or preset.seeds} seed(s), {machine}")
+    return write_results(out, preset_name, sorted(runs, key=lambda r: [a for a, _ in arms].index(r["arm"])), title)
+
+
+def write_results(out: Path, preset_name: str, runs: list[dict], title: str) -> list[dict]:
+    """results.json, results.md and results.png from the runs (``runs.json`` holds them too)."""
+    rows = aggregate(runs)
+    (out / "results.json").write_text(json.dumps({"preset": preset_name, "arms": {r["arm"]: r for r in rows}}, indent=2))
+    (out / "results.md").write_text(markdown(rows, title))
+    plot(rows, out / "results.png", title)
+    return rows

@@ -1,0 +1,82 @@
+"""``onion ingest``: a source to shards, index and manifest."""
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from pipeline.cli.common import add_ray_options, fraction, non_negative_int, positive_int, start_ray
+
+NAME = "ingest"
+HELP = "turn a source into WebDataset shards + Parquet index + manifest"
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    from pipeline.ingest.sources import SOURCES
+
+    sources = ", ".join(f"{n}:DIR" if needs else n for n, (needs, _) in SOURCES.items())
+    ingest = commands.add_parser(
+        NAME, help=HELP,
+        description=f"Read SOURCE ({sources}, or a path/URL of an onion dataset to re-shard) and write "
+                    "OUT as tar shards, index.parquet and manifest.json, one Ray task per shard. Bad "
+                    "inputs are quarantined with a reason, never dropped. Re-running the same command "
+                    "after an interruption finishes the job with byte-identical output.",
+    )
+    ingest.add_argument("source", help=f"one of: {sources}; or an onion dataset path/URL")
+    ingest.add_argument("out", help="output dataset location: a local path or fsspec URL (s3://..., memory://...)")
+    layout = ingest.add_argument_group("shards")
+    layout.add_argument("--shard-size", type=positive_int, default=2000, help="examples per shard at most (default 2000)")
+    layout.add_argument("--shard-bytes", type=positive_int, default=128 << 20,
+                        help="planned bytes per shard at most, estimated from input sizes (default 128 MiB)")
+    layout.add_argument("--image-format", choices=("png", "jpg"), default="png",
+                        help="stored image format (default png; inputs already in it are kept byte for byte)")
+    layout.add_argument("--png-level", type=int, choices=range(10), default=None, metavar="0-9",
+                        help="zlib level of encoded PNGs (default: 0, uncompressed, for images up to 64x64, "
+                             "which decode ~4x faster; 6 for larger ones)")
+    layout.add_argument("--jpeg-quality", type=int, choices=range(1, 101), default=95, metavar="1-100",
+                        help="JPEG quality when encoding jpg (default 95)")
+    layout.add_argument("--max-pixels", type=positive_int, default=40_000_000,
+                        help="images with more pixels are quarantined as decompression bombs (default 40M)")
+    layout.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the example-to-shard shuffle and of synthetic data (default 0)")
+    layout.add_argument("--val-fraction", type=fraction, default=None,
+                        help="share of examples put in the val split, by key hash, for sources without their "
+                             "own split (imagefolder 0, synthetic 0.2; digits/mnist5k use a fixed 0.2)")
+    synthetic = ingest.add_argument_group("synthetic source")
+    synthetic.add_argument("--count", type=positive_int, default=10_000, help="number of examples (default 10000)")
+    synthetic.add_argument("--image-size", type=positive_int, default=32, help="side in pixels (default 32)")
+    synthetic.add_argument("--classes", type=positive_int, default=10, help="number of classes (default 10)")
+    synthetic.add_argument("--dup-rate", type=fraction, default=0.05, help="share of exact duplicates planted (default 0.05)")
+    synthetic.add_argument("--near-dup-rate", type=fraction, default=0.05,
+                           help="share of near-duplicates planted (default 0.05)")
+    synthetic.add_argument("--flip-rate", type=fraction, default=0.05, help="share of flipped labels planted (default 0.05)")
+    add_ray_options(ingest)
+    ingest.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from pipeline.inspection.dataset import dataset_summary
+    from pipeline.ingest.encode import EncodeOptions
+    from pipeline.ingest.job import IngestOptions, ingest
+    from pipeline.ingest.sources import SourceOptions, open_source
+    from pipeline.ray_runtime import describe_nodes
+
+    source = open_source(args.source, SourceOptions(
+        val_fraction=args.val_fraction, seed=args.seed, count=args.count, image_size=args.image_size,
+        classes=args.classes, dup_rate=args.dup_rate, near_dup_rate=args.near_dup_rate, flip_rate=args.flip_rate,
+    ))
+    options = IngestOptions(shard_size=args.shard_size, shard_bytes=args.shard_bytes, seed=args.seed,
+                            encode=EncodeOptions(args.image_format, args.jpeg_quality, args.max_pixels, args.png_level))
+    start_ray(args)
+    report = ingest(source, args.out, options, command=args.argv)
+    accounting = report.manifest["accounting"]
+    state = "already complete, nothing to do" if report.already_complete else (
+        f"resumed {report.resumed_shards} finished shards" if report.resumed_shards else "written")
+    console.print(f"{report.url}: {state}. inputs={accounting['inputs']} ok={accounting['ok']} "
+                  f"quarantined={accounting['quarantined']} shards={len(report.manifest['shards'])}", soft_wrap=True)
+    if report.tasks_per_node:
+        console.print(f"shards written on {describe_nodes(report.tasks_per_node)}", soft_wrap=True)
+    if accounting["quarantined"]:
+        reasons = dataset_summary(report.url)["quarantine_reasons"]
+        console.print("quarantined: " + ", ".join(f"{count} {reason}" for reason, count in reasons.items()), soft_wrap=True)
+        console.print(f"every row with its reason: onion inspect {report.url}", soft_wrap=True)

@@ -1,0 +1,46 @@
+"""``onion score``: score every train example (``DATASET/scores/NAME.parquet``)."""
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from pipeline.cli.common import add_ray_options, non_negative_int, start_ray
+
+NAME = "score"
+HELP = "score every train example (writes DATASET/scores/NAME.parquet)"
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    from pipeline.curation.scoring import SCORERS
+
+    score = commands.add_parser(
+        NAME, help=HELP,
+        description="Score how hard each train example is. forgetting and loss read a training run's "
+                    "dynamics (forgetting needs at least 2 presentations per example in the window); el2n runs "
+                    "the run's checkpoints over the shards in a pool of Ray actors; random needs nothing. "
+                    "Higher scores are harder.",
+    )
+    score.add_argument("dataset", help="dataset location")
+    score.add_argument("scorer", choices=list(SCORERS), help="which score")
+    score.add_argument("--run", help="training run whose dynamics/checkpoints to use")
+    score.add_argument("--first-epoch", type=non_negative_int, help="dynamics window start (0-based epoch, inclusive)")
+    score.add_argument("--last-epoch", type=non_negative_int, help="dynamics window end (inclusive)")
+    score.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random scorer (default 0)")
+    add_ray_options(score)
+    score.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from shards import UsageError, location
+
+    from pipeline.curation.scoring import ScoreContext, compute_scores, write_scores
+
+    if args.first_epoch is not None and args.last_epoch is not None and args.first_epoch > args.last_epoch:
+        raise UsageError(f"--first-epoch {args.first_epoch} is after --last-epoch {args.last_epoch}")
+    if args.scorer == "el2n":  # the one scorer that runs on Ray
+        start_ray(args)
+    context = ScoreContext(args.dataset, args.run, args.first_epoch, args.last_epoch, args.seed)
+    table = compute_scores(args.scorer, context)
+    path = write_scores(location(args.dataset), args.scorer, table)
+    console.print(f"{path}: {table.num_rows} examples scored", soft_wrap=True)

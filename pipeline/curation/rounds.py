@@ -1,0 +1,164 @@
+"""``onion curate``: the whole example-level method, round after round.
+
+Round 0 keeps a random share; every later round scores the kept examples by their training
+dynamics in the previous phase, swaps the ``remove_n`` easiest out and as many from the dropped
+pool in, and writes the survivors as shards. Training continues across rounds with the same
+model, optimiser and learning-rate schedule; only the streamed dataset changes.
+
+Every step is idempotent: a selection with the same rows is the same version, materialising an
+existing survivor set is a no-op, and training resumes from its last checkpoint. So running the
+same command again after an interruption, at any point, finishes the job with the same result.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shards import UsageError, location, read_manifest
+from shards.urls import Location
+
+from pipeline.curation.materialize import kept_url, materialize
+from pipeline.curation.scoring import ScoreContext, compute_scores, read_scores, write_scores
+from pipeline.curation.scoring.dynamics_scores import MIN_PRESENTATIONS
+from pipeline.curation.selection import (SourceExamples, initial_round, next_round, read_selection, save_selection,
+                                         selection_parameters)
+from pipeline.ingest.job import IngestOptions
+from trainer.checkpoint import latest_position
+from trainer.config import TrainConfig
+from trainer.launch import CURATION_MARK
+from trainer.loop import CONFIG_NAME, Trainer
+
+CURATION_NAME = CURATION_MARK  # the run folder's owner mark
+DYNAMICS_SCORERS = ("forgetting", "loss")
+
+
+@dataclass(frozen=True)
+class CurationPlan:
+    rounds: int = 5
+    round_epochs: int = 30
+    keep: float = 0.8
+    remove_n: int | None = None  # default: 10% of the kept examples
+    scorer: str = "forgetting"
+    seed: int = 0
+
+
+def run_id(run_url: str) -> str:
+    return os.path.basename(run_url.rstrip("/")) or "run"
+
+
+def check_plan(plan: CurationPlan) -> None:
+    """Refuse a plan that cannot mean anything, before any output is claimed."""
+    if not 0.0 < plan.keep < 1.0:
+        raise UsageError(f"--keep must be in (0, 1), not {plan.keep}")
+    if plan.remove_n is not None and plan.remove_n < 1:
+        raise UsageError(f"--remove-n must be at least 1, not {plan.remove_n}")
+    if plan.scorer not in DYNAMICS_SCORERS:
+        raise UsageError(f"--scorer must be one of {', '.join(DYNAMICS_SCORERS)}, not {plan.scorer!r}")
+    if plan.scorer == "forgetting" and plan.rounds > 1 and plan.round_epochs < MIN_PRESENTATIONS:
+        raise UsageError(
+            f"forgetting has no signal with --round-epochs {plan.round_epochs}: each example is presented once per "
+            f"round, and a forgetting event needs {MIN_PRESENTATIONS} presentations; use --round-epochs "
+            f"{MIN_PRESENTATIONS} or more, or --scorer loss")
+
+
+def claim_run(run: Location, record: dict) -> bool:
+    """curation.json, created exclusively, makes this job the run's owner; finding it means resuming.
+    Returns whether this call made the claim."""
+    if not run.exists(CURATION_NAME) and run.exists(CONFIG_NAME):
+        raise UsageError(f"{run.url} already holds a training run; use another --out")
+    if run.create_exclusive(CURATION_NAME, json.dumps({**record, "selections": []}, indent=2).encode()):
+        return True
+    stored = json.loads(run.read_bytes(CURATION_NAME))
+    if {"dataset": stored["dataset"], "plan": stored["plan"]} != record:
+        raise UsageError(f"{run.url} holds a curation with other settings; use another --out")
+    return False
+
+
+def scores_name(plan: CurationPlan, run_url: str, round_number: int) -> str:
+    return f"{plan.scorer}-{run_id(run_url)}-r{round_number}"
+
+
+def curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, *, progress: bool = True) -> dict:
+    """Run (or finish) all rounds; returns the training summary, the rounds' selections and what each did."""
+    check_plan(plan)
+    dataset = location(dataset_url)
+    read_manifest(dataset)  # a clear error before anything is claimed, not after
+    run = location(config.out)
+    record = {"dataset": dataset_url, "plan": asdict(plan)}
+    claimed = claim_run(run, record)
+    try:
+        return _curate(dataset_url, config, plan, record, progress)
+    except BaseException:
+        if claimed and latest_position(run) is None:  # nothing trained yet: leave the folder free
+            run.remove(CONFIG_NAME)
+            run.remove(CURATION_NAME)
+        raise
+
+
+def _curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, record: dict, progress: bool) -> dict:
+    dataset, run = location(dataset_url), location(config.out)
+    source = SourceExamples.of(dataset)
+    ingest_options = IngestOptions(seed=plan.seed)
+    versions: list[str] = []
+    trainer: Trainer | None = None
+    for round_number in range(plan.rounds):
+        parameters = {"curation": config.out, "round": round_number, **asdict(plan)}
+        if round_number == 0:
+            table = initial_round(source, plan.keep, plan.seed)
+        else:
+            context = ScoreContext(dataset_url, config.out, first_epoch=(round_number - 1) * plan.round_epochs,
+                                   last_epoch=round_number * plan.round_epochs - 1, seed=plan.seed, progress=progress)
+            scores = compute_scores(plan.scorer, context)
+            name = scores_name(plan, config.out, round_number)
+            write_scores(dataset, name, scores)
+            parent = read_selection(dataset, versions[-1])
+            remove_n = plan.remove_n or max(1, int(0.1 * sum(parent["kept"].to_pylist())))
+            table = next_round(source, parent, versions[-1], scores, remove_n, round_number, plan.seed)
+            parameters["scores"] = name
+        versions.append(save_selection(dataset, table, parameters))
+        materialize(dataset_url, versions[-1], ingest_options, ["onion", "curate", dataset_url, config.out],
+                    progress=progress)
+        run.write_atomic(CURATION_NAME, json.dumps({**record, "selections": versions}, indent=2).encode())
+        if trainer is None:
+            trainer = Trainer(TrainConfig.from_dict({**config.to_dict(), "dataset": kept_url(dataset_url, versions[0])}))
+            trainer.resume()
+        trainer.use_dataset(kept_url(dataset_url, versions[-1]))
+        summary = trainer.train(until_epoch=(round_number + 1) * plan.round_epochs)
+    return {**summary, "selections": versions, "rounds": round_reports(dataset, versions)}
+
+
+def round_reports(dataset: Location, versions: list[str]) -> list[dict]:
+    """What each round did, in numbers a person reads: kept, dropped and restored (with why)."""
+    reports = []
+    for version in versions:
+        table = read_selection(dataset, version)
+        reasons = table["reason"].to_pylist()
+        number = int(table["round"][0].as_py()) if table.num_rows else 0
+        suffix = f"@r{number}"
+        dropped = Counter(r.split("@")[0] for r in reasons if r.endswith(suffix) and not r.startswith("restored"))
+        report = {"round": number, "version": version, "kept": int(sum(table["kept"].to_pylist())),
+                  "dropped": dict(dropped), "restored": sum(r == f"restored{suffix}" for r in reasons)}
+        if number == 0:
+            report["dropped"] = {"random-initial": reasons.count("random-initial")}
+        scores_of = selection_parameters(table).get("scores")
+        if scores_of:
+            report.update(never_learned_report(dataset, table, scores_of))
+        reports.append(report)
+    return reports
+
+
+def never_learned_report(dataset: Location, selection: pa.Table, scores_of: str) -> dict:
+    """How many never-learned examples the round's scores found, and how many of them stayed kept."""
+    scores = read_scores(dataset, scores_of)
+    if "learned" not in scores.column_names:
+        return {}
+    never = set(scores.filter(pc.invert(scores["learned"]))["key"].to_pylist())
+    presented = set(scores.filter(pc.greater(scores["presentations"], 0))["key"].to_pylist())
+    never &= presented
+    kept = set(selection.filter(selection["kept"])["key"].to_pylist())
+    return {"never_learned": len(never), "never_learned_kept": len(never & kept)}

@@ -1,0 +1,125 @@
+"""Scorers: how hard or useful each training example is, written to ``DATASET/scores/<name>.parquet``.
+
+A registry, not an if-chain: add a function taking a :class:`ScoreContext` and returning a table
+with at least ``key``, ``score`` (higher = harder / more worth keeping) and ``tiebreak`` (orders
+equal scores, lower = easier), and name it in :data:`SCORERS`. The scorer's name is stored in the
+file's metadata, so what a drop is called (``unforgettable@r2``) never depends on the file's name.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from shards import UsageError, location, read_index, read_manifest
+from shards.index import parquet_names, read_parquet, table_to_parquet_bytes, usable_train
+from shards.urls import Location
+
+SCORES = "scores"
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    dataset: str
+    run: str | None = None  # a training run: dynamics for forgetting/loss, checkpoints for el2n
+    first_epoch: int | None = None  # window of dynamics (inclusive); None: from the start
+    last_epoch: int | None = None  # None: to the end
+    seed: int = 0
+    actors: int | None = None  # el2n's Ray actors (default: one per CPU of the cluster)
+    progress: bool = True
+
+    def train_keys(self) -> list[str]:
+        index = read_index(location(self.dataset), columns=["key", "split", "status"])
+        return usable_train(index)["key"].to_pylist()
+
+    def dynamics(self) -> pa.Table:
+        from trainer.dynamics import read_dynamics
+
+        from pipeline.curation.scoring.dynamics_scores import window_rows
+
+        if not self.run:
+            raise UsageError("this scorer reads a training run's dynamics: give --run RUN")
+        table = read_dynamics(location(self.run))
+        if table.num_rows == 0:
+            raise UsageError(f"{self.run}: no dynamics/*.parquet (train with dynamics recording on)")
+        return window_rows(table, self.first_epoch, self.last_epoch)
+
+    def window(self) -> str:
+        first = "start" if self.first_epoch is None else f"epoch {self.first_epoch}"
+        last = "end" if self.last_epoch is None else f"epoch {self.last_epoch}"
+        return f"{self.run}, {first} to {last}"
+
+
+def _forgetting(context: ScoreContext) -> pa.Table:
+    from pipeline.curation.scoring.dynamics_scores import forgetting, require_signal
+
+    table = forgetting(context.train_keys(), context.dynamics())
+    require_signal(table, context.window())
+    return table
+
+
+def _loss(context: ScoreContext) -> pa.Table:
+    from pipeline.curation.scoring.dynamics_scores import mean_loss
+
+    return mean_loss(context.train_keys(), context.dynamics())
+
+
+def _random(context: ScoreContext) -> pa.Table:
+    keys = sorted(context.train_keys())
+    return pa.table({"key": pa.array(keys, pa.string()),
+                     "score": np.random.default_rng([context.seed, 11]).random(len(keys)),
+                     "tiebreak": np.zeros(len(keys))})
+
+
+def _el2n(context: ScoreContext) -> pa.Table:
+    from pipeline.curation.scoring.el2n import el2n
+
+    if not context.run:
+        raise UsageError("el2n scores with a run's checkpoints: give --run RUN")
+    shards = [s["name"] for s in read_manifest(location(context.dataset))["shards"] if s["split"] == "train"]
+    return el2n(context.dataset, "train", shards, context.run, context.actors, context.progress)
+
+
+SCORERS: dict[str, Callable[[ScoreContext], pa.Table]] = {
+    "forgetting": _forgetting,
+    "loss": _loss,
+    "el2n": _el2n,
+    "random": _random,
+}
+
+# What dropping the lowest scores of a scorer removes, as written in a selection's reasons.
+DROP_LABELS = {"forgetting": "unforgettable"}
+
+
+def drop_label(scores: pa.Table) -> str:
+    """``unforgettable`` for forgetting scores, ``easy`` for the others (from the file's metadata)."""
+    return DROP_LABELS.get(scorer_of(scores), "easy")
+
+
+def scorer_of(scores: pa.Table) -> str:
+    metadata = scores.schema.metadata or {}
+    return json.loads(metadata.get(b"onion", b"{}")).get("scorer", "")
+
+
+def compute_scores(name: str, context: ScoreContext) -> pa.Table:
+    if name not in SCORERS:
+        raise UsageError(f"unknown scorer {name!r} (known: {', '.join(SCORERS)})")
+    table = SCORERS[name](context)
+    return table.replace_schema_metadata({b"onion": json.dumps({"scorer": name}).encode()})
+
+
+def write_scores(dataset: Location, name: str, table: pa.Table) -> str:
+    dataset.child(SCORES).write_atomic(f"{name}.parquet", table_to_parquet_bytes(table))
+    return f"{dataset.url}/{SCORES}/{name}.parquet"
+
+
+def read_scores(dataset: Location, name: str) -> pa.Table:
+    scores = dataset.child(SCORES)
+    if not scores.exists(f"{name}.parquet"):
+        known = ", ".join(parquet_names(scores)) or "none yet"
+        raise UsageError(f"{dataset.url}: no scores/{name}.parquet (scores: {known}; "
+                         f"make one with: onion score {dataset.url} SCORER ...)")
+    return read_parquet(scores, name)

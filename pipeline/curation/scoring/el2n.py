@@ -1,0 +1,88 @@
+"""EL2N (Paul et al., 2021): ||softmax(f(x)) - onehot(y)||_2, averaged over checkpoints.
+
+A pool of Ray actors, each holding the models, scores whole shards streamed with the reader
+(batched; on a GPU when the actor has one). Actors restart and retry their task if a worker
+dies, and results are only written by the driver once every shard is in, so a killed worker
+changes nothing in the output.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import ray
+import timm
+import torch
+from ray.util import ActorPool
+from tqdm import tqdm
+
+from shards import ShardDataset, UsageError, location
+from safetensors.torch import load as load_safetensors
+
+from pipeline.ray_runtime import cluster_cpus, current_node, describe_nodes, ensure_ray
+from trainer.checkpoint import CHECKPOINTS, MODEL_FILE, MODEL_JSON
+from trainer.inputs import prepare
+
+BATCH = 256
+
+
+def checkpoint_folders(run_url: str) -> list[str]:
+    checkpoints = location(run_url).child(CHECKPOINTS)
+    folders = [name for name in checkpoints.list_names() if name.startswith("step-")]
+    if not folders:
+        raise UsageError(f"{run_url}: no checkpoints to score with (train it first, or give another --run)")
+    return folders
+
+
+@ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)
+class EL2NScorer:
+    def __init__(self, run_url: str, folders: list[str]) -> None:
+        torch.set_num_threads(1)
+        run = location(run_url)
+        built = json.loads(run.read_bytes(MODEL_JSON))
+        self.img_size = built["kwargs"]["img_size"]
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.models = []
+        for folder in folders:
+            model = timm.create_model(built["model"], pretrained=False, **built["kwargs"])
+            model.load_state_dict(load_safetensors(run.child(CHECKPOINTS, folder).read_bytes(MODEL_FILE)))
+            self.models.append(model.eval().to(self.device))
+
+    @torch.no_grad()
+    def score_shard(self, dataset_url: str, split: str, shard: str) -> tuple[list[str], np.ndarray, str]:
+        keys: list[str] = []
+        scores: list[np.ndarray] = []
+        data = ShardDataset(dataset_url, split, shuffle=False, batch_size=BATCH, channels=3, shards=[shard])
+        for images, labels, batch_keys in data:
+            x = prepare(images, self.img_size, self.device)
+            onehot = torch.nn.functional.one_hot(labels.to(self.device), self.models[0].num_classes).float()
+            errors = [(model(x).float().softmax(dim=1) - onehot).norm(dim=1) for model in self.models]
+            scores.append(torch.stack(errors).mean(dim=0).cpu().numpy())
+            keys.extend(batch_keys)
+        return keys, np.concatenate(scores) if scores else np.zeros(0), current_node()
+
+
+def el2n(dataset_url: str, split: str, shards: list[str], run_url: str, actors: int | None = None,
+         progress: bool = True) -> pa.Table:
+    """EL2N of every example in ``shards``; ``actors`` scorers (default: one per CPU of the Ray cluster)."""
+    folders = checkpoint_folders(run_url)
+    ensure_ray()
+    count = max(1, min(actors or cluster_cpus(), len(shards)))
+    pool = ActorPool([EL2NScorer.remote(run_url, folders) for _ in range(count)])
+    keys: list[str] = []
+    values: list[np.ndarray] = []
+    jobs = pool.map_unordered(lambda actor, shard: actor.score_shard.remote(dataset_url, split, shard), shards)
+    nodes: Counter = Counter()
+    for shard_keys, shard_scores, node in tqdm(jobs, total=len(shards), unit="shard", desc="el2n", disable=not progress):
+        keys.extend(shard_keys)
+        values.append(shard_scores)
+        nodes[node] += 1
+    if progress:
+        tqdm.write(f"el2n: {len(shards)} shards scored on {describe_nodes(nodes)}", file=sys.stderr)
+    score = np.concatenate(values) if values else np.zeros(0)
+    table = pa.table({"key": pa.array(keys, pa.string()), "score": score, "tiebreak": np.zeros(len(keys)),
+                      "checkpoints": np.full(len(keys), len(folders))})
+    return table.sort_by("key")

@@ -1,0 +1,321 @@
+"""Who survives: strategies over scores, the paper's curation rounds, immutable selection versions.
+
+A selection has one row per train-split example of the source dataset: ``key, label, kept,
+score, rank, reason, round, parent, strategy``. Quarantined examples are rows too (never kept), so
+``kept + dropped + quarantined`` always equals the source's train examples. Versions
+(``selections/v0001.parquet`` ...) are never rewritten: the same inputs and seed give the same
+rows, and asking again returns the version that already holds them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shards import STATUS_OK, UsageError, read_index
+from shards.index import parquet_bytes_to_table, parquet_names, read_parquet, table_to_parquet_bytes
+from shards.urls import Location
+
+from pipeline.curation.scoring import drop_label
+
+SELECTIONS = "selections"
+VERSION = re.compile(r"v\d{4,}")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The examples a strategy chooses among, as parallel arrays."""
+
+    keys: np.ndarray
+    labels: np.ndarray
+    score: np.ndarray
+    tiebreak: np.ndarray
+
+    def easiest_first(self) -> np.ndarray:
+        """Positions ordered from easiest to hardest; unscored (NaN) examples count as hardest."""
+        score = np.where(np.isnan(self.score), np.inf, self.score)
+        return np.lexsort((self.keys, self.tiebreak, score))
+
+    def subset(self, positions: np.ndarray) -> "Candidates":
+        return Candidates(self.keys[positions], self.labels[positions], self.score[positions], self.tiebreak[positions])
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    keep: float = 0.8
+    strategy: str = "drop-easy"
+    class_balanced: bool = False
+    hard_cut: float = 0.1  # stratified: share of the hardest cut first, as likely label noise
+    bins: int = 20  # stratified: equal-width score bins sampled evenly
+    seed: int = 0
+
+
+# A strategy returns the kept positions and one drop reason per dropped position, in position order.
+Strategy = Callable[[Candidates, int, np.random.Generator, SelectOptions], tuple[np.ndarray, np.ndarray]]
+
+
+def drop_easy(c: Candidates, keep: int, rng: np.random.Generator, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
+    order = c.easiest_first()
+    return order[len(order) - keep:], np.full(len(order) - keep, "easy", dtype=object)
+
+
+def drop_hard(c: Candidates, keep: int, rng: np.random.Generator, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
+    order = c.easiest_first()
+    return order[:keep], np.full(len(order) - keep, "hard", dtype=object)
+
+
+def random_keep(c: Candidates, keep: int, rng: np.random.Generator, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(len(c.keys))
+    return order[:keep], np.full(len(order) - keep, "random", dtype=object)
+
+
+def stratified(c: Candidates, keep: int, rng: np.random.Generator, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage-centric (CCS, Zheng et al. 2023): cut the hardest, then sample evenly across score bins."""
+    order = c.easiest_first()
+    cut = min(int(round(o.hard_cut * len(order))), len(order) - keep)
+    pool = order[: len(order) - cut]
+    scores = np.where(np.isnan(c.score[pool]), np.nanmax(c.score) if np.isfinite(c.score).any() else 0, c.score[pool])
+    edges = np.linspace(scores.min(), scores.max(), o.bins + 1) if len(pool) else np.zeros(2)
+    bins = np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, o.bins - 1)
+    members = [pool[bins == b] for b in range(o.bins)]
+    chosen: list[np.ndarray] = []
+    budget = keep
+    for rank, b in enumerate(sorted(range(o.bins), key=lambda b: (len(members[b]), b))):
+        share = min(len(members[b]), budget // (o.bins - rank))
+        chosen.append(rng.permutation(members[b])[:share])
+        budget -= share
+    kept = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    if budget:  # rounding left places: fill from the unchosen pool at random
+        rest = np.setdiff1d(pool, kept)
+        kept = np.concatenate([kept, rng.permutation(rest)[:budget]])
+    dropped_hard = set(order[len(order) - cut:].tolist())
+    dropped = np.setdiff1d(order, kept)
+    reasons = np.array(["hard-cut" if i in dropped_hard else "bin-sampled-out" for i in dropped], dtype=object)
+    return kept, reasons
+
+
+STRATEGIES: dict[str, Strategy] = {"drop-easy": drop_easy, "drop-hard": drop_hard, "random": random_keep,
+                                   "stratified": stratified}
+
+
+def choose(c: Candidates, keep: int, options: SelectOptions) -> tuple[np.ndarray, dict[int, str]]:
+    """Kept positions and the drop reason of every other position (per class when balanced)."""
+    if options.strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {options.strategy!r} (known: {', '.join(STRATEGIES)})")
+    strategy = STRATEGIES[options.strategy]
+    rng = np.random.default_rng([options.seed, 13])
+    groups = [np.arange(len(c.keys))]
+    budgets = [keep]
+    if options.class_balanced:
+        classes = np.unique(c.labels)
+        groups = [np.flatnonzero(c.labels == label) for label in classes]
+        budgets = largest_remainder(keep, [len(g) for g in groups])
+    kept_parts, reasons = [], {}
+    for group, budget in zip(groups, budgets):
+        kept, dropped_reasons = strategy(c.subset(group), budget, rng, options)
+        kept_parts.append(group[kept])
+        for position, reason in zip(np.setdiff1d(np.arange(len(group)), kept), dropped_reasons):
+            reasons[int(group[position])] = reason
+    return np.sort(np.concatenate(kept_parts)), reasons
+
+
+def largest_remainder(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` in proportion to ``sizes`` with whole numbers that add up exactly."""
+    n = sum(sizes)
+    exact = [total * s / n for s in sizes] if n else [0.0] * len(sizes)
+    shares = [int(x) for x in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: exact[i] - shares[i], reverse=True)[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+@dataclass(frozen=True)
+class SourceExamples:
+    """The train split of a dataset: every example a selection must account for."""
+
+    keys: np.ndarray
+    labels: np.ndarray
+    ok: np.ndarray  # False for quarantined rows
+
+    @classmethod
+    def of(cls, dataset: Location) -> "SourceExamples":
+        index = read_index(dataset, columns=["key", "label", "split", "status"])
+        train = index.filter(pc.equal(index["split"], "train")).sort_by("key")
+        labels = train["label"].to_numpy(zero_copy_only=False)
+        return cls(np.array(train["key"].to_pylist(), dtype=object),
+                   np.nan_to_num(labels.astype(np.float64), nan=-1).astype(np.int64),
+                   np.array([s == STATUS_OK for s in train["status"].to_pylist()]))
+
+
+def candidates_with_scores(source: SourceExamples, positions: np.ndarray, scores: pa.Table | None) -> Candidates:
+    score = np.full(len(positions), np.nan)
+    tiebreak = np.zeros(len(positions))
+    if scores is not None:
+        lookup = {k: i for i, k in enumerate(scores["key"].to_pylist())}
+        values, ties = scores["score"].to_numpy(zero_copy_only=False), scores["tiebreak"].to_numpy(zero_copy_only=False)
+        at = np.array([lookup.get(k, -1) for k in source.keys[positions]])
+        found = at >= 0
+        score[found], tiebreak[found] = values[at[found]], ties[at[found]]
+    return Candidates(source.keys[positions], source.labels[positions], score, tiebreak)
+
+
+def selection_table(source: SourceExamples, kept: np.ndarray, reasons: np.ndarray, score: np.ndarray,
+                    round_number: int, parent: str | None, strategy: str) -> pa.Table:
+    """Rows for every source example; ``rank`` orders the scored ones from easiest (0)."""
+    scored = ~np.isnan(score)
+    order = np.lexsort((source.keys, np.where(scored, score, np.inf)))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return pa.table({
+        "key": pa.array(source.keys.tolist(), pa.string()), "label": source.labels, "kept": kept,
+        "score": pa.array(score, mask=~scored), "rank": pa.array(rank, mask=~scored),
+        "reason": pa.array(reasons.tolist(), pa.string()), "round": np.full(len(kept), round_number, np.int32),
+        "parent": pa.array([parent] * len(kept), pa.string()), "strategy": pa.array([strategy] * len(kept), pa.string()),
+    })
+
+
+def select(source: SourceExamples, scores: pa.Table | None, options: SelectOptions) -> pa.Table:
+    """One-shot selection: keep ``options.keep`` of the usable examples by a strategy."""
+    usable = np.flatnonzero(source.ok)
+    candidates = candidates_with_scores(source, usable, scores)
+    keep = int(round(options.keep * len(usable)))
+    kept_positions, drop_reasons = choose(candidates, keep, options)
+    kept = np.zeros(len(source.keys), dtype=bool)
+    kept[usable[kept_positions]] = True
+    reasons = np.where(source.ok, "kept", "quarantined").astype(object)
+    for position, reason in drop_reasons.items():
+        reasons[usable[position]] = f"{options.strategy}:{reason}"
+    score = np.full(len(source.keys), np.nan)
+    score[usable] = candidates.score
+    return selection_table(source, kept, reasons, score, 0, None, options.strategy)
+
+
+def initial_round(source: SourceExamples, keep: float, seed: int) -> pa.Table:
+    """Round 0 of the paper's schedule: drop a random share."""
+    usable = np.flatnonzero(source.ok)
+    order = np.random.default_rng([seed, 17]).permutation(usable)
+    kept = np.zeros(len(source.keys), dtype=bool)
+    kept[order[: int(round(keep * len(usable)))]] = True
+    reasons = np.where(kept, "kept", np.where(source.ok, "random-initial", "quarantined")).astype(object)
+    return selection_table(source, kept, reasons, np.full(len(kept), np.nan), 0, None, "random-initial")
+
+
+def next_round(source: SourceExamples, parent: pa.Table, parent_version: str, scores: pa.Table, remove_n: int,
+               round_number: int, seed: int) -> pa.Table:
+    """A later round: drop the ``remove_n`` easiest kept examples, restore as many from the pool.
+
+    The pool is what earlier rounds dropped; the examples dropped now join it only after the
+    draw, so they cannot come straight back. The number kept stays the same. Drops are named by
+    the scorer (``unforgettable@rN`` for forgetting, ``easy@rN`` otherwise).
+    """
+    if parent["key"].to_pylist() != source.keys.tolist():
+        raise UsageError(f"{parent_version} does not cover this dataset's train examples")
+    label = drop_label(scores)
+    kept = parent["kept"].to_numpy(zero_copy_only=False).copy()
+    reasons = np.array(parent["reason"].to_pylist(), dtype=object)
+    kept_positions = np.flatnonzero(kept)
+    pool = np.flatnonzero(~kept & source.ok)
+    if remove_n > min(len(kept_positions), len(pool)):
+        raise UsageError(f"--remove-n {remove_n} is more than the {len(kept_positions)} kept or the {len(pool)} "
+                         "in the dropped pool")
+    candidates = candidates_with_scores(source, kept_positions, scores)
+    dropped = kept_positions[candidates.easiest_first()[:remove_n]]
+    restored = np.random.default_rng([seed, 19, round_number]).permutation(pool)[:remove_n]
+    kept[dropped], kept[restored] = False, True
+    reasons[dropped] = f"{label}@r{round_number}"
+    reasons[restored] = f"restored@r{round_number}"
+    score = np.full(len(kept), np.nan)
+    all_scores = candidates_with_scores(source, np.arange(len(kept)), scores)
+    score[:] = all_scores.score
+    return selection_table(source, kept, reasons, score, round_number, parent_version, "rounds")
+
+
+def fingerprint(table: pa.Table) -> str:
+    digest = hashlib.sha256()
+    for column in ("key", "kept", "reason", "round", "parent"):
+        digest.update(json.dumps(table[column].to_pylist()).encode())
+    return digest.hexdigest()
+
+
+def save_selection(dataset: Location, table: pa.Table, parameters: dict) -> str:
+    """Store ``table`` as the next version, or return the version that already holds the same rows.
+
+    Versions are created exclusively: when two jobs save at once, the second sees the first's
+    version appear and takes the next number, so no version is ever overwritten."""
+    folder = dataset.child(SELECTIONS)
+    identity = fingerprint(table)
+    metadata = {b"fingerprint": identity.encode(), b"parameters": json.dumps(parameters, sort_keys=True).encode()}
+    data = table_to_parquet_bytes(table.replace_schema_metadata(metadata))
+    while True:
+        versions = selection_versions(dataset)
+        for version in versions:
+            stored = parquet_bytes_to_table(folder.read_bytes(f"{version}.parquet"), columns=[])  # metadata only
+            if stored.schema.metadata.get(b"fingerprint") == identity.encode():
+                return version
+        version = f"v{int(versions[-1][1:]) + 1 if versions else 1:04d}"
+        if folder.create_exclusive(f"{version}.parquet", data):
+            return version
+
+
+def selection_versions(dataset: Location) -> list[str]:
+    """Every stored selection version, oldest first (``v0001``, ``v0002``, ...)."""
+    return [name for name in parquet_names(dataset.child(SELECTIONS)) if VERSION.fullmatch(name)]
+
+
+def read_selection(dataset: Location, version: str) -> pa.Table:
+    folder = dataset.child(SELECTIONS)
+    if not VERSION.fullmatch(version) or not folder.exists(f"{version}.parquet"):
+        known = ", ".join(selection_versions(dataset)) or "none yet"
+        raise UsageError(f"{dataset.url}: no selection {version!r} (selections: {known})")
+    return read_parquet(folder, version)
+
+
+def selection_parameters(table: pa.Table) -> dict:
+    """The parameters a selection version was made with (strategy or round, scores, seed...)."""
+    return json.loads((table.schema.metadata or {}).get(b"parameters", b"{}"))
+
+
+
+@dataclass(frozen=True)
+class SelectRequest:
+    """What ``onion select`` asks for: a strategy over scores, or one round of the paper's schedule."""
+
+    scores: str | None = None  # a name under DATASET/scores/
+    options: SelectOptions = SelectOptions()
+    round_number: int | None = None  # None: a one-shot strategy; 0: random initial round; >= 1: a later round
+    parent: str | None = None  # the previous round's version (rounds >= 1)
+    remove_n: int | None = None  # examples swapped this round (rounds >= 1)
+
+
+def make_selection(dataset: Location, request: SelectRequest) -> tuple[str, pa.Table]:
+    """Compute and store the selection ``request`` describes; returns its version and rows."""
+    from pipeline.curation.scoring import read_scores, scorer_of
+    from pipeline.curation.scoring.dynamics_scores import require_signal
+
+    source = SourceExamples.of(dataset)
+    scores = read_scores(dataset, request.scores) if request.scores else None
+    if scores is not None and scorer_of(scores) == "forgetting":
+        require_signal(scores, f"scores/{request.scores}")
+    options = request.options
+    if request.round_number is None:
+        if scores is None and options.strategy != "random":
+            raise UsageError(f"strategy {options.strategy} needs --scores NAME")
+        table = select(source, scores, options)
+        parameters: dict = {"strategy": vars(options), "scores": request.scores}
+    elif request.round_number == 0:
+        table = initial_round(source, options.keep, options.seed)
+        parameters = {"round": 0, "keep": options.keep, "seed": options.seed}
+    else:
+        if not (request.parent and request.remove_n and scores is not None):
+            raise UsageError("rounds >= 1 need --parent vNNNN, --remove-n N and --scores NAME")
+        table = next_round(source, read_selection(dataset, request.parent), request.parent, scores,
+                           request.remove_n, request.round_number, options.seed)
+        parameters = {"round": request.round_number, "parent": request.parent, "remove_n": request.remove_n,
+                      "scores": request.scores, "seed": options.seed}
+    return save_selection(dataset, table, parameters), table

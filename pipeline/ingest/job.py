@@ -1,0 +1,278 @@
+"""``onion ingest``: a source becomes shards + index + manifest, one Ray task per output shard.
+
+The plan (which example goes in which shard) is fixed before any work starts and depends only on
+the source and the options, so the output is byte-identical however often the job is killed and
+re-run. Each task writes its shard atomically, then a small ``_parts/<shard>.json`` with its
+index rows; a re-run skips shards whose part exists. The manifest is written last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from shards import STATUS_OK, STATUS_QUARANTINED, DatasetError, location, read_manifest
+from shards.manifest import MANIFEST_NAME, DatasetInfo, ShardEntry
+from shards.tarwriter import ShardExample, check_key
+from shards.urls import Location
+from shards.writer import commit_dataset, write_shard
+
+from pipeline.ingest.encode import EncodeOptions, encode_example
+from pipeline.ray_runtime import current_node, ensure_ray
+from pipeline.ingest.sources import Quarantine, Record, Source, SourceError
+
+PARTS = "_parts"
+PLAN_NAME = "_ingest.json"
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    shard_size: int = 2000
+    shard_bytes: int = 128 << 20
+    seed: int = 0
+    encode: EncodeOptions = EncodeOptions()
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str
+    split: str
+    records: tuple[Record, ...]
+
+
+@dataclass
+class ShardResult:
+    entry: ShardEntry | None
+    rows: list[dict]
+    node: str = ""  # Ray node that wrote it ("" when a killed run had already finished it)
+
+
+def plan_shards(records: list[Record], options: IngestOptions) -> list[ShardPlan]:
+    """Shuffle each split with the seed, then cut it into balanced shards.
+
+    A split needs ``k`` shards to respect both the example and the planned-byte limit; examples
+    are spread evenly over them (sizes differ by at most one, no tiny tail shard), and a shard
+    still closes early when its planned bytes would pass the limit.
+    """
+    plans: list[ShardPlan] = []
+    for split in sorted({r.split for r in records}):
+        members = sorted((r for r in records if r.split == split), key=lambda r: r.key)
+        order = np.random.default_rng([options.seed, 7]).permutation(len(members))
+        total_bytes = sum(r.est_bytes for r in members)
+        shards = max(-(-len(members) // options.shard_size), -(-total_bytes // options.shard_bytes), 1)
+        groups: list[list[Record]] = [[]]
+        planned_bytes, remaining = 0, len(members)
+        target = -(-remaining // shards)
+        for i in order:
+            record = members[i]
+            if groups[-1] and (len(groups[-1]) >= target or planned_bytes + record.est_bytes > options.shard_bytes):
+                remaining -= len(groups[-1])
+                target = -(-remaining // max(1, shards - len(groups)))  # spread what is left evenly
+                groups.append([])
+                planned_bytes = 0
+            groups[-1].append(record)
+            planned_bytes += record.est_bytes
+        plans += [_shard_plan(split, number, group) for number, group in enumerate(groups)]
+    return plans
+
+
+def _shard_plan(split: str, number: int, records: list[Record]) -> ShardPlan:
+    return ShardPlan(f"{split}-{number:06d}.tar", split, tuple(sorted(records, key=lambda r: r.key)))
+
+
+def fingerprint(source: Source, plans: list[ShardPlan], options: IngestOptions) -> str:
+    """Identity of the output: changes whenever any output byte could change.
+
+    The source's location is left out (records carry relative references), so a moved input
+    directory, or a copied dataset, still matches its earlier output.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"parameters": source.parameters,
+                              "classes": source.class_names, "options": asdict(options)}, sort_keys=True).encode())
+    for plan in plans:
+        for r in plan.records:
+            digest.update(f"{plan.name}|{r.key}|{r.split}|{r.label}|{r.source_ref}|{r.est_bytes}|{r.planted}|{r.quarantine}\n".encode())
+    return digest.hexdigest()
+
+
+def base_row(record: Record, class_names: list[str]) -> dict:
+    label_ok = record.label is not None and 0 <= record.label < len(class_names)
+    return {
+        "key": record.key, "label": record.label, "class_name": class_names[record.label] if label_ok else None,
+        "split": record.split, "source_ref": record.source_ref, "planted": record.planted,
+    }
+
+
+def quarantined_row(record: Record, class_names: list[str], reason: str) -> dict:
+    return {**base_row(record, class_names), "status": STATUS_QUARANTINED, "reason": reason}
+
+
+def ingest_shard(source: Source, plan: ShardPlan, dataset_url: str, options: IngestOptions) -> ShardResult:
+    """Load, validate and encode every record of one shard, write the shard and its part."""
+    dataset = location(dataset_url)
+    rows: list[dict] = []
+    examples: list[ShardExample] = []
+    encoded_rows: list[dict] = []
+    source.prefetch([record for record in plan.records if not record.quarantine])
+    for record in plan.records:
+        if record.quarantine:
+            rows.append(quarantined_row(record, source.class_names, record.quarantine))
+            continue
+        try:
+            encoded = encode_example(source.load(record), options.encode)
+        except Quarantine as problem:
+            rows.append(quarantined_row(record, source.class_names, str(problem)))
+            continue
+        row = {**base_row(record, source.class_names), "status": STATUS_OK, "reason": None, "shard": plan.name,
+               "image_ext": encoded.ext, "sha256": hashlib.sha256(encoded.data).hexdigest(),
+               "width": encoded.width, "height": encoded.height}
+        metadata = {k: row[k] for k in ("key", "label", "class_name", "split", "source_ref", "width", "height")}
+        metadata.update(record.extra, **({"planted": record.planted} if record.planted else {}))
+        examples.append(ShardExample(record.key, encoded.data, encoded.ext, record.label, metadata))
+        encoded_rows.append(row)
+    entry = None
+    if examples:
+        entry, spans = write_shard(dataset, plan.name, plan.split, examples)
+        for row, span in zip(encoded_rows, spans):
+            row.update(image_offset=span.image.offset, image_size=span.image.size, cls_offset=span.cls.offset,
+                       cls_size=span.cls.size, json_offset=span.json.offset, json_size=span.json.size)
+    result = ShardResult(entry, rows + encoded_rows, current_node())
+    dataset.child(PARTS).write_atomic(f"{plan.name}.json", json.dumps(
+        {"entry": asdict(entry) if entry else None, "rows": result.rows}, sort_keys=True).encode())
+    return result
+
+
+ingest_shard_task = ray.remote(num_cpus=1, max_retries=3)(ingest_shard)
+
+
+def finished_part(dataset: Location, plan: ShardPlan) -> ShardResult | None:
+    """The result a killed run already committed for this shard, if it is whole."""
+    parts = dataset.child(PARTS)
+    if not parts.exists(f"{plan.name}.json"):
+        return None
+    stored = json.loads(parts.read_bytes(f"{plan.name}.json"))
+    entry = ShardEntry(**stored["entry"]) if stored["entry"] else None
+    if entry and (not dataset.exists(entry.name) or dataset.size(entry.name) != entry.bytes):
+        return None
+    return ShardResult(entry, stored["rows"])
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    url: str
+    manifest: dict
+    resumed_shards: int
+    already_complete: bool
+    tasks_per_node: Counter = field(default_factory=Counter)
+
+
+def check_output(dataset: Location, print_fingerprint: str) -> bool:
+    """True when ``dataset`` already holds this exact dataset; raise when it holds anything else."""
+    if dataset.exists(MANIFEST_NAME):
+        manifest = read_manifest(dataset)
+        if manifest.get("fingerprint") == print_fingerprint:
+            return True
+        raise DatasetError(f"{dataset.url} already holds a different dataset ({manifest.get('source')}); "
+                           "choose another output or delete it")
+    if dataset.exists(PLAN_NAME):
+        previous = json.loads(dataset.read_bytes(PLAN_NAME))
+        if previous.get("fingerprint") != print_fingerprint:
+            raise DatasetError(f"{dataset.url} holds an unfinished ingest of a different dataset "
+                               f"({previous.get('source')}); choose another output or delete it")
+        return False
+    foreign = [name for name in dataset.list_names() if name != PARTS]
+    if foreign:
+        raise DatasetError(f"{dataset.url} is not empty and is not an onion dataset (found {foreign[0]!r})")
+    return False
+
+
+def claim_output(dataset: Location, print_fingerprint: str, source_spec: str) -> None:
+    """Make this job the output's owner, or find that an identical job owns it (a resume, or a twin
+    whose bytes will equal ours). A job for a different dataset that got there first wins: this
+    one stops before writing anything, so the output is never a mix of two datasets."""
+    plan = json.dumps({"fingerprint": print_fingerprint, "source": source_spec}).encode()
+    if dataset.create_exclusive(PLAN_NAME, plan):
+        return
+    owner = json.loads(dataset.read_bytes(PLAN_NAME))
+    if owner.get("fingerprint") != print_fingerprint:
+        raise DatasetError(f"{dataset.url} is being written by another ingest of a different dataset "
+                           f"({owner.get('source')}); choose another output, or wait for it and delete it")
+
+
+def ingest(
+    source: Source,
+    out: str,
+    options: IngestOptions,
+    command: list[str],
+    *,
+    progress: bool = True,
+    extra_manifest: dict | None = None,
+) -> IngestReport:
+    """Run the whole ingest; Ray is started (see :func:`ensure_ray`) only once the output is known to be usable."""
+    records = source.records()
+    _check_keys(records)
+    plans = plan_shards(records, options)
+    identity = fingerprint(source, plans, options)
+    dataset = location(out)
+    if dataset.url.startswith("memory://"):
+        raise DatasetError(f"{dataset.url}: memory:// lives inside one process and Ray workers cannot "
+                           "write there; use a local path or an object store URL")
+    if check_output(dataset, identity):
+        _clean_up(dataset)
+        return IngestReport(dataset.url, read_manifest(dataset), 0, already_complete=True)
+    claim_output(dataset, identity, source.spec)
+    ensure_ray()
+    dataset.remove_stale_temporaries()
+    results: dict[str, ShardResult] = {}
+    for plan in plans:
+        done = finished_part(dataset, plan)
+        if done is not None:
+            results[plan.name] = done
+    resumed = len(results)
+    source_handle = ray.put(source)
+    pending = {ingest_shard_task.remote(source_handle, plan, dataset.url, options): plan
+               for plan in plans if plan.name not in results}
+    with tqdm(total=len(records), unit="img", desc=f"ingest {source.spec}", disable=not progress) as bar:
+        bar.update(sum(len(results[name].rows) for name in results))
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            plan = pending.pop(ready[0])
+            results[plan.name] = ray.get(ready[0])
+            bar.update(len(plan.records))
+    rows = [row for plan in plans for row in results[plan.name].rows]
+    _check_accounting(records, rows)
+    entries = [results[p.name].entry for p in plans if results[p.name].entry is not None]
+    ok = sum(r["status"] == STATUS_OK for r in rows)
+    manifest = commit_dataset(dataset, rows=rows, shards=entries, info=DatasetInfo(
+        class_names=source.class_names, source=source.spec, fingerprint=identity, command=command,
+        extra={"accounting": {"inputs": len(records), "ok": ok, "quarantined": len(rows) - ok},
+               "ingest": asdict(options), "source_parameters": source.parameters, **(extra_manifest or {})},
+    ))
+    _clean_up(dataset)
+    nodes = Counter(result.node for result in results.values() if result.node)
+    return IngestReport(dataset.url, manifest, resumed, already_complete=False, tasks_per_node=nodes)
+
+
+def _check_keys(records: list[Record]) -> None:
+    seen: set[str] = set()
+    for record in records:
+        check_key(record.key)
+        if record.key in seen:
+            raise SourceError(f"two inputs have the key {record.key!r} ({record.source_ref})")
+        seen.add(record.key)
+
+
+def _check_accounting(records: list[Record], rows: list[dict]) -> None:
+    if sorted(r.key for r in records) != sorted(row["key"] for row in rows):
+        raise RuntimeError(f"accounting broken: {len(records)} inputs but {len(rows)} index rows")
+
+
+def _clean_up(dataset: Location) -> None:
+    dataset.remove(PARTS, recursive=True)
+    dataset.remove(PLAN_NAME)
+    dataset.remove_stale_temporaries()

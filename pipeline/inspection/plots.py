@@ -1,0 +1,116 @@
+"""Pictures of a selection: the score histogram by decision, and thumbnails at both ends."""
+from __future__ import annotations
+
+import hashlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from shards import UsageError, decode_image, location, read_example  # noqa: E402
+from shards.urls import Location  # noqa: E402
+
+from pipeline.curation.scoring import read_scores  # noqa: E402
+from pipeline.curation.selection import read_selection, selection_parameters  # noqa: E402
+from pipeline.inspection.selections import class_names  # noqa: E402
+
+
+def score_histogram(url: str, version: str, path: str, bins: int = 40) -> None:
+    table = read_selection(location(url), version)
+    scores = table["score"].to_numpy(zero_copy_only=False).astype(np.float64)
+    kept = np.array(table["kept"].to_pylist())
+    scored = ~np.isnan(scores)
+    if not scored.any():
+        raise UsageError(f"{version} has no scores to plot (a random or round-0 selection)")
+    never = np.isin(np.array(table["key"].to_pylist(), dtype=object), list(never_learned(location(url), table)))
+    edges = np.histogram_bin_edges(scores[scored], bins=bins)
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    groups = [(scored & kept & ~never, "kept", "tab:blue", None), (scored & kept & never, "kept, never learned", "tab:blue", "//"),
+              (scored & ~kept, "dropped", "tab:red", None)]
+    axes.hist([scores[mask] for mask, *_ in groups], bins=edges, stacked=True, alpha=0.75,
+              color=[color for *_, color, _ in groups],
+              label=[f"{name} ({mask.sum()})" for mask, name, *_ in groups])
+    for patches, (*_, hatch) in zip(axes.containers, groups):
+        for patch in patches:
+            patch.set_hatch(hatch)
+    axes.set_xlabel("score (higher = harder)")
+    axes.set_ylabel("examples")
+    axes.set_title(f"{version}: scores of kept and dropped examples")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def never_learned(dataset: Location, selection: pa.Table) -> set[str]:
+    """Keys the selection's forgetting scores found never learned in their window (empty for other scorers)."""
+    name = selection_parameters(selection).get("scores")
+    if not name:
+        return set()
+    scores = read_scores(dataset, name)
+    if "learned" not in scores.column_names:
+        return set()
+    return {r["key"] for r in scores.select(["key", "learned", "presentations"]).to_pylist()
+            if r["presentations"] and not r["learned"]}
+
+
+def decision_words(row: dict) -> str:
+    """A selection row's decision as a person says it: kept, dropped in round 1 (unforgettable), ..."""
+    reason = row["reason"] or ""
+    what, _, round_number = reason.partition("@r")
+    if row["kept"]:
+        return f"restored in round {round_number}" if what == "restored" else "kept"
+    return f"dropped in round {round_number} ({what})" if round_number else f"dropped ({reason})"
+
+
+def evidence_words(row: dict, scores: dict[str, dict]) -> str:
+    """What the score means for this example: never learned, forgotten 2x, or the score itself."""
+    detail = scores.get(row["key"])
+    if detail and "learned" in detail:
+        if not detail["presentations"]:
+            return "not trained in window"
+        return "never learned" if not detail["learned"] else f"forgotten {detail['forgetting_events']}x"
+    return f"score {row['score']:.3g}"
+
+
+def extremes_grid(url: str, version: str, path: str, per_side: int = 16) -> None:
+    """Thumbnails of the ``per_side`` hardest (highest score) and easiest examples, titled in words.
+
+    Equal scores are ordered by a hash of the key, so a tie shows a mix of classes rather than
+    whichever class sorts first.
+    """
+    dataset = location(url)
+    table = read_selection(dataset, version)
+    rows = [r for r in table.to_pylist() if r["score"] is not None]
+    if not rows:
+        raise UsageError(f"{version} has no scores to rank examples by (a random or round-0 selection)")
+    rows.sort(key=lambda r: (r["score"], hashlib.sha256(r["key"].encode()).hexdigest()))
+    names = class_names(dataset)
+    scores_name = selection_parameters(table).get("scores")
+    details = {}
+    if scores_name:
+        scores = read_scores(dataset, scores_name)
+        wanted = [c for c in ("key", "learned", "forgetting_events", "presentations") if c in scores.column_names]
+        details = {r["key"]: r for r in scores.select(wanted).to_pylist()}
+    columns = min(8, per_side)
+    lines = -(-per_side // columns)
+    figure = plt.figure(figsize=(columns * 1.9, 2 * lines * 2.0 + 0.8), dpi=110, layout="constrained")
+    halves = figure.subfigures(2, 1)
+    for half, (title, chosen) in zip(halves, (("hardest: highest scores", rows[::-1][:per_side]),
+                                             ("easiest: lowest scores", rows[:per_side]))):
+        half.suptitle(f"{version} - {title}", fontsize=10, weight="bold")
+        axes = half.subplots(lines, columns, squeeze=False)
+        for i, axis in enumerate(axes.flat):
+            axis.axis("off")
+            if i >= len(chosen):
+                continue
+            row = chosen[i]
+            image = decode_image(read_example(url, row["key"]).image).permute(1, 2, 0).numpy()
+            axis.imshow(image.squeeze(), cmap="gray" if image.shape[2] == 1 else None)
+            label = names.get(row["label"], row["label"])
+            axis.set_title(f"label {label} · {evidence_words(row, details)}\n{decision_words(row)}", fontsize=6.5)
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,104 @@
+"""What a person asks of selections: a summary, one example's lineage, what changed between two."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow.compute as pc
+
+from shards import location, read_index
+from shards.reader import index_row
+from shards.index import parquet_names, read_parquet
+from shards.urls import Location
+
+from pipeline.curation.scoring import SCORES
+from pipeline.curation.selection import read_selection, selection_versions
+
+
+def class_names(dataset: Location) -> dict[int, str]:
+    rows = read_index(dataset, columns=["label", "class_name"]).to_pylist()
+    return {r["label"]: r["class_name"] for r in rows if r["label"] is not None}
+
+
+def selection_summary(url: str, version: str) -> dict:
+    dataset = location(url)
+    table = read_selection(dataset, version)
+    names = class_names(dataset)
+    rows = table.to_pylist()
+    status = ["kept" if r["kept"] else "quarantined" if r["reason"] == "quarantined" else "dropped" for r in rows]
+    per_class: dict[str, Counter] = {}
+    for row, state in zip(rows, status):
+        per_class.setdefault(str(names.get(row["label"], row["label"])), Counter())[state] += 1
+    scores = table["score"].to_numpy(zero_copy_only=False).astype(np.float64)
+    quantiles = {}
+    for state in ("kept", "dropped"):
+        values = scores[[s == state for s in status]]
+        values = values[~np.isnan(values)]
+        if len(values):
+            quantiles[state] = dict(zip(("min", "q25", "median", "q75", "max"),
+                                        np.quantile(values, [0, 0.25, 0.5, 0.75, 1]).round(6).tolist()))
+    scored = scores[~np.isnan(scores)]
+    tied = len(scored) > 1 and bool(np.all(scored == scored[0]))
+    return {
+        "dataset": dataset.url, "selection": version, "strategy": rows[0]["strategy"] if rows else None,
+        "round": rows[0]["round"] if rows else None, "parent": rows[0]["parent"] if rows else None,
+        "counts": dict(Counter(status)), "examples": len(rows),
+        "by_class": {name: dict(counts) for name, counts in sorted(per_class.items())},
+        "by_reason": dict(Counter(r["reason"] for r in rows).most_common()),
+        "score_quantiles": quantiles,
+        **({"all_scores_tied": float(scored[0])} if tied else {}),
+    }
+
+
+def key_lineage(dataset: Location, key: str) -> list[dict]:
+    """Every selection's decision about ``key``, oldest first, with the score it was given."""
+    lineage = []
+    for version in selection_versions(dataset):
+        table = read_selection(dataset, version)
+        match = table.filter(pc.equal(table["key"], key)).to_pylist()
+        if match:
+            row = match[0]
+            lineage.append({"version": version, "round": row["round"], "parent": row["parent"], "kept": row["kept"],
+                            "score": row["score"], "rank": row["rank"], "reason": row["reason"]})
+    return lineage
+
+
+def key_scores(dataset: Location, key: str) -> dict[str, float]:
+    folder = dataset.child(SCORES)
+    found = {}
+    for name in parquet_names(folder):
+        table = read_parquet(folder, name, columns=["key", "score"])
+        match = table.filter(pc.equal(table["key"], key)).to_pylist()
+        if match:
+            found[name] = match[0]["score"]
+    return found
+
+
+def describe_key(url: str, key: str) -> dict:
+    """One example: where it is, what it is, its scores, and what every selection decided about it."""
+    dataset = location(url)
+    row = index_row(dataset, key)
+    names = class_names(dataset)
+    about = {"key": key, "split": row["split"], "label": row["label"], "class": names.get(row["label"]),
+             "status": row["status"], "shard": row["shard"],
+             "image_bytes": f"{row['image_offset']}-{row['image_offset'] + row['image_size']}"
+             if row["image_size"] else None, "source": row["source_ref"]}
+    if row["reason"]:
+        about["reason"] = row["reason"]
+    if row["split"] != "train":
+        about["note"] = f"a {row['split']} example: selections only ever choose among train examples"
+    return {**about, "scores": key_scores(dataset, key), "lineage": key_lineage(dataset, key)}
+
+
+def selection_diff(url: str, old: str, new: str) -> dict:
+    dataset = location(url)
+    before = {r["key"]: r for r in read_selection(dataset, old).to_pylist()}
+    after = {r["key"]: r for r in read_selection(dataset, new).to_pylist()}
+    dropped = sorted(k for k in before if before[k]["kept"] and not after.get(k, {}).get("kept"))
+    added = sorted(k for k in after if after[k]["kept"] and not before.get(k, {}).get("kept"))
+    return {
+        "from": old, "to": new, "kept_before": sum(r["kept"] for r in before.values()),
+        "kept_after": sum(r["kept"] for r in after.values()),
+        "newly_dropped": [{"key": k, "reason": after[k]["reason"], "score": after[k]["score"]} for k in dropped],
+        "newly_kept": [{"key": k, "reason": after[k]["reason"], "score": after[k]["score"]} for k in added],
+    }
