@@ -20,15 +20,14 @@ import numpy as np
 import ray
 from ray.util import ActorPool
 
-from report_files import write_report
-
-from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.curation.materialize import materialize
-from pipeline.ray_runtime import init_ray
 from pipeline.curation.scoring import SCORERS, ScoreContext, compute_scores
 from pipeline.curation.scoring.el2n import EL2NScorer, checkpoint_folders
 from pipeline.curation.selection import STRATEGIES, SelectOptions, SourceExamples, save_selection, select
+from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
+from pipeline.ray_runtime import init_ray
+from report_files import write_report
 from shards import location, read_index, read_manifest
 from trainer.config import TrainConfig
 from trainer.launch import train

@@ -20,12 +20,11 @@ from pathlib import Path
 import ray
 import torch
 
-from report_files import write_report
-
-from pipeline.ingest.job import IngestOptions, ingest
-from pipeline.ray_runtime import init_ray
-from pipeline.ingest.sources import SourceOptions, open_source
 from pipeline.bench.data import export_image_folder, measure_readers, peak_rss_mib
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.ingest.sources import SourceOptions, open_source
+from pipeline.ray_runtime import init_ray
+from report_files import write_report
 
 BATCH = 256
 

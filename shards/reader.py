@@ -14,8 +14,8 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice, repeat
 from dataclasses import dataclass
+from itertools import islice, repeat
 
 import numpy as np
 import pyarrow as pa
@@ -25,8 +25,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.decode import DecodeError, decode_pixels
-from shards.index import STATUS_OK, read_index
 from shards.errors import DatasetDamaged, DatasetError, UnknownKey
+from shards.index import STATUS_OK, read_index
 from shards.manifest import read_manifest
 from shards.partition import Segment, epoch_segments, rank_size
 from shards.urls import Location, location

@@ -17,6 +17,10 @@ from shards.testing import SECRET, FaultyProxy, aws_environment, environment, fr
 from trainer.dynamics import read_dynamics
 
 BUCKET = "onion-test"
+# No DataLoader worker processes here. Known open problem: with one worker, a connection the proxy
+# drops under the worker's GET was followed by the main process's next PUT (Expect: 100-continue)
+# hanging forever, its body never sent; not yet explained (a socket inherited across the fork is
+# the suspect). Until it is, this flow reads in the main process.
 TRAIN = ["--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4", "--epochs", "2",
          "--batch-size", "64", "--loader-workers", "0", "--seed", "3"]
 

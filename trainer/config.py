@@ -97,7 +97,7 @@ class TrainConfig:
             refuse("keep_quantum", "at most 1")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """A configuration from stored values; settings renamed since (``workers``) are read under their new name."""
         values = {RENAMED.get(name, name): value for name, value in values.items()}
         unknown = set(values) - set(cls.help_of())
@@ -106,7 +106,7 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_sources(cls, yaml_path: str | None, overrides: dict) -> "TrainConfig":
+    def from_sources(cls, yaml_path: str | None, overrides: dict) -> TrainConfig:
         """Defaults, then the YAML file, then the explicit overrides (``None`` means unset)."""
         values: dict = {}
         if yaml_path:

@@ -6,7 +6,6 @@ after its checkpoint and writes them again with the same name and content.
 """
 from __future__ import annotations
 
-
 import pyarrow as pa
 import torch
 import torch.nn.functional as F

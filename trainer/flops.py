@@ -23,7 +23,7 @@ class ViTShape:
     heads: int = 1  # classifier heads: 2 for distilled DeiT (class and distillation token)
 
     @classmethod
-    def of(cls, vit) -> "ViTShape":  # noqa: ANN001 - any timm VisionTransformer
+    def of(cls, vit) -> ViTShape:  # noqa: ANN001 - any timm VisionTransformer
         first = vit.blocks[0]
         return cls(
             depth=len(vit.blocks), dim=vit.embed_dim, mlp_hidden=first.mlp.fc1.out_features,

@@ -19,7 +19,6 @@ from trainer.config import TrainConfig
 from trainer.errors import RunError
 from trainer.loop import CONFIG_NAME, SUMMARY_NAME, Trainer
 
-
 CURATION_MARK = "curation.json"  # written by onion curate, which owns such a run
 
 

@@ -24,8 +24,14 @@ from tqdm import tqdm
 
 from shards import STATUS_OK, ShardDataset, location, read_index, read_manifest
 from shards.urls import Location
-from trainer.checkpoint import (MODEL_JSON, Position, commit_checkpoint, latest_position, load_checkpoint,
-                                save_rank_state)
+from trainer.checkpoint import (
+    MODEL_JSON,
+    Position,
+    commit_checkpoint,
+    latest_position,
+    load_checkpoint,
+    save_rank_state,
+)
 from trainer.config import TrainConfig
 from trainer.dynamics import DynamicsRecorder
 from trainer.flops import ViTShape, forward_flops

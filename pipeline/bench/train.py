@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from shards import UsageError
-
 from pipeline.curation.rounds import CurationPlan, curate
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
+from shards import UsageError
 from trainer.config import TrainConfig
 from trainer.launch import train
 

@@ -12,10 +12,9 @@ import sys
 
 from rich.console import Console
 
-from shards.errors import EXIT_FAILURE, OnionError
-
 from pipeline.cli import bench, curate, ingest, inspect, materialize, score, select, train, verify
 from pipeline.cli.common import OnionArgumentParser, package_version
+from shards.errors import EXIT_FAILURE, OnionError
 
 COMMANDS = (ingest, train, score, select, materialize, curate, inspect, verify, bench)
 

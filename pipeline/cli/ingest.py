@@ -55,10 +55,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from pipeline.inspection.dataset import dataset_summary
     from pipeline.ingest.encode import EncodeOptions
     from pipeline.ingest.job import IngestOptions, ingest
     from pipeline.ingest.sources import SourceOptions, open_source
+    from pipeline.inspection.dataset import dataset_summary
     from pipeline.ray_runtime import describe_nodes
 
     source = open_source(args.source, SourceOptions(

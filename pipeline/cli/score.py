@@ -32,9 +32,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from shards import UsageError, location
-
     from pipeline.curation.scoring import ScoreContext, compute_scores, write_scores
+    from shards import UsageError, location
 
     if args.first_epoch is not None and args.last_epoch is not None and args.first_epoch > args.last_epoch:
         raise UsageError(f"--first-epoch {args.first_epoch} is after --last-epoch {args.last_epoch}")

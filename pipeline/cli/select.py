@@ -39,10 +39,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from shards import location
-
     from pipeline.cli.materialize import materialize_selection
     from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
+    from shards import location
 
     dataset = location(args.dataset)
     options = SelectOptions(args.keep, args.strategy, args.class_balanced, args.hard_cut, args.bins, args.seed)

@@ -19,15 +19,20 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shards import UsageError, location, read_manifest
-from shards.urls import Location
-
 from pipeline.curation.materialize import kept_url, materialize
 from pipeline.curation.scoring import ScoreContext, compute_scores, read_scores, write_scores
 from pipeline.curation.scoring.dynamics_scores import MIN_PRESENTATIONS
-from pipeline.curation.selection import (SourceExamples, initial_round, next_round, read_selection, save_selection,
-                                         selection_parameters)
+from pipeline.curation.selection import (
+    SourceExamples,
+    initial_round,
+    next_round,
+    read_selection,
+    save_selection,
+    selection_parameters,
+)
 from pipeline.ingest.job import IngestOptions
+from shards import UsageError, location, read_manifest
+from shards.urls import Location
 from trainer.checkpoint import latest_position
 from trainer.config import TrainConfig
 from trainer.launch import CURATION_MARK

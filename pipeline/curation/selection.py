@@ -18,11 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.curation.scoring import drop_label
 from shards import STATUS_OK, UsageError, read_index
 from shards.index import parquet_bytes_to_table, parquet_names, read_parquet, table_to_parquet_bytes
 from shards.urls import Location
-
-from pipeline.curation.scoring import drop_label
 
 SELECTIONS = "selections"
 VERSION = re.compile(r"v\d{4,}")
@@ -42,7 +41,7 @@ class Candidates:
         score = np.where(np.isnan(self.score), np.inf, self.score)
         return np.lexsort((self.keys, self.tiebreak, score))
 
-    def subset(self, positions: np.ndarray) -> "Candidates":
+    def subset(self, positions: np.ndarray) -> Candidates:
         return Candidates(self.keys[positions], self.labels[positions], self.score[positions], self.tiebreak[positions])
 
 
@@ -144,7 +143,7 @@ class SourceExamples:
     ok: np.ndarray  # False for quarantined rows
 
     @classmethod
-    def of(cls, dataset: Location) -> "SourceExamples":
+    def of(cls, dataset: Location) -> SourceExamples:
         index = read_index(dataset, columns=["key", "label", "split", "status"])
         train = index.filter(pc.equal(index["split"], "train")).sort_by("key")
         labels = train["label"].to_numpy(zero_copy_only=False)

@@ -16,15 +16,14 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from pipeline.ingest.encode import EncodeOptions, encode_example
+from pipeline.ingest.sources import Quarantine, Record, Source, SourceError
+from pipeline.ray_runtime import current_node, ensure_ray
 from shards import STATUS_OK, STATUS_QUARANTINED, DatasetError, location, read_manifest
 from shards.manifest import MANIFEST_NAME, DatasetInfo, ShardEntry
 from shards.tarwriter import ShardExample, check_key
 from shards.urls import Location
 from shards.writer import commit_dataset, write_shard
-
-from pipeline.ingest.encode import EncodeOptions, encode_example
-from pipeline.ray_runtime import current_node, ensure_ray
-from pipeline.ingest.sources import Quarantine, Record, Source, SourceError
 
 PARTS = "_parts"
 PLAN_NAME = "_ingest.json"

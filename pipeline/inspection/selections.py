@@ -6,13 +6,12 @@ from collections import Counter
 import numpy as np
 import pyarrow.compute as pc
 
-from shards import location, read_index
-from shards.reader import index_row
-from shards.index import parquet_names, read_parquet
-from shards.urls import Location
-
 from pipeline.curation.scoring import SCORES
 from pipeline.curation.selection import read_selection, selection_versions
+from shards import location, read_index
+from shards.index import parquet_names, read_parquet
+from shards.reader import index_row
+from shards.urls import Location
 
 
 def class_names(dataset: Location) -> dict[int, str]:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from shards import UsageError, location, read_index
-from shards.index import parquet_names, read_parquet
-
 from pipeline.curation.scoring import SCORES
 from pipeline.curation.selection import read_selection, selection_versions
+from shards import UsageError, location, read_index
+from shards.index import parquet_names, read_parquet
 
 
 def query(url: str, sql: str) -> pa.Table:

@@ -36,9 +36,8 @@ class ScoreContext:
         return usable_train(index)["key"].to_pylist()
 
     def dynamics(self) -> pa.Table:
-        from trainer.dynamics import read_dynamics
-
         from pipeline.curation.scoring.dynamics_scores import window_rows
+        from trainer.dynamics import read_dynamics
 
         if not self.run:
             raise UsageError("this scorer reads a training run's dynamics: give --run RUN")

@@ -17,12 +17,11 @@ import ray
 import timm
 import torch
 from ray.util import ActorPool
+from safetensors.torch import load as load_safetensors
 from tqdm import tqdm
 
-from shards import ShardDataset, UsageError, location
-from safetensors.torch import load as load_safetensors
-
 from pipeline.ray_runtime import cluster_cpus, current_node, describe_nodes, ensure_ray
+from shards import ShardDataset, UsageError, location
 from trainer.checkpoint import CHECKPOINTS, MODEL_FILE, MODEL_JSON
 from trainer.inputs import prepare
 

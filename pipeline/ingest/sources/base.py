@@ -56,7 +56,7 @@ class Source(ABC):
     def load(self, record: Record) -> Raw:
         """Encoded file bytes or a uint8 pixel array (HxW or HxWx3); may raise :class:`Quarantine`."""
 
-    def prefetch(self, records: list[Record]) -> None:
+    def prefetch(self, records: list[Record]) -> None:  # noqa: B027 - an optional hook, empty unless a source needs it
         """Called (in the Ray task) before ``records`` are loaded, so a remote source can fetch them in
         a few large reads instead of one request each. Default: nothing to do."""
 

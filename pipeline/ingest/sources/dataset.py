@@ -5,10 +5,9 @@ original reason, so the accounting carries over.
 """
 from __future__ import annotations
 
+from pipeline.ingest.sources.base import Record, Source, SourceError
 from shards import STATUS_OK, DatasetError, location, read_index, read_manifest
 from shards.reader import READ_CHUNK_BYTES
-
-from pipeline.ingest.sources.base import Record, Source, SourceError
 
 
 class DatasetSource(Source):

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import os
 
-from pipeline.ingest.sources.base import (Quarantine, Record, Source, SourceError, hash_split, printable, safe_key_part,
-                                   short_hash)
+from pipeline.ingest.sources.base import (
+    Quarantine,
+    Record,
+    Source,
+    SourceError,
+    hash_split,
+    printable,
+    safe_key_part,
+    short_hash,
+)
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "val"}
 
