@@ -2,7 +2,7 @@
 # The two entry points of the README. Each makes (or reuses) the project's virtualenv first.
 #   ./run.sh demo   the whole method on the built-in mnist5k digits with an embedded local Ray:
 #                   ingest, inspect, curate (3 rounds, token + attention sparsity), inspect the survivors
-#   ./run.sh test   run the test suite
+#   ./run.sh test   lint (ruff) and run the test suite
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
@@ -45,6 +45,7 @@ case "${1:-}" in
     test)
         ensure_venv
         shift
+        "$VENV/bin/ruff" check --quiet .   # the lint configuration in pyproject.toml, checked first
         "$VENV/bin/python" -m pytest "$@"
         ;;
     *)

@@ -37,12 +37,15 @@ KINDS = {"duplicates": "dup-of:", "near-duplicates": "near-dup-of:", "label flip
 
 def planted_table(root: Path, count: int, epochs: int) -> list[dict]:
     dataset, run = str(root / "planted"), str(root / "run")
-    source = open_source("synthetic", SourceOptions(count=count, image_size=16, dup_rate=0.1, near_dup_rate=0.1, flip_rate=0.1))
+    source = open_source("synthetic", SourceOptions(count=count, image_size=16, dup_rate=0.1, near_dup_rate=0.1,
+                                                    flip_rate=0.1))
     ingest(source, dataset, IngestOptions(shard_size=500), ["benchmark"], progress=False)
     train(TrainConfig(dataset=dataset, out=run, epochs=epochs, batch_size=64, depth=2, embed_dim=64, num_heads=2,
-                      patch_size=4, lr=2e-3, warmup_epochs=0.3, loader_workers=1, label_smoothing=0.0, weight_decay=0.01))
+                      patch_size=4, lr=2e-3, warmup_epochs=0.3, loader_workers=1, label_smoothing=0.0,
+                      weight_decay=0.01))
     examples = SourceExamples.of(location(dataset))
-    planted = {r["key"]: r["planted"] or "" for r in read_index(location(dataset), columns=["key", "planted"]).to_pylist()}
+    planted = {r["key"]: r["planted"] or ""
+               for r in read_index(location(dataset), columns=["key", "planted"]).to_pylist()}
     masks = {kind: np.array([planted[k].startswith(prefix) for k in examples.keys]) for kind, prefix in KINDS.items()}
     rows = []
     for scorer in SCORERS:
@@ -69,7 +72,8 @@ def scoring_speed(root: Path, count: int, repeats: int) -> dict:
         seconds = []
         for _ in range(repeats):
             start = time.perf_counter()
-            list(ActorPool(actors).map_unordered(lambda a, shard: a.score_shard.remote(dataset, "train", shard), shards))
+            list(ActorPool(actors).map_unordered(lambda a, shard: a.score_shard.remote(dataset, "train", shard),
+                                                 shards))
             seconds.append(time.perf_counter() - start)
         rates[workers] = examples / statistics.median(seconds)
         for actor in actors:
@@ -114,7 +118,8 @@ def main() -> None:
 def render(report: dict) -> str:
     lines = ["Share of planted examples removed at keep 0.8 (synthetic, 10% of train each kind):", "",
              "| scorer | strategy | duplicates | near-duplicates | label flips |", "|---|---|---|---|---|"]
-    lines += [f"| {r['scorer']} | {r['strategy']} | {r['duplicates']:.0%} | {r['near-duplicates']:.0%} | {r['label flips']:.0%} |"
+    lines += [f"| {r['scorer']} | {r['strategy']} | {r['duplicates']:.0%} | {r['near-duplicates']:.0%} | "
+              f"{r['label flips']:.0%} |"
               for r in report["planted"]]
     s = report["scoring"]
     lines += ["", f"EL2N scoring of {s['examples']:,} examples (actors started and warm, median): "

@@ -54,7 +54,8 @@ def main() -> None:
         ingest_rates = {1: [], 2: []}
         for repeat in range(args.repeats):
             for workers in (1, 2):
-                ingest_rates[workers].append(make_synthetic(root / f"ingest-{workers}-{repeat}", args.ingest_count, workers))
+                ingest_rates[workers].append(make_synthetic(root / f"ingest-{workers}-{repeat}", args.ingest_count,
+                                                            workers))
         report["ingest"] = {f"{w} workers": statistics.median(r) for w, r in ingest_rates.items()}
         report["ingest"]["speed-up"] = report["ingest"]["2 workers"] / report["ingest"]["1 workers"]
         make_synthetic(root / "reader", args.reader_count)
@@ -74,7 +75,8 @@ def render(report: dict) -> str:
     lines += ["", f"Speed-up 2 vs 1 workers: {report['ingest']['speed-up']:.2f}x", ""]
     lines += ["Reader, 20k 32x32 PNGs, decoded uint8 tensors in batches of 256:", ""]
     lines += ["| reader | DataLoader workers | images/s | vs ImageFolder |", "|---|---|---|---|"]
-    lines += [f"| {r['reader']} | {r['workers']} | {r['images_per_s']:,.0f} | {r['vs_imagefolder']:.2f}x |" for r in report["reader"]]
+    lines += [f"| {r['reader']} | {r['workers']} | {r['images_per_s']:,.0f} | {r['vs_imagefolder']:.2f}x |"
+              for r in report["reader"]]
     rss = report["reader_peak_rss_mib"]
     lines += ["", "Reader peak RSS over one epoch (one process):", "",
               "| examples | RSS after imports | peak RSS |", "|---|---|---|"]

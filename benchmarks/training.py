@@ -37,7 +37,8 @@ def synchronize() -> None:
 
 
 def autocast():  # noqa: ANN201 - bf16 on GPUs, as the trainer's "auto" does
-    return torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE.type == "cuda"
+            else torch.autocast("cpu", enabled=False))
 
 
 PATCH = 4
@@ -45,14 +46,17 @@ PATCH = 4
 
 def deit_tiny(img_size: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=PATCH, num_classes=10)
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=PATCH,
+                             num_classes=10)
 
 
 class Arm:
     """One configuration: a sparse view of its own model, an optimiser, optional dynamics recording."""
 
-    def __init__(self, img_size: int, token_keep: float, attn_keep: float, recorder: DynamicsRecorder | None = None) -> None:
-        self.model = sparsify(deit_tiny(img_size).to(DEVICE), token_keep=token_keep, token_blocks=BLOCKS, attn_keep=attn_keep).train()
+    def __init__(self, img_size: int, token_keep: float, attn_keep: float,
+                 recorder: DynamicsRecorder | None = None) -> None:
+        self.model = sparsify(deit_tiny(img_size).to(DEVICE), token_keep=token_keep, token_blocks=BLOCKS,
+                              attn_keep=attn_keep).train()
         self.model.record_cls_attention = recorder is not None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.recorder = recorder
@@ -113,7 +117,8 @@ def main() -> None:
     size = args.img_size
     report["tokens"] = (size // PATCH) ** 2 + 1
     report["img_size"] = size
-    arms = {"dense": Arm(size, 1.0, 1.0), "token 0.7": Arm(size, 0.7, 1.0), "token 0.7 + attention 0.3": Arm(size, 0.7, 0.3)}
+    arms = {"dense": Arm(size, 1.0, 1.0), "token 0.7": Arm(size, 0.7, 1.0),
+            "token 0.7 + attention 0.3": Arm(size, 0.7, 0.3)}
     seconds = race(arms, size, args.batch, args.steps, args.repeats)
     dense = arms["dense"]
     report["speed"] = [{"arm": name, "seconds_per_step": seconds[name],
@@ -146,12 +151,12 @@ def render(report: dict) -> str:
              f"({report['tokens']} tokens), batch {report['batch']}, "
              f"{report['device']}, median of {report['repeats']} x {report['steps']} steps:", "",
              "| arm | s/step | measured speed-up | FLOPs-predicted | measured / predicted |", "|---|---|---|---|---|"]
-    lines += [f"| {r['arm']} | {r['seconds_per_step']:.3f} | {r['measured_speedup']:.2f}x | {r['flops_speedup']:.2f}x | "
-              f"{r['measured_over_predicted']:.2f} |" for r in report["speed"]]
+    lines += [f"| {r['arm']} | {r['seconds_per_step']:.3f} | {r['measured_speedup']:.2f}x | "
+              f"{r['flops_speedup']:.2f}x | {r['measured_over_predicted']:.2f} |" for r in report["speed"]]
     if not report["attention_level"]:
         return "\n".join(lines + [""])
-    lines += ["", "Attention level (keep 0.3) on top of token level (keep 0.7), time relative to token level alone:", "",
-              "| tokens | batch | relative time |", "|---|---|---|"]
+    lines += ["", "Attention level (keep 0.3) on top of token level (keep 0.7), time relative to token level alone:",
+              "", "| tokens | batch | relative time |", "|---|---|---|"]
     lines += [f"| {r['tokens']} | {r['batch']} | {r['relative_time']:.3f} |" for r in report["attention_level"]]
     lines += ["", f"Dynamics recording overhead: {100 * report['dynamics_overhead']:+.1f}% of step time", ""]
     return "\n".join(lines)

@@ -97,8 +97,8 @@ def read_manifest(dataset: Location) -> dict:
         if not dataset.exists():
             raise DatasetError(f"{dataset.url}: no such dataset")
         if not any(is_ingest_output(name) for name in dataset.list_names()):
-            raise DatasetError(f"{dataset.url}: not an onion dataset (no {MANIFEST_NAME}, and nothing an ingest writes; "
-                               "make one with: onion ingest SOURCE OUT)")
+            raise DatasetError(f"{dataset.url}: not an onion dataset (no {MANIFEST_NAME}, "
+                               "and nothing an ingest writes; make one with: onion ingest SOURCE OUT)")
         raise DatasetError(
             f"{dataset.url}: no {MANIFEST_NAME}, so the dataset is incomplete "
             "(an ingest is running or was interrupted; run the same command again to finish it)"

@@ -206,7 +206,8 @@ class ShardDataset(IterableDataset):
         """Encoded samples of the segments, read in ranged chunks of bounded size."""
         limit = math.inf if self.verify == "shards" else READ_CHUNK_BYTES  # whole-shard check: one chunk
         chunks = [(segment.shard, lo, hi) for segment in segments
-                  for lo, hi in chunk_bounds(self.shard_rows[segment.shard].offsets, self.shard_rows[segment.shard].sizes,
+                  for lo, hi in chunk_bounds(self.shard_rows[segment.shard].offsets,
+                                             self.shard_rows[segment.shard].sizes,
                                              segment.start, segment.stop, limit)]
         for (shard, lo, hi), data in zip(chunks, self._read_ahead(chunks)):
             rows = self.shard_rows[shard]
@@ -237,12 +238,14 @@ class ShardDataset(IterableDataset):
         rows = self.shard_rows[shard]
         base, end = self._chunk_start(rows, lo), int(rows.offsets[hi - 1] + rows.sizes[hi - 1])
         try:
-            data = self._verified_shard(shard)[base:end] if self.verify == "shards" else self.dataset.read_range(shard, base, end)
+            data = (self._verified_shard(shard)[base:end] if self.verify == "shards"
+                    else self.dataset.read_range(shard, base, end))
         except FileNotFoundError as error:
             raise DatasetDamaged(f"{self.dataset.url}/{shard}: missing (the manifest lists it)") from error
         if len(data) != end - base:
-            raise DatasetDamaged(f"{self.dataset.url}/{shard}: truncated: members {rows.keys[lo]}.* to {rows.keys[hi - 1]}.* "
-                               f"need bytes {base}-{end} but the shard ends at byte {base + len(data)}")
+            raise DatasetDamaged(f"{self.dataset.url}/{shard}: truncated: members {rows.keys[lo]}.* "
+                                 f"to {rows.keys[hi - 1]}.* "
+                                 f"need bytes {base}-{end} but the shard ends at byte {base + len(data)}")
         return data
 
     def _chunk_start(self, rows: ShardRows, lo: int) -> int:
@@ -286,7 +289,8 @@ def header_problem(header: memoryview, key: str, size: int) -> str | None:
     return None if declared == size else f"the tar header says {declared} bytes, the index {size}"
 
 
-def chunk_bounds(offsets: np.ndarray, sizes: np.ndarray, start: int, stop: int, limit: int) -> Iterator[tuple[int, int]]:
+def chunk_bounds(offsets: np.ndarray, sizes: np.ndarray, start: int, stop: int,
+                 limit: int) -> Iterator[tuple[int, int]]:
     """Split rows ``[start, stop)`` into runs whose byte span stays within ``limit`` (at least one row)."""
     lo = start
     while lo < stop:
@@ -318,7 +322,8 @@ def stack_pixels(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def batched(samples: Iterator, batch_size: int, stack: Callable[[list], torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+def batched(samples: Iterator, batch_size: int,
+            stack: Callable[[list], torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """``(images, labels, keys)`` batches of ``batch_size`` (the last may be short)."""
     batch: list[tuple] = []
     for sample in samples:

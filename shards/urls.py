@@ -48,7 +48,7 @@ class Location:
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts]) if parts else self.root
 
-    def child(self, *parts: str) -> "Location":
+    def child(self, *parts: str) -> Location:
         return Location(self.path(*parts), join_url(self.url, *parts), self.protocol, self.options)
 
     @property

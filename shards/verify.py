@@ -98,7 +98,8 @@ def member_kind(info: tarfile.TarInfo) -> str:
     return "directory" if info.isdir() else "device or fifo"
 
 
-def compare_members(shard: str, found: list[tuple[str, int, int]], expected: list[tuple[str, int, int]]) -> Iterator[Problem]:
+def compare_members(shard: str, found: list[tuple[str, int, int]],
+                    expected: list[tuple[str, int, int]]) -> Iterator[Problem]:
     names = [member[0] for member in found]
     seen: set[str] = set()
     for member in names:

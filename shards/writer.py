@@ -9,7 +9,8 @@ from shards.tarwriter import ShardExample, WrittenExample, build_shard
 from shards.urls import Location
 
 
-def write_shard(dataset: Location, name: str, split: str, examples: list[ShardExample]) -> tuple[ShardEntry, list[WrittenExample]]:
+def write_shard(dataset: Location, name: str, split: str,
+                examples: list[ShardExample]) -> tuple[ShardEntry, list[WrittenExample]]:
     """Write one tar shard atomically; return its manifest entry and the member spans."""
     data, written = build_shard(examples)
     dataset.write_atomic(name, data)
@@ -23,6 +24,7 @@ def commit_dataset(dataset: Location, *, rows: list[dict], shards: list[ShardEnt
     table = rows_to_table(rows)
     index_data = table_to_parquet_bytes(table)
     dataset.write_atomic(INDEX_NAME, index_data)
-    manifest = build_manifest(index=table, index_sha256=hashlib.sha256(index_data).hexdigest(), shards=shards, info=info)
+    manifest = build_manifest(index=table, index_sha256=hashlib.sha256(index_data).hexdigest(), shards=shards,
+                              info=info)
     dataset.write_atomic(MANIFEST_NAME, manifest_bytes(manifest))
     return manifest

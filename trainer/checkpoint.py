@@ -79,7 +79,8 @@ def commit_checkpoint(run: Location, position: Position, model: torch.nn.Module,
     folder = run.child(CHECKPOINTS, folder_name(position.step))
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     folder.write_atomic(MODEL_FILE, save_safetensors(weights))
-    folder.write_atomic("state.pt", to_bytes({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}))
+    folder.write_atomic("state.pt", to_bytes({"optimizer": optimizer.state_dict(),
+                                              "scheduler": scheduler.state_dict()}))
     checkpoints = run.child(CHECKPOINTS)
     checkpoints.write_atomic(LATEST, json.dumps(vars(position)).encode())
     complete = sorted(n for n in checkpoints.list_names() if n.startswith("step-"))

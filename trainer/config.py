@@ -32,7 +32,8 @@ class TrainConfig:
     num_heads: int | None = knob(None, "attention heads (default: the model's)")
     drop_path: float = knob(0.0, "stochastic depth rate")
     token_keep: float = knob(1.0, "share of patch tokens kept at each pruning block (1.0: token level off)")
-    token_blocks: list[int] | None = knob(None, "0-based pruning blocks, e.g. 3,6,9 (default: 3,6,9 of 12, scaled to the depth)")
+    token_blocks: list[int] | None = knob(None, "0-based pruning blocks, e.g. 3,6,9 "
+                                                "(default: 3,6,9 of 12, scaled to the depth)")
     attn_keep: float = knob(1.0, "share of keys each query keeps from a pruning block on (1.0: attention level off)")
     fuse_token: bool = knob(False, "fuse the dropped tokens into one attention-weighted token (EViT)")
     keep_warmup_epochs: float = knob(0.0, "epochs at keep rate 1.0 before the keep rates start falling")
@@ -42,7 +43,8 @@ class TrainConfig:
     batch_size: int = knob(128, "batch size per process")
     lr: float = knob(1e-3, "peak learning rate (AdamW)")
     min_lr: float = knob(1e-5, "learning rate at the end of the cosine decay")
-    weight_decay: float = knob(0.05, "AdamW weight decay (not on norms, biases, position embedding, class/distillation/register tokens)")
+    weight_decay: float = knob(0.05, "AdamW weight decay (not on norms, biases, position embedding, "
+                                     "class/distillation/register tokens)")
     warmup_epochs: float = knob(1.0, "linear learning-rate warm-up, in epochs")
     label_smoothing: float = knob(0.1, "label smoothing of the training loss")
     clip_grad: float = knob(1.0, "gradient norm clipping (0: off)")

@@ -28,13 +28,15 @@ class ViTShape:
         return cls(
             depth=len(vit.blocks), dim=vit.embed_dim, mlp_hidden=first.mlp.fc1.out_features,
             patches=vit.patch_embed.num_patches,
-            patch_pixels=vit.patch_embed.proj.in_channels * vit.patch_embed.proj.kernel_size[0] * vit.patch_embed.proj.kernel_size[1],
+            patch_pixels=(vit.patch_embed.proj.in_channels * vit.patch_embed.proj.kernel_size[0]
+                          * vit.patch_embed.proj.kernel_size[1]),
             prefix_tokens=vit.num_prefix_tokens, num_classes=vit.num_classes,
             heads=2 if getattr(vit, "head_dist", None) is not None else 1,
         )
 
 
-def token_counts(shape: ViTShape, token_keep: float, token_blocks: frozenset[int] | set[int], fuse_token: bool = False) -> list[tuple[int, int]]:
+def token_counts(shape: ViTShape, token_keep: float, token_blocks: frozenset[int] | set[int],
+                 fuse_token: bool = False) -> list[tuple[int, int]]:
     """(tokens in attention, tokens in MLP) per block."""
     counts = []
     tokens = shape.prefix_tokens + shape.patches
@@ -48,7 +50,8 @@ def token_counts(shape: ViTShape, token_keep: float, token_blocks: frozenset[int
     return counts
 
 
-def forward_flops(shape: ViTShape, token_keep: float = 1.0, token_blocks: frozenset[int] | set[int] = frozenset(), fuse_token: bool = False) -> int:
+def forward_flops(shape: ViTShape, token_keep: float = 1.0, token_blocks: frozenset[int] | set[int] = frozenset(),
+                  fuse_token: bool = False) -> int:
     d, h = shape.dim, shape.mlp_hidden
     total = 2 * shape.patches * shape.patch_pixels * d + 2 * d * shape.num_classes * shape.heads
     for attention_tokens, mlp_tokens in token_counts(shape, token_keep, token_blocks, fuse_token):

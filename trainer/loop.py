@@ -70,7 +70,8 @@ def pick_device(config: TrainConfig, rank: int) -> torch.device:
 
 
 def autocast_for(config: TrainConfig, device: torch.device):  # noqa: ANN201 - a context manager
-    use_bf16 = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    use_bf16 = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda"
+                                        and torch.cuda.is_bf16_supported())
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
@@ -115,8 +116,9 @@ class Trainer:
                     ramp_steps=int(config.keep_ramp_epochs * self.steps_per_epoch), quantum=config.keep_quantum)
         self.token_schedule = KeepSchedule(config.token_keep, **ramp)
         self.attn_schedule = KeepSchedule(config.attn_keep, **ramp)
-        self.mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
-                            num_classes=self.num_classes) if config.mixup > 0 or config.cutmix > 0 else None)
+        self.mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                            label_smoothing=config.label_smoothing, num_classes=self.num_classes)
+                      if config.mixup > 0 or config.cutmix > 0 else None)
         self.dynamics = DynamicsRecorder(self.run, rank) if config.record_dynamics else None
         self.position = Position(step=0, epoch=0, batch=0)
 
@@ -162,7 +164,8 @@ class Trainer:
         if self.is_main:
             self.run.write_atomic(CONFIG_NAME, json.dumps(config.to_dict(), indent=2).encode())
             self.run.write_atomic(MODEL_JSON, json.dumps(
-                {"model": config.model, "kwargs": model_kwargs(config, self.img_size, self.num_classes)}, indent=2).encode())
+                {"model": config.model, "kwargs": model_kwargs(config, self.img_size, self.num_classes)},
+                indent=2).encode())
         last = min(config.epochs, until_epoch if until_epoch is not None else config.epochs)
         while self.position.epoch < last:
             started = time.perf_counter()
@@ -178,7 +181,8 @@ class Trainer:
                            "train_loss": loss_sum / max(1, images), "train_top1": 100.0 * correct / max(1, images),
                            "val_top1": val_top1, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
                            "token_keep": self.model.token_keep, "attn_keep": self.model.attn_keep,
-                           "images_per_second": images * self.world_size / max(elapsed, 1e-9), "epoch_seconds": elapsed})
+                           "images_per_second": images * self.world_size / max(elapsed, 1e-9),
+                           "epoch_seconds": elapsed})
         summary = {"val_top1": self.position.val_top1, "train_seconds": self.position.train_seconds,
                    "images_per_second": self.position.train_images / max(self.position.train_seconds, 1e-9),
                    "epochs": self.position.epoch, "steps": self.position.step, "world_size": self.world_size,
@@ -207,7 +211,8 @@ class Trainer:
                 inputs, targets = self.mixup(x, y) if self.mixup and len(x) % 2 == 0 else (x, y)
                 with autocast_for(config, self.device):
                     logits = model(inputs)
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=0.0 if self.mixup else config.label_smoothing)
+                    loss = F.cross_entropy(logits.float(), targets,
+                                           label_smoothing=0.0 if self.mixup else config.label_smoothing)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.clip_grad > 0:
@@ -235,7 +240,8 @@ class Trainer:
         # A private generator: creating a DataLoader iterator draws a seed, which must not move the
         # global RNG (dropout, mixup), or a resumed run would diverge from an uninterrupted one.
         return DataLoader(data, batch_size=None, num_workers=self.config.loader_workers,
-                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.config.seed))
+                          pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.config.seed))
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -246,7 +252,8 @@ class Trainer:
             y = labels.to(self.device)
             with autocast_for(self.config, self.device):
                 logits = self.model(prepare(images, self.img_size, self.device)).float()
-            totals += torch.tensor([float((logits.argmax(1) == y).sum()), float(F.cross_entropy(logits, y, reduction="sum")), len(y)],
+            totals += torch.tensor([float((logits.argmax(1) == y).sum()),
+                                    float(F.cross_entropy(logits, y, reduction="sum")), len(y)],
                                    dtype=torch.float64)
         if self.world_size > 1:
             dist.all_reduce(totals)

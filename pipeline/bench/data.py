@@ -104,9 +104,11 @@ def bench_data(out: Path, count: int, repeats: int) -> dict:
 
 
 def render(report: dict) -> str:
-    lines = [f"Readers on the same {report['images']:,} 32x32 PNG images, decoded uint8 tensors, batches of {BATCH}:", "",
-             "| reader | DataLoader workers | images/s | vs ImageFolder |", "|---|---|---|---|"]
-    lines += [f"| {r['reader']} | {r['workers']} | {r['images_per_s']:,.0f} | {r['vs_imagefolder']:.2f}x |" for r in report["speed"]]
+    lines = [f"Readers on the same {report['images']:,} 32x32 PNG images, decoded uint8 tensors, batches of {BATCH}:",
+             "", "| reader | DataLoader workers | images/s | vs ImageFolder |", "|---|---|---|---|"]
+    lines += [f"| {r['reader']} | {r['workers']} | {r['images_per_s']:,.0f} | {r['vs_imagefolder']:.2f}x |"
+              for r in report["speed"]]
     lines += ["", "| reader | RSS after imports | peak RSS over one epoch |", "|---|---|---|"]
-    lines += [f"| {name} | {r['after_imports']:.0f} MiB | {r['peak']:.0f} MiB |" for name, r in report["peak_rss_mib"].items()]
+    lines += [f"| {name} | {r['after_imports']:.0f} MiB | {r['peak']:.0f} MiB |"
+              for name, r in report["peak_rss_mib"].items()]
     return "\n".join(lines) + "\n"

@@ -58,8 +58,9 @@ PRESETS = {
     # Correctness only (CI): every arm end to end in well under 3 minutes on 2 CPU cores. Pruning at
     # block 1 of 4: the class token's output feels dropped tokens and masked keys only through the
     # blocks after the one whose mask it is, so pruning late in a shallow model would change nothing.
-    "smoke": Preset("digits", SourceOptions(), dict(depth=4, embed_dim=64, num_heads=2, img_size=16, patch_size=4, batch_size=64,
-                                                    loader_workers=1, lr=2e-3, warmup_epochs=0.3, token_blocks=[1]),
+    "smoke": Preset("digits", SourceOptions(), dict(depth=4, embed_dim=64, num_heads=2, img_size=16, patch_size=4,
+                                                    batch_size=64, loader_workers=1, lr=2e-3, warmup_epochs=0.3,
+                                                    token_blocks=[1]),
                     epochs=4, rounds=2, token_keep=0.5, attn_keep=0.5, seeds=1),
     # MNIST 5k with a DeiT-Tiny-shaped ViT (12 blocks, width 192, 3 heads) for 28x28: patch 7, so
     # 16 tokens + class token. The dense arm converges in 8 epochs (val top-1 plateaus near 88%;
@@ -70,9 +71,9 @@ PRESETS = {
                                                    keep_ramp_epochs=1),
                   epochs=8, rounds=4),
     # A CUDA machine: DeiT-Tiny at 64x64 (patch 8) on 50k synthetic images.
-    "gpu": Preset("synthetic", SourceOptions(count=50_000, image_size=64), dict(patch_size=8, batch_size=256, loader_workers=8,
-                                                                                lr=2e-3, warmup_epochs=2, device="cuda",
-                                                                                keep_warmup_epochs=2, keep_ramp_epochs=4),
+    "gpu": Preset("synthetic", SourceOptions(count=50_000, image_size=64),
+                  dict(patch_size=8, batch_size=256, loader_workers=8, lr=2e-3, warmup_epochs=2, device="cuda",
+                       keep_warmup_epochs=2, keep_ramp_epochs=4),
                   epochs=30, rounds=5),
 }
 
@@ -131,8 +132,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], title: str) -> str:
     lines = [title, "", "Time and images/s: medians over seeds; top-1: mean +- std.", "",
-             "| arm | time (s) | time vs dense | images/s | FLOPs vs dense | FLOPs/image vs dense | speed-up / FLOPs-predicted "
-             "| top-1 (%) | delta |",
+             "| arm | time (s) | time vs dense | images/s | FLOPs vs dense | FLOPs/image vs dense "
+             "| speed-up / FLOPs-predicted | top-1 (%) | delta |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['arm']} | {r['seconds']:.1f} | {r['relative_time']:.2f}x | {r['images_per_second']:.0f} | "
               f"{r['relative_flops']:.2f}x | {r['relative_flops_per_image']:.2f}x | {r['speedup_vs_predicted']:.2f} | "
@@ -150,7 +151,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     figure, axes = plt.subplots(figsize=(6.5, 4.5), dpi=120)
     for row in rows:
         axes.errorbar(row["relative_time"], row["top1_mean"], yerr=row["top1_std"], fmt="o", capsize=3)
-        axes.annotate(row["arm"], (row["relative_time"], row["top1_mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        axes.annotate(row["arm"], (row["relative_time"], row["top1_mean"]), textcoords="offset points", xytext=(5, 5),
+                      fontsize=8)
     axes.axvline(1.0, color="grey", lw=0.8, ls="--")
     axes.set_xlabel("training time relative to dense")
     axes.set_ylabel("top-1 (%)")
@@ -179,7 +181,8 @@ def bench_train(preset_name: str, out: Path, seeds: int | None = None, arms_file
     print(f"onion bench train --preset {preset_name}: on {machine}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     dataset = str(out / "data" / preset.source)
-    ingest(open_source(preset.source, preset.source_options), dataset, IngestOptions(), ["onion", "bench"], progress=False)
+    ingest(open_source(preset.source, preset.source_options), dataset, IngestOptions(), ["onion", "bench"],
+           progress=False)
     runs = []
     for seed in range(seeds or preset.seeds):
         for name, settings in arms[seed % len(arms):] + arms[: seed % len(arms)]:
@@ -196,7 +199,8 @@ def bench_train(preset_name: str, out: Path, seeds: int | None = None, arms_file
 def write_results(out: Path, preset_name: str, runs: list[dict], title: str) -> list[dict]:
     """results.json, results.md and results.png from the runs (``runs.json`` holds them too)."""
     rows = aggregate(runs)
-    (out / "results.json").write_text(json.dumps({"preset": preset_name, "arms": {r["arm"]: r for r in rows}}, indent=2))
+    (out / "results.json").write_text(json.dumps({"preset": preset_name, "arms": {r["arm"]: r for r in rows}},
+                                                 indent=2))
     (out / "results.md").write_text(markdown(rows, title))
     plot(rows, out / "results.png", title)
     return rows

@@ -25,7 +25,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     curate.add_argument("--rounds", type=positive_int, default=5, help="curation rounds (default 5)")
     curate.add_argument("--round-epochs", type=positive_int, default=30,
                         help="training epochs per round (default 30; forgetting needs 2 or more)")
-    curate.add_argument("--keep", type=keep_share, default=0.8, help="share of usable train examples kept (default 0.8)")
+    curate.add_argument("--keep", type=keep_share, default=0.8,
+                        help="share of usable train examples kept (default 0.8)")
     curate.add_argument("--remove-n", type=positive_int, help="examples swapped per round (default: 10%% of the kept)")
     curate.add_argument("--scorer", default="forgetting", choices=("forgetting", "loss"),
                         help="dynamics-based score that ranks the kept examples (default forgetting)")
@@ -56,5 +57,6 @@ def describe_round(report: dict) -> str:
     if report["round"]:
         text += f", restored {report['restored']} from the dropped pool"
     if "never_learned" in report:
-        text += f"; never-learned in its window: {report['never_learned']}, of which kept {report['never_learned_kept']}"
+        text += (f"; never-learned in its window: {report['never_learned']}, "
+                 f"of which kept {report['never_learned_kept']}")
     return text

@@ -25,7 +25,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     ingest.add_argument("source", help=f"one of: {sources}; or an onion dataset path/URL")
     ingest.add_argument("out", help="output dataset location: a local path or fsspec URL (s3://..., memory://...)")
     layout = ingest.add_argument_group("shards")
-    layout.add_argument("--shard-size", type=positive_int, default=2000, help="examples per shard at most (default 2000)")
+    layout.add_argument("--shard-size", type=positive_int, default=2000,
+                        help="examples per shard at most (default 2000)")
     layout.add_argument("--shard-bytes", type=positive_int, default=128 << 20,
                         help="planned bytes per shard at most, estimated from input sizes (default 128 MiB)")
     layout.add_argument("--image-format", choices=("png", "jpg"), default="png",
@@ -46,10 +47,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--count", type=positive_int, default=10_000, help="number of examples (default 10000)")
     synthetic.add_argument("--image-size", type=positive_int, default=32, help="side in pixels (default 32)")
     synthetic.add_argument("--classes", type=positive_int, default=10, help="number of classes (default 10)")
-    synthetic.add_argument("--dup-rate", type=fraction, default=0.05, help="share of exact duplicates planted (default 0.05)")
+    synthetic.add_argument("--dup-rate", type=fraction, default=0.05,
+                           help="share of exact duplicates planted (default 0.05)")
     synthetic.add_argument("--near-dup-rate", type=fraction, default=0.05,
                            help="share of near-duplicates planted (default 0.05)")
-    synthetic.add_argument("--flip-rate", type=fraction, default=0.05, help="share of flipped labels planted (default 0.05)")
+    synthetic.add_argument("--flip-rate", type=fraction, default=0.05,
+                           help="share of flipped labels planted (default 0.05)")
     add_ray_options(ingest)
     ingest.set_defaults(handler=run)
 
@@ -78,5 +81,6 @@ def run(args: argparse.Namespace, console: Console) -> None:
         console.print(f"shards written on {describe_nodes(report.tasks_per_node)}", soft_wrap=True)
     if accounting["quarantined"]:
         reasons = dataset_summary(report.url)["quarantine_reasons"]
-        console.print("quarantined: " + ", ".join(f"{count} {reason}" for reason, count in reasons.items()), soft_wrap=True)
+        console.print("quarantined: " + ", ".join(f"{count} {reason}" for reason, count in reasons.items()),
+                      soft_wrap=True)
         console.print(f"every row with its reason: onion inspect {report.url}", soft_wrap=True)

@@ -25,7 +25,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     modes.add_argument("--diff", nargs=2, metavar=("OLD", "NEW"), help="what changed between two selections")
     modes.add_argument("--sql", help="DuckDB query over tables index, scores_<name>, selections")
     inspect.add_argument("--plot", metavar="FILE.png", help="with --selection: score histogram of kept vs dropped")
-    inspect.add_argument("--grid", metavar="FILE.png", help="with --selection: thumbnails of the highest and lowest scored")
+    inspect.add_argument("--grid", metavar="FILE.png",
+                         help="with --selection: thumbnails of the highest and lowest scored")
     inspect.add_argument("--format", dest="output_format", choices=("table", "json", "csv"), default="table",
                          help="table for people (default), json or csv for scripts")
     inspect.set_defaults(handler=run)

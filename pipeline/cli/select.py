@@ -22,11 +22,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     select.add_argument("dataset", help="dataset location")
     select.add_argument("--scores", help="score name under DATASET/scores/ (not needed for random or round 0)")
-    select.add_argument("--keep", type=keep_share, default=0.8, help="share of usable train examples kept (default 0.8)")
+    select.add_argument("--keep", type=keep_share, default=0.8,
+                        help="share of usable train examples kept (default 0.8)")
     select.add_argument("--strategy", choices=list(STRATEGIES), default="drop-easy",
                         help="drop-easy (lowest scores go; the paper's), drop-hard, random, stratified (CCS)")
     select.add_argument("--class-balanced", action="store_true", help="keep the same share of every class")
-    select.add_argument("--hard-cut", type=fraction, default=0.1, help="stratified: hardest share cut first (default 0.1)")
+    select.add_argument("--hard-cut", type=fraction, default=0.1,
+                        help="stratified: hardest share cut first (default 0.1)")
     select.add_argument("--bins", type=positive_int, default=20, help="stratified: score bins (default 20)")
     select.add_argument("--round", dest="round_number", type=non_negative_int,
                         help="a curation round instead of a strategy")

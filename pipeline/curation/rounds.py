@@ -130,7 +130,8 @@ def _curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, record: d
                     progress=progress)
         run.write_atomic(CURATION_NAME, json.dumps({**record, "selections": versions}, indent=2).encode())
         if trainer is None:
-            trainer = Trainer(TrainConfig.from_dict({**config.to_dict(), "dataset": kept_url(dataset_url, versions[0])}))
+            trainer = Trainer(TrainConfig.from_dict({**config.to_dict(),
+                                                     "dataset": kept_url(dataset_url, versions[0])}))
             trainer.resume()
         trainer.use_dataset(kept_url(dataset_url, versions[-1]))
         summary = trainer.train(until_epoch=(round_number + 1) * plan.round_epochs)

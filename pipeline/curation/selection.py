@@ -175,7 +175,8 @@ def selection_table(source: SourceExamples, kept: np.ndarray, reasons: np.ndarra
         "key": pa.array(source.keys.tolist(), pa.string()), "label": source.labels, "kept": kept,
         "score": pa.array(score, mask=~scored), "rank": pa.array(rank, mask=~scored),
         "reason": pa.array(reasons.tolist(), pa.string()), "round": np.full(len(kept), round_number, np.int32),
-        "parent": pa.array([parent] * len(kept), pa.string()), "strategy": pa.array([strategy] * len(kept), pa.string()),
+        "parent": pa.array([parent] * len(kept), pa.string()),
+        "strategy": pa.array([strategy] * len(kept), pa.string()),
     })
 
 

@@ -76,7 +76,8 @@ def _encode_file(data: bytes, options: EncodeOptions) -> Encoded:
     pixels = image.width * image.height
     if pixels > options.max_pixels:
         raise Quarantine(
-            f"decompression bomb: {image.width}x{image.height} = {pixels} pixels exceeds --max-pixels {options.max_pixels}"
+            f"decompression bomb: {image.width}x{image.height} = {pixels} pixels exceeds "
+            f"--max-pixels {options.max_pixels}"
         )
     if image.mode not in GREY_MODES | COLOUR_MODES:
         raise Quarantine(f"unsupported image mode {image.mode}")

@@ -22,7 +22,8 @@ def dataset_summary(url: str) -> dict:
     for row in rows:
         if row["status"] != STATUS_QUARANTINED:
             per_class.setdefault(row["split"], Counter())[row["class_name"]] += 1
-    quarantined = [{k: r[k] for k in ("key", "split", "source_ref", "reason")} for r in rows if r["status"] == STATUS_QUARANTINED]
+    quarantined = [{k: r[k] for k in ("key", "split", "source_ref", "reason")}
+                   for r in rows if r["status"] == STATUS_QUARANTINED]
     return {
         "dataset": dataset.url,
         "source": manifest["source"],
@@ -77,7 +78,8 @@ def render_summary(summary: dict, console: Console) -> None:
     console.print(classes)
     quarantined = summary["quarantined"]
     if quarantined:
-        table = titled_table(f"Quarantined: {len(quarantined)} ({', '.join(f'{k}: {v}' for k, v in summary['quarantine_reasons'].items())})")
+        table = titled_table(f"Quarantined: {len(quarantined)} "
+                             f"({', '.join(f'{k}: {v}' for k, v in summary['quarantine_reasons'].items())})")
         for column in ("key", "source_ref", "reason"):
             table.add_column(column, overflow="fold")
         for row in quarantined[:QUARANTINE_ROWS_SHOWN]:
@@ -85,11 +87,14 @@ def render_summary(summary: dict, console: Console) -> None:
         console.print(table)
         if len(quarantined) > QUARANTINE_ROWS_SHOWN:
             console.print(f"... and {len(quarantined) - QUARANTINE_ROWS_SHOWN} more (use --format json for all)")
-    shards = titled_table(f"Shards: {len(summary['shards'])}, {human_bytes(sum(s['bytes'] for s in summary['shards']))}")
-    for column, justify in (("shard", "left"), ("split", "left"), ("examples", "right"), ("size", "right"), ("sha256", "left")):
+    shards = titled_table(f"Shards: {len(summary['shards'])}, "
+                          f"{human_bytes(sum(s['bytes'] for s in summary['shards']))}")
+    for column, justify in (("shard", "left"), ("split", "left"), ("examples", "right"), ("size", "right"),
+                            ("sha256", "left")):
         shards.add_column(column, justify=justify)
     for shard in summary["shards"]:
-        shards.add_row(shard["name"], shard["split"], str(shard["examples"]), human_bytes(shard["bytes"]), shard["sha256"][:16])
+        shards.add_row(shard["name"], shard["split"], str(shard["examples"]), human_bytes(shard["bytes"]),
+                       shard["sha256"][:16])
     console.print(shards)
 
 
@@ -125,7 +130,8 @@ def sections(data: dict | list[dict], title: str) -> dict[str, list[dict]]:
         if isinstance(value, list):
             result[key] = value
         elif isinstance(value, dict):
-            result[key] = [{"name": k, **v} if isinstance(v, dict) else {"name": k, "value": v} for k, v in value.items()]
+            result[key] = [{"name": k, **v} if isinstance(v, dict) else {"name": k, "value": v}
+                           for k, v in value.items()]
     return result
 
 

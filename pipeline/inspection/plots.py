@@ -27,7 +27,8 @@ def score_histogram(url: str, version: str, path: str, bins: int = 40) -> None:
     never = np.isin(np.array(table["key"].to_pylist(), dtype=object), list(never_learned(location(url), table)))
     edges = np.histogram_bin_edges(scores[scored], bins=bins)
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
-    groups = [(scored & kept & ~never, "kept", "tab:blue", None), (scored & kept & never, "kept, never learned", "tab:blue", "//"),
+    groups = [(scored & kept & ~never, "kept", "tab:blue", None),
+              (scored & kept & never, "kept, never learned", "tab:blue", "//"),
               (scored & ~kept, "dropped", "tab:red", None)]
     axes.hist([scores[mask] for mask, *_ in groups], bins=edges, stacked=True, alpha=0.75,
               color=[color for *_, color, _ in groups],

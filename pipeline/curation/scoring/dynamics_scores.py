@@ -47,7 +47,8 @@ def forgetting(keys: list[str], dynamics: pa.Table) -> pa.Table:
     codes = codes[known]
     correct = dynamics["correct"].to_numpy(zero_copy_only=False)[known].astype(bool)
     step = dynamics["step"].to_numpy()[known]
-    variance = np.nan_to_num(dynamics["cls_attention_variance"].to_numpy(zero_copy_only=False)[known].astype(np.float64))
+    variance = np.nan_to_num(
+        dynamics["cls_attention_variance"].to_numpy(zero_copy_only=False)[known].astype(np.float64))
     order = np.lexsort((step, codes))
     codes, correct, variance = codes[order], correct[order], variance[order]
     n = len(sorted_keys)

@@ -75,7 +75,8 @@ def el2n(dataset_url: str, split: str, shards: list[str], run_url: str, actors: 
     values: list[np.ndarray] = []
     jobs = pool.map_unordered(lambda actor, shard: actor.score_shard.remote(dataset_url, split, shard), shards)
     nodes: Counter = Counter()
-    for shard_keys, shard_scores, node in tqdm(jobs, total=len(shards), unit="shard", desc="el2n", disable=not progress):
+    for shard_keys, shard_scores, node in tqdm(jobs, total=len(shards), unit="shard", desc="el2n",
+                                               disable=not progress):
         keys.extend(shard_keys)
         values.append(shard_scores)
         nodes[node] += 1

@@ -16,8 +16,11 @@ from pipeline.ingest.sources.base import Quarantine, Record, Source, SourceError
 
 IMAGE_BYTES = 32 * 32 * 3
 # (file name, split, label bytes per record: CIFAR-10 has 1, CIFAR-100 has coarse + fine)
-PYTHON_BATCHES = [(f"data_batch_{i}", "train") for i in range(1, 6)] + [("test_batch", "val"), ("train", "train"), ("test", "val")]
-BINARY_BATCHES = [(f"data_batch_{i}.bin", "train", 1) for i in range(1, 6)] + [("test_batch.bin", "val", 1), ("train.bin", "train", 2), ("test.bin", "val", 2)]
+PYTHON_BATCHES = [(f"data_batch_{i}", "train") for i in range(1, 6)] + [("test_batch", "val"), ("train", "train"),
+                                                                        ("test", "val")]
+BINARY_BATCHES = [(f"data_batch_{i}.bin", "train", 1) for i in range(1, 6)] + [("test_batch.bin", "val", 1),
+                                                                               ("train.bin", "train", 2),
+                                                                               ("test.bin", "val", 2)]
 ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -54,7 +57,8 @@ class CifarSource(Source):
         self.root = os.path.abspath(root)
         files = self._find_files()
         if not files:
-            raise SourceError(f"cifar: no CIFAR batch files (data_batch_N, test_batch, train, test, *.bin) under {root!r}")
+            raise SourceError(f"cifar: no CIFAR batch files (data_batch_N, test_batch, train, test, *.bin) "
+                              f"under {root!r}")
         self.class_names = self._class_names(files)
         self.batches = [self._read_batch(*spec) for spec in files]
 

@@ -28,7 +28,8 @@ class DatasetSource(Source):
     def records(self) -> list[Record]:
         records = []
         for row in read_index(self.dataset).to_pylist():
-            if self.only_keys is not None and row["key"] not in self.only_keys and row["split"] not in self.whole_splits:
+            if (self.only_keys is not None and row["key"] not in self.only_keys
+                    and row["split"] not in self.whole_splits):
                 continue
             ok = row["status"] == STATUS_OK
             records.append(Record(
