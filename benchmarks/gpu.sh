@@ -1,16 +1,56 @@
 #!/usr/bin/env bash
-# GPU figures for the README, on a CUDA machine that already has PyTorch, timm and pyarrow:
-#   bash benchmarks/gpu.sh OUT_DIR DATASET
-# 1. the training-step benchmark (dense / token / token+attention, attention cost, dynamics cost)
-#    with bf16 autocast; 2. dense vs tri-level-ready sparse training of DATASET, 5 epochs each.
+# The GPU figures of the README in one prepared command, sized for a few minutes on one card:
+#
+#   bash benchmarks/gpu.sh [OUT]            on a CUDA machine (default OUT: benchmarks/results/gpu)
+#   bash benchmarks/gpu.sh --dry-run [OUT]  the same stages at toy sizes on the CPU (checks the script)
+#
+# Stages, each timed, each one's output under OUT:
+#   1. the card (nvidia-smi) and the no-sync test of the training step (torch.cuda.set_sync_debug_mode);
+#   2. profile.md: torch.profiler per arm (dense, token 0.7, token 0.7 + block attention 0.3) at
+#      224 px / patch 16: s/step, host vs device time, syncs per step, top ops;
+#   3. training-gpu.md: the step benchmark (measured vs FLOPs-predicted speed-up, attention cost by
+#      length incl. block mode at 577 tokens), eager then compiled (training-gpu-compiled.md);
+#   4. bench-gpu/results.md: `onion bench train --preset gpu`, every arm end to end (goal <= 6 min).
+# Uses the interpreter in .venv when there is one, else python3 (a machine that has torch and timm).
 set -euo pipefail
-out=${1:?output folder}; data=${2:?dataset}
+cd "$(dirname "$0")/.."
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+out=${1:-benchmarks/results/$([ $dry = 1 ] && echo gpu-dry-run || echo gpu)}
+py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 benchmarks/training.py --device cuda --batch 256 --repeats 5 --steps 10 --out "$out" --name training-gpu
-common=(--device cuda --epochs 5 --batch-size 256 --loader-workers 4 --lr 2e-3 --warmup-epochs 1)
-python3 -m pipeline train "$data" --out /tmp/onion-gpu-dense "${common[@]}"
-python3 -m pipeline train "$data" --out /tmp/onion-gpu-sparse "${common[@]}" --token-keep 0.7 --attn-keep 0.3 \
-    --keep-warmup-epochs 1 --keep-ramp-epochs 2
-cp /tmp/onion-gpu-dense/summary.json "$out/train-dense.json"
-cp /tmp/onion-gpu-sparse/summary.json "$out/train-sparse.json"
+data="$out/data/synthetic"
+stage() { echo "== $(date +%T) $*" | tee -a "$out/stages.log"; }
+
+if [ $dry = 1 ]; then
+    device=cpu; count=600; ingest_size=16; train=(--img-size 32 --patch-size 8 --depth 2 --embed-dim 64 --num-heads 2
+        --batch-size 32 --loader-workers 1 --attn-block 16)
+    step=(--device cpu --batch 4 --repeats 1 --steps 1 --img-size 32 --patch 8)
+    preset=(--preset smoke --seeds 1 --only token,attention-block --arms benchmarks/block_arms.yaml)
+    echo "CPU dry run ($(nproc) CPUs): toy sizes, figures meaningless" > "$out/gpu.txt"
+else
+    device=cuda; count=20000; ingest_size=32; train=(--img-size 224 --patch-size 16 --batch-size 256
+        --loader-workers 8)
+    step=(--device cuda --batch 256 --repeats 5 --steps 10 --img-size 224 --patch 16)
+    preset=(--preset gpu)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+fi
+
+stage "1. the training step makes no host-device sync"
+$py -m pytest -q -p no:cacheprovider tests/test_training_step.py -k "reads_nothing or never_synchronises" \
+    2>&1 | tail -3 | tee "$out/no-sync-test.txt"
+
+stage "2. profile: dense vs token vs token+block attention"
+[ -f "$data/manifest.json" ] || $py -m pipeline ingest synthetic "$data" --count $count --image-size $ingest_size
+$py benchmarks/profile_step.py "$data" --out "$out" --name profile --device $device "${train[@]}"
+
+stage "3. step benchmark, eager then compiled"
+$py benchmarks/training.py "${step[@]}" --out "$out" --name training-gpu
+$py benchmarks/training.py "${step[@]}" --out "$out" --name training-gpu-compiled --compile --skip-extras
+
+stage "4. onion bench train ${preset[*]}"
+started=$(date +%s)
+$py -m pipeline bench train "${preset[@]}" --out "$out/bench-gpu"
+echo "bench wall clock: $(( $(date +%s) - started )) s" | tee -a "$out/stages.log"
+rm -rf "$out/bench-gpu/data" "$out/bench-gpu/runs" "$out/data"  # keep the figures, not the data
+stage "done: $out"

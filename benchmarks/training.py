@@ -1,13 +1,19 @@
 """Trainer figures for the README: sparse vs dense step speed, attention-level cost, dynamics cost.
 
-    .venv/bin/python benchmarks/training.py [--out benchmarks/results] [--repeats 5]
+    .venv/bin/python benchmarks/training.py [--out benchmarks/results] [--repeats 5] [--compile]
 
 All arms run interleaved in one process on the same random batches; each figure is a median of
-``--repeats`` timings of ``--steps`` training steps (forward, backward, AdamW step).
+``--repeats`` timings of ``--steps`` training steps (forward, backward, AdamW step), after two
+warm-up steps (which, with ``--compile``, include compiling: reported separately, not in the median).
   1. DeiT-Tiny shape (12 blocks, width 192, 3 heads) at 32x32 with 4x4 patches: dense, token
-     keep 0.7 at blocks 3,6,9, and token + attention keep 0.3; measured vs FLOPs-predicted speed-up;
-  2. the attention level's cost on top of the token level at longer sequences (larger images);
+     keep 0.7 at blocks 3,6,9, token + attention keep 0.3 (exact mode), and the same in block mode
+     (token+attention-block: 16-token tiles, FlexAttention); measured vs FLOPs-predicted speed-up
+     (the FLOPs model counts the token level only);
+  2. the attention level's cost on top of the token level at longer sequences (larger images),
+     exact and block mode (on CUDA also at 24 x 24 patches, 577 tokens: 384 px at patch 16);
   3. the cost of recording training dynamics.
+On CPU, FlexAttention has no backward, so block mode trains through its dense masked fallback
+there: the block arm shows the cost of choosing tiles, not the saving of skipping them.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ from trainer.flops import ViTShape, forward_flops
 
 BLOCKS = (3, 6, 9)
 DEVICE = torch.device("cpu")
+COMPILE = False
+ATTN_BLOCK = 16
 
 
 def synchronize() -> None:
@@ -54,17 +62,20 @@ class Arm:
     """One configuration: a sparse view of its own model, an optimiser, optional dynamics recording."""
 
     def __init__(self, img_size: int, token_keep: float, attn_keep: float,
-                 recorder: DynamicsRecorder | None = None) -> None:
+                 recorder: DynamicsRecorder | None = None, attn_mode: str = "exact") -> None:
         self.model = sparsify(deit_tiny(img_size).to(DEVICE), token_keep=token_keep, token_blocks=BLOCKS,
-                              attn_keep=attn_keep).train()
+                              attn_keep=attn_keep, attn_mode=attn_mode, attn_block=ATTN_BLOCK).train()
         self.model.record_cls_attention = recorder is not None
+        # Static shapes: one graph per arm (compiled during the warm-up steps, outside the median).
+        self.forward = torch.compile(self.model, dynamic=False) if COMPILE else self.model
+        self.warmup_seconds = 0.0
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.recorder = recorder
         self.flops = forward_flops(ViTShape.of(self.model), token_keep, set(BLOCKS))
 
     def step(self, x: torch.Tensor, y: torch.Tensor, keys: list[str], step: int) -> None:
         with autocast():
-            logits = self.model(x)
+            logits = self.forward(x)
             loss = F.cross_entropy(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -89,7 +100,7 @@ def race(arms: dict[str, Arm], img_size: int, batch: int, steps: int, repeats: i
     y = torch.randint(0, 10, (batch,), device=DEVICE)
     keys = [f"k{i}" for i in range(batch)]
     for arm in arms.values():
-        arm.seconds(x, y, keys, 2)  # warm-up
+        arm.warmup_seconds = 2 * arm.seconds(x, y, keys, 2)  # warm-up (and compilation)
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(repeats):
         for name, arm in arms.items():
@@ -108,35 +119,50 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=32, help="image side of the main table")
     parser.add_argument("--patch", type=int, default=4, help="patch side of every model")
     parser.add_argument("--skip-extras", action="store_true", help="only the main table")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each arm's model (static shapes); compile time reported apart")
     args = parser.parse_args()
-    global DEVICE, PATCH
-    DEVICE, PATCH = torch.device(args.device), args.patch
+    global DEVICE, PATCH, COMPILE
+    DEVICE, PATCH, COMPILE = torch.device(args.device), args.patch, args.compile
+    if COMPILE:  # every arm's model is one more graph of the same forward code: no eager fallback
+        import torch._dynamo as dynamo
+
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
+        dynamo.config.accumulated_recompile_limit = max(dynamo.config.accumulated_recompile_limit, 256)
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    report: dict = {"device": where, "repeats": args.repeats, "steps": args.steps, "batch": args.batch}
+    report: dict = {"device": where, "repeats": args.repeats, "steps": args.steps, "batch": args.batch,
+                    "compile": COMPILE, "attn_block": ATTN_BLOCK}
 
     size = args.img_size
     report["tokens"] = (size // PATCH) ** 2 + 1
     report["img_size"] = size
     arms = {"dense": Arm(size, 1.0, 1.0), "token 0.7": Arm(size, 0.7, 1.0),
-            "token 0.7 + attention 0.3": Arm(size, 0.7, 0.3)}
+            "token 0.7 + attention 0.3": Arm(size, 0.7, 0.3),
+            "token+attention-block": Arm(size, 0.7, 0.3, attn_mode="block")}
     seconds = race(arms, size, args.batch, args.steps, args.repeats)
     dense = arms["dense"]
     report["speed"] = [{"arm": name, "seconds_per_step": seconds[name],
                         "measured_speedup": seconds["dense"] / seconds[name],
                         "flops_speedup": dense.flops / arm.flops,
-                        "measured_over_predicted": (seconds["dense"] / seconds[name]) / (dense.flops / arm.flops)}
+                        "measured_over_predicted": (seconds["dense"] / seconds[name]) / (dense.flops / arm.flops),
+                        "warmup_seconds": arm.warmup_seconds}
                        for name, arm in arms.items()]
 
     report["attention_level"] = []
     report["dynamics_overhead"] = None
     if args.skip_extras:
         return write_report(Path(args.out), args.name, report, render)
-    for img_size, batch in ((32, args.batch), (64, max(1, args.batch // 4)), (96, max(1, args.batch // 8)),
-                            (128, max(1, args.batch // 16))):
-        pair = {"token": Arm(img_size, 0.7, 1.0), "token+attention": Arm(img_size, 0.7, 0.3)}
-        timing = race(pair, img_size, batch, args.steps, args.repeats)
+    lengths = [(32, args.batch), (64, max(1, args.batch // 4)), (96, max(1, args.batch // 8)),
+               (128, max(1, args.batch // 16))]
+    if DEVICE.type == "cuda" and 24 * PATCH not in dict(lengths):  # 577 tokens (384 px at patch 16)
+        lengths = sorted(lengths + [(24 * PATCH, max(1, args.batch // 8))])
+    for img_size, batch in lengths:
+        trio = {"token": Arm(img_size, 0.7, 1.0), "token+attention": Arm(img_size, 0.7, 0.3),
+                "token+attention-block": Arm(img_size, 0.7, 0.3, attn_mode="block")}
+        timing = race(trio, img_size, batch, args.steps, args.repeats)
         report["attention_level"].append({"tokens": (img_size // PATCH) ** 2 + 1, "batch": batch,
-                                          "relative_time": timing["token+attention"] / timing["token"]})
+                                          "relative_time": timing["token+attention"] / timing["token"],
+                                          "block_relative_time": timing["token+attention-block"] / timing["token"]})
 
     with tempfile.TemporaryDirectory() as scratch:
         pair = {"without dynamics": Arm(32, 0.7, 1.0),
@@ -147,17 +173,26 @@ def main() -> None:
 
 
 def render(report: dict) -> str:
+    compiled = report.get("compile", False)
     lines = [f"Training steps, DeiT-Tiny shape at {report['img_size']}x{report['img_size']} / patch {PATCH} "
              f"({report['tokens']} tokens), batch {report['batch']}, "
-             f"{report['device']}, median of {report['repeats']} x {report['steps']} steps:", "",
-             "| arm | s/step | measured speed-up | FLOPs-predicted | measured / predicted |", "|---|---|---|---|---|"]
+             f"{report['device']}{', torch.compile' if compiled else ''}, "
+             f"median of {report['repeats']} x {report['steps']} steps "
+             f"(block mode: {report.get('attn_block', ATTN_BLOCK)}-token tiles; FLOPs model: token level only):", "",
+             "| arm | s/step | measured speed-up | FLOPs-predicted | measured / predicted |"
+             + (" compile + 2 warm-up steps (s) |" if compiled else ""),
+             "|---|---|---|---|---|" + ("---|" if compiled else "")]
     lines += [f"| {r['arm']} | {r['seconds_per_step']:.3f} | {r['measured_speedup']:.2f}x | "
-              f"{r['flops_speedup']:.2f}x | {r['measured_over_predicted']:.2f} |" for r in report["speed"]]
+              f"{r['flops_speedup']:.2f}x | {r['measured_over_predicted']:.2f} |"
+              + (f" {r['warmup_seconds']:.1f} |" if compiled else "") for r in report["speed"]]
     if not report["attention_level"]:
         return "\n".join(lines + [""])
-    lines += ["", "Attention level (keep 0.3) on top of token level (keep 0.7), time relative to token level alone:",
-              "", "| tokens | batch | relative time |", "|---|---|---|"]
-    lines += [f"| {r['tokens']} | {r['batch']} | {r['relative_time']:.3f} |" for r in report["attention_level"]]
+    lines += ["", "Attention level (keep 0.3) on top of token level (keep 0.7), time relative to token level alone, "
+              "exact mode and block mode:", "",
+              "| tokens | batch | exact | block |", "|---|---|---|---|"]
+    lines += [f"| {r['tokens']} | {r['batch']} | {r['relative_time']:.3f} | "
+              f"{r['block_relative_time']:.3f} |" if "block_relative_time" in r else
+              f"| {r['tokens']} | {r['batch']} | {r['relative_time']:.3f} | - |" for r in report["attention_level"]]
     lines += ["", f"Dynamics recording overhead: {100 * report['dynamics_overhead']:+.1f}% of step time", ""]
     return "\n".join(lines)
 

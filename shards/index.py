@@ -64,7 +64,7 @@ def parquet_bytes_to_table(data: bytes, columns: list[str] | None = None) -> pa.
     their destructor calls ``PyGILState_Ensure``; if that happens while the interpreter is
     finalizing, CPython ends the thread with ``pthread_exit``, whose forced unwind through a
     ``noexcept`` C++ destructor calls ``std::terminate``: "terminate called without an active
-    exception", exit 134, in about half the short scripts that read an index then exit (gdb: the
+    exception", exit 134, in up to half of short scripts that read an index and exit (gdb: the
     aborting thread is in ``arrow::py::PyBuffer::~PyBuffer`` <- ``ReadRangeCache::LazyImpl``
     dtor). Arrow-owned memory frees without the GIL, so a late release is harmless. One memcpy.
     """

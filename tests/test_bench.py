@@ -8,6 +8,8 @@ from PIL import Image
 from pipeline.bench.train import bench_train
 from shards import location, read_index
 
+pytestmark = pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
+
 ARMS = ["dense", "example", "token", "attention", "token+attention", "tri-level"]
 EPOCHS = 4  # the smoke preset's
 

@@ -34,6 +34,7 @@ def test_help_explains_the_options():
         assert option in result.stdout
 
 
+@pytest.mark.slow
 def test_killed_ingest_rerun_gives_identical_bytes(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert onion(*KILL_RUN[:2], reference, *KILL_RUN[2:]).returncode == 0

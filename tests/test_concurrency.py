@@ -2,8 +2,12 @@
 before writing anything, and the output is never a mix of the two."""
 import subprocess
 
+import pytest
+
 from helpers import ONION, files_of, onion_ok
 from shards.verify import verify_dataset
+
+pytestmark = pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
 
 SYNTHETIC = ["--count", "600", "--image-size", "16", "--shard-size", "30", "--ray-cpus", "1"]
 

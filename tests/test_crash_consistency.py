@@ -43,6 +43,8 @@ from trainer.config import TrainConfig
 from trainer.dynamics import read_dynamics
 from trainer.launch import train
 
+pytestmark = pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
+
 ONION = [sys.executable, "-m", "pipeline"]
 KILL_POINTS = int(os.environ.get("ONION_KILL_POINTS", "1"))
 FAULT_POINTS = os.environ.get("ONION_FAULT_POINTS", "2")  # "all", or how many boundaries per command

@@ -72,6 +72,7 @@ def curate_args(dataset, run):
             "--num-heads", "2", "--patch-size", "4", "--ray-cpus", "1"]
 
 
+@pytest.mark.slow
 def test_killed_curation_resumes_to_the_same_result(ray_local, tmp_path):
     copy, other = str(tmp_path / "digits"), str(tmp_path / "digits2")  # selections go into the dataset: one each
     for out in (copy, other):

@@ -90,6 +90,7 @@ def kill_one_scorer_when_it_runs(killed: list, stop: threading.Event) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_a_killed_ray_worker_still_gives_complete_identical_el2n(curated):
     dataset, run = curated
     clean = compute_scores("el2n", ScoreContext(dataset, run, actors=2, progress=False))

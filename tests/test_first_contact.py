@@ -43,6 +43,7 @@ def test_out_of_range_values_exit_2_naming_the_option(tmp_path, args, option):
     assert not (tmp_path / "RUN").exists() and not (tmp_path / "OUT").exists()  # nothing claimed
 
 
+@pytest.mark.slow
 def test_a_failed_train_does_not_lock_its_output(digits, tmp_path):
     run = tmp_path / "run"
     missing = onion("train", tmp_path / "nope", "--out", run, *TINY)
@@ -60,6 +61,7 @@ def test_a_failed_train_does_not_lock_its_output(digits, tmp_path):
     assert "is finished" in finished.stdout
 
 
+@pytest.mark.slow
 def test_a_failed_curate_does_not_lock_its_output(digits, tmp_path):
     run = tmp_path / "run"
     curate = ["--rounds", "2", "--round-epochs", "2", "--remove-n", "50", *TINY[2:], "--ray-cpus", "1"]

@@ -16,6 +16,8 @@ from shards import ShardDataset, location, read_index
 from shards.testing import SECRET, FaultyProxy, aws_environment, environment, free_port, moto_server
 from trainer.dynamics import read_dynamics
 
+pytestmark = pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
+
 BUCKET = "onion-test"
 # No DataLoader worker processes here. Known open problem: with one worker, a connection the proxy
 # drops under the worker's GET was followed by the main process's next PUT (Expect: 100-continue)

@@ -13,6 +13,8 @@ from shards.testing import RAY_CLUSTER_ENV, LoopbackRayCluster
 from trainer.config import TrainConfig
 from trainer.launch import train
 
+pytestmark = pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
+
 SOURCE = ["synthetic", "--count", "1200", "--image-size", "16", "--shard-size", "60"]
 NODES = re.compile(r"on (\d+) Ray nodes? \(([^)]*)\)")
 

@@ -13,6 +13,8 @@ import pytest
 from helpers import ONION, onion, onion_ok
 from shards.verify import verify_dataset
 
+pytestmark = pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
+
 INGEST = ["ingest", "synthetic", "--count", "500", "--image-size", "32", "--shard-size", "100", "--ray-cpus", "1"]
 
 

@@ -63,6 +63,7 @@ def train_args(dataset, out):
     return ["train", dataset, "--out", str(out), *flags]
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_identical_weights(digits, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     onion_ok(*train_args(digits, reference))
@@ -88,6 +89,7 @@ def test_killed_training_resumes_to_identical_weights(digits, tmp_path):
         rows[1].sort_by([("step", "ascending"), ("key", "ascending")]))
 
 
+@pytest.mark.slow
 def test_two_process_ddp_sees_every_example_once_per_epoch(digits, tmp_path):
     summary = train(TrainConfig(dataset=digits, out=str(tmp_path / "ddp"), nproc=2, **SMALL))
     assert summary["world_size"] == 2

@@ -36,6 +36,11 @@ class TrainConfig:
                                                 "(default: 3,6,9 of 12, scaled to the depth)")
     attn_keep: float = knob(1.0, "share of keys each query keeps from a pruning block on (1.0: attention level off)")
     fuse_token: bool = knob(False, "fuse the dropped tokens into one attention-weighted token (EViT)")
+    attn_mode: str = knob("exact", "exact: each query keeps its top keys, a dense masked kernel (the paper's "
+                                   "regulariser; saves no time); block: each tile of queries keeps its top tiles of "
+                                   "keys and FlexAttention skips the rest (saves time on long sequences, on CUDA; on "
+                                   "CPU, which has no FlexAttention backward, training runs the same mask densely)")
+    attn_block: int = knob(16, "tile side in tokens for --attn-mode block")
     keep_warmup_epochs: float = knob(0.0, "epochs at keep rate 1.0 before the keep rates start falling")
     keep_ramp_epochs: float = knob(0.0, "epochs over which keep rates fall (cosine) from 1.0 to their targets")
     keep_quantum: float = knob(0.05, "keep rates are rounded up to multiples of this (few distinct token counts)")
@@ -57,6 +62,11 @@ class TrainConfig:
     device: str = knob("auto", "auto (cuda if present), cpu, cuda, cuda:1, ...")
     nproc: int = knob(1, "DDP processes on this machine (gloo on CPU, NCCL on GPU); or launch with torchrun")
     record_dynamics: bool = knob(True, "write per-example training dynamics to dynamics/*.parquet")
+    compile: str = knob("off", "torch.compile the training step: off, default, reduce-overhead (CUDA graphs) or "
+                               "max-autotune; one static graph per distinct token count, compile time included "
+                               "in every timing")
+    log_every: int = knob(50, "steps between progress-bar updates (each reads the loss from the device once; the "
+                              "step itself never waits for the device)")
 
     def __post_init__(self) -> None:
         self.check()
@@ -97,6 +107,11 @@ class TrainConfig:
             refuse("loader_workers", "a whole number >= 0")
         if self.keep_quantum > 1.0:
             refuse("keep_quantum", "at most 1")
+        if self.attn_block < 16 or self.attn_block & (self.attn_block - 1):
+            refuse("attn_block", "a power of two >= 16 (FlexAttention's tiles)")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                refuse(name, "one of " + ", ".join(allowed))
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -130,4 +145,8 @@ RATES = ("token_keep", "attn_keep")
 SHARES = ("drop_path", "label_smoothing")
 NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "keep_warmup_epochs", "keep_ramp_epochs",
                 "keep_quantum", "clip_grad", "mixup", "cutmix", "checkpoint_every")
-POSITIVE_COUNTS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "nproc")
+POSITIVE_COUNTS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "nproc",
+                   "attn_block", "log_every")
+ATTN_MODES = ("exact", "block")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+CHOICES = {"attn_mode": ATTN_MODES, "compile": COMPILE_MODES, "amp": ("auto", "bf16", "off")}

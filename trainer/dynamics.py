@@ -38,16 +38,20 @@ class DynamicsRecorder:
         size = len(keys)
         stats["epoch"] = torch.full((size,), epoch, dtype=torch.int32)
         stats["step"] = torch.full((size,), step, dtype=torch.int64)
-        stats["cls_attention_variance"] = (cls_attention_variance if cls_attention_variance is not None
+        stats["cls_attention_variance"] = (cls_attention_variance.detach().float() if cls_attention_variance is not None
                                            else torch.full((size,), float("nan")))
         self._keys.extend(keys)
         for name, values in stats.items():
-            self._tensors.setdefault(name, []).append(values.detach().cpu())
+            # No wait for the device: a CUDA tensor is copied to (pinned) host memory asynchronously
+            # and read only at flush, after a synchronize; a CPU tensor is kept as it is.
+            self._tensors.setdefault(name, []).append(values.to("cpu", non_blocking=True))
 
     def flush(self, step: int) -> None:
         """Write the rows recorded since the last flush as one part, named by ``step``."""
         if not self._keys:
             return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the asynchronous copies of record() have landed
         columns = {"key": pa.array(self._keys, pa.string())}
         for name in ("epoch", "step", "correct", "loss", "margin", "cls_attention_variance"):
             columns[name] = pa.array(torch.cat(self._tensors[name]).numpy())

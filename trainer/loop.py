@@ -32,6 +32,7 @@ from trainer.checkpoint import (
     load_checkpoint,
     save_rank_state,
 )
+from trainer.compile import compiled, compiled_graphs
 from trainer.config import TrainConfig
 from trainer.dynamics import DynamicsRecorder
 from trainer.flops import ViTShape, forward_flops
@@ -105,12 +106,15 @@ class Trainer:
         self.model.record_cls_attention = config.record_dynamics
         self.shape = ViTShape.of(self.model)
         self.ddp = DistributedDataParallel(self.model) if world_size > 1 else None
+        self.step_model = compiled(self.ddp or self.model, config.compile)
+        self.step_shapes: set[tuple[int, ...]] = set()  # distinct (batch size, tokens in each block) of the steps
         self.use_dataset(config.dataset)
         decay, no_decay = [], []
         for name, parameter in self.model.named_parameters():
             (no_decay if parameter.ndim <= 1 or name in NO_DECAY_TOKENS else decay).append(parameter)
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
+                                           fused=self.device.type == "cuda")  # fused: a few kernel launches per step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.steps_per_epoch))
         ramp = dict(warmup_steps=int(config.keep_warmup_epochs * self.steps_per_epoch),
                     ramp_steps=int(config.keep_ramp_epochs * self.steps_per_epoch), quantum=config.keep_quantum)
@@ -188,53 +192,68 @@ class Trainer:
                    "epochs": self.position.epoch, "steps": self.position.step, "world_size": self.world_size,
                    "train_images": self.position.train_images, "train_flops": self.position.train_flops,
                    "device": str(self.device), "config": config.to_dict(),
+                   "token_counts": sorted({shape[1:] for shape in self.step_shapes}),
+                   "step_shapes": len(self.step_shapes),
+                   "compiled_graphs": compiled_graphs() if config.compile != "off" else 0,
                    "model_kwargs": model_kwargs(config, self.img_size, self.num_classes)}
         if self.is_main and self.position.epoch >= config.epochs:
             self.run.write_atomic(SUMMARY_NAME, json.dumps(summary, indent=2).encode())
         return summary
 
     def _train_epoch(self) -> tuple[int, float, int]:
-        config, model = self.config, self.ddp or self.model
-        model.train()
+        config = self.config
+        (self.ddp or self.model).train()
         self.train_data.set_epoch(self.position.epoch, start_batch=self.position.batch)
         loader = self._loader(self.train_data)
-        images_seen, loss_sum, correct = 0, 0.0, 0
+        # Running sums stay on the device: reading them is a host-device sync, done only at the
+        # progress-bar interval and at the end of the epoch, never inside a step.
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, correct
+        images_seen = 0
         bar = tqdm(loader, total=self.steps_per_epoch - self.position.batch, disable=None if self.is_main else True,
                    desc=f"epoch {self.position.epoch + 1}/{config.epochs}", unit="batch", leave=False)
-        join = model.join() if self.ddp else nullcontext()
+        join = self.ddp.join() if self.ddp else nullcontext()
         started = time.perf_counter()
         with join:
             for images, labels, keys in bar:
-                self.model.set_rates(self.token_schedule(self.position.step), self.attn_schedule(self.position.step))
-                x = prepare(images, self.img_size, self.device)
-                y = labels.to(self.device)
-                inputs, targets = self.mixup(x, y) if self.mixup and len(x) % 2 == 0 else (x, y)
-                with autocast_for(config, self.device):
-                    logits = model(inputs)
-                    loss = F.cross_entropy(logits.float(), targets,
-                                           label_smoothing=0.0 if self.mixup else config.label_smoothing)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad)
-                self.optimizer.step()
-                self.scheduler.step()
-                if self.dynamics:
-                    self.dynamics.record(keys, self.position.epoch, self.position.step, logits, y,
-                                         self.model.last_cls_attention_variance)
+                self._step(images, labels, keys, totals)
                 images_seen += len(keys)
-                loss_value = loss.item()
-                loss_sum += loss_value * len(keys)
-                correct += int((logits.argmax(dim=1) == y).sum())
-                step_flops = TRAIN_FLOPS_PER_FORWARD * len(keys) * forward_flops(
-                    self.shape, self.model.token_keep, self.model.token_blocks, self.model.fuse_token)
-                self.position = replace(self.position, step=self.position.step + 1, batch=self.position.batch + 1,
-                                        train_flops=self.position.train_flops + step_flops * self.world_size)
-                bar.set_postfix(img_s=f"{images_seen * self.world_size / (time.perf_counter() - started):.0f}",
-                                loss=f"{loss_value:.3f}")
+                if not bar.disable and self.position.step % config.log_every == 0:
+                    loss_sum = totals[0].item()  # the one sync of a logging interval
+                    bar.set_postfix(img_s=f"{images_seen * self.world_size / (time.perf_counter() - started):.0f}",
+                                    loss=f"{loss_sum / max(1, images_seen):.3f}")
                 if config.checkpoint_every and self.position.step % config.checkpoint_every == 0:
                     self.checkpoint()
-        return images_seen, loss_sum, correct
+        loss_sum, correct = totals.tolist()
+        return images_seen, loss_sum, int(correct)
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, keys: list[str], totals: torch.Tensor) -> None:
+        """One optimisation step. Nothing here reads a device value on the host, so the host can
+        queue the next steps while the device works (checked by the tests)."""
+        config = self.config
+        self.model.set_rates(self.token_schedule(self.position.step), self.attn_schedule(self.position.step))
+        x = prepare(images, self.img_size, self.device)
+        y = labels.to(self.device, non_blocking=True)
+        inputs, targets = self.mixup(x, y) if self.mixup and len(x) % 2 == 0 else (x, y)
+        with autocast_for(config, self.device):
+            logits = self.step_model(inputs)
+            loss = F.cross_entropy(logits.float(), targets,
+                                   label_smoothing=0.0 if self.mixup else config.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.dynamics:
+            self.dynamics.record(keys, self.position.epoch, self.position.step, logits, y,
+                                 self.model.last_cls_attention_variance)
+        totals[0] += loss.detach() * len(keys)
+        totals[1] += (logits.detach().argmax(dim=1) == y).sum()
+        self.step_shapes.add((len(keys), *self.model.last_token_counts))
+        step_flops = TRAIN_FLOPS_PER_FORWARD * len(keys) * forward_flops(
+            self.shape, self.model.token_keep, self.model.token_blocks, self.model.fuse_token)
+        self.position = replace(self.position, step=self.position.step + 1, batch=self.position.batch + 1,
+                                train_flops=self.position.train_flops + step_flops * self.world_size)
 
     def _loader(self, data: ShardDataset) -> DataLoader:
         # A private generator: creating a DataLoader iterator draws a seed, which must not move the

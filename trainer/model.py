@@ -20,4 +20,4 @@ def model_kwargs(config: TrainConfig, img_size: int, num_classes: int) -> dict:
 def build_model(config: TrainConfig, img_size: int, num_classes: int) -> SparseVisionTransformer:
     vit = timm.create_model(config.model, pretrained=False, **model_kwargs(config, img_size, num_classes))
     return sparsify(vit, token_keep=1.0, token_blocks=config.token_blocks, attn_keep=1.0,
-                    fuse_token=config.fuse_token)
+                    fuse_token=config.fuse_token, attn_mode=config.attn_mode, attn_block=config.attn_block)

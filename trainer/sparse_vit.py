@@ -7,10 +7,35 @@ keys) but runs a forward pass that:
 * **token level**: at the pruning blocks, after attention and before the MLP, ranks patch tokens
   by a *ranking row* (below) and gathers the top ``ceil(keep * N)``; the prefix tokens (the first
   ``num_prefix_tokens``: class, distillation and register tokens) are always kept, whatever their
-  score; optionally the dropped ones are fused into one token weighted by their scores (EViT);
-* **attention level**: at the same blocks, from the head-averaged attention among the kept
-  tokens, each query keeps its top ``ceil(attn_keep * M)`` keys (prefix tokens' rows and columns
-  always kept); that boolean mask serves the following blocks until the next pruning block.
+  score; optionally the dropped ones are fused into one token weighted by their scores (EViT),
+  appended last;
+* **attention level** (``attn_keep < 1``): at the same blocks, from the head-averaged attention map
+  among the kept tokens, a mask is chosen that serves the following blocks until the next pruning
+  block (a pruning block itself attends densely: it ranks afresh). Two modes:
+
+  - ``attn_mode="exact"`` (default; the paper's regulariser): each query keeps its top
+    ``ceil(attn_keep * M)`` keys, prefix tokens' rows and columns always kept; every other query
+    keeps the fused token's column (its padded score, 1.0, beats every attention weight), while the
+    fused token's own row is all ties, so it keeps ``ceil(attn_keep * M)`` keys picked by
+    ``topk``'s tie-break plus the prefix columns (not necessarily itself). The mask is an additive
+    bias to the dense fused ``scaled_dot_product_attention``: every score is still computed, so it
+    saves no time.
+  - ``attn_mode="block"``: the map is pooled into ``attn_block`` x ``attn_block`` tiles (mean over
+    each tile, the last tile partial when ``attn_block`` does not divide M) and each query tile
+    keeps its top ``ceil(attn_keep * T)`` of the T key tiles (:func:`block_keep_tiles`). At tile
+    granularity: the key tiles holding prefix tokens are kept for every query tile, the query tiles
+    holding prefix tokens keep every key tile, and the key tile holding the fused token is kept for
+    every query tile, so the patch tokens sharing those tiles are kept with them; the fused token's
+    query tile ranks its key tiles like any other (its padded row shifts every tile's mean
+    equally). The following blocks run FlexAttention with a ``BlockMask`` built from those tile
+    choices: kept tiles are computed whole, skipped tiles are not computed at all, so attention
+    cost falls with ``attn_keep`` once sequences span several tiles. Keys past M in the last
+    partial tile never contribute (FlexAttention bounds-checks lengths that are not a multiple of
+    the tile). FlexAttention runs compiled (``torch.compile``; eager FlexAttention is an unfused
+    reference that computes everything). It has no backward on CPU (or MPS): there, when a
+    gradient is needed, the same tile choice is expanded to a token mask and run through dense
+    masked SDPA (same outputs and gradients, no time saved). It has no attention dropout either:
+    block mode refuses models with ``attn_drop > 0``.
 
 The ranking row:
 
@@ -23,12 +48,13 @@ The ranking row:
 variance of that same row over the patch tokens, so in the class-free case it is the variance of
 the attention received.
 
-Every block runs the fused ``scaled_dot_product_attention`` kernel, forward and backward. The
-ranking row (the whole map when the attention level is on or there is no class token) is formed on
-the side without autograd at pruning blocks only: indices carry no gradient, and the fused token's
-weights are treated as constants. With gradient checkpointing on (``set_grad_checkpointing``), each
-block runs under ``torch.utils.checkpoint`` while training. With both rates at 1.0 the output
-equals timm's own forward.
+Blocks without a block-mode mask run the fused ``scaled_dot_product_attention`` kernel, forward and
+backward. The ranking row (the whole map when the attention level is on or there is no class token)
+is formed on the side without autograd at pruning blocks only: indices carry no gradient, and the
+fused token's weights are treated as constants. With gradient checkpointing on
+(``set_grad_checkpointing``), each block runs under ``torch.utils.checkpoint`` while training (the
+mask handed between blocks, a tensor or a ``BlockMask``, passes through it). With both rates at 1.0
+the output equals timm's own forward, in either mode.
 """
 from __future__ import annotations
 
@@ -41,7 +67,21 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
+
+from trainer.compile import allow_static_graphs
+
+ATTN_MODES = ("exact", "block")
+# Tile side of block mode. ViT sequences here are short (65 tokens at 32 px / patch 4, 197 at
+# 224 / 16, 577 at 384 / 16): 16-token tiles give 5-37 tiles to choose among, while FlexAttention's
+# own default (128) would leave 1-5, nearly dense at any attn_keep. 16 is also the smallest tile its
+# GPU kernels take (a power of two >= 16: the kernel's own tiles shrink to fit it); larger tiles
+# use the GPU better per element but skip less, so long sequences may prefer 32 or 64.
+DEFAULT_ATTN_BLOCK = 16
+# Devices whose FlexAttention has no backward (torch 2.14 raises "does not support backward on CPU").
+FLEX_FORWARD_ONLY = frozenset({"cpu", "mps"})
+_compiled_flex = None
 
 
 def default_token_blocks(depth: int) -> tuple[int, ...]:
@@ -61,6 +101,8 @@ class SparseVisionTransformer(VisionTransformer):
 
     token_keep: float
     attn_keep: float
+    attn_mode: str
+    attn_block: int
     token_blocks: frozenset[int]
     fuse_token: bool
     record_cls_attention: bool
@@ -103,9 +145,13 @@ class SparseVisionTransformer(VisionTransformer):
         self.last_token_counts = counts
         return self.norm(x)
 
-    def _block(self, block: Block, x: torch.Tensor, mask: torch.Tensor | None, prune: bool,
-               record: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """One block: (tokens out, attention mask for the next blocks, ranking variance if ``record``)."""
+    def _block(self, block: Block, x: torch.Tensor, mask: torch.Tensor | BlockMask | None, prune: bool,
+               record: bool) -> tuple[torch.Tensor, torch.Tensor | BlockMask | None, torch.Tensor | None]:
+        """One block: (tokens out, attention mask for the next blocks, ranking variance if ``record``).
+
+        The mask is an additive bias (exact mode, or block mode where FlexAttention has no backward)
+        or a ``BlockMask`` (block mode, run by FlexAttention).
+        """
         attn: Attention = block.attn
         h = block.norm1(x)
         batch, tokens, _ = h.shape
@@ -113,9 +159,14 @@ class SparseVisionTransformer(VisionTransformer):
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         dropout = attn.attn_drop.p if self.training else 0.0
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if prune or mask is None else mask.to(q.dtype), dropout_p=dropout,
-        )  # a pruning block ranks afresh, without the previous block's mask
+        if isinstance(mask, BlockMask) and not prune:
+            if dropout > 0.0:
+                raise ValueError("attn_mode='block' cannot apply attention dropout (FlexAttention has none)")
+            out = attend_blocks(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if prune or mask is None else mask.to(q.dtype), dropout_p=dropout,
+            )  # a pruning block ranks afresh, without the previous block's mask
         row = full = variance = None
         if prune or record:
             row, full = self._ranking(q, k, attn.scale, full_map=prune and self.attn_keep < 1.0)
@@ -126,8 +177,10 @@ class SparseVisionTransformer(VisionTransformer):
         if record:
             variance = row[:, self.num_prefix_tokens:].float().var(dim=1)
         if prune:
+            fused = self._fuses(tokens - self.num_prefix_tokens)
             x, full = self._drop_tokens(x, row, full)
-            mask = additive(self._attention_mask(full)) if full is not None else None
+            needs_grad = x.requires_grad and torch.is_grad_enabled()
+            mask = None if full is None else self._next_mask(full, fused, needs_grad)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return x, mask, variance
 
@@ -162,14 +215,34 @@ class SparseVisionTransformer(VisionTransformer):
         if full is not None:
             rows = full.gather(1, index.unsqueeze(-1).expand(-1, -1, full.shape[2]))
             full = rows.gather(2, index.unsqueeze(1).expand(-1, index.shape[1], -1))
-        if self.fuse_token and keep < scores.shape[1]:
+        if self._fuses(scores.shape[1]):
             weights = scores.scatter(1, top, 0.0)
             weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
             fused = (weights.unsqueeze(-1) * x[:, prefix:]).sum(dim=1, keepdim=True)
             kept = torch.cat([kept, fused], dim=1)
             if full is not None:
-                full = F.pad(full, (0, 1, 0, 1), value=1.0)  # the fused token attends and is attended fully
+                # 1.0 beats every attention weight, so every other query keeps the fused token's column;
+                # its own row is all ties (exact mode keeps topk's tie-break; block mode ranks its tile)
+                full = F.pad(full, (0, 1, 0, 1), value=1.0)
         return kept, full
+
+    def _fuses(self, patches: int) -> bool:
+        """Whether a pruning block with ``patches`` patch tokens appends a fused token (last)."""
+        return self.fuse_token and self.token_keep < 1.0 and kept_count(self.token_keep, patches) < patches
+
+    def _next_mask(self, full: torch.Tensor, fused: bool, needs_grad: bool) -> torch.Tensor | BlockMask | None:
+        """The mask the blocks after a pruning block attend with, from the map among the kept tokens."""
+        if self.attn_mode == "exact":
+            return additive(self._attention_mask(full))
+        tokens = full.shape[-1]
+        count = math.ceil(tokens / self.attn_block)
+        if kept_count(self.attn_keep, count) == count:
+            return None  # every key tile kept: plain dense attention
+        tiles = block_keep_tiles(full, self.attn_keep, self.attn_block, self.num_prefix_tokens, fused)
+        if needs_grad and full.device.type in FLEX_FORWARD_ONLY:
+            # FlexAttention has no backward here: the same choice as a token mask, dense SDPA.
+            return additive(expand_tiles(tiles, self.attn_block, tokens))
+        return tile_block_mask(tiles, self.attn_block, tokens)
 
     def _attention_mask(self, full: torch.Tensor) -> torch.Tensor | None:
         """(B, M, M), True where a query keeps a key: its top keys, plus every prefix row and column."""
@@ -211,12 +284,78 @@ def additive(mask: torch.Tensor | None) -> torch.Tensor | None:
     return bias.masked_fill_(~mask, float("-inf")).unsqueeze(1)
 
 
+def block_keep_tiles(full: torch.Tensor, keep: float, block: int, prefix: int, fused: bool) -> torch.Tensor:
+    """(B, T, T) boolean: which key tiles each query tile keeps, from the (B, M, M) attention map.
+
+    ``full`` is pooled into ``block`` x ``block`` tiles (mean over each tile; the last tile holds
+    the remaining ``M - (T - 1) * block`` tokens) and each query tile keeps its top
+    ``kept_count(keep, T)`` key tiles. Key tiles holding any of the first ``prefix`` tokens are kept
+    for every query tile and query tiles holding them keep every key tile; if ``fused``, the last
+    token is a fused token and its key tile is kept for every query tile.
+    """
+    batch, tokens, _ = full.shape
+    tiles = math.ceil(tokens / block)
+    pad = tiles * block - tokens
+    sums = F.pad(full.float(), (0, pad, 0, pad)).reshape(batch, tiles, block, tiles, block).sum(dim=(2, 4))
+    # Tokens per tile, from device ops (no host copy): block, ..., block, the rest.
+    sizes = (tokens - torch.arange(tiles, device=full.device) * block).clamp(max=block).float()
+    pooled = sums / (sizes[:, None] * sizes[None, :])
+    top = pooled.topk(kept_count(keep, tiles), dim=-1, sorted=False).indices
+    mask = torch.zeros(batch, tiles, tiles, dtype=torch.bool, device=full.device).scatter_(-1, top, True)
+    prefix_tiles = math.ceil(prefix / block)
+    mask[:, :, :prefix_tiles] = True
+    mask[:, :prefix_tiles, :] = True
+    if fused:
+        mask[:, :, -1] = True
+    return mask
+
+
+def expand_tiles(tiles: torch.Tensor, block: int, tokens: int) -> torch.Tensor:
+    """A (B, T, T) tile mask as the (B, M, M) token mask it stands for."""
+    return tiles.repeat_interleave(block, dim=1).repeat_interleave(block, dim=2)[:, :tokens, :tokens]
+
+
+def tile_block_mask(tiles: torch.Tensor, block: int, tokens: int) -> BlockMask:
+    """The FlexAttention ``BlockMask`` (one head, broadcast over heads) for a (B, T, T) tile mask.
+
+    Every kept tile is a *full* block (computed whole, no mask_mod evaluated); the rest are absent,
+    never computed. ``seq_lengths`` is the true M: FlexAttention masks keys past it in the last tile.
+    """
+    kept = tiles.to(torch.int32)
+    count = kept.sum(dim=-1, dtype=torch.int32)[:, None]  # (B, 1, T)
+    # Kept tiles first, in increasing order; entries past the count are ignored.
+    order = kept.argsort(dim=-1, descending=True, stable=True).to(torch.int32)[:, None]  # (B, 1, T, T)
+    # No partial blocks: zero of them, and their own (ignored) index tensor, since handing the same
+    # tensor as both index sets breaks inductor's CPU kernel ("'kv_indices' was not declared").
+    return BlockMask.from_kv_blocks(torch.zeros_like(count), torch.zeros_like(order), count, order, BLOCK_SIZE=block,
+                                    seq_lengths=(tokens, tokens))
+
+
+def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> torch.Tensor:
+    """FlexAttention with ``mask``, compiled so that skipped tiles are really skipped.
+
+    Inside a ``torch.compile`` trace the plain function is traced into the model's graph; otherwise
+    a module-level ``torch.compile(flex_attention, dynamic=False)`` is made on first use (one static
+    graph per distinct shape; the recompile limit is raised so those never fall back to the unfused
+    eager reference).
+    """
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=mask)
+    global _compiled_flex
+    if _compiled_flex is None:
+        allow_static_graphs()
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=mask)
+
+
 def sparsify(
     vit: VisionTransformer,
     token_keep: float = 1.0,
     token_blocks: Sequence[int] | None = None,
     attn_keep: float = 1.0,
     fuse_token: bool = False,
+    attn_mode: str = "exact",
+    attn_block: int = DEFAULT_ATTN_BLOCK,
 ) -> SparseVisionTransformer:
     """A sparse view of ``vit`` that shares its parameters (and state_dict keys).
 
@@ -228,12 +367,28 @@ def sparsify(
     is the variance of that same ranking row over the patch tokens. With gradient checkpointing on,
     each block is checkpointed while training.
 
+    The attention level (``attn_keep < 1``) has two modes (module docstring for details):
+    ``"exact"``, each query keeps its top keys, applied as a mask to dense attention (every score
+    still computed: a regulariser, no time saved); ``"block"``, each ``attn_block``-token tile of
+    queries keeps its top tiles of keys and FlexAttention computes only those (prefix tokens' tiles
+    kept as rows and columns, the fused token's tile as a column, whole tiles at a time). Block mode
+    runs FlexAttention compiled; where it has no backward (CPU, MPS) a step that needs gradients
+    runs the same tile choice as a dense masked SDPA instead (same result, no time saved). Block
+    mode cannot apply attention dropout and refuses models with ``attn_drop > 0``.
+
     Args:
         vit: the timm model; the view copies its flags (training, grad_checkpointing) once.
         token_keep: share of patch tokens kept at each pruning block (1.0: none dropped).
         token_blocks: 0-based blocks that prune (default 3, 6, 9 of 12, scaled to the depth).
-        attn_keep: share of keys each query keeps from a pruning block on (1.0: dense).
+        attn_keep: share of keys (exact) or key tiles (block) each query (tile) keeps from a
+            pruning block on (1.0: dense).
         fuse_token: add one token that is the score-weighted sum of the dropped ones.
+        attn_mode: ``"exact"`` (default) or ``"block"``.
+        attn_block: tile side in tokens for block mode, a power of two >= 16 (FlexAttention's GPU
+            kernels need their own tiles to divide it, and shrink them to at most it only for powers
+            of two >= 16). Default 16: this project's sequences are 65-577 tokens, so 16 leaves
+            5-37 tiles to choose among, where FlexAttention's default 128 would leave 1-5 (nearly
+            dense); larger tiles are more efficient per element on a GPU but skip less.
     """
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"sparsify needs a timm VisionTransformer, not {type(vit).__name__}")
@@ -247,6 +402,18 @@ def sparsify(
         if type(block) is not Block or type(block.attn) is not Attention or gated:
             raise TypeError(f"block {i} is {type(block).__name__}/{type(block.attn).__name__}: "
                             "sparsify supports timm's pre-norm Block with the standard, ungated Attention")
+    if attn_mode not in ATTN_MODES:
+        raise ValueError(f"attn_mode must be one of {ATTN_MODES}, not {attn_mode!r}")
+    if isinstance(attn_block, bool) or not isinstance(attn_block, int) or attn_block < 16 \
+            or attn_block & (attn_block - 1):
+        raise ValueError(f"attn_block must be a power of two >= 16 (FlexAttention's GPU kernels need it), "
+                         f"not {attn_block!r}")
+    if attn_mode == "block":
+        dropping = [i for i, block in enumerate(vit.blocks) if block.attn.attn_drop.p > 0]
+        if dropping:
+            raise ValueError(f"attn_mode='block' cannot apply attention dropout, which FlexAttention does not "
+                             f"support, but blocks {dropping} have attn_drop p > 0: use attn_mode='exact' or "
+                             f"attn_drop_rate=0")
     blocks = tuple(default_token_blocks(len(vit.blocks)) if token_blocks is None else token_blocks)
     if any(not 0 <= b < len(vit.blocks) for b in blocks):
         raise ValueError(f"token_blocks {blocks} outside 0..{len(vit.blocks) - 1}")
@@ -254,6 +421,8 @@ def sparsify(
     sparse.__class__ = sparse_class
     sparse.token_blocks = frozenset(blocks)
     sparse.fuse_token = fuse_token
+    sparse.attn_mode = attn_mode
+    sparse.attn_block = attn_block
     sparse.record_cls_attention = False
     sparse.last_cls_attention_variance = None
     sparse.last_token_counts = []

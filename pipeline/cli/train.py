@@ -33,7 +33,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per training setting, with its help text and default (values are checked by TrainConfig)."""
-    from trainer.config import TrainConfig
+    from trainer.config import CHOICES, TrainConfig
 
     group = parser.add_argument_group("training settings")
     types = TrainConfig.field_types()
@@ -45,6 +45,8 @@ def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         shown = "" if default in (None, "") else f" (default {default})"
         if types[name] is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text}{shown}")
+        elif name in CHOICES:
+            group.add_argument(flag, choices=CHOICES[name], default=None, help=f"{text}{shown}")
         elif name == "token_blocks":
             group.add_argument(flag, type=block_list, default=None, help=text)
         else:
