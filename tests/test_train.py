@@ -115,3 +115,17 @@ def test_config_file_and_cli_errors(digits, tmp_path):
     config.write_text("epochz: 3\n")
     bad = onion("train", digits, "--out", tmp_path / "x", "--config", config, timeout=120)
     assert bad.returncode == 2 and "unknown settings ['epochz']" in bad.stderr
+
+
+def test_eval_every_skips_validation_but_always_evaluates_the_last_epoch(digits, tmp_path, monkeypatch):
+    from trainer.loop import Trainer
+
+    calls = []
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: calls.append(self.position.epoch) or evaluate(self))
+    settings = {**SMALL, "epochs": 3, "eval_every": 2, "record_dynamics": False}
+    summary = train(TrainConfig(dataset=digits, out=str(tmp_path / "run"), **settings))
+    assert calls == [1, 2]  # after epochs 2 and 3 (0-based position before the epoch is counted)
+    rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
+    val = [row[rows[0].index("val_top1")] for row in rows[1:]]
+    assert val[0] == "nan" and float(val[1]) > 0 and float(val[2]) == summary["val_top1"] > 50.0, val

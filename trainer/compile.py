@@ -30,7 +30,7 @@ def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
 
 
 def compiled_graphs() -> int:
-    """Graphs compiled so far in this process (every compiled model together)."""
+    """Graphs compiled so far in this process (every compiled function together)."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])

@@ -58,6 +58,8 @@ class TrainConfig:
     seed: int = knob(0, "seed of weights, data order, dropout and mixup")
     loader_workers: int = knob(2, "DataLoader worker processes per training process")
     checkpoint_every: int = knob(0, "also checkpoint every N steps (0: at epoch ends only)")
+    eval_every: int = knob(1, "evaluate on val every N epochs; the last epoch (and each curation round's last) "
+                              "always (skipped epochs log val_top1 as nan)")
     amp: str = knob("auto", "auto (bf16 on a GPU that supports it, else off), bf16, or off")
     device: str = knob("auto", "auto (cuda if present), cpu, cuda, cuda:1, ...")
     nproc: int = knob(1, "DDP processes on this machine (gloo on CPU, NCCL on GPU); or launch with torchrun")
@@ -146,7 +148,7 @@ SHARES = ("drop_path", "label_smoothing")
 NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "keep_warmup_epochs", "keep_ramp_epochs",
                 "keep_quantum", "clip_grad", "mixup", "cutmix", "checkpoint_every")
 POSITIVE_COUNTS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "nproc",
-                   "attn_block", "log_every")
+                   "attn_block", "log_every", "eval_every")
 ATTN_MODES = ("exact", "block")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 CHOICES = {"attn_mode": ATTN_MODES, "compile": COMPILE_MODES, "amp": ("auto", "bf16", "off")}

@@ -46,6 +46,7 @@ SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.csv"
 NO_DECAY_TOKENS = ("pos_embed", "cls_token", "dist_token", "reg_token")  # learned tokens: no weight decay
 TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
+NOT_EVALUATED = float("nan")  # val_top1 / val_loss of an epoch that --eval-every skipped
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Trainer:
         self.shape = ViTShape.of(self.model)
         self.ddp = DistributedDataParallel(self.model) if world_size > 1 else None
         self.step_model = compiled(self.ddp or self.model, config.compile)
+        self.graphs_before = compiled_graphs()  # dynamo's counter is per process: report this run's share
         self.step_shapes: set[tuple[int, ...]] = set()  # distinct (batch size, tokens in each block) of the steps
         self.use_dataset(config.dataset)
         decay, no_decay = [], []
@@ -175,7 +177,11 @@ class Trainer:
             started = time.perf_counter()
             images, loss_sum, correct = self._train_epoch()
             elapsed = time.perf_counter() - started
-            val_top1, val_loss = self.evaluate()
+            finished = self.position.epoch + 1
+            # Validation is a fixed cost per epoch: every --eval-every epochs, and always at the end of
+            # this call (the run's last epoch, or a curation round's).
+            evaluate = finished == last or finished % config.eval_every == 0
+            val_top1, val_loss = self.evaluate() if evaluate else (NOT_EVALUATED, NOT_EVALUATED)
             done = self.position
             self.position = replace(done, epoch=done.epoch + 1, batch=0, train_seconds=done.train_seconds + elapsed,
                                     train_images=done.train_images + images * self.world_size, val_top1=val_top1)
@@ -194,7 +200,7 @@ class Trainer:
                    "device": str(self.device), "config": config.to_dict(),
                    "token_counts": sorted({shape[1:] for shape in self.step_shapes}),
                    "step_shapes": len(self.step_shapes),
-                   "compiled_graphs": compiled_graphs() if config.compile != "off" else 0,
+                   "compiled_graphs": compiled_graphs() - self.graphs_before,
                    "model_kwargs": model_kwargs(config, self.img_size, self.num_classes)}
         if self.is_main and self.position.epoch >= config.epochs:
             self.run.write_atomic(SUMMARY_NAME, json.dumps(summary, indent=2).encode())
@@ -289,8 +295,9 @@ class Trainer:
         writer.writerow(row)
         self.run.write_atomic(METRICS_NAME, (previous + line.getvalue()).encode())
         if not sys.stderr.isatty():  # the progress bar is off in logs and pipes: one line per epoch instead
+            val = "not evaluated" if math.isnan(row["val_top1"]) else f"{row['val_top1']:.2f}%"
             sys.stderr.write(f"{self.config.out}: epoch {row['epoch']}/{self.config.epochs}  "
-                             f"train loss {row['train_loss']:.4f}  val top-1 {row['val_top1']:.2f}%  "
+                             f"train loss {row['train_loss']:.4f}  val top-1 {val}  "
                              f"{row['images_per_second']:.0f} img/s  {row['epoch_seconds']:.1f} s\n")
             sys.stderr.flush()
         if not self.run.is_local:
@@ -299,5 +306,5 @@ class Trainer:
 
         with SummaryWriter(os.path.join(self.run.root, "tensorboard")) as board:
             for name, value in row.items():
-                if name not in ("epoch", "step"):
+                if name not in ("epoch", "step") and not math.isnan(value):
                     board.add_scalar(name, value, row["step"])
