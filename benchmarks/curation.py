@@ -23,12 +23,13 @@ from ray.util import ActorPool
 from pipeline.curation.materialize import materialize
 from pipeline.curation.scoring import SCORERS, ScoreContext, compute_scores
 from pipeline.curation.scoring.el2n import EL2NScorer, checkpoint_folders
-from pipeline.curation.selection import STRATEGIES, SelectOptions, SourceExamples, save_selection, select
+from pipeline.curation.selection import STRATEGIES, SelectOptions, SourceExamples, select
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
 from pipeline.ray_runtime import init_ray
 from report_files import write_report
 from shards import location, read_index, read_manifest
+from shards.selections import save_selection
 from trainer.config import TrainConfig
 from trainer.launch import train
 

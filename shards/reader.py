@@ -5,6 +5,12 @@
 tar headers, in bounded sequential chunks (memory stays flat however large the dataset), and
 splits work across DataLoader workers and distributed ranks by the rule in
 :mod:`shards.partition`, so each example is read exactly once per epoch in total.
+
+A *selection* (a stored version like ``v0003``, a set of keys, or a table with ``key`` and a
+boolean ``kept``) narrows the split to those examples before the split is cut among ranks and
+workers: survivors are read straight from the source shards, neighbouring members in one ranged
+read (unselected members in between are read and skipped when the gap is small: one request
+costs more than a few KiB on any storage), so curation needs no survivor shards.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import hashlib
 import io
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice, repeat
@@ -29,15 +35,20 @@ from shards.errors import DatasetDamaged, DatasetError, UnknownKey
 from shards.index import STATUS_OK, read_index
 from shards.manifest import read_manifest
 from shards.partition import Segment, epoch_segments, rank_size
+from shards.selections import kept_keys
 from shards.urls import Location, location
 
 READ_CHUNK_BYTES = 4 << 20  # one ranged read covers at most this many bytes
 READ_AHEAD = 2  # ranged reads in flight ahead of decoding (hides object-store latency)
+# Unselected bytes a ranged read may span rather than start a new read: a local read costs about
+# as much as copying 64 KiB; an object-store request (tens of ms) as much as fetching ~1 MiB.
+READ_GAP_BYTES = {"local": 64 << 10, "remote": 1 << 20}
 TAR_HEADER = 512  # bytes of the tar header in front of every member's data
 READ_COLUMNS = ["key", "label", "shard", "image_offset", "image_size", "sha256"]
 VERIFY_MODES = ("members", "shards", "none")
 
 Sample = tuple[torch.Tensor, int, str]
+Selection = str | pa.Table | pa.Array | pa.ChunkedArray | np.ndarray | Iterable[str]
 
 
 @dataclass
@@ -76,6 +87,10 @@ class ShardDataset(IterableDataset):
             before use (reads whole shards); ``none`` trusts the storage.
         rank, world_size: override the ``torch.distributed`` values (tests, custom launchers).
         shards: read only these shards (scoring jobs hand one shard to each task).
+        selection: read only these examples of the split: a selection version of this dataset
+            (``"v0003"``: its kept keys), keys (a set, list or array), or a table with ``key`` and a
+            boolean ``kept`` column. Ranks and workers split the selected examples exactly once per
+            epoch; a key that is not an example of the split is an error naming it.
     """
 
     def __init__(
@@ -93,6 +108,7 @@ class ShardDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         shards: list[str] | None = None,
+        selection: Selection | None = None,
     ) -> None:
         super().__init__()
         self.dataset = location(url)
@@ -110,23 +126,29 @@ class ShardDataset(IterableDataset):
         default_rank, default_world = distributed_rank_and_size()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
-        self.epoch = 0
-        self.start_batch = 0
+        # (epoch, start_batch) in shared memory: persistent DataLoader workers see set_epoch's values
+        # when the next epoch's iteration starts, without being re-created.
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self.shard_sha256 = {s["name"]: s["sha256"] for s in self.manifest["shards"]}
-        self.shard_rows = self._load_rows()
+        self.selection = selection if isinstance(selection, str) else None if selection is None else "keys"
+        self.max_gap = READ_GAP_BYTES["local" if self.dataset.is_local else "remote"]
+        self.shard_rows = self._load_rows(selection)
         if shards is not None:
             unknown = set(shards) - set(self.shard_rows)
             if unknown:
                 raise DatasetError(f"{self.dataset.url}: no shard {sorted(unknown)[0]!r} in split {split!r}")
             self.shard_rows = {name: self.shard_rows[name] for name in shards}
 
-    def _load_rows(self) -> dict[str, ShardRows]:
+    def _load_rows(self, selection: Selection | None) -> dict[str, ShardRows]:
         index = read_index(self.dataset, columns=READ_COLUMNS + ["split", "status"])
         mask = pc.and_(pc.equal(index["split"], self.split), pc.equal(index["status"], STATUS_OK))
-        table = index.filter(mask).select(READ_COLUMNS).sort_by([("shard", "ascending"), ("image_offset", "ascending")])
+        table = index.filter(mask).select(READ_COLUMNS)
         if len(table) == 0 and self.split not in self.manifest["counts"]["by_split"]:
             known = ", ".join(self.manifest["counts"]["by_split"]) or "none"
             raise DatasetError(f"{self.dataset.url}: no split {self.split!r} (splits: {known})")
+        if selection is not None:
+            table = table.filter(pc.is_in(table["key"], value_set=self._selected_keys(selection, table["key"])))
+        table = table.sort_by([("shard", "ascending"), ("image_offset", "ascending")])
         rows: dict[str, ShardRows] = {}
         shard_column = table["shard"].to_numpy(zero_copy_only=False)
         boundaries = np.flatnonzero(shard_column[1:] != shard_column[:-1]) + 1
@@ -143,6 +165,25 @@ class ShardDataset(IterableDataset):
             )
         return rows
 
+    def _selected_keys(self, selection: Selection, split_keys: pa.ChunkedArray) -> pa.Array:
+        """The selection as unique keys, each one checked to be a usable example of this split."""
+        if isinstance(selection, str):
+            keys = kept_keys(self.dataset, selection)
+        elif isinstance(selection, pa.Table):
+            if not {"key", "kept"} <= set(selection.column_names):
+                raise DatasetError(f"a selection table needs columns key and kept, not {selection.column_names}")
+            keys = selection.filter(selection["kept"])["key"]
+        elif isinstance(selection, (pa.Array, pa.ChunkedArray)):
+            keys = selection
+        else:
+            keys = pa.array(list(selection) if not isinstance(selection, np.ndarray) else selection, type=pa.string())
+        keys = pc.unique(keys.cast(pa.string()))
+        unknown = keys.filter(pc.invert(pc.is_in(keys, value_set=split_keys)))
+        if len(unknown):
+            raise DatasetError(f"{self.dataset.url}: the selection names {len(unknown)} key(s) that are not usable "
+                               f"examples of split {self.split!r} (first: {unknown[0].as_py()!r})")
+        return keys
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Choose the epoch whose order to produce (call before iterating, as with DistributedSampler).
 
@@ -152,13 +193,25 @@ class ShardDataset(IterableDataset):
         """
         if start_batch and not self.batch_size:
             raise ValueError("resuming mid-epoch needs batch_size (batches made by the reader)")
-        self.epoch = epoch
-        self.start_batch = start_batch
+        self._position[0], self._position[1] = epoch, start_batch
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @property
+    def start_batch(self) -> int:
+        return int(self._position[1])
 
     @property
     def total_examples(self) -> int:
         """Examples in the split, over all ranks."""
         return sum(len(rows.labels) for rows in self.shard_rows.values())
+
+    def keys(self) -> np.ndarray:
+        """Every key the split (or selection) holds, over all ranks, in stored order."""
+        parts = [rows.keys.to_numpy(zero_copy_only=False) for rows in self.shard_rows.values()]
+        return np.concatenate(parts) if parts else np.array([], dtype=object)
 
     def __len__(self) -> int:
         """Examples this rank yields per epoch (not batches)."""
@@ -208,7 +261,7 @@ class ShardDataset(IterableDataset):
         chunks = [(segment.shard, lo, hi) for segment in segments
                   for lo, hi in chunk_bounds(self.shard_rows[segment.shard].offsets,
                                              self.shard_rows[segment.shard].sizes,
-                                             segment.start, segment.stop, limit)]
+                                             segment.start, segment.stop, limit, self.max_gap)]
         for (shard, lo, hi), data in zip(chunks, self._read_ahead(chunks)):
             rows = self.shard_rows[shard]
             base = self._chunk_start(rows, lo)
@@ -289,13 +342,18 @@ def header_problem(header: memoryview, key: str, size: int) -> str | None:
     return None if declared == size else f"the tar header says {declared} bytes, the index {size}"
 
 
-def chunk_bounds(offsets: np.ndarray, sizes: np.ndarray, start: int, stop: int,
-                 limit: int) -> Iterator[tuple[int, int]]:
-    """Split rows ``[start, stop)`` into runs whose byte span stays within ``limit`` (at least one row)."""
+def chunk_bounds(offsets: np.ndarray, sizes: np.ndarray, start: int, stop: int, limit: float,
+                 max_gap: float = math.inf) -> Iterator[tuple[int, int]]:
+    """Split rows ``[start, stop)`` into runs, each one ranged read: its byte span stays within
+    ``limit`` and no two neighbouring rows in it are more than ``max_gap`` bytes apart (at least one row)."""
     lo = start
     while lo < stop:
         ends = offsets[lo:stop] + sizes[lo:stop] - offsets[lo]
         hi = lo + max(1, int(np.searchsorted(ends, limit, side="right")))
+        gaps = offsets[lo + 1:hi] - (offsets[lo:hi - 1] + sizes[lo:hi - 1])
+        far = np.flatnonzero(gaps > max_gap)
+        if len(far):
+            hi = lo + 1 + int(far[0])
         yield lo, hi
         lo = hi
 

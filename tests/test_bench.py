@@ -10,7 +10,8 @@ from shards import location, read_index
 
 pytestmark = pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
 
-ARMS = ["dense", "example", "token", "attention", "token+attention", "tri-level"]
+ARMS = ["dense", "example", "example-dynamic", "token", "attention", "token+attention", "tri-level",
+        "tri-level-dynamic"]
 EPOCHS = 4  # the smoke preset's
 
 
@@ -60,13 +61,16 @@ def test_smoke_preset_runs_every_arm_and_writes_table_plot_and_json(ray_local, t
         assert runs[arm]["images"] == EPOCHS * train_examples, arm
     for arm in ("example", "tri-level"):
         assert runs[arm]["images"] / (EPOCHS * train_examples) == pytest.approx(0.8, abs=0.02), arm
+    for arm in ("example-dynamic", "tri-level-dynamic"):  # epochs 1-3 leave out some well-learned examples
+        assert EPOCHS * train_examples * 0.5 < runs[arm]["images"] < EPOCHS * train_examples, arm
+        assert results[arm]["relative_images"] == pytest.approx(runs[arm]["images"] / dense["images"])
     # The FLOPs per image follow the token counts the steps ran with, by hand from the model's shape.
     per_image = {arm: runs[arm]["flops"] / runs[arm]["images"] for arm in ARMS}
     assert per_image["dense"] == 3 * smoke_vit_forward_flops(DENSE_TOKENS)  # a training step is 3 forwards
     token_ratio = smoke_vit_forward_flops(PRUNED_TOKENS) / smoke_vit_forward_flops(DENSE_TOKENS)  # 0.689
-    for arm in ("token", "token+attention", "tri-level"):
+    for arm in ("token", "token+attention", "tri-level", "tri-level-dynamic"):
         assert results[arm]["relative_flops_per_image"] == pytest.approx(token_ratio, rel=1e-9), arm
-    for arm in ("example", "attention"):  # fewer examples, or a mask: the same matrix products per image
+    for arm in ("example", "example-dynamic", "attention"):  # fewer examples, or a mask: same products per image
         assert results[arm]["relative_flops_per_image"] == pytest.approx(1.0, rel=1e-9), arm
     assert results["tri-level"]["relative_flops"] < results["token"]["relative_flops"] < 1.0
     assert results["example"]["relative_flops"] < 1.0
@@ -80,9 +84,10 @@ def test_smoke_preset_runs_every_arm_and_writes_table_plot_and_json(ray_local, t
     for line, arm in zip(table[1:], ARMS, strict=True):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         reported = results[arm]
-        assert cells[:6] == [arm, f"{reported['seconds']:.1f}", f"{reported['relative_time']:.2f}x",
-                             f"{reported['images_per_second']:.0f}", f"{reported['relative_flops']:.2f}x",
-                             f"{reported['relative_flops_per_image']:.2f}x"], line
+        assert cells[:7] == [arm, f"{reported['seconds']:.1f}", f"{reported['relative_time']:.2f}x",
+                             f"{reported['images_per_second']:.0f}", f"{reported['relative_images']:.2f}x",
+                             f"{reported['relative_flops']:.2f}x", f"{reported['relative_flops_per_image']:.2f}x"], line
+        assert cells[-1] == ("baseline" if arm == "dense" else "n/a (1 seed)"), line
     with Image.open(tmp_path / "results.png") as image:
         image.verify()
         assert image.format == "PNG"

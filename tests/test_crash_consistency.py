@@ -33,11 +33,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.curation.selection import SourceExamples, initial_round, save_selection
+from pipeline.curation.selection import SourceExamples, initial_round
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
 from shards import location
 from shards.faults import COUNTER, FAULT_AT, kill_session, read_boundaries
+from shards.selections import save_selection
 from shards.urls import TEMP_MARKER, TEMPORARY
 from trainer.config import TrainConfig
 from trainer.dynamics import read_dynamics

@@ -1,4 +1,5 @@
-"""``onion curate``: rounds of train -> score -> select -> survivor shards, and its resumption."""
+"""``onion curate``: rounds of train -> score -> select, training on each round's survivors (read through the
+index, or from survivor shards when asked), and its resumption."""
 import json
 import os
 import signal
@@ -15,10 +16,10 @@ from helpers import ONION, onion_ok
 from pipeline.curation.materialize import kept_url
 from pipeline.curation.rounds import CurationPlan, curate
 from pipeline.curation.scoring import read_scores
-from pipeline.curation.selection import read_selection
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import open_source
 from shards import UsageError, location, read_manifest
+from shards.selections import read_selection
 from trainer.config import TrainConfig
 from trainer.dynamics import read_dynamics
 
@@ -39,8 +40,8 @@ def test_three_rounds_train_on_their_survivors(digits, tmp_path):
     for number, version in enumerate(versions):
         table = read_selection(dataset, version)
         kept_sets.append(set(table.filter(table["kept"])["key"].to_pylist()))
-        accounting = read_manifest(location(kept_url(digits, version)))["selection"]
-        assert accounting["kept"] == len(kept_sets[-1]) == len(kept_sets[0])  # constant size
+        assert len(kept_sets[-1]) == len(kept_sets[0])  # constant size
+        assert not location(kept_url(digits, version)).exists("manifest.json"), "no survivor shards unless asked"
         if number:
             assert set(table["reason"].to_pylist()) >= {f"unforgettable@r{number}", f"restored@r{number}"}
             assert len(kept_sets[-2] - kept_sets[-1]) == 60
@@ -57,6 +58,18 @@ def test_three_rounds_train_on_their_survivors(digits, tmp_path):
                        if reason == f"unforgettable@r{number}"}
         assert not never & dropped_now
         assert len({r["score"] for r in scores if r["presentations"]}) >= 2
+
+
+def test_survivor_shards_when_asked_are_what_the_round_trains_on(digits, tmp_path):
+    run = str(tmp_path / "run")
+    plan = CurationPlan(rounds=1, round_epochs=1, keep=0.5, scorer="loss", survivor_shards=True)
+    result = curate(digits, TrainConfig(dataset=digits, out=run, epochs=1, **TINY), plan, progress=False)
+    (version,) = result["selections"]
+    table = read_selection(location(digits), version)
+    kept = set(table.filter(table["kept"])["key"].to_pylist())
+    assert read_manifest(location(kept_url(digits, version)))["selection"]["kept"] == len(kept)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"] == kept_url(digits, version)
+    assert sorted(read_dynamics(location(run))["key"].to_pylist()) == sorted(kept)
 
 
 def test_a_signal_free_plan_is_refused_before_anything_is_written(digits, tmp_path):

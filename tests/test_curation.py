@@ -9,10 +9,11 @@ import pytest
 
 from pipeline.curation.materialize import kept_url, materialize
 from pipeline.curation.scoring import ScoreContext, compute_scores, read_scores, write_scores
-from pipeline.curation.selection import SelectOptions, SourceExamples, initial_round, save_selection, select
+from pipeline.curation.selection import SelectOptions, SourceExamples, initial_round, select
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
 from shards import ShardDataset, location, read_index, read_manifest
+from shards.selections import save_selection
 from trainer.config import TrainConfig
 from trainer.launch import train
 
@@ -65,7 +66,7 @@ def test_materialized_shards_hold_exactly_the_kept_examples(curated):
     selection = read_index(location(dataset), columns=["key", "split"])
     chosen = save_selection(location(dataset), initial_round(source, 0.8, seed=3), {"round": 0})
     assert chosen == version  # same inputs and seed: the same, immutable version
-    from pipeline.curation.selection import read_selection
+    from shards.selections import read_selection
 
     rows = read_selection(location(dataset), version)
     kept = set(rows.filter(rows["kept"])["key"].to_pylist())

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from pipeline.curation.scoring import read_scores
-from pipeline.curation.selection import read_selection, selection_parameters, selection_versions
 from shards import location
+from shards.selections import read_selection, selection_parameters, selection_versions
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = "--rounds 3 --round-epochs 2 --remove-n 100 --depth 2 --embed-dim 32 --num-heads 2 --patch-size 4 " \

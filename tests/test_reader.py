@@ -171,3 +171,22 @@ def test_resume_mid_epoch_continues_at_the_same_batch(tmp_path, num_workers):
         dataset.set_epoch(2, start_batch=start)
         resumed = [keys for _, _, keys in DataLoader(dataset, batch_size=None, num_workers=num_workers)]
         assert resumed == whole[start:]
+
+
+def test_persistent_workers_follow_set_epoch(tmp_path):
+    """Workers kept across epochs see each new epoch (and a resume point) set in the main process."""
+    url = str(tmp_path / "ds")
+    write_direct_dataset(url, UNEVEN)
+
+    def batches(loader, dataset, epoch, start_batch=0):
+        dataset.set_epoch(epoch, start_batch)
+        return [keys for _, _, keys in loader]
+
+    fresh = ShardDataset(url, seed=6, batch_size=4, buffer_size=9)
+    expected = {(epoch, start): batches(DataLoader(fresh, batch_size=None, num_workers=2), fresh, epoch, start)
+                for epoch, start in ((0, 0), (1, 3), (2, 0))}
+    assert expected[(0, 0)] != expected[(2, 0)]
+    kept = ShardDataset(url, seed=6, batch_size=4, buffer_size=9)
+    loader = DataLoader(kept, batch_size=None, num_workers=2, persistent_workers=True)
+    for epoch, start in ((0, 0), (1, 3), (2, 0)):
+        assert batches(loader, kept, epoch, start) == expected[(epoch, start)], (epoch, start)

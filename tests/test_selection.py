@@ -14,10 +14,10 @@ from pipeline.curation.selection import (
     initial_round,
     largest_remainder,
     next_round,
-    save_selection,
     select,
 )
 from shards import UsageError, location
+from shards.selections import save_selection
 
 
 def presentations(rows):

@@ -56,18 +56,20 @@ def test_checkpoint_loads_into_plain_timm(digits, tmp_path):
     assert dense(torch.zeros(1, 3, 8, 8)).shape == (1, 10)
 
 
-def train_args(dataset, out):
-    flags = ["--epochs", "3", "--batch-size", "32", "--depth", "2", "--embed-dim", "64", "--num-heads", "2",
+def train_args(dataset, out, *extra):
+    flags = [*extra, "--epochs", "3", "--batch-size", "32", "--depth", "2", "--embed-dim", "64", "--num-heads", "2",
              "--patch-size", "4", "--token-keep", "0.5", "--attn-keep", "0.5", "--token-blocks", "1",
              "--checkpoint-every", "7", "--loader-workers", "2", "--mixup", "0.2", "--drop-path", "0.1"]
     return ["train", dataset, "--out", str(out), *flags]
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_to_identical_weights(digits, tmp_path):
+@pytest.mark.parametrize("examples", ["all", "infobatch"])
+def test_killed_training_resumes_to_identical_weights(digits, tmp_path, examples):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    onion_ok(*train_args(digits, reference))
-    process = subprocess.Popen([*ONION, *train_args(digits, killed)], stdout=subprocess.DEVNULL,
+    strategy = ("--example-strategy", examples)
+    onion_ok(*train_args(digits, reference, *strategy))
+    process = subprocess.Popen([*ONION, *train_args(digits, killed, *strategy)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     latest = killed / "checkpoints" / "latest.json"
     deadline = time.time() + 240
@@ -87,15 +89,30 @@ def test_killed_training_resumes_to_identical_weights(digits, tmp_path):
     rows = [read_dynamics(location(str(run))) for run in (reference, killed)]
     assert rows[0].sort_by([("step", "ascending"), ("key", "ascending")]).equals(
         rows[1].sort_by([("step", "ascending"), ("key", "ascending")]))
+    if examples == "infobatch":  # the killed epoch (1, pruned) chose the same examples when resumed
+        chosen = [json.loads((run / "example_selections.json").read_text()) for run in (reference, killed)]
+        assert chosen[0] == chosen[1] and sorted(chosen[0]) == ["1", "2"]
+        assert Counter(rows[0]["epoch"].to_pylist())[1] == chosen[0]["1"]["kept"] < len(train_keys(digits))
 
 
 @pytest.mark.slow
-def test_two_process_ddp_sees_every_example_once_per_epoch(digits, tmp_path):
-    summary = train(TrainConfig(dataset=digits, out=str(tmp_path / "ddp"), nproc=2, **SMALL))
+@pytest.mark.parametrize("examples", ["all", "infobatch"])
+def test_two_process_ddp_sees_every_example_once_per_epoch(digits, tmp_path, examples):
+    from shards.selections import read_selection
+
+    summary = train(TrainConfig(dataset=digits, out=str(tmp_path / "ddp"), nproc=2, **SMALL,
+                                example_strategy=examples))
     assert summary["world_size"] == 2
     dynamics = read_dynamics(location(str(tmp_path / "ddp")))
     keys = train_keys(digits)
+    chosen = (json.loads((tmp_path / "ddp" / "example_selections.json").read_text())
+              if examples == "infobatch" else {})
+    assert sorted(chosen) == (["1"] if examples == "infobatch" else [])
     for epoch in (0, 1):
+        if str(epoch) in chosen:  # both ranks trained on exactly the recorded selection, between them
+            table = read_selection(location(digits), chosen[str(epoch)]["version"])
+            keys = sorted(table.filter(table["kept"])["key"].to_pylist())
+            assert 0 < len(keys) < len(train_keys(digits))
         seen = Counter(dynamics.filter(pc.equal(dynamics["epoch"], epoch))["key"].to_pylist())
         assert sorted(seen) == keys and set(seen.values()) == {1}
     parts = {p.name.split("-s")[0] for p in (tmp_path / "ddp" / "dynamics").iterdir()}
@@ -129,3 +146,24 @@ def test_eval_every_skips_validation_but_always_evaluates_the_last_epoch(digits,
     rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
     val = [row[rows[0].index("val_top1")] for row in rows[1:]]
     assert val[0] == "nan" and float(val[1]) > 0 and float(val[2]) == summary["val_top1"] > 50.0, val
+
+
+def test_training_on_a_selection_reads_only_its_kept_examples(digits, tmp_path):
+    from pipeline.curation.selection import SourceExamples, initial_round
+    from shards.selections import read_selection, save_selection
+
+    dataset = location(digits)
+    version = save_selection(dataset, initial_round(SourceExamples.of(dataset), 0.3, seed=2), {"test": True})
+    table = read_selection(dataset, version)
+    kept = sorted(table.filter(table["kept"])["key"].to_pylist())
+    run = tmp_path / "run"
+    flags = ["--epochs", "2", "--batch-size", "32", "--depth", "1", "--embed-dim", "32", "--num-heads", "2",
+             "--patch-size", "4", "--loader-workers", "2"]
+    onion_ok("train", digits, "--selection", version, "--out", run, *flags)
+    dynamics = read_dynamics(location(str(run)))
+    for epoch in (0, 1):
+        assert sorted(dynamics.filter(pc.equal(dynamics["epoch"], epoch))["key"].to_pylist()) == kept
+    assert json.loads((run / "config.json").read_text())["selection"] == version
+    missing = onion("train", digits, "--selection", "v0999", "--out", tmp_path / "other", *flags, timeout=120)
+    assert missing.returncode == 2 and "no selection 'v0999'" in missing.stderr, missing.stderr
+    assert not (tmp_path / "other" / "config.json").exists(), "a refused run must not claim its folder"

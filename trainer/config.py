@@ -23,6 +23,8 @@ def knob(default: object, help: str) -> object:  # noqa: A002 - argparse's word
 @dataclass
 class TrainConfig:
     dataset: str = knob("", "onion dataset to train on (path or URL); its train and val splits are used")
+    selection: str = knob("", "train only on this selection version of DATASET (vNNNN, from onion select), read "
+                              "from the source shards through the index (no survivor shards); val is read whole")
     out: str = knob("", "run directory: checkpoints, dynamics/, metrics.csv, tensorboard/, summary.json")
     model: str = knob("deit_tiny_patch16_224", "any timm VisionTransformer name")
     img_size: int | None = knob(None, "input side in pixels (default: the dataset's image size)")
@@ -41,6 +43,12 @@ class TrainConfig:
                                    "keys and FlexAttention skips the rest (saves time on long sequences, on CUDA; on "
                                    "CPU, which has no FlexAttention backward, training runs the same mask densely)")
     attn_block: int = knob(16, "tile side in tokens for --attn-mode block")
+    example_strategy: str = knob("all", "all: every example every epoch; infobatch: before each epoch, a random "
+                                        "--prune-ratio of the well-learned examples (latest loss below the mean) "
+                                        "sit it out and those that stay weigh 1/(1-ratio) (InfoBatch); the first "
+                                        "epoch and the last --prune-anneal share use every example")
+    prune_ratio: float = knob(0.5, "infobatch: share of the well-learned examples left out of an epoch")
+    prune_anneal: float = knob(0.125, "infobatch: share of the last epochs trained on every example")
     keep_warmup_epochs: float = knob(0.0, "epochs at keep rate 1.0 before the keep rates start falling")
     keep_ramp_epochs: float = knob(0.0, "epochs over which keep rates fall (cosine) from 1.0 to their targets")
     keep_quantum: float = knob(0.05, "keep rates are rounded up to multiples of this (few distinct token counts)")
@@ -111,6 +119,9 @@ class TrainConfig:
             refuse("keep_quantum", "at most 1")
         if self.attn_block < 16 or self.attn_block & (self.attn_block - 1):
             refuse("attn_block", "a power of two >= 16 (FlexAttention's tiles)")
+        if self.example_strategy == "infobatch" and not self.record_dynamics:
+            raise RunError("--example-strategy infobatch scores examples by their recorded losses: "
+                           "it needs --record-dynamics")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 refuse(name, "one of " + ", ".join(allowed))
@@ -144,11 +155,13 @@ class TrainConfig:
 
 RENAMED = {"workers": "loader_workers"}  # old name -> current name, for configs written before the rename
 RATES = ("token_keep", "attn_keep")
-SHARES = ("drop_path", "label_smoothing")
+SHARES = ("drop_path", "label_smoothing", "prune_ratio", "prune_anneal")
 NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "keep_warmup_epochs", "keep_ramp_epochs",
                 "keep_quantum", "clip_grad", "mixup", "cutmix", "checkpoint_every")
 POSITIVE_COUNTS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "nproc",
                    "attn_block", "log_every", "eval_every")
 ATTN_MODES = ("exact", "block")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
-CHOICES = {"attn_mode": ATTN_MODES, "compile": COMPILE_MODES, "amp": ("auto", "bf16", "off")}
+EXAMPLE_STRATEGIES = ("all", "infobatch")
+CHOICES = {"example_strategy": EXAMPLE_STRATEGIES, "attn_mode": ATTN_MODES, "compile": COMPILE_MODES,
+           "amp": ("auto", "bf16", "off")}

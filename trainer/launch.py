@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shards import location, read_manifest
+from shards.selections import read_selection
 from trainer.checkpoint import latest_position
 from trainer.config import TrainConfig
 from trainer.errors import RunError
@@ -95,6 +96,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     The dataset is checked before the run folder is claimed, and a claim whose job failed before
     its first checkpoint is released, so a failed command never locks its output."""
     read_manifest(location(config.dataset))
+    if config.selection:
+        read_selection(location(config.dataset), config.selection, columns=["kept"])  # a named error first
     claimed = claim_run_directory(config, resume)
     try:
         return _train(config, resume)

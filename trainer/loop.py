@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from shards import STATUS_OK, ShardDataset, location, read_index, read_manifest
+from shards.reader import Selection
 from shards.urls import Location
 from trainer.checkpoint import (
     MODEL_JSON,
@@ -35,6 +36,15 @@ from trainer.checkpoint import (
 from trainer.compile import compiled, compiled_graphs
 from trainer.config import TrainConfig
 from trainer.dynamics import DynamicsRecorder
+from trainer.example_pruning import (
+    STRATEGY,
+    kept_keys_of,
+    latest_losses,
+    plan_epoch,
+    prunes_epoch,
+    record_epoch,
+    record_plan,
+)
 from trainer.flops import ViTShape, forward_flops
 from trainer.inputs import prepare
 from trainer.model import build_model, model_kwargs
@@ -77,18 +87,15 @@ def autocast_for(config: TrainConfig, device: torch.device):  # noqa: ANN201 - a
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def lr_lambda(config: TrainConfig, steps_per_epoch: int):  # noqa: ANN201 - a function of the step
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    total = max(1, config.epochs * steps_per_epoch)
+def lr_factor(config: TrainConfig, progress: float) -> float:
+    """Learning-rate multiplier ``progress`` epochs into training: linear warm-up, then cosine down to
+    min_lr. A function of (fractional) epochs, not steps, so epochs of different lengths (per-epoch
+    example pruning) keep the schedule's shape and it still ends at min_lr."""
+    if progress < config.warmup_epochs:
+        return progress / config.warmup_epochs
     floor = config.min_lr / config.lr
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    done = min(1.0, (progress - config.warmup_epochs) / max(config.epochs - config.warmup_epochs, 1e-9))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 class Trainer:
@@ -110,14 +117,20 @@ class Trainer:
         self.step_model = compiled(self.ddp or self.model, config.compile)
         self.graphs_before = compiled_graphs()  # dynamo's counter is per process: report this run's share
         self.step_shapes: set[tuple[int, ...]] = set()  # distinct (batch size, tokens in each block) of the steps
-        self.use_dataset(config.dataset)
+        self.position = Position(step=0, epoch=0, batch=0)
+        self.example_weights: dict[str, float] | None = None  # loss weights of this epoch's examples (infobatch)
+        self.use_dataset(config.dataset, config.selection or None)
         decay, no_decay = [], []
         for name, parameter in self.model.named_parameters():
             (no_decay if parameter.ndim <= 1 or name in NO_DECAY_TOKENS else decay).append(parameter)
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr,
                                            fused=self.device.type == "cuda")  # fused: a few kernel launches per step
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, self.steps_per_epoch))
+
+        def next_step_factor(_: int) -> float:  # the rate of the step about to run, from its place in the epochs
+            return lr_factor(config, self.position.epoch + (self.position.batch + 1) / self.steps_per_epoch)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, next_step_factor)
         ramp = dict(warmup_steps=int(config.keep_warmup_epochs * self.steps_per_epoch),
                     ramp_steps=int(config.keep_ramp_epochs * self.steps_per_epoch), quantum=config.keep_quantum)
         self.token_schedule = KeepSchedule(config.token_keep, **ramp)
@@ -126,16 +139,45 @@ class Trainer:
                             label_smoothing=config.label_smoothing, num_classes=self.num_classes)
                       if config.mixup > 0 or config.cutmix > 0 else None)
         self.dynamics = DynamicsRecorder(self.run, rank) if config.record_dynamics else None
-        self.position = Position(step=0, epoch=0, batch=0)
 
-    def use_dataset(self, url: str) -> None:
-        """Stream this dataset from the next epoch on (curation rounds swap in their survivors)."""
-        config = self.config
-        self.train_data = ShardDataset(url, "train", seed=config.seed, batch_size=config.batch_size,
-                                       channels=3, rank=self.rank, world_size=self.world_size)
-        self.val_data = ShardDataset(url, "val", shuffle=False, batch_size=config.batch_size,
+    def use_dataset(self, url: str, selection: str | None = None) -> None:
+        """Stream this dataset (only ``selection``'s kept train examples, when given) from the next epoch
+        on: curation rounds swap in each round's selection."""
+        self.data_url, self.data_selection = url, selection
+        self.base_train_data = self._train_dataset(selection)
+        self.val_data = ShardDataset(url, "val", shuffle=False, batch_size=self.config.batch_size,
                                      channels=3, rank=self.rank, world_size=self.world_size)
-        self.steps_per_epoch = max(1, math.ceil(len(self.train_data) / config.batch_size))
+        self.loaders: dict[str, DataLoader] = {}  # one per split while the data stay the same
+        self._set_train_data(self.base_train_data)
+
+    def _train_dataset(self, selection: Selection | None) -> ShardDataset:
+        return ShardDataset(self.data_url, "train", seed=self.config.seed, batch_size=self.config.batch_size,
+                            channels=3, rank=self.rank, world_size=self.world_size, selection=selection)
+
+    def _set_train_data(self, data: ShardDataset) -> None:
+        self.train_data = data
+        self.loaders.pop("train", None)
+        self.steps_per_epoch = max(1, math.ceil(len(data) / self.config.batch_size))
+
+    def _plan_examples(self) -> None:
+        """Per-epoch example pruning (--example-strategy infobatch): choose this epoch's examples and
+        loss weights from the latest losses, the same on every rank, and record the choice."""
+        config, epoch = self.config, self.position.epoch
+        self.example_weights = None
+        if not prunes_epoch(epoch, config.epochs, config.prune_anneal):
+            if self.train_data is not self.base_train_data:
+                self._set_train_data(self.base_train_data)
+            return
+        keys = self.base_train_data.keys()
+        plan = plan_epoch(keys, latest_losses(self.run, keys, epoch), epoch, config.epochs, config.prune_ratio,
+                          config.prune_anneal, config.seed)
+        if self.is_main:
+            version = record_plan(self.dataset, plan, self.data_selection,
+                                  {"strategy": STRATEGY, "run": config.out, "ratio": config.prune_ratio,
+                                   "anneal": config.prune_anneal, "seed": config.seed})
+            record_epoch(self.run, plan, version)
+        self.example_weights = plan.weight_of()
+        self._set_train_data(self._train_dataset(kept_keys_of(plan)))
 
     @property
     def is_main(self) -> bool:
@@ -174,6 +216,8 @@ class Trainer:
                 indent=2).encode())
         last = min(config.epochs, until_epoch if until_epoch is not None else config.epochs)
         while self.position.epoch < last:
+            if config.example_strategy == STRATEGY:
+                self._plan_examples()
             started = time.perf_counter()
             images, loss_sum, correct = self._train_epoch()
             elapsed = time.perf_counter() - started
@@ -210,7 +254,7 @@ class Trainer:
         config = self.config
         (self.ddp or self.model).train()
         self.train_data.set_epoch(self.position.epoch, start_batch=self.position.batch)
-        loader = self._loader(self.train_data)
+        loader = self._loader("train")
         # Running sums stay on the device: reading them is a host-device sync, done only at the
         # progress-bar interval and at the end of the epoch, never inside a step.
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, correct
@@ -240,16 +284,20 @@ class Trainer:
         x = prepare(images, self.img_size, self.device)
         y = labels.to(self.device, non_blocking=True)
         inputs, targets = self.mixup(x, y) if self.mixup and len(x) % 2 == 0 else (x, y)
+        smoothing = 0.0 if self.mixup else config.label_smoothing
         with autocast_for(config, self.device):
             logits = self.step_model(inputs)
-            loss = F.cross_entropy(logits.float(), targets,
-                                   label_smoothing=0.0 if self.mixup else config.label_smoothing)
+            if self.example_weights is None:
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+            else:  # well-learned examples that stay weigh 1 / (1 - ratio): the expected gradient is unbiased
+                weights = torch.tensor([self.example_weights.get(key, 1.0) for key in keys])
+                loss = (F.cross_entropy(logits.float(), targets, label_smoothing=smoothing, reduction="none")
+                        * weights.to(self.device, non_blocking=True)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad)
         self.optimizer.step()
-        self.scheduler.step()
         if self.dynamics:
             self.dynamics.record(keys, self.position.epoch, self.position.step, logits, y,
                                  self.model.last_cls_attention_variance)
@@ -260,19 +308,26 @@ class Trainer:
             self.shape, self.model.token_keep, self.model.token_blocks, self.model.fuse_token)
         self.position = replace(self.position, step=self.position.step + 1, batch=self.position.batch + 1,
                                 train_flops=self.position.train_flops + step_flops * self.world_size)
+        self.scheduler.step()  # after the position moved: it sets the rate of the next step
 
-    def _loader(self, data: ShardDataset) -> DataLoader:
-        # A private generator: creating a DataLoader iterator draws a seed, which must not move the
-        # global RNG (dropout, mixup), or a resumed run would diverge from an uninterrupted one.
-        return DataLoader(data, batch_size=None, num_workers=self.config.loader_workers,
-                          pin_memory=self.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(self.config.seed))
+    def _loader(self, split: str) -> DataLoader:
+        """The split's DataLoader. Its workers persist across epochs (starting them is a fixed cost per
+        epoch otherwise); the dataset's epoch reaches them through shared memory."""
+        if split not in self.loaders:
+            workers = self.config.loader_workers
+            # A private generator: creating a DataLoader iterator draws a seed, which must not move the
+            # global RNG (dropout, mixup), or a resumed run would diverge from an uninterrupted one.
+            self.loaders[split] = DataLoader(
+                self.train_data if split == "train" else self.val_data, batch_size=None, num_workers=workers,
+                persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(self.config.seed))
+        return self.loaders[split]
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         self.model.eval()
         totals = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, count
-        loader = self._loader(self.val_data)
+        loader = self._loader("val")
         for images, labels, _ in loader:
             y = labels.to(self.device)
             with autocast_for(self.config, self.device):

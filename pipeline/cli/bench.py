@@ -20,12 +20,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     kinds = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
     trained = kinds.add_parser(
         "train", help="dense vs each level alone vs all three, same data, seeds and settings",
-        description="Train the arms dense, example, token, attention, token+attention and tri-level "
+        description="Train the arms dense, example (the paper's rounds), example-dynamic (per-epoch soft "
+                    "pruning, InfoBatch), token, attention, token+attention, tri-level and tri-level-dynamic "
                     "(plus any from --arms YAML) on a preset's data, interleaved over seeds, and write "
-                    "results.md (table), results.png (top-1 against time relative to dense) and results.json.",
+                    "results.md (table with each arm's paired top-1 difference to dense and its 95%% interval), "
+                    "results.png (top-1 against time relative to dense) and results.json.",
     )
     trained.add_argument("--preset", choices=list(PRESETS), default="smoke",
-                         help="smoke: CI-sized (< 3 min); cpu: mnist5k, DeiT-Tiny shape (<= 45 min on 2 cores); "
+                         help="smoke: CI-sized (< 3 min); cpu: mnist5k, DeiT-Tiny shape (<= 60 min on 2 cores); "
                               "gpu: one CUDA card, DeiT-Tiny at 224 px in bf16, with block-sparse attention arms "
                               "(<= 6 min)")
     trained.add_argument("--seeds", type=positive_int, help="seeds per arm (default: the preset's)")
@@ -49,11 +51,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_bench_train(args: argparse.Namespace, console: Console) -> None:
-    from pipeline.bench.train import bench_train, markdown
+    from pipeline.bench.train import PRESETS, bench_train, markdown
 
     out = Path(args.out or f"runs/bench-{args.preset}")
     rows = bench_train(args.preset, out, args.seeds, args.arms, args.only, args.compile)
-    console.print(markdown(rows, f"preset {args.preset}"))
+    console.print(markdown(rows, f"preset {args.preset}", PRESETS[args.preset].parity_margin))
     console.print(f"wrote {out}/results.md, results.png, results.json")
 
 

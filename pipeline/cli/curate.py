@@ -9,7 +9,7 @@ from pipeline.cli.common import add_ray_options, keep_share, positive_int, start
 from pipeline.cli.train import add_train_options, train_config
 
 NAME = "curate"
-HELP = "the whole example-level method: rounds of train -> score -> select -> survivor shards"
+HELP = "the whole example-level method: rounds of train -> score -> select, training on each round's survivors"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -17,8 +17,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         NAME, help=HELP,
         description="Round 0 keeps a random --keep share; each later round scores the kept examples by the "
                     "previous phase's training dynamics, swaps the --remove-n easiest out and as many from "
-                    "the dropped pool in, writes the survivors as shards, and training continues (same "
-                    "model, optimiser, schedule) for --round-epochs. Run the same command again to resume.",
+                    "the dropped pool in, and training continues (same model, optimiser, schedule) on "
+                    "the new survivors for --round-epochs, read from the source shards through the index. "
+                    "Run the same command again to resume.",
     )
     curate.add_argument("dataset", help="source dataset location")
     curate.add_argument("--config", help="YAML file with training settings")
@@ -30,15 +31,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     curate.add_argument("--remove-n", type=positive_int, help="examples swapped per round (default: 10%% of the kept)")
     curate.add_argument("--scorer", default="forgetting", choices=("forgetting", "loss"),
                         help="dynamics-based score that ranks the kept examples (default forgetting)")
+    curate.add_argument("--survivor-shards", action="store_true",
+                        help="also write each round's survivors as compact shards (DATASET/kept/vNNNN) and train "
+                             "on those: pays on object stores when a small share is read for many epochs")
     add_ray_options(curate)
-    add_train_options(curate, skip=("epochs", "nproc"))  # --seed also seeds the rounds' random choices
+    # The rounds choose the examples; --seed also seeds the rounds' random choices.
+    add_train_options(curate, skip=("epochs", "nproc", "selection", "example_strategy", "prune_ratio", "prune_anneal"))
     curate.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
     from pipeline.curation.rounds import CurationPlan, check_plan, curate
 
-    plan = CurationPlan(args.rounds, args.round_epochs, args.keep, args.remove_n, args.scorer, args.seed or 0)
+    plan = CurationPlan(args.rounds, args.round_epochs, args.keep, args.remove_n, args.scorer, args.seed or 0,
+                        args.survivor_shards)
     check_plan(plan)
     config = train_config(args, dataset=args.dataset, epochs=args.rounds * args.round_epochs)
     start_ray(args)

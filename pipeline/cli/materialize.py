@@ -15,7 +15,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     materialize = commands.add_parser(
         NAME, help=HELP,
         description="Repack the kept train examples (and the whole val split) into new balanced, shuffled "
-                    "shards with their own index and manifest, one Ray task per shard.",
+                    "shards with their own index and manifest, one Ray task per shard. Not needed to train on "
+                    "a selection (onion train DATASET --selection vNNNN reads the survivors from the source shards "
+                    "through the index); it pays when a small share is read for many epochs from an object store.",
     )
     materialize.add_argument("dataset", help="dataset location")
     materialize.add_argument("--selection", required=True, help="selection version, e.g. v0001")

@@ -35,7 +35,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     select.add_argument("--parent", help="the previous round's selection version (rounds >= 1)")
     select.add_argument("--remove-n", type=positive_int, help="examples swapped out and in this round (rounds >= 1)")
     select.add_argument("--seed", type=non_negative_int, default=0, help="seed of random choices (default 0)")
-    select.add_argument("--materialize", action="store_true", help="also write the survivor shards")
+    select.add_argument("--materialize", action="store_true",
+                        help="also write the survivor shards (not needed to train: onion train DATASET "
+                             "--selection vNNNN reads the survivors through the index)")
     add_ray_options(select)
     select.set_defaults(handler=run)
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     version, table = make_selection(dataset, SelectRequest(args.scores, options, args.round_number, args.parent,
                                                            args.remove_n))
     kept = sum(table["kept"].to_pylist())
-    console.print(f"{dataset.url}/selections/{version}.parquet: kept {kept} of {table.num_rows} train examples",
-                  soft_wrap=True)
+    console.print(f"{dataset.url}/selections/{version}.parquet: kept {kept} of {table.num_rows} train examples; "
+                  f"train on them with: onion train {dataset.url} --selection {version} --out RUN", soft_wrap=True)
     if args.materialize:
         materialize_selection(args, version, console)

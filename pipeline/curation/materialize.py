@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pyarrow.compute as pc
 
-from pipeline.curation.selection import read_selection
 from pipeline.ingest.job import IngestOptions, IngestReport, ingest
 from pipeline.ingest.sources.dataset import DatasetSource
 from shards import location
+from shards.selections import read_selection
 from shards.urls import join_url
 
 KEPT = "kept"

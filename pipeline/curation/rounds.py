@@ -2,8 +2,11 @@
 
 Round 0 keeps a random share; every later round scores the kept examples by their training
 dynamics in the previous phase, swaps the ``remove_n`` easiest out and as many from the dropped
-pool in, and writes the survivors as shards. Training continues across rounds with the same
-model, optimiser and learning-rate schedule; only the streamed dataset changes.
+pool in, and trains on the new selection. Training continues across rounds with the same model,
+optimiser and learning-rate schedule; only the selection streamed changes. The survivors are read
+from the source shards through the index; ``survivor_shards`` also writes them as compact shards
+(``kept/vNNNN``) and trains on those, which pays on object stores when a small share is read for
+many epochs.
 
 Every step is idempotent: a selection with the same rows is the same version, materialising an
 existing survivor set is a no-op, and training resumes from its last checkpoint. So running the
@@ -26,12 +29,10 @@ from pipeline.curation.selection import (
     SourceExamples,
     initial_round,
     next_round,
-    read_selection,
-    save_selection,
-    selection_parameters,
 )
 from pipeline.ingest.job import IngestOptions
 from shards import UsageError, location, read_manifest
+from shards.selections import read_selection, save_selection, selection_parameters
 from shards.urls import Location
 from trainer.checkpoint import latest_position
 from trainer.config import TrainConfig
@@ -50,6 +51,7 @@ class CurationPlan:
     remove_n: int | None = None  # default: 10% of the kept examples
     scorer: str = "forgetting"
     seed: int = 0
+    survivor_shards: bool = False  # write each round's survivors as shards and train on them
 
 
 def run_id(run_url: str) -> str:
@@ -91,6 +93,9 @@ def scores_name(plan: CurationPlan, run_url: str, round_number: int) -> str:
 def curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, *, progress: bool = True) -> dict:
     """Run (or finish) all rounds; returns the training summary, the rounds' selections and what each did."""
     check_plan(plan)
+    if config.example_strategy != "all":
+        raise UsageError(f"--example-strategy {config.example_strategy} chooses examples per epoch itself; "
+                         "use it with onion train, not with the curation rounds")
     dataset = location(dataset_url)
     read_manifest(dataset)  # a clear error before anything is claimed, not after
     run = location(config.out)
@@ -126,14 +131,17 @@ def _curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, record: d
             table = next_round(source, parent, versions[-1], scores, remove_n, round_number, plan.seed)
             parameters["scores"] = name
         versions.append(save_selection(dataset, table, parameters))
-        materialize(dataset_url, versions[-1], ingest_options, ["onion", "curate", dataset_url, config.out],
-                    progress=progress)
+        if plan.survivor_shards:
+            materialize(dataset_url, versions[-1], ingest_options, ["onion", "curate", dataset_url, config.out],
+                        progress=progress)
         run.write_atomic(CURATION_NAME, json.dumps({**record, "selections": versions}, indent=2).encode())
+        data = ((kept_url(dataset_url, versions[-1]), None) if plan.survivor_shards
+                else (dataset_url, versions[-1]))
         if trainer is None:
-            trainer = Trainer(TrainConfig.from_dict({**config.to_dict(),
-                                                     "dataset": kept_url(dataset_url, versions[0])}))
+            trainer = Trainer(TrainConfig.from_dict({**config.to_dict(), "dataset": data[0],
+                                                     "selection": data[1] or ""}))
             trainer.resume()
-        trainer.use_dataset(kept_url(dataset_url, versions[-1]))
+        trainer.use_dataset(*data)
         summary = trainer.train(until_epoch=(round_number + 1) * plan.round_epochs)
     return {**summary, "selections": versions, "rounds": round_reports(dataset, versions)}
 

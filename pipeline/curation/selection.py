@@ -8,23 +8,16 @@ rows, and asking again returns the version that already holds them.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.curation.scoring import drop_label
-from shards import STATUS_OK, UsageError, read_index
-from shards.index import parquet_bytes_to_table, parquet_names, read_parquet, table_to_parquet_bytes
+from shards import UsageError
+from shards.selections import SourceExamples, read_selection, save_selection, selection_table
 from shards.urls import Location
-
-SELECTIONS = "selections"
-VERSION = re.compile(r"v\d{4,}")
 
 
 @dataclass(frozen=True)
@@ -134,24 +127,6 @@ def largest_remainder(total: int, sizes: list[int]) -> list[int]:
     return shares
 
 
-@dataclass(frozen=True)
-class SourceExamples:
-    """The train split of a dataset: every example a selection must account for."""
-
-    keys: np.ndarray
-    labels: np.ndarray
-    ok: np.ndarray  # False for quarantined rows
-
-    @classmethod
-    def of(cls, dataset: Location) -> SourceExamples:
-        index = read_index(dataset, columns=["key", "label", "split", "status"])
-        train = index.filter(pc.equal(index["split"], "train")).sort_by("key")
-        labels = train["label"].to_numpy(zero_copy_only=False)
-        return cls(np.array(train["key"].to_pylist(), dtype=object),
-                   np.nan_to_num(labels.astype(np.float64), nan=-1).astype(np.int64),
-                   np.array([s == STATUS_OK for s in train["status"].to_pylist()]))
-
-
 def candidates_with_scores(source: SourceExamples, positions: np.ndarray, scores: pa.Table | None) -> Candidates:
     score = np.full(len(positions), np.nan)
     tiebreak = np.zeros(len(positions))
@@ -162,22 +137,6 @@ def candidates_with_scores(source: SourceExamples, positions: np.ndarray, scores
         found = at >= 0
         score[found], tiebreak[found] = values[at[found]], ties[at[found]]
     return Candidates(source.keys[positions], source.labels[positions], score, tiebreak)
-
-
-def selection_table(source: SourceExamples, kept: np.ndarray, reasons: np.ndarray, score: np.ndarray,
-                    round_number: int, parent: str | None, strategy: str) -> pa.Table:
-    """Rows for every source example; ``rank`` orders the scored ones from easiest (0)."""
-    scored = ~np.isnan(score)
-    order = np.lexsort((source.keys, np.where(scored, score, np.inf)))
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return pa.table({
-        "key": pa.array(source.keys.tolist(), pa.string()), "label": source.labels, "kept": kept,
-        "score": pa.array(score, mask=~scored), "rank": pa.array(rank, mask=~scored),
-        "reason": pa.array(reasons.tolist(), pa.string()), "round": np.full(len(kept), round_number, np.int32),
-        "parent": pa.array([parent] * len(kept), pa.string()),
-        "strategy": pa.array([strategy] * len(kept), pa.string()),
-    })
 
 
 def select(source: SourceExamples, scores: pa.Table | None, options: SelectOptions) -> pa.Table:
@@ -234,52 +193,6 @@ def next_round(source: SourceExamples, parent: pa.Table, parent_version: str, sc
     all_scores = candidates_with_scores(source, np.arange(len(kept)), scores)
     score[:] = all_scores.score
     return selection_table(source, kept, reasons, score, round_number, parent_version, "rounds")
-
-
-def fingerprint(table: pa.Table) -> str:
-    digest = hashlib.sha256()
-    for column in ("key", "kept", "reason", "round", "parent"):
-        digest.update(json.dumps(table[column].to_pylist()).encode())
-    return digest.hexdigest()
-
-
-def save_selection(dataset: Location, table: pa.Table, parameters: dict) -> str:
-    """Store ``table`` as the next version, or return the version that already holds the same rows.
-
-    Versions are created exclusively: when two jobs save at once, the second sees the first's
-    version appear and takes the next number, so no version is ever overwritten."""
-    folder = dataset.child(SELECTIONS)
-    identity = fingerprint(table)
-    metadata = {b"fingerprint": identity.encode(), b"parameters": json.dumps(parameters, sort_keys=True).encode()}
-    data = table_to_parquet_bytes(table.replace_schema_metadata(metadata))
-    while True:
-        versions = selection_versions(dataset)
-        for version in versions:
-            stored = parquet_bytes_to_table(folder.read_bytes(f"{version}.parquet"), columns=[])  # metadata only
-            if stored.schema.metadata.get(b"fingerprint") == identity.encode():
-                return version
-        version = f"v{int(versions[-1][1:]) + 1 if versions else 1:04d}"
-        if folder.create_exclusive(f"{version}.parquet", data):
-            return version
-
-
-def selection_versions(dataset: Location) -> list[str]:
-    """Every stored selection version, oldest first (``v0001``, ``v0002``, ...)."""
-    return [name for name in parquet_names(dataset.child(SELECTIONS)) if VERSION.fullmatch(name)]
-
-
-def read_selection(dataset: Location, version: str) -> pa.Table:
-    folder = dataset.child(SELECTIONS)
-    if not VERSION.fullmatch(version) or not folder.exists(f"{version}.parquet"):
-        known = ", ".join(selection_versions(dataset)) or "none yet"
-        raise UsageError(f"{dataset.url}: no selection {version!r} (selections: {known})")
-    return read_parquet(folder, version)
-
-
-def selection_parameters(table: pa.Table) -> dict:
-    """The parameters a selection version was made with (strategy or round, scores, seed...)."""
-    return json.loads((table.schema.metadata or {}).get(b"parameters", b"{}"))
-
 
 
 @dataclass(frozen=True)

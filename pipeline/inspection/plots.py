@@ -11,9 +11,9 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from pipeline.curation.scoring import read_scores  # noqa: E402
-from pipeline.curation.selection import read_selection, selection_parameters  # noqa: E402
 from pipeline.inspection.selections import class_names  # noqa: E402
 from shards import UsageError, decode_image, location, read_example  # noqa: E402
+from shards.selections import read_selection, selection_parameters  # noqa: E402
 from shards.urls import Location  # noqa: E402
 
 

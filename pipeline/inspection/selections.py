@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline.curation.scoring import SCORES
-from pipeline.curation.selection import read_selection, selection_versions
 from shards import location, read_index
 from shards.index import parquet_names, read_parquet
 from shards.reader import index_row
+from shards.selections import read_selection, selection_versions
 from shards.urls import Location
 
 

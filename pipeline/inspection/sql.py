@@ -9,9 +9,9 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.curation.scoring import SCORES
-from pipeline.curation.selection import read_selection, selection_versions
 from shards import UsageError, location, read_index
 from shards.index import parquet_names, read_parquet
+from shards.selections import read_selection, selection_versions
 
 
 def query(url: str, sql: str) -> pa.Table:

@@ -1,0 +1,35 @@
+"""The bench's accuracy verdict: paired differences to dense with a t-interval, by hand."""
+import math
+
+import pytest
+
+from pipeline.bench.train import aggregate, paired_interval, verdict
+
+
+def test_paired_interval_matches_a_hand_computation():
+    # differences 1, 2, 3: mean 2, sample sd 1, t(0.975, 2 df) = 4.302653 -> half-width 4.302653 / sqrt(3)
+    mean, low, high = paired_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert (low, high) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-6)
+    assert math.isnan(paired_interval([0.4])[1])
+
+
+def test_verdict_needs_the_whole_interval_above_the_margin():
+    assert verdict(-0.49, 0.5) == "parity" and verdict(-0.51, 0.5) == "not shown"
+    assert verdict(math.nan, 0.5) == "n/a (1 seed)"
+
+
+def test_aggregate_pairs_each_arm_with_dense_of_the_same_seed():
+    def run(arm, seed, top1):
+        return {"arm": arm, "seed": seed, "top1": top1, "seconds": 10.0, "images": 100, "flops": 1000,
+                "images_per_second": 10.0}
+
+    runs = [run("dense", 0, 80.0), run("dense", 1, 90.0), run("dense", 2, 85.0),
+            run("fast", 0, 79.0), run("fast", 1, 90.5), run("fast", 2, 84.0)]
+    rows = {r["arm"]: r for r in aggregate(runs, margin=0.5)}
+    fast = rows["fast"]
+    assert fast["pairs"] == 3 and fast["paired_delta"] == pytest.approx(-0.5)  # (-1 + 0.5 - 1) / 3
+    expected = paired_interval([-1.0, 0.5, -1.0])
+    assert (fast["paired_low"], fast["paired_high"]) == pytest.approx(expected[1:])
+    assert fast["verdict"] == "not shown" and rows["dense"]["verdict"] == "baseline"
+    assert rows["dense"]["paired_delta"] == 0.0

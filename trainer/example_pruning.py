@@ -1,0 +1,121 @@
+"""Per-epoch soft pruning of well-learned examples (InfoBatch, Qin et al., ICLR 2024).
+
+Before each epoch, every example's score is its loss at its latest presentation (read from the
+dynamics the trainer writes, so every rank computes the same selection from the same files, and a
+resumed run recomputes it exactly). Examples whose score is below the mean are well-learned; a
+seeded random ``ratio`` of them sits the epoch out, and the well-learned ones that stay have their
+loss scaled by ``1 / (1 - ratio)``, so the expected gradient equals the full-data one. The first
+epoch (no scores yet) and the last ``anneal`` share of epochs train on every example.
+
+Each pruned epoch's decision is stored as a selection version of the dataset (``reason``
+``well-learned@eN`` for who sat out, ``score`` the loss it was judged by), so ``onion inspect
+--key`` and ``--diff`` explain who was left out when and why, like any other selection.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shards.selections import SourceExamples, read_selection, save_selection, selection_table
+from shards.urls import Location
+from trainer.dynamics import read_dynamics
+
+STRATEGY = "infobatch"
+EPOCH_SELECTIONS = "example_selections.json"  # in the run folder: which selection version each epoch used
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Who trains in one epoch and with which loss weight."""
+
+    epoch: int
+    keys: np.ndarray  # the candidates (the base training set), sorted
+    kept: np.ndarray  # bool per key
+    weights: np.ndarray  # loss weight per key (1, or 1 / (1 - ratio) for kept well-learned ones)
+    scores: np.ndarray  # latest loss per key (NaN: never presented)
+    threshold: float  # the mean score: below it is well-learned
+
+    @property
+    def pruned(self) -> bool:
+        return not bool(self.kept.all())
+
+    def weight_of(self) -> dict[str, float]:
+        """Weights that differ from 1, by key (what the training step looks up)."""
+        heavy = np.flatnonzero(self.kept & (self.weights != 1.0))
+        return dict(zip(self.keys[heavy].tolist(), self.weights[heavy].tolist()))
+
+
+def prunes_epoch(epoch: int, epochs: int, anneal: float) -> bool:
+    """Epoch 0 has no scores; the last ``round(anneal * epochs)`` epochs use every example."""
+    return 1 <= epoch < epochs - round(anneal * epochs)
+
+
+def plan_epoch(keys: np.ndarray, scores: np.ndarray, epoch: int, epochs: int, ratio: float, anneal: float,
+               seed: int) -> EpochPlan:
+    """The epoch's selection and weights from each candidate's latest loss (hand-checkable: see the tests)."""
+    order = np.argsort(keys, kind="stable")
+    keys, scores = keys[order], scores[order]
+    kept = np.ones(len(keys), dtype=bool)
+    weights = np.ones(len(keys))
+    presented = ~np.isnan(scores)
+    threshold = float(scores[presented].mean()) if presented.any() else math.nan
+    if prunes_epoch(epoch, epochs, anneal) and presented.any():
+        well_learned = np.flatnonzero(presented & (scores < threshold))
+        out = np.random.default_rng([seed, 23, epoch]).permutation(well_learned)[:round(ratio * len(well_learned))]
+        kept[out] = False
+        weights[well_learned] = 1.0 / (1.0 - ratio)
+        weights[out] = 0.0
+    return EpochPlan(epoch, keys, kept, weights, scores, threshold)
+
+
+def latest_losses(run: Location, keys: np.ndarray, before_epoch: int) -> np.ndarray:
+    """Each key's loss at its latest presentation before ``before_epoch`` (NaN if never presented)."""
+    dynamics = read_dynamics(run)
+    scores = np.full(len(keys), np.nan)
+    if dynamics.num_rows == 0:
+        return scores
+    rows = dynamics.filter(pc.less(dynamics["epoch"], before_epoch)).select(["key", "step", "loss"])
+    rows = rows.sort_by([("key", "ascending"), ("step", "descending")])
+    row_keys = rows["key"].to_numpy(zero_copy_only=False)
+    if len(row_keys) == 0:
+        return scores
+    first = np.r_[True, row_keys[1:] != row_keys[:-1]]  # each key's latest row
+    latest = dict(zip(row_keys[first].tolist(), rows["loss"].to_numpy()[first].tolist()))
+    return np.array([latest.get(key, np.nan) for key in keys.tolist()], dtype=np.float64)
+
+
+def record_plan(dataset: Location, plan: EpochPlan, base: str | None, parameters: dict) -> str:
+    """Store the epoch's decision as a selection version over the whole train split; returns the version."""
+    source = SourceExamples.of(dataset)
+    position = {key: i for i, key in enumerate(source.keys.tolist())}
+    at = np.array([position[key] for key in plan.keys.tolist()], dtype=np.int64)
+    kept = np.zeros(len(source.keys), dtype=bool)
+    kept[at] = plan.kept
+    if base is not None:  # outside the base set: the base selection's own reasons
+        reasons = np.array(read_selection(dataset, base, columns=["key", "reason"])
+                           .sort_by("key")["reason"].to_pylist(), dtype=object)
+    else:
+        reasons = np.where(source.ok, "kept", "quarantined").astype(object)
+    reasons[at] = np.where(plan.kept, "kept", f"well-learned@e{plan.epoch}")
+    score = np.full(len(source.keys), np.nan)
+    score[at] = plan.scores
+    table = selection_table(source, kept, reasons, score, plan.epoch, base, STRATEGY)
+    return save_selection(dataset, table, {**parameters, "epoch": plan.epoch, "threshold": plan.threshold})
+
+
+def record_epoch(run: Location, plan: EpochPlan, version: str) -> None:
+    """Note in the run folder which version the epoch trained on and what it left out."""
+    record = json.loads(run.read_bytes(EPOCH_SELECTIONS)) if run.exists(EPOCH_SELECTIONS) else {}
+    record[str(plan.epoch)] = {"version": version, "kept": int(plan.kept.sum()), "left_out": int((~plan.kept).sum()),
+                               "threshold": plan.threshold}
+    run.write_atomic(EPOCH_SELECTIONS, json.dumps(dict(sorted(record.items(), key=lambda i: int(i[0]))),
+                                                  indent=2).encode())
+
+
+def kept_keys_of(plan: EpochPlan) -> pa.Array:
+    return pa.array(plan.keys[plan.kept].tolist(), pa.string())
