@@ -39,7 +39,7 @@ case "${1:-}" in
         "$onion" curate "$out" --out "$run" --token-keep 0.7 --attn-keep 0.3 "${settings[@]}"
         last=$("$VENV/bin/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['selections'][-1])" "$run/curation.json")
         "$onion" inspect "$out" --selection "$last" --plot "$run/scores.png" --grid "$run/extremes.png"
-        echo "dataset: $out (selections/, kept/, scores/)   run: $run (summary.json, metrics.csv, dynamics/, checkpoints/)"
+        echo "dataset: $out (selections/, scores/)   run: $run (summary.json, metrics.csv, dynamics/, checkpoints/)"
         echo "pictures: $run/scores.png (scores of kept vs dropped) $run/extremes.png (hardest and easiest, in words)"
         ;;
     test)

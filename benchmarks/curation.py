@@ -21,7 +21,7 @@ import ray
 from ray.util import ActorPool
 
 from pipeline.curation.materialize import materialize
-from pipeline.curation.scoring import SCORERS, ScoreContext, compute_scores
+from pipeline.curation.scoring import ScoreContext, compute_scores
 from pipeline.curation.scoring.el2n import EL2NScorer, checkpoint_folders
 from pipeline.curation.selection import STRATEGIES, SelectOptions, SourceExamples, select
 from pipeline.ingest.job import IngestOptions, ingest
@@ -34,9 +34,11 @@ from trainer.config import TrainConfig
 from trainer.launch import train
 
 KINDS = {"duplicates": "dup-of:", "near-duplicates": "near-dup-of:", "label flips": "label-flip"}
+DIFFICULTY_SCORERS = ("forgetting", "loss", "el2n", "random")  # the grouping ones: benchmarks/duplicates.py
 
 
-def planted_table(root: Path, count: int, epochs: int) -> list[dict]:
+def planted_run(root: Path, count: int, epochs: int) -> tuple[str, str]:
+    """Synthetic data with 10% of train each planted kind, and a small ViT trained on it (for scores)."""
     dataset, run = str(root / "planted"), str(root / "run")
     source = open_source("synthetic", SourceOptions(count=count, image_size=16, dup_rate=0.1, near_dup_rate=0.1,
                                                     flip_rate=0.1))
@@ -44,12 +46,21 @@ def planted_table(root: Path, count: int, epochs: int) -> list[dict]:
     train(TrainConfig(dataset=dataset, out=run, epochs=epochs, batch_size=64, depth=2, embed_dim=64, num_heads=2,
                       patch_size=4, lr=2e-3, warmup_epochs=0.3, loader_workers=1, label_smoothing=0.0,
                       weight_decay=0.01))
-    examples = SourceExamples.of(location(dataset))
+    return dataset, run
+
+
+def planted_masks(dataset: str, examples: SourceExamples) -> dict[str, np.ndarray]:
     planted = {r["key"]: r["planted"] or ""
                for r in read_index(location(dataset), columns=["key", "planted"]).to_pylist()}
-    masks = {kind: np.array([planted[k].startswith(prefix) for k in examples.keys]) for kind, prefix in KINDS.items()}
+    return {kind: np.array([planted[k].startswith(prefix) for k in examples.keys]) for kind, prefix in KINDS.items()}
+
+
+def planted_table(root: Path, count: int, epochs: int) -> list[dict]:
+    dataset, run = planted_run(root, count, epochs)
+    examples = SourceExamples.of(location(dataset))
+    masks = planted_masks(dataset, examples)
     rows = []
-    for scorer in SCORERS:
+    for scorer in DIFFICULTY_SCORERS:
         scores = compute_scores(scorer, ScoreContext(dataset, run, progress=False))
         for strategy in STRATEGIES:
             kept = np.array(select(examples, scores, SelectOptions(keep=0.8, strategy=strategy))["kept"].to_pylist())

@@ -130,7 +130,6 @@ class ShardDataset(IterableDataset):
         # when the next epoch's iteration starts, without being re-created.
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self.shard_sha256 = {s["name"]: s["sha256"] for s in self.manifest["shards"]}
-        self.selection = selection if isinstance(selection, str) else None if selection is None else "keys"
         self.max_gap = READ_GAP_BYTES["local" if self.dataset.is_local else "remote"]
         self.shard_rows = self._load_rows(selection)
         if shards is not None:

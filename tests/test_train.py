@@ -167,3 +167,34 @@ def test_training_on_a_selection_reads_only_its_kept_examples(digits, tmp_path):
     missing = onion("train", digits, "--selection", "v0999", "--out", tmp_path / "other", *flags, timeout=120)
     assert missing.returncode == 2 and "no selection 'v0999'" in missing.stderr, missing.stderr
     assert not (tmp_path / "other" / "config.json").exists(), "a refused run must not claim its folder"
+
+
+def test_per_epoch_pruning_is_recorded_and_explained_by_inspect(digits, tmp_path):
+    from pipeline.inspection.selections import key_lineage
+    from shards.selections import read_selection
+
+    run = tmp_path / "run"
+    summary = train(TrainConfig(dataset=digits, out=str(run), **{**SMALL, "epochs": 3}, example_strategy="infobatch",
+                                prune_ratio=0.5, prune_anneal=0.34))  # round(1.02) = 1: epoch 2 uses everything
+    chosen = json.loads((run / "example_selections.json").read_text())
+    assert sorted(chosen) == ["1"]
+    table = read_selection(location(digits), chosen["1"]["version"])
+    left_out = table.filter(pc.equal(table["reason"], "well-learned@e1"))["key"].to_pylist()
+    assert len(left_out) == chosen["1"]["left_out"] > 0
+    assert summary["train_images"] == 3 * len(train_keys(digits)) - len(left_out)
+    lineage = key_lineage(location(digits), left_out[0])
+    decisions = [(row["version"], row["kept"], row["reason"]) for row in lineage]
+    assert (chosen["1"]["version"], False, "well-learned@e1") in decisions
+
+
+def test_persistent_loader_workers_end_with_the_training_call(digits, tmp_path):
+    import psutil
+
+    def loader_workers():
+        return {child.pid for child in psutil.Process().children(recursive=True)
+                if "ray" not in " ".join(child.cmdline()).lower()}
+
+    before = loader_workers()
+    train(TrainConfig(dataset=digits, out=str(tmp_path / "run"), **{**SMALL, "loader_workers": 2, "epochs": 2},
+                      example_strategy="infobatch", record_dynamics=True))
+    assert loader_workers() - before == set(), "DataLoader workers outlived train()"

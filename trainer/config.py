@@ -66,8 +66,8 @@ class TrainConfig:
     seed: int = knob(0, "seed of weights, data order, dropout and mixup")
     loader_workers: int = knob(2, "DataLoader worker processes per training process")
     checkpoint_every: int = knob(0, "also checkpoint every N steps (0: at epoch ends only)")
-    eval_every: int = knob(1, "evaluate on val every N epochs; the last epoch (and each curation round's last) "
-                              "always (skipped epochs log val_top1 as nan)")
+    eval_every: int = knob(1, "evaluate on val every N epochs, and always after the last "
+                              "(skipped epochs log val_top1 as nan)")
     amp: str = knob("auto", "auto (bf16 on a GPU that supports it, else off), bf16, or off")
     device: str = knob("auto", "auto (cuda if present), cpu, cuda, cuda:1, ...")
     nproc: int = knob(1, "DDP processes on this machine (gloo on CPU, NCCL on GPU); or launch with torchrun")

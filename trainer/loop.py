@@ -172,7 +172,7 @@ class Trainer:
         plan = plan_epoch(keys, latest_losses(self.run, keys, epoch), epoch, config.epochs, config.prune_ratio,
                           config.prune_anneal, config.seed)
         if self.is_main:
-            version = record_plan(self.dataset, plan, self.data_selection,
+            version = record_plan(location(self.data_url), plan, self.data_selection,
                                   {"strategy": STRATEGY, "run": config.out, "ratio": config.prune_ratio,
                                    "anneal": config.prune_anneal, "seed": config.seed})
             record_epoch(self.run, plan, version)
@@ -215,28 +215,33 @@ class Trainer:
                 {"model": config.model, "kwargs": model_kwargs(config, self.img_size, self.num_classes)},
                 indent=2).encode())
         last = min(config.epochs, until_epoch if until_epoch is not None else config.epochs)
-        while self.position.epoch < last:
-            if config.example_strategy == STRATEGY:
-                self._plan_examples()
-            started = time.perf_counter()
-            images, loss_sum, correct = self._train_epoch()
-            elapsed = time.perf_counter() - started
-            finished = self.position.epoch + 1
-            # Validation is a fixed cost per epoch: every --eval-every epochs, and always at the end of
-            # this call (the run's last epoch, or a curation round's).
-            evaluate = finished == last or finished % config.eval_every == 0
-            val_top1, val_loss = self.evaluate() if evaluate else (NOT_EVALUATED, NOT_EVALUATED)
-            done = self.position
-            self.position = replace(done, epoch=done.epoch + 1, batch=0, train_seconds=done.train_seconds + elapsed,
-                                    train_images=done.train_images + images * self.world_size, val_top1=val_top1)
-            self.checkpoint()
-            if self.is_main:
-                self._log({"epoch": self.position.epoch, "step": self.position.step,
-                           "train_loss": loss_sum / max(1, images), "train_top1": 100.0 * correct / max(1, images),
-                           "val_top1": val_top1, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
-                           "token_keep": self.model.token_keep, "attn_keep": self.model.attn_keep,
-                           "images_per_second": images * self.world_size / max(elapsed, 1e-9),
-                           "epoch_seconds": elapsed})
+        try:
+            while self.position.epoch < last:
+                if config.example_strategy == STRATEGY:
+                    self._plan_examples()
+                started = time.perf_counter()
+                images, loss_sum, correct = self._train_epoch()
+                elapsed = time.perf_counter() - started
+                finished = self.position.epoch + 1
+                # Validation is a fixed cost per epoch: every --eval-every epochs, and always after the
+                # run's last epoch (curation rounds in between are not special: the bench evaluates
+                # every arm the same way).
+                evaluate = finished == config.epochs or finished % config.eval_every == 0
+                val_top1, val_loss = self.evaluate() if evaluate else (NOT_EVALUATED, NOT_EVALUATED)
+                done = self.position
+                self.position = replace(done, epoch=done.epoch + 1, batch=0, train_seconds=done.train_seconds + elapsed,
+                                        train_images=done.train_images + images * self.world_size, val_top1=val_top1)
+                self.checkpoint()
+                if self.is_main:
+                    self._log({"epoch": self.position.epoch, "step": self.position.step,
+                               "train_loss": loss_sum / max(1, images), "train_top1": 100.0 * correct / max(1, images),
+                               "val_top1": val_top1, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
+                               "token_keep": self.model.token_keep, "attn_keep": self.model.attn_keep,
+                               "images_per_second": images * self.world_size / max(elapsed, 1e-9),
+                               "epoch_seconds": elapsed})
+        finally:
+            self.loaders.clear()  # persistent DataLoader workers end with this call, not at exit or GC
+
         summary = {"val_top1": self.position.val_top1, "train_seconds": self.position.train_seconds,
                    "images_per_second": self.position.train_images / max(self.position.train_seconds, 1e-9),
                    "epochs": self.position.epoch, "steps": self.position.step, "world_size": self.world_size,

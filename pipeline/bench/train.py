@@ -36,7 +36,7 @@ from trainer.config import TrainConfig
 from trainer.launch import train
 
 CURATE = "curate"  # arm setting: run the example level (curation rounds)
-TIMINGS = ("seconds", "images_per_second")
+TIMINGS = ("seconds", "images_per_second", "fixed_seconds")
 KEEP = "keep"  # arm setting: share of the examples each curation round keeps (default: the preset's)
 DYNAMIC = {"example_strategy": "infobatch"}  # per-epoch soft pruning (InfoBatch) with its defaults
 
@@ -123,7 +123,7 @@ def run_arm(name: str, settings: dict, preset: Preset, dataset: str, out: Path, 
         summary = train(config)
     return {"arm": name, "seed": seed, "seconds": time.perf_counter() - started, "top1": summary["val_top1"],
             "images": summary["train_images"], "flops": summary["train_flops"],
-            "images_per_second": summary["images_per_second"]}
+            "images_per_second": summary["images_per_second"], "train_seconds": summary["train_seconds"]}
 
 
 def paired_interval(differences: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -146,8 +146,11 @@ def aggregate(runs: list[dict], margin: float = 0.5) -> list[dict]:
     """Per arm: median time and speed over seeds (robust to a disturbed run), mean work and top-1, and
     the paired top-1 difference to dense (same seed) with its 95% interval and verdict."""
     arms = list(dict.fromkeys(r["arm"] for r in runs))
+    # Fixed costs: all of an arm's wall clock that is not training epochs (start-up, data checks,
+    # validation, scoring and selecting between rounds, writing the summary).
+    runs = [{**r, "fixed_seconds": r["seconds"] - r.get("train_seconds", math.nan)} for r in runs]
     mean = {arm: {k: (statistics.median if k in TIMINGS else statistics.fmean)([r[k] for r in runs if r["arm"] == arm])
-                  for k in ("seconds", "images", "flops", "images_per_second")}
+                  for k in ("seconds", "images", "flops", "images_per_second", "fixed_seconds")}
             for arm in arms}
     dense = mean["dense"]
     rows = []
@@ -159,6 +162,7 @@ def aggregate(runs: list[dict], margin: float = 0.5) -> list[dict]:
             "images_per_second": m["images_per_second"], "relative_flops": m["flops"] / dense["flops"],
             "relative_flops_per_image": (m["flops"] / m["images"]) / (dense["flops"] / dense["images"]),
             "top1_mean": statistics.fmean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+            "fixed_seconds": m["fixed_seconds"], "fixed_share_of_dense": m["fixed_seconds"] / dense["seconds"],
         })
     dense_top1 = {r["seed"]: r["top1"] for r in runs if r["arm"] == "dense"}
     for row in rows:
@@ -176,10 +180,12 @@ def aggregate(runs: list[dict], margin: float = 0.5) -> list[dict]:
 def markdown(rows: list[dict], title: str, margin: float = 0.5) -> str:
     lines = [title, "", "Time and images/s: medians over seeds; top-1: mean +- std; paired delta: top-1 minus "
              f"dense's of the same seed, mean [95% t-interval]; parity: interval above -{margin} points.", "",
-             "| arm | time (s) | time vs dense | images/s | presentations vs dense | FLOPs vs dense "
-             "| FLOPs/image vs dense | speed-up / FLOPs-predicted | top-1 (%) | paired delta (points) | parity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['arm']} | {r['seconds']:.1f} | {r['relative_time']:.2f}x | {r['images_per_second']:.0f} | "
+             "| arm | time (s) | time vs dense | fixed costs (s, share of dense) | images/s | presentations vs dense "
+             "| FLOPs vs dense | FLOPs/image vs dense | speed-up / FLOPs-predicted | top-1 (%) "
+             "| paired delta (points) | parity |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['seconds']:.1f} | {r['relative_time']:.2f}x | "
+              f"{r['fixed_seconds']:.1f} ({100 * r['fixed_share_of_dense']:.1f}%) | {r['images_per_second']:.0f} | "
               f"{r['relative_images']:.2f}x | {r['relative_flops']:.2f}x | {r['relative_flops_per_image']:.2f}x | "
               f"{r['speedup_vs_predicted']:.2f} | {r['top1_mean']:.2f} +- {r['top1_std']:.2f} | "
               f"{interval_text(r)} | {r['verdict']} |" for r in rows]

@@ -18,8 +18,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         NAME, help=HELP,
         description="Score how hard each train example is. forgetting and loss read a training run's "
                     "dynamics (forgetting needs at least 2 presentations per example in the window); el2n runs "
-                    "the run's checkpoints over the shards in a pool of Ray actors; random needs nothing. "
-                    "Higher scores are harder.",
+                    "the run's checkpoints over the shards in a pool of Ray actors; random needs nothing; "
+                    "exact (identical decoded pixels) and phash (256-bit perceptual hash within --radius bits) "
+                    "group copies, one Ray task per shard, for onion select --dedup. Higher scores are harder.",
     )
     score.add_argument("dataset", help="dataset location")
     score.add_argument("scorer", choices=list(SCORERS), help="which score")
@@ -27,6 +28,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     score.add_argument("--first-epoch", type=non_negative_int, help="dynamics window start (0-based epoch, inclusive)")
     score.add_argument("--last-epoch", type=non_negative_int, help="dynamics window end (inclusive)")
     score.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random scorer (default 0)")
+    score.add_argument("--radius", type=non_negative_int,
+                       help="phash: most differing bits of 256 for two images to be copies (default 16)")
     add_ray_options(score)
     score.set_defaults(handler=run)
 
@@ -37,9 +40,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     if args.first_epoch is not None and args.last_epoch is not None and args.first_epoch > args.last_epoch:
         raise UsageError(f"--first-epoch {args.first_epoch} is after --last-epoch {args.last_epoch}")
-    if args.scorer == "el2n":  # the one scorer that runs on Ray
+    from pipeline.curation.scoring import RAY_SCORERS
+
+    if args.scorer in RAY_SCORERS:
         start_ray(args)
-    context = ScoreContext(args.dataset, args.run, args.first_epoch, args.last_epoch, args.seed)
+    context = ScoreContext(args.dataset, args.run, args.first_epoch, args.last_epoch, args.seed, radius=args.radius)
     table = compute_scores(args.scorer, context)
     path = write_scores(location(args.dataset), args.scorer, table)
     console.print(f"{path}: {table.num_rows} examples scored", soft_wrap=True)

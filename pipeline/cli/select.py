@@ -12,7 +12,7 @@ HELP = "choose the surviving train examples (writes DATASET/selections/vNNNN.par
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    from pipeline.curation.selection import STRATEGIES
+    from pipeline.curation.selection import DEDUP_RULES, STRATEGIES
 
     select = commands.add_parser(
         NAME, help=HELP,
@@ -22,6 +22,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     select.add_argument("dataset", help="dataset location")
     select.add_argument("--scores", help="score name under DATASET/scores/ (not needed for random or round 0)")
+    select.add_argument("--dedup", metavar="GROUPS",
+                        help="first keep one example per duplicate group of these grouping scores (exact or phash; "
+                             "drops read duplicate-of:KEY); then --strategy, if --scores (or random) is given, "
+                             "until --keep of all usable examples remain")
+    select.add_argument("--dedup-rule", choices=list(DEDUP_RULES), default="lowest-key",
+                        help="which member of a group stays: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                          DEDUP_RULES.items()))
     select.add_argument("--keep", type=keep_share, default=0.8,
                         help="share of usable train examples kept (default 0.8)")
     select.add_argument("--strategy", choices=list(STRATEGIES), default="drop-easy",
@@ -48,9 +55,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from shards import location
 
     dataset = location(args.dataset)
-    options = SelectOptions(args.keep, args.strategy, args.class_balanced, args.hard_cut, args.bins, args.seed)
-    version, table = make_selection(dataset, SelectRequest(args.scores, options, args.round_number, args.parent,
-                                                           args.remove_n))
+    options = SelectOptions(args.keep, args.strategy, args.class_balanced, args.hard_cut, args.bins, args.seed,
+                            args.dedup_rule)
+    version, table = make_selection(dataset, SelectRequest(args.scores, options, args.dedup, args.round_number,
+                                                           args.parent, args.remove_n))
     kept = sum(table["kept"].to_pylist())
     console.print(f"{dataset.url}/selections/{version}.parquet: kept {kept} of {table.num_rows} train examples; "
                   f"train on them with: onion train {dataset.url} --selection {version} --out RUN", soft_wrap=True)

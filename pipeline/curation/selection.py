@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.curation.scoring import drop_label
 from shards import UsageError
@@ -46,6 +47,7 @@ class SelectOptions:
     hard_cut: float = 0.1  # stratified: share of the hardest cut first, as likely label noise
     bins: int = 20  # stratified: equal-width score bins sampled evenly
     seed: int = 0
+    dedup_rule: str = "lowest-key"  # which member of a duplicate group stays (see DEDUP_RULES)
 
 
 # A strategy returns the kept positions and one drop reason per dropped position, in position order.
@@ -139,20 +141,69 @@ def candidates_with_scores(source: SourceExamples, positions: np.ndarray, scores
     return Candidates(source.keys[positions], source.labels[positions], score, tiebreak)
 
 
-def select(source: SourceExamples, scores: pa.Table | None, options: SelectOptions) -> pa.Table:
-    """One-shot selection: keep ``options.keep`` of the usable examples by a strategy."""
+DEDUP_RULES = {
+    "lowest-key": "the member with the lowest key",
+    "typical": "the member closest to all others of its group (fewest differing hash bits in total)",
+    "highest-score": "the member the --scores rank hardest (most worth keeping)",
+}
+
+
+def deduplicate(candidates: Candidates, groups: pa.Table, rule: str) -> tuple[np.ndarray, dict[int, str]]:
+    """Keep one member of every duplicate group among ``candidates``; the others' reason names the
+    member kept (``duplicate-of:<key>``). Examples the grouping table does not list are unique."""
+    if rule not in DEDUP_RULES:
+        raise UsageError(f"unknown --dedup-rule {rule!r} (known: {', '.join(DEDUP_RULES)})")
+    at = pc.index_in(pa.array(candidates.keys.tolist(), pa.string()), value_set=groups["key"]).to_numpy(
+        zero_copy_only=False)
+    listed = ~np.isnan(at.astype(np.float64))
+    group_ids = np.full(len(candidates.keys), -1, dtype=np.int64)
+    group_ids[listed] = groups["group"].to_numpy()[at[listed].astype(np.int64)]
+    group_ids[~listed] = -1 - np.arange(int((~listed).sum()))  # unlisted: groups of their own
+    score = np.where(np.isnan(candidates.score), -np.inf, candidates.score)
+    preference = -score if rule == "highest-score" else np.zeros(len(score))
+    order = np.lexsort((candidates.keys, preference, group_ids))
+    starts = np.flatnonzero(np.r_[True, group_ids[order][1:] != group_ids[order][:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    keepers = order[starts]
+    if rule == "typical" and "hash" in groups.column_names and pa.types.is_fixed_size_binary(groups["hash"].type):
+        keepers = keepers.copy()
+        hashes = np.frombuffer(b"".join(groups["hash"].to_pylist()), dtype=np.uint8).reshape(groups.num_rows, -1)
+        for slot in np.flatnonzero(sizes > 2):  # with two members either is as typical
+            members = np.sort(order[starts[slot]:starts[slot] + sizes[slot]])
+            packed = hashes[at[members].astype(np.int64)]
+            distances = np.unpackbits(packed[:, None, :] ^ packed[None, :, :], axis=2).sum(axis=(1, 2))
+            keepers[slot] = members[int(np.argmin(distances))]  # ties: the lowest key (members are key-sorted)
+    keeper_of = np.repeat(keepers, sizes)
+    reasons = {int(position): f"duplicate-of:{candidates.keys[keeper]}"
+               for position, keeper in zip(order, keeper_of) if position != keeper}
+    return np.sort(keepers), reasons
+
+
+def select(source: SourceExamples, scores: pa.Table | None, options: SelectOptions,
+           groups: pa.Table | None = None, then_strategy: bool = True) -> pa.Table:
+    """One-shot selection: keep ``options.keep`` of the usable examples. With duplicate ``groups``, one
+    member of each group first (the others dropped as ``duplicate-of:<key>``); then, when
+    ``then_strategy``, the strategy chooses among the rest until ``keep`` of all usable examples remain."""
     usable = np.flatnonzero(source.ok)
     candidates = candidates_with_scores(source, usable, scores)
     keep = int(round(options.keep * len(usable)))
-    kept_positions, drop_reasons = choose(candidates, keep, options)
+    drop_reasons: dict[int, str] = {}
+    remaining = np.arange(len(usable))
+    if groups is not None:
+        remaining, drop_reasons = deduplicate(candidates, groups, options.dedup_rule)
+    if then_strategy and len(remaining) > keep:
+        chosen, strategy_reasons = choose(candidates.subset(remaining), keep, options)
+        drop_reasons.update({int(remaining[p]): f"{options.strategy}:{r}" for p, r in strategy_reasons.items()})
+        remaining = remaining[chosen]
     kept = np.zeros(len(source.keys), dtype=bool)
-    kept[usable[kept_positions]] = True
+    kept[usable[remaining]] = True
     reasons = np.where(source.ok, "kept", "quarantined").astype(object)
     for position, reason in drop_reasons.items():
-        reasons[usable[position]] = f"{options.strategy}:{reason}"
+        reasons[usable[position]] = reason
     score = np.full(len(source.keys), np.nan)
     score[usable] = candidates.score
-    return selection_table(source, kept, reasons, score, 0, None, options.strategy)
+    strategy = "+".join(["dedup"] * (groups is not None) + [options.strategy] * then_strategy)
+    return selection_table(source, kept, reasons, score, 0, None, strategy)
 
 
 def initial_round(source: SourceExamples, keep: float, seed: int) -> pa.Table:
@@ -201,6 +252,7 @@ class SelectRequest:
 
     scores: str | None = None  # a name under DATASET/scores/
     options: SelectOptions = SelectOptions()
+    dedup: str | None = None  # a grouping score name (exact, phash): one example per group first
     round_number: int | None = None  # None: a one-shot strategy; 0: random initial round; >= 1: a later round
     parent: str | None = None  # the previous round's version (rounds >= 1)
     remove_n: int | None = None  # examples swapped this round (rounds >= 1)
@@ -216,11 +268,18 @@ def make_selection(dataset: Location, request: SelectRequest) -> tuple[str, pa.T
     if scores is not None and scorer_of(scores) == "forgetting":
         require_signal(scores, f"scores/{request.scores}")
     options = request.options
+    if request.dedup and request.round_number is not None:
+        raise UsageError("--dedup makes a one-shot selection; the paper's rounds (--round) do not take it")
     if request.round_number is None:
-        if scores is None and options.strategy != "random":
+        groups = read_scores(dataset, request.dedup) if request.dedup else None
+        if groups is not None and "group" not in groups.column_names:
+            raise UsageError(f"--dedup {request.dedup}: scores/{request.dedup} holds no groups "
+                             "(make them with onion score DATASET exact, or phash)")
+        then_strategy = scores is not None or options.strategy == "random"
+        if not then_strategy and groups is None:
             raise UsageError(f"strategy {options.strategy} needs --scores NAME")
-        table = select(source, scores, options)
-        parameters: dict = {"strategy": vars(options), "scores": request.scores}
+        table = select(source, scores, options, groups, then_strategy)
+        parameters: dict = {"strategy": vars(options), "scores": request.scores, "dedup": request.dedup}
     elif request.round_number == 0:
         table = initial_round(source, options.keep, options.seed)
         parameters = {"round": 0, "keep": options.keep, "seed": options.seed}

@@ -73,6 +73,25 @@ def key_scores(dataset: Location, key: str) -> dict[str, float]:
     return found
 
 
+def key_groups(dataset: Location, key: str) -> list[dict]:
+    """``key``'s duplicate group in each grouping score table (exact, phash), members nearest first."""
+    folder = dataset.child(SCORES)
+    found = []
+    for name in parquet_names(folder):
+        table = read_parquet(folder, name)
+        if "group" not in table.column_names:
+            continue
+        match = table.filter(pc.equal(table["key"], key)).to_pylist()
+        if not match:
+            continue
+        members = table.filter(pc.equal(table["group"], match[0]["group"])).select(["key", "distance"])
+        for member in sorted(members.to_pylist(), key=lambda m: (m["distance"], m["key"])):
+            found.append({"scores": name, "member": member["key"], "bits_from_representative": member["distance"],
+                          "representative": member["key"] == match[0]["representative"],
+                          "this": member["key"] == key})
+    return found
+
+
 def describe_key(url: str, key: str) -> dict:
     """One example: where it is, what it is, its scores, and what every selection decided about it."""
     dataset = location(url)
@@ -86,7 +105,9 @@ def describe_key(url: str, key: str) -> dict:
         about["reason"] = row["reason"]
     if row["split"] != "train":
         about["note"] = f"a {row['split']} example: selections only ever choose among train examples"
-    return {**about, "scores": key_scores(dataset, key), "lineage": key_lineage(dataset, key)}
+    groups = key_groups(dataset, key)
+    return {**about, "scores": key_scores(dataset, key), **({"duplicate_groups": groups} if groups else {}),
+            "lineage": key_lineage(dataset, key)}
 
 
 def selection_diff(url: str, old: str, new: str) -> dict:

@@ -2,7 +2,9 @@
 
 A registry, not an if-chain: add a function taking a :class:`ScoreContext` and returning a table
 with at least ``key``, ``score`` (higher = harder / more worth keeping) and ``tiebreak`` (orders
-equal scores, lower = easier), and name it in :data:`SCORERS`. The scorer's name is stored in the
+equal scores, lower = easier), and name it in :data:`SCORERS`. Grouping scorers (``exact``,
+``phash``) add ``group``, ``group_size``, ``representative`` and ``distance``: the ``dedup`` step of
+a selection keeps one example per group. The scorer's name is stored in the
 file's metadata, so what a drop is called (``unforgettable@r2``) never depends on the file's name.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ class ScoreContext:
     seed: int = 0
     actors: int | None = None  # el2n's Ray actors (default: one per CPU of the cluster)
     progress: bool = True
+    radius: int | None = None  # phash: Hamming radius in bits (default: duplicates.PHASH_RADIUS)
 
     def train_keys(self) -> list[str]:
         index = read_index(location(self.dataset), columns=["key", "split", "status"])
@@ -82,12 +85,28 @@ def _el2n(context: ScoreContext) -> pa.Table:
     return el2n(context.dataset, "train", shards, context.run, context.actors, context.progress)
 
 
+def _exact(context: ScoreContext) -> pa.Table:
+    from pipeline.curation.scoring.duplicates import duplicate_groups
+
+    return duplicate_groups(context.dataset, "exact", progress=context.progress)
+
+
+def _phash(context: ScoreContext) -> pa.Table:
+    from pipeline.curation.scoring.duplicates import PHASH_RADIUS, duplicate_groups
+
+    radius = PHASH_RADIUS if context.radius is None else context.radius
+    return duplicate_groups(context.dataset, "phash", radius, progress=context.progress)
+
+
 SCORERS: dict[str, Callable[[ScoreContext], pa.Table]] = {
     "forgetting": _forgetting,
     "loss": _loss,
     "el2n": _el2n,
     "random": _random,
+    "exact": _exact,
+    "phash": _phash,
 }
+RAY_SCORERS = ("el2n", "exact", "phash")  # they run Ray tasks or actors over the shards
 
 # What dropping the lowest scores of a scorer removes, as written in a selection's reasons.
 DROP_LABELS = {"forgetting": "unforgettable"}

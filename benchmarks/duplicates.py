@@ -1,0 +1,149 @@
+"""Duplicate-finding figures for the README: what the grouping scorers find, and what they cost.
+
+    .venv/bin/python benchmarks/duplicates.py [--out benchmarks/results]
+
+1. On the planted synthetic data of benchmarks/curation.py (10% of train each: exact copies,
+   near-copies, label flips): for ``exact`` and ``phash``, the share of planted copies grouped with
+   their original, the groups holding unrelated examples (false groups) and the unique examples a
+   dedup would remove wrongly; then ``dedup`` + ``stratified`` in one selection at keep 0.8, with
+   each difficulty scorer: the share of each planted kind removed.
+2. Scoring time (hash + group, whole call, Ray started first) on ``--scale`` synthetic 32x32
+   examples with 1 and 2 Ray CPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from curation import planted_masks, planted_run
+from pipeline.curation.scoring import ScoreContext, compute_scores
+from pipeline.curation.scoring.duplicates import duplicate_groups
+from pipeline.curation.selection import SelectOptions, select
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.ingest.sources import SourceOptions, open_source
+from pipeline.ray_runtime import init_ray
+from report_files import write_report
+from shards import location, read_index
+from shards.selections import SourceExamples
+
+GROUPING = ("exact", "phash")
+
+
+def content_of(dataset: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each example's content id (its origin's key for a planted copy, else its own) and whether it is a copy."""
+    planted = {r["key"]: r["planted"] or "" for r in read_index(location(dataset), columns=["key", "planted"])
+               .to_pylist()}
+    origin = [planted[k].split(":", 1)[1] if planted[k].startswith(("dup-of:", "near-dup-of:")) else k for k in keys]
+    return np.array(origin, dtype=object), np.array([planted[k].startswith(("dup-of:", "near-dup-of:")) for k in keys])
+
+
+def grouping_quality(dataset: str, kind: str) -> dict:
+    table = duplicate_groups(dataset, kind, progress=False)
+    keys = np.array(table["key"].to_pylist(), dtype=object)
+    group = table["group"].to_numpy()
+    content, is_copy = content_of(dataset, keys)
+    planted = {r["key"]: r["planted"] or "" for r in read_index(location(dataset), columns=["key", "planted"])
+               .to_pylist()}
+    position = {key: i for i, key in enumerate(keys.tolist())}
+    found = {"duplicates": [], "near-duplicates": []}
+    for i, key in enumerate(keys.tolist()):
+        if is_copy[i] and content[i] in position:
+            kind_name = "duplicates" if planted[key].startswith("dup-of:") else "near-duplicates"
+            found[kind_name].append(group[i] == group[position[content[i]]])
+    sizes = np.bincount(group)
+    false_groups = sum(len(set(content[group == g])) > 1 for g in np.flatnonzero(sizes > 1))
+    representative = np.array(table["representative"].to_pylist(), dtype=object)
+    keeper_content = content[[position[r] for r in representative.tolist()]]
+    wrongly = (keys != representative) & (content != keeper_content)
+    return {"scorer": kind, **{name: float(np.mean(hits)) if hits else 0.0 for name, hits in found.items()},
+            "false_groups": int(false_groups),
+            "unique_removed_wrongly": float(wrongly.sum() / max(1, (~is_copy).sum()))}
+
+
+def redundant_removed(keys: np.ndarray, content: np.ndarray, copies: np.ndarray, kept: np.ndarray) -> float:
+    """Of the redundant copies (an original and its planted copies of one kind, all but one of them),
+    the share removed. Which member stays does not matter: a dedup that keeps the copy and drops the
+    original removed the redundancy just the same."""
+    originals = set(content[copies].tolist())
+    members = np.array([c in originals for c in content.tolist()]) & (copies | (keys == content))
+    redundant = removed = 0
+    for original in originals:
+        group = members & (content == original)
+        redundant += int(group.sum()) - 1
+        removed += min(int((group & ~kept).sum()), int(group.sum()) - 1)
+    return removed / max(1, redundant)
+
+
+def dedup_then_strategy(dataset: str, run: str) -> list[dict]:
+    examples = SourceExamples.of(location(dataset))
+    masks = planted_masks(dataset, examples)
+    content, _ = content_of(dataset, examples.keys)
+    groups = duplicate_groups(dataset, "exact", progress=False)
+    rows = []
+    for scorer in ("forgetting", "loss", "el2n"):
+        scores = compute_scores(scorer, ScoreContext(dataset, run, progress=False))
+        table = select(examples, scores, SelectOptions(keep=0.8, strategy="stratified"), groups)
+        kept = np.array(table["kept"].to_pylist())
+        rows.append({"selection": f"dedup (exact) + stratified ({scorer})",
+                     "duplicates": redundant_removed(examples.keys, content, masks["duplicates"], kept),
+                     "near-duplicates": redundant_removed(examples.keys, content, masks["near-duplicates"], kept),
+                     "label flips": float((~kept & masks["label flips"]).sum() / max(1, masks["label flips"].sum()))})
+    return rows
+
+
+def scoring_time(root: Path, count: int) -> list[dict]:
+    dataset = str(root / "scale")
+    ingest(open_source("synthetic", SourceOptions(count=count, image_size=32, val_fraction=0.0001)), dataset,
+           IngestOptions(shard_size=5000), ["benchmark"], progress=False)
+    rows = []
+    for cpus in (1, 2):
+        ray.shutdown()
+        init_ray(cpus=cpus)
+        for kind in GROUPING:
+            start = time.perf_counter()
+            duplicate_groups(dataset, kind, progress=False)
+            rows.append({"examples": count, "ray_cpus": cpus, "scorer": kind, "seconds": time.perf_counter() - start})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--count", type=int, default=5000, help="synthetic examples for the planted figures")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--scale", type=int, default=100_000, help="examples for the timing")
+    args = parser.parse_args()
+    init_ray(cpus=2)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        dataset, run = planted_run(root, args.count, args.epochs)
+        report = {"grouping": [grouping_quality(dataset, kind) for kind in GROUPING],
+                  "dedup_then_strategy": dedup_then_strategy(dataset, run),
+                  "timing": scoring_time(root, args.scale)}
+    write_report(Path(args.out), "duplicates", report, render)
+
+
+def render(report: dict) -> str:
+    lines = ["Planted copies grouped with their original (synthetic, 10% of train each kind):", "",
+             "| scorer | exact copies | near-copies | false groups | unique examples removed wrongly |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['scorer']} | {r['duplicates']:.0%} | {r['near-duplicates']:.0%} | {r['false_groups']} | "
+              f"{r['unique_removed_wrongly']:.2%} |" for r in report["grouping"]]
+    lines += ["", "At keep 0.8, dedup first in the same selection: share of the redundant copies removed (all "
+              "but one per original, whichever stays) and of the label flips removed:", "",
+              "| selection | duplicates | near-duplicates | label flips |", "|---|---|---|---|"]
+    lines += [f"| {r['selection']} | {r['duplicates']:.0%} | {r['near-duplicates']:.0%} | {r['label flips']:.0%} |"
+              for r in report["dedup_then_strategy"]]
+    lines += ["", "Scoring time (hash every train image + group; whole call):", "",
+              "| examples | Ray CPUs | scorer | seconds |", "|---|---|---|---|"]
+    lines += [f"| {r['examples']:,} | {r['ray_cpus']} | {r['scorer']} | {r['seconds']:.1f} |" for r in report["timing"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

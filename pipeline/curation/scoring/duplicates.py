@@ -1,0 +1,170 @@
+"""Scorers that group copies: ``exact`` (identical decoded pixels) and ``phash`` (perceptual hash
+within a Hamming radius).
+
+Hashes are computed by Ray tasks, one per train shard, reading the shard through the index (a
+re-encoded file with the same pixels hashes the same: ``exact`` hashes the decoded array). The
+driver groups the hashes: ``exact`` by equality; ``phash`` by multi-index hashing, so no pair of
+examples is compared unless it can be within the radius: the 256 bits are cut into ``radius + 1``
+blocks, and two hashes at most ``radius`` bits apart agree exactly on at least one block
+(pigeonhole), so only examples sharing a block value are candidates, and each candidate pair is
+then checked. Groups are the connected components of the within-radius pairs.
+
+The table (``scores/<name>.parquet``) has, per train example: ``group`` (an id, singletons
+included), ``group_size``, ``representative`` (the group's lowest key), ``distance`` (bits from
+the representative's hash; 0 for exact copies), ``hash``, and the registry's ``score`` (the group
+size: how many examples share this content) and ``tiebreak`` (the distance).
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections import Counter
+
+import imagehash
+import numpy as np
+import pyarrow as pa
+import ray
+from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from tqdm import tqdm
+
+from pipeline.ray_runtime import current_node, describe_nodes, ensure_ray
+from shards import ShardDataset, UsageError, location, read_manifest
+
+HASH_SIDE = 16  # pHash of 16x16 DCT coefficients: 256 bits (64 bits cannot tell small, similar images apart)
+HASH_BITS = HASH_SIDE * HASH_SIDE
+PHASH_RADIUS = 16  # bits; measured (README): copies re-encoded, resized or re-lit stay within it
+BYTE_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
+
+
+def exact_digest(pixels: np.ndarray) -> str:
+    """Identity of decoded pixels (shape and values), whatever the file encoding."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(pixels.shape).encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def perceptual_hash(pixels: np.ndarray) -> bytes:
+    """256-bit DCT perceptual hash (imagehash's pHash, hash_size 16) of an HxWxC uint8 image."""
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    return np.packbits(imagehash.phash(image, hash_size=HASH_SIDE).hash.flatten()).tobytes()
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def hash_shard(dataset_url: str, shard: str, kind: str) -> tuple[list[str], list, str]:
+    keys, hashes = [], []
+    hasher = exact_digest if kind == "exact" else perceptual_hash
+    for image, _, key in ShardDataset(dataset_url, "train", shuffle=False, shards=[shard]):
+        keys.append(key)
+        hashes.append(hasher(image.permute(1, 2, 0).numpy()))
+    return keys, hashes, current_node()
+
+
+def hash_train_split(dataset_url: str, kind: str, progress: bool = True) -> tuple[np.ndarray, list]:
+    """Every usable train example's key and hash, one Ray task per train shard."""
+    shards = [s["name"] for s in read_manifest(location(dataset_url))["shards"] if s["split"] == "train"]
+    ensure_ray()
+    pending = [hash_shard.remote(dataset_url, shard, kind) for shard in shards]
+    keys: list[str] = []
+    hashes: list = []
+    nodes: Counter = Counter()
+    with tqdm(total=len(shards), unit="shard", desc=kind, disable=not progress) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            shard_keys, shard_hashes, node = ray.get(done[0])
+            keys.extend(shard_keys)
+            hashes.extend(shard_hashes)
+            nodes[node] += 1
+            bar.update()
+    if progress:
+        tqdm.write(f"{kind}: {len(shards)} shards hashed on {describe_nodes(nodes)}", file=sys.stderr)
+    order = np.argsort(np.array(keys, dtype=object), kind="stable")
+    return np.array(keys, dtype=object)[order], [hashes[i] for i in order]
+
+
+def hamming(packed: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Bits that differ between rows ``first`` and ``second`` of packed hashes (n x bytes)."""
+    return BYTE_POPCOUNT[packed[first] ^ packed[second]].sum(axis=1)
+
+
+def block_bounds(radius: int) -> list[tuple[int, int]]:
+    """``radius + 1`` disjoint bit ranges covering the hash, nearly equal in width."""
+    blocks = radius + 1
+    widths = [HASH_BITS // blocks + (1 if i < HASH_BITS % blocks else 0) for i in range(blocks)]
+    starts = np.cumsum([0, *widths[:-1]])
+    return [(int(start), int(start + width)) for start, width in zip(starts, widths)]
+
+
+def near_pairs(packed: np.ndarray, radius: int, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs (i < j) of distinct hashes at most ``radius`` bits apart, by multi-index hashing:
+    only rows that agree exactly on one of ``radius + 1`` blocks are compared."""
+    bits = np.unpackbits(packed, axis=1)
+    found: set[tuple[int, int]] = set()
+    for start, stop in block_bounds(radius):
+        width = stop - start
+        words = np.packbits(np.pad(bits[:, start:stop], ((0, 0), (0, -width % 8))), axis=1)
+        block = np.zeros(len(packed), dtype=np.int64)
+        for column in range(words.shape[1]):
+            block = (block << 8) | words[:, column]
+        order = np.argsort(block, kind="stable")
+        ordered = block[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        sizes = np.diff(np.r_[starts, len(order)])
+        candidates_i, candidates_j = [], []
+        for begin, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+            i, j = np.triu_indices(size, k=1)
+            members = np.sort(order[begin:begin + size])
+            candidates_i.append(members[i])
+            candidates_j.append(members[j])
+        if not candidates_i:
+            continue
+        first, second = np.concatenate(candidates_i), np.concatenate(candidates_j)
+        for lo in range(0, len(first), chunk):  # bounded memory: candidate pairs checked in chunks
+            a, b = first[lo:lo + chunk], second[lo:lo + chunk]
+            close = hamming(packed, a, b) <= radius
+            found.update(zip(a[close].tolist(), b[close].tolist()))
+    pairs = np.array(sorted(found), dtype=np.int64).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def grouping_table(keys: np.ndarray, labels_of_groups: np.ndarray, distances: np.ndarray,
+                   hash_column: pa.Array) -> pa.Table:
+    """The scores table from each key's component label (keys sorted; group ids by lowest key)."""
+    _, first_member, inverse = np.unique(labels_of_groups, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first_member, kind="stable"), kind="stable")  # groups numbered by lowest key
+    group = rank[inverse]
+    sizes = np.bincount(group)
+    representative_of = keys[np.sort(first_member)]
+    return pa.table({
+        "key": pa.array(keys.tolist(), pa.string()),
+        "score": sizes[group].astype(np.float64), "tiebreak": distances.astype(np.float64),
+        "group": group.astype(np.int64), "group_size": sizes[group].astype(np.int64),
+        "representative": pa.array(representative_of[group].tolist(), pa.string()),
+        "distance": distances.astype(np.int64), "hash": hash_column,
+    })
+
+
+def exact_groups(keys: np.ndarray, digests: list[str]) -> pa.Table:
+    _, component = np.unique(np.array(digests, dtype=object), return_inverse=True)
+    return grouping_table(keys, component, np.zeros(len(keys), np.int64), pa.array(digests, pa.string()))
+
+
+def phash_groups(keys: np.ndarray, values: list[bytes], radius: int) -> pa.Table:
+    packed = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), HASH_BITS // 8)
+    unique, inverse = np.unique(packed, axis=0, return_inverse=True)  # identical hashes: one node
+    first, second = near_pairs(unique, radius)
+    graph = coo_matrix((np.ones(len(first)), (first, second)), shape=(len(unique), len(unique)))
+    _, component = connected_components(graph, directed=False)
+    per_key = component[inverse.reshape(-1)]
+    _, first_member = np.unique(per_key, return_index=True)  # keys are sorted: the lowest key of each group
+    distances = hamming(packed, np.arange(len(keys)), first_member[per_key])
+    return grouping_table(keys, per_key, distances, pa.array(values, pa.binary(HASH_BITS // 8)))
+
+
+def duplicate_groups(dataset_url: str, kind: str, radius: int = PHASH_RADIUS, progress: bool = True) -> pa.Table:
+    if kind not in ("exact", "phash"):
+        raise UsageError(f"unknown grouping scorer {kind!r}")
+    keys, hashes = hash_train_split(dataset_url, kind, progress)
+    return exact_groups(keys, hashes) if kind == "exact" else phash_groups(keys, hashes, radius)

