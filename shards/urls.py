@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -23,7 +24,10 @@ from fsspec.implementations.local import LocalFileSystem
 from shards.faults import boundary
 
 TEMP_MARKER = ".tmp-"
-TEMPORARY = re.compile(re.escape(TEMP_MARKER) + r"[0-9]+-[0-9a-f]{8}$")  # what temporary_name() appends
+TEMPORARY = re.compile(re.escape(TEMP_MARKER) + r"([0-9]+)-[0-9a-f]{8}$")  # what temporary_name() appends
+# A temporary lives for the moment between writing and renaming; one whose writer still runs is
+# left alone (a twin job may be writing it), unless it is this old (the pid was reused).
+STALE_AFTER_SECONDS = 3600
 S3_MAX_ATTEMPTS = 10
 
 
@@ -149,11 +153,28 @@ class Location:
             boundary("remove", path)
 
     def remove_stale_temporaries(self) -> int:
-        """Delete temporary files left by a killed writer; returns how many."""
-        stale = [name for name in self._all_names() if TEMP_MARKER in name]
+        """Delete temporary files left by killed writers; returns how many. A temporary whose writer
+        (the process id in its name) is alive on this machine is being written right now, by a twin
+        job writing the same output say, and is left alone."""
+        stale = [name for name in self._all_names() if TEMP_MARKER in name and not self._writer_alive(name)]
         for name in stale:
             self.remove(name)
         return len(stale)
+
+    def _writer_alive(self, name: str) -> bool:
+        match = TEMPORARY.search(name)
+        if not (self.is_local and match):
+            return False
+        try:
+            os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # it exists, run by another user
+        try:
+            return time.time() - os.path.getmtime(self.path(name)) < STALE_AFTER_SECONDS
+        except FileNotFoundError:
+            return True  # renamed into place meanwhile: nothing to remove
 
 
 def temporary_name(target: str) -> str:

@@ -7,6 +7,7 @@ index rows; a re-run skips shards whose part exists. The manifest is written las
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections import Counter
@@ -272,6 +273,10 @@ def _check_accounting(records: list[Record], rows: list[dict]) -> None:
 
 
 def _clean_up(dataset: Location) -> None:
-    dataset.remove(PARTS, recursive=True)
-    dataset.remove(PLAN_NAME)
-    dataset.remove_stale_temporaries()
+    """Remove a finished ingest's bookkeeping. A twin job writing the same dataset may still be adding
+    to it (and cleans up after itself when it finishes), so a removal that races with it, a folder
+    refilled or a file already gone, is not an error: what is left is bookkeeping no reader opens."""
+    for step in (lambda: dataset.remove(PARTS, recursive=True), lambda: dataset.remove(PLAN_NAME),
+                 dataset.remove_stale_temporaries):
+        with contextlib.suppress(OSError):
+            step()
