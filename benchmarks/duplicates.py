@@ -34,21 +34,23 @@ from shards.selections import SourceExamples
 GROUPING = ("exact", "phash")
 
 
-def content_of(dataset: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def planted_of(dataset: str) -> dict[str, str]:
+    return {r["key"]: r["planted"] or "" for r in read_index(location(dataset), columns=["key", "planted"]).to_pylist()}
+
+
+def content_of(planted: dict[str, str], keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each example's content id (its origin's key for a planted copy, else its own) and whether it is a copy."""
-    planted = {r["key"]: r["planted"] or "" for r in read_index(location(dataset), columns=["key", "planted"])
-               .to_pylist()}
-    origin = [planted[k].split(":", 1)[1] if planted[k].startswith(("dup-of:", "near-dup-of:")) else k for k in keys]
-    return np.array(origin, dtype=object), np.array([planted[k].startswith(("dup-of:", "near-dup-of:")) for k in keys])
+    copy = np.array([planted[k].startswith(("dup-of:", "near-dup-of:")) for k in keys])
+    origin = [planted[k].split(":", 1)[1] if is_copy else k for k, is_copy in zip(keys, copy)]
+    return np.array(origin, dtype=object), copy
 
 
 def grouping_quality(dataset: str, kind: str) -> dict:
     table = duplicate_groups(dataset, kind, progress=False)
     keys = np.array(table["key"].to_pylist(), dtype=object)
     group = table["group"].to_numpy()
-    content, is_copy = content_of(dataset, keys)
-    planted = {r["key"]: r["planted"] or "" for r in read_index(location(dataset), columns=["key", "planted"])
-               .to_pylist()}
+    planted = planted_of(dataset)
+    content, is_copy = content_of(planted, keys)
     position = {key: i for i, key in enumerate(keys.tolist())}
     found = {"duplicates": [], "near-duplicates": []}
     for i, key in enumerate(keys.tolist()):
@@ -82,7 +84,7 @@ def redundant_removed(keys: np.ndarray, content: np.ndarray, copies: np.ndarray,
 def dedup_then_strategy(dataset: str, run: str) -> list[dict]:
     examples = SourceExamples.of(location(dataset))
     masks = planted_masks(dataset, examples)
-    content, _ = content_of(dataset, examples.keys)
+    content, _ = content_of(planted_of(dataset), examples.keys)
     groups = duplicate_groups(dataset, "exact", progress=False)
     rows = []
     for scorer in ("forgetting", "loss", "el2n"):
