@@ -2,27 +2,33 @@
 
     .venv/bin/python benchmarks/duplicates.py [--out benchmarks/results]
 
-1. On the planted synthetic data of benchmarks/curation.py (10% of train each: exact copies,
-   near-copies, label flips): for ``exact`` and ``phash``, the share of planted copies grouped with
-   their original, the groups holding unrelated examples (false groups) and the unique examples a
-   dedup would remove wrongly; then ``dedup`` + ``stratified`` in one selection at keep 0.8, with
-   each difficulty scorer: the share of each planted kind removed.
-2. Scoring time (hash + group, whole call, Ray started first) on ``--scale`` synthetic 32x32
+1. On planted synthetic data (10% of train each: exact copies, near-copies shifted by up to 2
+   pixels, re-lit and noised, label flips): for every grouping scorer (``exact``, ``phash``,
+   ``embed`` on shift-normalised pixels and on the trained run's class token), the share of
+   planted copies grouped with their original, the groups holding unrelated examples (false
+   groups) and the unique examples a dedup would remove wrongly; on the 16x16 images of
+   benchmarks/curation.py (with its trained run) and on 32x32 images. Then ``dedup`` +
+   ``stratified`` in one selection at keep 0.8, with each difficulty scorer: the share of each
+   planted kind removed.
+2. Scoring time (features + grouping, whole call, Ray started first) on ``--scale`` synthetic 32x32
    examples with 1 and 2 Ray CPUs.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from curation import planted_masks, planted_run
 from pipeline.curation.scoring import ScoreContext, compute_scores
 from pipeline.curation.scoring.duplicates import duplicate_groups
+from pipeline.curation.scoring.embeddings import FeatureSource, embedding_groups
 from pipeline.curation.selection import SelectOptions, select
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
@@ -31,7 +37,8 @@ from report_files import write_report
 from shards import location, read_index
 from shards.selections import SourceExamples
 
-GROUPING = ("exact", "phash")
+GROUPING = ("exact", "phash", "embed")
+PIXELS = FeatureSource(model="pixels")
 
 
 def planted_of(dataset: str) -> dict[str, str]:
@@ -45,8 +52,8 @@ def content_of(planted: dict[str, str], keys: np.ndarray) -> tuple[np.ndarray, n
     return np.array(origin, dtype=object), copy
 
 
-def grouping_quality(dataset: str, kind: str) -> dict:
-    table = duplicate_groups(dataset, kind, progress=False)
+def grouping_quality(dataset: str, kind: str, table: pa.Table) -> dict:
+    """How well ``table`` (a grouping score of ``dataset``) groups the planted copies."""
     keys = np.array(table["key"].to_pylist(), dtype=object)
     group = table["group"].to_numpy()
     planted = planted_of(dataset)
@@ -67,6 +74,23 @@ def grouping_quality(dataset: str, kind: str) -> dict:
             "unique_removed_wrongly": float(wrongly.sum() / max(1, (~is_copy).sum()))}
 
 
+def grouping_scores(dataset: str, run: str | None) -> dict[str, pa.Table]:
+    """Every grouping scorer's table of ``dataset`` (embed also on ``run``'s class token when given)."""
+    tables = {kind: duplicate_groups(dataset, kind, progress=False) for kind in ("exact", "phash")}
+    tables["embed (pixels)"] = embedding_groups(dataset, PIXELS, progress=False)
+    if run:
+        tables["embed (run's class token)"] = embedding_groups(dataset, FeatureSource(run=run), progress=False)
+    return tables
+
+
+def planted_32(root: Path, count: int) -> str:
+    dataset = str(root / "planted-32")
+    source = open_source("synthetic", SourceOptions(count=count, image_size=32, dup_rate=0.1, near_dup_rate=0.1,
+                                                    flip_rate=0.1))
+    ingest(source, dataset, IngestOptions(shard_size=500), ["benchmark"], progress=False)
+    return dataset
+
+
 def redundant_removed(keys: np.ndarray, content: np.ndarray, copies: np.ndarray, kept: np.ndarray) -> float:
     """Of the redundant copies (an original and its planted copies of one kind, all but one of them),
     the share removed. Which member stays does not matter: a dedup that keeps the copy and drops the
@@ -81,17 +105,18 @@ def redundant_removed(keys: np.ndarray, content: np.ndarray, copies: np.ndarray,
     return removed / max(1, redundant)
 
 
-def dedup_then_strategy(dataset: str, run: str) -> list[dict]:
+def dedup_then_strategy(dataset: str, run: str, groupings: dict[str, pa.Table]) -> list[dict]:
     examples = SourceExamples.of(location(dataset))
     masks = planted_masks(dataset, examples)
     content, _ = content_of(planted_of(dataset), examples.keys)
-    groups = duplicate_groups(dataset, "exact", progress=False)
     rows = []
-    for scorer in ("forgetting", "loss", "el2n"):
-        scores = compute_scores(scorer, ScoreContext(dataset, run, progress=False))
-        table = select(examples, scores, SelectOptions(keep=0.8, strategy="stratified"), groups)
+    scores = {scorer: compute_scores(scorer, ScoreContext(dataset, run, progress=False))
+              for scorer in ("forgetting", "loss", "el2n")}
+    for grouping, scorer in itertools.product(("exact", "embed (pixels)"), scores):
+        table = select(examples, scores[scorer], SelectOptions(keep=0.8, strategy="stratified"),
+                       groupings[grouping])
         kept = np.array(table["kept"].to_pylist())
-        rows.append({"selection": f"dedup (exact) + stratified ({scorer})",
+        rows.append({"selection": f"dedup ({grouping}) + stratified ({scorer})",
                      "duplicates": redundant_removed(examples.keys, content, masks["duplicates"], kept),
                      "near-duplicates": redundant_removed(examples.keys, content, masks["near-duplicates"], kept),
                      "label flips": float((~kept & masks["label flips"]).sum() / max(1, masks["label flips"].sum()))})
@@ -108,7 +133,10 @@ def scoring_time(root: Path, count: int) -> list[dict]:
         init_ray(cpus=cpus)
         for kind in GROUPING:
             start = time.perf_counter()
-            duplicate_groups(dataset, kind, progress=False)
+            if kind == "embed":
+                embedding_groups(dataset, PIXELS, progress=False)
+            else:
+                duplicate_groups(dataset, kind, progress=False)
             rows.append({"examples": count, "ray_cpus": cpus, "scorer": kind, "seconds": time.perf_counter() - start})
     return rows
 
@@ -124,24 +152,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         dataset, run = planted_run(root, args.count, args.epochs)
-        report = {"grouping": [grouping_quality(dataset, kind) for kind in GROUPING],
-                  "dedup_then_strategy": dedup_then_strategy(dataset, run),
+        groupings = grouping_scores(dataset, run)
+        larger = planted_32(root, args.count)
+        report = {"grouping": [{**grouping_quality(dataset, name, table), "image": "16x16"}
+                               for name, table in groupings.items()]
+                  + [{**grouping_quality(larger, name, table), "image": "32x32"}
+                     for name, table in grouping_scores(larger, None).items()],
+                  "dedup_then_strategy": dedup_then_strategy(dataset, run, groupings),
                   "timing": scoring_time(root, args.scale)}
     write_report(Path(args.out), "duplicates", report, render)
 
 
 def render(report: dict) -> str:
     lines = ["Planted copies grouped with their original (synthetic, 10% of train each kind):", "",
-             "| scorer | exact copies | near-copies | false groups | unique examples removed wrongly |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['scorer']} | {r['duplicates']:.0%} | {r['near-duplicates']:.0%} | {r['false_groups']} | "
-              f"{r['unique_removed_wrongly']:.2%} |" for r in report["grouping"]]
+             "| images | scorer | exact copies | near-copies | false groups | unique examples removed wrongly |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['image']} | {r['scorer']} | {r['duplicates']:.0%} | {r['near-duplicates']:.0%} | "
+              f"{r['false_groups']} | {r['unique_removed_wrongly']:.2%} |" for r in report["grouping"]]
     lines += ["", "At keep 0.8, dedup first in the same selection: share of the redundant copies removed (all "
               "but one per original, whichever stays) and of the label flips removed:", "",
               "| selection | duplicates | near-duplicates | label flips |", "|---|---|---|---|"]
     lines += [f"| {r['selection']} | {r['duplicates']:.0%} | {r['near-duplicates']:.0%} | {r['label flips']:.0%} |"
               for r in report["dedup_then_strategy"]]
-    lines += ["", "Scoring time (hash every train image + group; whole call):", "",
+    lines += ["", "Scoring time (features of every train image + grouping; whole call; embed on pixels):", "",
               "| examples | Ray CPUs | scorer | seconds |", "|---|---|---|---|"]
     lines += [f"| {r['examples']:,} | {r['ray_cpus']} | {r['scorer']} | {r['seconds']:.1f} |" for r in report["timing"]]
     return "\n".join(lines) + "\n"

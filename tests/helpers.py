@@ -7,10 +7,13 @@ import io
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from shards.manifest import DatasetInfo
@@ -33,6 +36,18 @@ def onion_ok(*args: object, **kwargs) -> subprocess.CompletedProcess:
     command = " ".join(map(str, args))
     assert result.returncode == 0, f"onion {command} exited {result.returncode}:\n{result.stderr[-3000:]}"
     return result
+
+
+def kill_first_process_running(marker: str, killed: list[int], stop: threading.Event) -> None:
+    """Kill the first process whose command line shows ``marker`` (a busy Ray worker is titled
+    ``ray::Actor.method`` or ``ray::task``); its pid goes into ``killed``. Runs until ``stop``."""
+    while not stop.is_set():
+        for process in psutil.process_iter(["cmdline"]):
+            if any(marker in part for part in process.info["cmdline"] or []):
+                process.kill()
+                killed.append(process.pid)
+                return
+        time.sleep(0.01)
 
 
 def files_of(path: Path) -> dict[str, bytes]:

@@ -1,12 +1,11 @@
 """Scoring, selection and survivor shards on synthetic data with planted label flips."""
 import threading
-import time
 
 import numpy as np
-import psutil
 import pyarrow.compute as pc
 import pytest
 
+from helpers import kill_first_process_running
 from pipeline.curation.materialize import kept_url, materialize
 from pipeline.curation.scoring import ScoreContext, compute_scores, read_scores, write_scores
 from pipeline.curation.selection import SelectOptions, SourceExamples, initial_round, select
@@ -81,34 +80,49 @@ def test_materialized_shards_hold_exactly_the_kept_examples(curated):
     assert max(sizes) - min(sizes) <= 1  # balanced
 
 
-def kill_one_scorer_when_it_runs(killed: list, stop: threading.Event) -> None:
-    while not stop.is_set():
-        for process in psutil.process_iter(["cmdline"]):
-            if any("EL2NScorer.score_shard" in part for part in process.info["cmdline"] or []):
-                process.kill()
-                killed.append(process.pid)
-                return
-        time.sleep(0.01)
+# Each Ray scorer, the title its busy worker process shows (what the killer looks for), and whether
+# its table must match exactly (groups) or to float precision (el2n's scores).
+BUSY_WORKER = {"el2n": "EL2NScorer.score_shard", "phash": "ray::hash_shard", "embed": "Embedder.embed_shard"}
 
 
 @pytest.mark.slow
-def test_a_killed_ray_worker_still_gives_complete_identical_el2n(curated):
+@pytest.mark.parametrize("scorer", list(BUSY_WORKER))
+def test_a_killed_ray_worker_still_gives_complete_identical_scores(curated, scorer):
     dataset, run = curated
-    clean = compute_scores("el2n", ScoreContext(dataset, run, actors=2, progress=False))
+    context = ScoreContext(dataset, run, actors=2, progress=False)
+    clean = compute_scores(scorer, context)
     killed: list[int] = []
     stop = threading.Event()
-    killer = threading.Thread(target=kill_one_scorer_when_it_runs, args=(killed, stop))
+    killer = threading.Thread(target=kill_first_process_running, args=(BUSY_WORKER[scorer], killed, stop))
     killer.start()
     try:
-        faulty = compute_scores("el2n", ScoreContext(dataset, run, actors=2, progress=False))
+        faulty = compute_scores(scorer, context)
     finally:
         stop.set()
         killer.join()
     assert killed, "no scoring worker was caught running"
     assert faulty["key"].equals(clean["key"]) and len(set(faulty["key"].to_pylist())) == faulty.num_rows
-    assert np.allclose(faulty["score"].to_numpy(), clean["score"].to_numpy(), rtol=0, atol=1e-6)
-    write_scores(location(dataset), "el2n", faulty)
-    assert read_scores(location(dataset), "el2n").num_rows == len(SourceExamples.of(location(dataset)).keys)
+    if scorer == "el2n":
+        assert np.allclose(faulty["score"].to_numpy(), clean["score"].to_numpy(), rtol=0, atol=1e-6)
+    else:
+        assert faulty.equals(clean)  # the same groups, sizes, representatives and distances
+    write_scores(location(dataset), scorer, faulty)
+    assert read_scores(location(dataset), scorer).num_rows == len(SourceExamples.of(location(dataset)).keys)
+
+
+def test_embed_groups_with_a_runs_class_token(curated):
+    """The run's checkpoint gives features; planted exact copies have identical features, so every
+    one of them is grouped with its original (its distance 0)."""
+    dataset, run = curated
+    table = compute_scores("embed", ScoreContext(dataset, run, progress=False))
+    keys = table["key"].to_pylist()
+    assert keys == sorted(SourceExamples.of(location(dataset)).keys.tolist())
+    index = read_index(location(dataset), columns=["key", "planted"]).to_pylist()
+    planted = {r["key"]: r["planted"] or "" for r in index}
+    group_of = dict(zip(keys, table["group"].to_pylist()))
+    copies = [(k, p.split(":", 1)[1]) for k, p in planted.items() if p.startswith("dup-of:") and k in group_of]
+    assert copies and all(group_of[k] == group_of[original] for k, original in copies if original in group_of)
+    assert set(table.column_names) >= {"group", "group_size", "representative", "distance"}
 
 
 def onion_main(capsys, *args):

@@ -20,16 +20,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "dynamics (forgetting needs at least 2 presentations per example in the window); el2n runs "
                     "the run's checkpoints over the shards in a pool of Ray actors; random needs nothing; "
                     "exact (identical decoded pixels) and phash (256-bit perceptual hash within --radius bits) "
-                    "group copies, one Ray task per shard, for onion select --dedup. Higher scores are harder.",
+                    "group copies, one Ray task per shard; embed groups semantic copies from embeddings (the class "
+                    "token of --run's checkpoint, a timm --model with local --weights, or --model pixels), "
+                    "k-means then cosine >= --threshold inside clusters (faiss), in a pool of Ray actors. "
+                    "Grouping scores feed onion select --dedup. Higher scores are harder.",
     )
     score.add_argument("dataset", help="dataset location")
     score.add_argument("scorer", choices=list(SCORERS), help="which score")
-    score.add_argument("--run", help="training run whose dynamics/checkpoints to use")
+    score.add_argument("--run", help="training run whose dynamics/checkpoints to use (embed: its class-token features)")
     score.add_argument("--first-epoch", type=non_negative_int, help="dynamics window start (0-based epoch, inclusive)")
     score.add_argument("--last-epoch", type=non_negative_int, help="dynamics window end (inclusive)")
     score.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random scorer (default 0)")
     score.add_argument("--radius", type=non_negative_int,
                        help="phash: most differing bits of 256 for two images to be copies (default 16)")
+    score.add_argument("--model", help="embed: a timm model name (with --weights), or 'pixels' for shift-normalised "
+                                       "pixels (no network)")
+    score.add_argument("--weights", help="embed: local weights file of --model (safetensors or torch; nothing is "
+                                         "downloaded)")
+    score.add_argument("--threshold", type=float,
+                       help="embed: cosine similarity at or above which two examples are copies (default 0.98)")
     add_ray_options(score)
     score.set_defaults(handler=run)
 
@@ -44,7 +53,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     if args.scorer in RAY_SCORERS:
         start_ray(args)
-    context = ScoreContext(args.dataset, args.run, args.first_epoch, args.last_epoch, args.seed, radius=args.radius)
+    context = ScoreContext(args.dataset, args.run, args.first_epoch, args.last_epoch, args.seed, radius=args.radius,
+                           model=args.model, weights=args.weights, threshold=args.threshold)
     table = compute_scores(args.scorer, context)
     path = write_scores(location(args.dataset), args.scorer, table)
     console.print(f"{path}: {table.num_rows} examples scored", soft_wrap=True)

@@ -3,7 +3,7 @@
 A registry, not an if-chain: add a function taking a :class:`ScoreContext` and returning a table
 with at least ``key``, ``score`` (higher = harder / more worth keeping) and ``tiebreak`` (orders
 equal scores, lower = easier), and name it in :data:`SCORERS`. Grouping scorers (``exact``,
-``phash``) add ``group``, ``group_size``, ``representative`` and ``distance``: the ``dedup`` step of
+``phash``, ``embed``) add ``group``, ``group_size``, ``representative`` and ``distance``: the ``dedup`` step of
 a selection keeps one example per group. The scorer's name is stored in the
 file's metadata, so what a drop is called (``unforgettable@r2``) never depends on the file's name.
 """
@@ -33,6 +33,9 @@ class ScoreContext:
     actors: int | None = None  # el2n's Ray actors (default: one per CPU of the cluster)
     progress: bool = True
     radius: int | None = None  # phash: Hamming radius in bits (default: duplicates.PHASH_RADIUS)
+    model: str | None = None  # embed: a timm model name (with weights) or "pixels"; else the run's features
+    weights: str | None = None  # embed: the timm model's local weights file
+    threshold: float | None = None  # embed: cosine similarity for copies (default: embeddings.EMBED_THRESHOLD)
 
     def train_keys(self) -> list[str]:
         index = read_index(location(self.dataset), columns=["key", "split", "status"])
@@ -98,6 +101,14 @@ def _phash(context: ScoreContext) -> pa.Table:
     return duplicate_groups(context.dataset, "phash", radius, progress=context.progress)
 
 
+def _embed(context: ScoreContext) -> pa.Table:
+    from pipeline.curation.scoring.embeddings import EMBED_THRESHOLD, FeatureSource, embedding_groups
+
+    source = FeatureSource(context.run, context.model, context.weights)
+    threshold = EMBED_THRESHOLD if context.threshold is None else context.threshold
+    return embedding_groups(context.dataset, source, threshold, context.actors, context.progress)
+
+
 SCORERS: dict[str, Callable[[ScoreContext], pa.Table]] = {
     "forgetting": _forgetting,
     "loss": _loss,
@@ -105,8 +116,9 @@ SCORERS: dict[str, Callable[[ScoreContext], pa.Table]] = {
     "random": _random,
     "exact": _exact,
     "phash": _phash,
+    "embed": _embed,
 }
-RAY_SCORERS = ("el2n", "exact", "phash")  # they run Ray tasks or actors over the shards
+RAY_SCORERS = ("el2n", "exact", "phash", "embed")  # they run Ray tasks or actors over the shards
 
 # What dropping the lowest scores of a scorer removes, as written in a selection's reasons.
 DROP_LABELS = {"forgetting": "unforgettable"}

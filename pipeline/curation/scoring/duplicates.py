@@ -2,7 +2,8 @@
 within a Hamming radius).
 
 Hashes are computed by Ray tasks, one per train shard, reading the shard through the index (a
-re-encoded file with the same pixels hashes the same: ``exact`` hashes the decoded array). The
+re-encoded file with the same pixels hashes the same: ``exact`` hashes the decoded array;
+``phash`` first undoes any shift of the image, so a moved copy hashes like its original). The
 driver groups the hashes: ``exact`` by equality; ``phash`` by multi-index hashing, so no pair of
 examples is compared unless it can be within the radius: the 256 bits are cut into ``radius + 1``
 blocks, and two hashes at most ``radius`` bits apart agree exactly on at least one block
@@ -46,10 +47,37 @@ def exact_digest(pixels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def grey(pixels: np.ndarray) -> np.ndarray:
+    """An HxWxC uint8 image as HxW float64 brightness (the mean of its channels)."""
+    return pixels.astype(np.float64).mean(axis=-1)
+
+
+def canonical_translation(image: np.ndarray) -> np.ndarray:
+    """``image`` moved (circularly, by a fraction of a pixel where needed) so that its lowest
+    horizontal and vertical Fourier components have phase zero.
+
+    A copy shifted by (dy, dx) has those phases turned by 2 pi dy / H and 2 pi dx / W (the Fourier
+    shift theorem), so both land on the same canonical image: a shift is undone before hashing.
+    Exact for circular shifts; for a shift that moves content off the border (padding), nearly, as
+    long as little content leaves the picture. A DCT hash alone is not shift-invariant: measured on
+    32x32 images, a 2-pixel shift moved pHash by 110 of 256 bits, as far as unrelated images.
+    """
+    centred = image - image.mean()
+    spectrum = np.fft.fft2(centred)
+    height, width = centred.shape
+    dy = np.angle(spectrum[1 % height, 0]) * height / (2 * np.pi)
+    dx = np.angle(spectrum[0, 1 % width]) * width / (2 * np.pi)
+    ramp = np.exp(-2j * np.pi * (np.fft.fftfreq(height)[:, None] * dy + np.fft.fftfreq(width)[None, :] * dx))
+    return np.fft.ifft2(spectrum * ramp).real + image.mean()
+
+
 def perceptual_hash(pixels: np.ndarray) -> bytes:
-    """256-bit DCT perceptual hash (imagehash's pHash, hash_size 16) of an HxWxC uint8 image."""
-    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    return np.packbits(imagehash.phash(image, hash_size=HASH_SIDE).hash.flatten()).tobytes()
+    """256-bit DCT perceptual hash (imagehash's pHash, hash_size 16) of an HxWxC uint8 image, taken
+    after its shift is undone (:func:`canonical_translation`)."""
+    canonical = canonical_translation(grey(pixels))
+    low, high = canonical.min(), canonical.max()
+    scaled = np.clip((canonical - low) * (255.0 / max(high - low, 1e-9)), 0, 255).astype(np.uint8)
+    return np.packbits(imagehash.phash(Image.fromarray(scaled), hash_size=HASH_SIDE).hash.flatten()).tobytes()
 
 
 @ray.remote(num_cpus=1, max_retries=2)
@@ -62,9 +90,13 @@ def hash_shard(dataset_url: str, shard: str, kind: str) -> tuple[list[str], list
     return keys, hashes, current_node()
 
 
+def train_shards(dataset_url: str) -> list[str]:
+    return [s["name"] for s in read_manifest(location(dataset_url))["shards"] if s["split"] == "train"]
+
+
 def hash_train_split(dataset_url: str, kind: str, progress: bool = True) -> tuple[np.ndarray, list]:
     """Every usable train example's key and hash, one Ray task per train shard."""
-    shards = [s["name"] for s in read_manifest(location(dataset_url))["shards"] if s["split"] == "train"]
+    shards = train_shards(dataset_url)
     ensure_ray()
     pending = [hash_shard.remote(dataset_url, shard, kind) for shard in shards]
     keys: list[str] = []
@@ -130,20 +162,22 @@ def near_pairs(packed: np.ndarray, radius: int, chunk: int = 1 << 20) -> tuple[n
 
 
 def grouping_table(keys: np.ndarray, labels_of_groups: np.ndarray, distances: np.ndarray,
-                   hash_column: pa.Array) -> pa.Table:
-    """The scores table from each key's component label (keys sorted; group ids by lowest key)."""
+                   hash_column: pa.Array | None = None) -> pa.Table:
+    """The scores table from each key's component label (keys sorted; group ids by lowest key).
+    ``distances`` keeps its type: bits (integers) for hashes, 1 - cosine for embeddings."""
     _, first_member, inverse = np.unique(labels_of_groups, return_index=True, return_inverse=True)
     rank = np.argsort(np.argsort(first_member, kind="stable"), kind="stable")  # groups numbered by lowest key
     group = rank[inverse]
     sizes = np.bincount(group)
     representative_of = keys[np.sort(first_member)]
-    return pa.table({
+    columns = {
         "key": pa.array(keys.tolist(), pa.string()),
         "score": sizes[group].astype(np.float64), "tiebreak": distances.astype(np.float64),
         "group": group.astype(np.int64), "group_size": sizes[group].astype(np.int64),
         "representative": pa.array(representative_of[group].tolist(), pa.string()),
-        "distance": distances.astype(np.int64), "hash": hash_column,
-    })
+        "distance": distances,
+    }
+    return pa.table(columns if hash_column is None else {**columns, "hash": hash_column})
 
 
 def exact_groups(keys: np.ndarray, digests: list[str]) -> pa.Table:
@@ -159,7 +193,7 @@ def phash_groups(keys: np.ndarray, values: list[bytes], radius: int) -> pa.Table
     _, component = connected_components(graph, directed=False)
     per_key = component[inverse.reshape(-1)]
     _, first_member = np.unique(per_key, return_index=True)  # keys are sorted: the lowest key of each group
-    distances = hamming(packed, np.arange(len(keys)), first_member[per_key])
+    distances = hamming(packed, np.arange(len(keys)), first_member[per_key]).astype(np.int64)
     return grouping_table(keys, per_key, distances, pa.array(values, pa.binary(HASH_BITS // 8)))
 
 

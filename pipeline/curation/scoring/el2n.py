@@ -36,17 +36,23 @@ def checkpoint_folders(run_url: str) -> list[str]:
     return folders
 
 
+def run_architecture(run_url: str) -> tuple[str, dict]:
+    """The timm model name and keyword arguments a run was trained with (its model.json)."""
+    built = json.loads(location(run_url).read_bytes(MODEL_JSON))
+    return built["model"], built["kwargs"]
+
+
 @ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)
 class EL2NScorer:
     def __init__(self, run_url: str, folders: list[str]) -> None:
         torch.set_num_threads(1)
         run = location(run_url)
-        built = json.loads(run.read_bytes(MODEL_JSON))
-        self.img_size = built["kwargs"]["img_size"]
+        name, kwargs = run_architecture(run_url)
+        self.img_size = kwargs["img_size"]
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.models = []
         for folder in folders:
-            model = timm.create_model(built["model"], pretrained=False, **built["kwargs"])
+            model = timm.create_model(name, pretrained=False, **kwargs)
             model.load_state_dict(load_safetensors(run.child(CHECKPOINTS, folder).read_bytes(MODEL_FILE)))
             self.models.append(model.eval().to(self.device))
 
