@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The two entry points of the README. Each makes (or reuses) the project's virtualenv first.
 #   ./run.sh demo   the whole method on the built-in mnist5k digits with an embedded local Ray:
-#                   ingest, inspect, curate (3 rounds, token + attention sparsity), inspect the survivors
-#   ./run.sh test   lint (ruff) and run the test suite
+#                   ingest, inspect, curate (3 rounds, token + attention sparsity), inspect the survivors,
+#                   and write the report (a static web page) into RUN/report
+#   ./run.sh test   lint (ruff) and run the test suite (installs chromium, for the report tests, when missing)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
@@ -39,12 +40,23 @@ case "${1:-}" in
         "$onion" curate "$out" --out "$run" --token-keep 0.7 --attn-keep 0.3 "${settings[@]}"
         last=$("$VENV/bin/python" -c "import json,sys; print(json.load(open(sys.argv[1]))['selections'][-1])" "$run/curation.json")
         "$onion" inspect "$out" --selection "$last" --plot "$run/scores.png" --grid "$run/extremes.png"
+        # The page to browse: every selection, the examples kept and dropped and why, the run's curves.
+        "$onion" report "$out" --all-selections --run "$run" --out "$run/report"
         echo "dataset: $out (selections/, scores/)   run: $run (summary.json, metrics.csv, dynamics/, checkpoints/)"
         echo "pictures: $run/scores.png (scores of kept vs dropped) $run/extremes.png (hardest and easiest, in words)"
+        echo "report: $run/report/index.html (open it in a browser; it needs no network)"
         ;;
     test)
         ensure_venv
         shift
+        # The report tests open the report in a real browser: Debian's chromium, installed once.
+        if ! command -v chromium >/dev/null; then
+            echo "installing chromium for the report tests (apt-get)..." >&2
+            sudo=""
+            [ "$(id -u)" -eq 0 ] || sudo=sudo
+            $sudo apt-get update -q
+            $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+        fi
         "$VENV/bin/ruff" check --quiet .   # the lint configuration in pyproject.toml, checked first
         "$VENV/bin/python" -m pytest "$@"
         ;;

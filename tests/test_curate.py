@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 
 import numpy as np
 import pyarrow.compute as pc
@@ -15,9 +16,10 @@ from safetensors.torch import load_file
 from helpers import ONION, onion_ok
 from pipeline.curation.materialize import kept_url
 from pipeline.curation.rounds import CurationPlan, curate
-from pipeline.curation.scoring import read_scores
+from pipeline.curation.scoring import ScoreContext, compute_scores, read_scores, write_scores
+from pipeline.curation.selection import SourceExamples
 from pipeline.ingest.job import IngestOptions, ingest
-from pipeline.ingest.sources import open_source
+from pipeline.ingest.sources import SourceOptions, open_source
 from shards import UsageError, location, read_manifest
 from shards.selections import read_selection
 from trainer.config import TrainConfig
@@ -70,6 +72,34 @@ def test_survivor_shards_when_asked_are_what_the_round_trains_on(digits, tmp_pat
     assert read_manifest(location(kept_url(digits, version)))["selection"]["kept"] == len(kept)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"] == kept_url(digits, version)
     assert sorted(read_dynamics(location(run))["key"].to_pylist()) == sorted(kept)
+
+
+def test_rounds_drop_duplicates_first_and_never_restore_them(ray_local, tmp_path):
+    dataset = str(tmp_path / "syn")
+    ingest(open_source("synthetic", SourceOptions(count=600, image_size=16, dup_rate=0.15, near_dup_rate=0.0,
+                                                  flip_rate=0.0)), dataset, IngestOptions(shard_size=200),
+           command=["test"], progress=False)
+    groups = compute_scores("exact", ScoreContext(dataset, progress=False))
+    write_scores(location(dataset), "exact", groups)
+    copies = sum(size - 1 for size in Counter(groups["group"].to_pylist()).values())
+    assert copies >= 40  # the planted exact copies whose original is in train
+    run = str(tmp_path / "run")
+    plan = CurationPlan(rounds=2, round_epochs=1, keep=0.8, remove_n=20, scorer="loss", dedup="exact")
+    result = curate(dataset, TrainConfig(dataset=dataset, out=run, epochs=2, **TINY), plan, progress=False)
+    assert result["rounds"][0]["dropped"]["duplicate"] == copies
+    source_size = len(SourceExamples.of(location(dataset)).keys)
+    kept_sets = []
+    for version in result["selections"]:
+        table = read_selection(location(dataset), version)
+        reasons = table["reason"].to_pylist()
+        kept = table["kept"].to_pylist()
+        duplicates = [i for i, reason in enumerate(reasons) if reason.startswith("duplicate-of:")]
+        assert len(duplicates) == copies and not any(kept[i] for i in duplicates)  # never restored
+        assert sum(kept) == round(0.8 * source_size) and table.num_rows == source_size
+        kept_sets.append(set(table.filter(table["kept"])["key"].to_pylist()))
+    dynamics = read_dynamics(location(run))
+    for epoch, kept_set in enumerate(kept_sets):  # each round trained on its survivors, no copy among them
+        assert set(dynamics.filter(pc.equal(dynamics["epoch"], epoch))["key"].to_pylist()) == kept_set
 
 
 def test_a_signal_free_plan_is_refused_before_anything_is_written(digits, tmp_path):

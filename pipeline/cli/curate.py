@@ -31,6 +31,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     curate.add_argument("--remove-n", type=positive_int, help="examples swapped per round (default: 10%% of the kept)")
     curate.add_argument("--scorer", default="forgetting", choices=("forgetting", "loss"),
                         help="dynamics-based score that ranks the kept examples (default forgetting)")
+    curate.add_argument("--dedup", metavar="GROUPS",
+                        help="before round 0, keep one example per group of copies in scores/GROUPS (made by onion "
+                             "score DATASET exact|phash|embed); the others are dropped as duplicate-of:KEY in every "
+                             "round and never restored")
+    curate.add_argument("--dedup-rule", choices=("lowest-key", "typical"), default="lowest-key",
+                        help="which member of a group stays (default lowest-key)")
     curate.add_argument("--survivor-shards", action="store_true",
                         help="also write each round's survivors as compact shards (DATASET/kept/vNNNN) and train "
                              "on those: pays on object stores when a small share is read for many epochs")
@@ -44,7 +50,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from pipeline.curation.rounds import CurationPlan, check_plan, curate
 
     plan = CurationPlan(args.rounds, args.round_epochs, args.keep, args.remove_n, args.scorer, args.seed or 0,
-                        args.survivor_shards)
+                        args.survivor_shards, args.dedup, args.dedup_rule)
     check_plan(plan)
     config = train_config(args, dataset=args.dataset, epochs=args.rounds * args.round_epochs)
     start_ray(args)

@@ -23,9 +23,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     select.add_argument("dataset", help="dataset location")
     select.add_argument("--scores", help="score name under DATASET/scores/ (not needed for random or round 0)")
     select.add_argument("--dedup", metavar="GROUPS",
-                        help="first keep one example per duplicate group of these grouping scores (exact or phash; "
-                             "drops read duplicate-of:KEY); then --strategy, if --scores (or random) is given, "
-                             "until --keep of all usable examples remain")
+                        help="first keep one example per duplicate group of these grouping scores (exact, phash or "
+                             "embed; drops read duplicate-of:KEY); then --strategy, if --scores (or random) is "
+                             "given, until --keep of all usable examples remain. With --round 0 the duplicates "
+                             "stay dropped in every later round")
     select.add_argument("--dedup-rule", choices=list(DEDUP_RULES), default="lowest-key",
                         help="which member of a group stays: " + "; ".join(f"{k}: {v}" for k, v in
                                                                           DEDUP_RULES.items()))

@@ -1,6 +1,7 @@
 """``onion curate``: the whole example-level method, round after round.
 
-Round 0 keeps a random share; every later round scores the kept examples by their training
+Round 0 keeps a random share (after dropping all but one of each group of copies, with
+``dedup``; those stay dropped in every round); every later round scores the kept examples by their training
 dynamics in the previous phase, swaps the ``remove_n`` easiest out and as many from the dropped
 pool in, and trains on the new selection. Training continues across rounds with the same model,
 optimiser and learning-rate schedule; only the selection streamed changes. The survivors are read
@@ -26,9 +27,13 @@ from pipeline.curation.materialize import kept_url, materialize
 from pipeline.curation.scoring import ScoreContext, compute_scores, read_scores, write_scores
 from pipeline.curation.scoring.dynamics_scores import MIN_PRESENTATIONS
 from pipeline.curation.selection import (
+    DEDUP_RULES,
+    DUPLICATE,
     SourceExamples,
+    duplicate_drops,
     initial_round,
     next_round,
+    read_grouping,
 )
 from pipeline.ingest.job import IngestOptions
 from shards import UsageError, location, read_manifest
@@ -52,6 +57,8 @@ class CurationPlan:
     scorer: str = "forgetting"
     seed: int = 0
     survivor_shards: bool = False  # write each round's survivors as shards and train on them
+    dedup: str | None = None  # a grouping score (scores/<name>): one example per group, dropped for every round
+    dedup_rule: str = "lowest-key"
 
 
 def run_id(run_url: str) -> str:
@@ -64,6 +71,9 @@ def check_plan(plan: CurationPlan) -> None:
         raise UsageError(f"--keep must be in (0, 1), not {plan.keep}")
     if plan.remove_n is not None and plan.remove_n < 1:
         raise UsageError(f"--remove-n must be at least 1, not {plan.remove_n}")
+    if plan.dedup_rule not in DEDUP_RULES or plan.dedup_rule == "highest-score":
+        raise UsageError(f"--dedup-rule must be lowest-key or typical for the rounds (no scores exist before round 0), "
+                         f"not {plan.dedup_rule!r}")
     if plan.scorer not in DYNAMICS_SCORERS:
         raise UsageError(f"--scorer must be one of {', '.join(DYNAMICS_SCORERS)}, not {plan.scorer!r}")
     if plan.scorer == "forgetting" and plan.rounds > 1 and plan.round_epochs < MIN_PRESENTATIONS:
@@ -98,6 +108,8 @@ def curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, *, progres
                          "use it with onion train, not with the curation rounds")
     dataset = location(dataset_url)
     read_manifest(dataset)  # a clear error before anything is claimed, not after
+    if plan.dedup:
+        read_grouping(dataset, plan.dedup)  # the groups exist, before the run is claimed
     run = location(config.out)
     record = {"dataset": dataset_url, "plan": asdict(plan)}
     claimed = claim_run(run, record)
@@ -119,7 +131,9 @@ def _curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, record: d
     for round_number in range(plan.rounds):
         parameters = {"curation": config.out, "round": round_number, **asdict(plan)}
         if round_number == 0:
-            table = initial_round(source, plan.keep, plan.seed)
+            duplicates = duplicate_drops(source, read_grouping(dataset, plan.dedup), plan.dedup_rule) \
+                if plan.dedup else None
+            table = initial_round(source, plan.keep, plan.seed, duplicates)
         else:
             context = ScoreContext(dataset_url, config.out, first_epoch=(round_number - 1) * plan.round_epochs,
                                    last_epoch=round_number * plan.round_epochs - 1, seed=plan.seed, progress=progress)
@@ -159,6 +173,9 @@ def round_reports(dataset: Location, versions: list[str]) -> list[dict]:
                   "dropped": dict(dropped), "restored": sum(r == f"restored{suffix}" for r in reasons)}
         if number == 0:
             report["dropped"] = {"random-initial": reasons.count("random-initial")}
+            duplicates = sum(reason.startswith(DUPLICATE) for reason in reasons)
+            if duplicates:
+                report["dropped"]["duplicate"] = duplicates
         scores_of = selection_parameters(table).get("scores")
         if scores_of:
             report.update(never_learned_report(dataset, table, scores_of))

@@ -143,7 +143,8 @@ def candidates_with_scores(source: SourceExamples, positions: np.ndarray, scores
 
 DEDUP_RULES = {
     "lowest-key": "the member with the lowest key",
-    "typical": "the member closest to all others of its group (fewest differing hash bits in total)",
+    "typical": "the member closest to all others of its group (fewest differing hash bits in total; for embed "
+               "groups their leader, which every member is within the threshold of)",
     "highest-score": "the member the --scores rank hardest (most worth keeping)",
 }
 
@@ -206,23 +207,43 @@ def select(source: SourceExamples, scores: pa.Table | None, options: SelectOptio
     return selection_table(source, kept, reasons, score, 0, None, strategy)
 
 
-def initial_round(source: SourceExamples, keep: float, seed: int) -> pa.Table:
-    """Round 0 of the paper's schedule: drop a random share."""
+DUPLICATE = "duplicate-of:"  # the reason prefix of a dedup drop; such examples never return in later rounds
+
+
+def duplicate_drops(source: SourceExamples, groups: pa.Table, rule: str) -> dict[int, str]:
+    """Source positions a dedup of ``groups`` drops, each with its ``duplicate-of:<key>`` reason."""
+    if rule == "highest-score":
+        raise UsageError("--dedup-rule highest-score needs scores; the rounds dedup before any score exists")
     usable = np.flatnonzero(source.ok)
-    order = np.random.default_rng([seed, 17]).permutation(usable)
+    _, reasons = deduplicate(candidates_with_scores(source, usable, None), groups, rule)
+    return {int(usable[position]): reason for position, reason in reasons.items()}
+
+
+def initial_round(source: SourceExamples, keep: float, seed: int, duplicates: dict[int, str] | None = None) -> pa.Table:
+    """Round 0 of the paper's schedule: drop a random share. ``duplicates`` (from :func:`duplicate_drops`)
+    are dropped first and never kept; the random draw then keeps ``keep`` of all usable examples
+    from the rest (or all of the rest, when the duplicates were more than ``1 - keep``)."""
+    usable = np.flatnonzero(source.ok)
+    duplicates = duplicates or {}
+    unique = usable[~np.isin(usable, np.fromiter(duplicates, dtype=np.int64, count=len(duplicates)))]
+    order = np.random.default_rng([seed, 17]).permutation(unique)
     kept = np.zeros(len(source.keys), dtype=bool)
     kept[order[: int(round(keep * len(usable)))]] = True
     reasons = np.where(kept, "kept", np.where(source.ok, "random-initial", "quarantined")).astype(object)
-    return selection_table(source, kept, reasons, np.full(len(kept), np.nan), 0, None, "random-initial")
+    for position, reason in duplicates.items():
+        reasons[position] = reason
+    strategy = "dedup+random-initial" if duplicates else "random-initial"
+    return selection_table(source, kept, reasons, np.full(len(kept), np.nan), 0, None, strategy)
 
 
 def next_round(source: SourceExamples, parent: pa.Table, parent_version: str, scores: pa.Table, remove_n: int,
                round_number: int, seed: int) -> pa.Table:
     """A later round: drop the ``remove_n`` easiest kept examples, restore as many from the pool.
 
-    The pool is what earlier rounds dropped; the examples dropped now join it only after the
-    draw, so they cannot come straight back. The number kept stays the same. Drops are named by
-    the scorer (``unforgettable@rN`` for forgetting, ``easy@rN`` otherwise).
+    The pool is what earlier rounds dropped, duplicates (``duplicate-of:``) excepted; the examples
+    dropped now join it only after the draw, so they cannot come straight back. The number kept
+    stays the same. Drops are named by the scorer (``unforgettable@rN`` for forgetting, ``easy@rN``
+    otherwise).
     """
     if parent["key"].to_pylist() != source.keys.tolist():
         raise UsageError(f"{parent_version} does not cover this dataset's train examples")
@@ -230,7 +251,8 @@ def next_round(source: SourceExamples, parent: pa.Table, parent_version: str, sc
     kept = parent["kept"].to_numpy(zero_copy_only=False).copy()
     reasons = np.array(parent["reason"].to_pylist(), dtype=object)
     kept_positions = np.flatnonzero(kept)
-    pool = np.flatnonzero(~kept & source.ok)
+    duplicate = np.array([reason.startswith(DUPLICATE) for reason in reasons], dtype=bool)
+    pool = np.flatnonzero(~kept & source.ok & ~duplicate)
     if remove_n > min(len(kept_positions), len(pool)):
         raise UsageError(f"--remove-n {remove_n} is more than the {len(kept_positions)} kept or the {len(pool)} "
                          "in the dropped pool")
@@ -258,6 +280,17 @@ class SelectRequest:
     remove_n: int | None = None  # examples swapped this round (rounds >= 1)
 
 
+def read_grouping(dataset: Location, name: str) -> pa.Table:
+    """``scores/<name>`` when it holds duplicate groups; a usage error naming the grouping scorers otherwise."""
+    from pipeline.curation.scoring import read_scores
+
+    groups = read_scores(dataset, name)
+    if "group" not in groups.column_names:
+        raise UsageError(f"--dedup {name}: scores/{name} holds no groups "
+                         "(make them with onion score DATASET exact, phash or embed)")
+    return groups
+
+
 def make_selection(dataset: Location, request: SelectRequest) -> tuple[str, pa.Table]:
     """Compute and store the selection ``request`` describes; returns its version and rows."""
     from pipeline.curation.scoring import read_scores, scorer_of
@@ -268,21 +301,21 @@ def make_selection(dataset: Location, request: SelectRequest) -> tuple[str, pa.T
     if scores is not None and scorer_of(scores) == "forgetting":
         require_signal(scores, f"scores/{request.scores}")
     options = request.options
-    if request.dedup and request.round_number is not None:
-        raise UsageError("--dedup makes a one-shot selection; the paper's rounds (--round) do not take it")
+    if request.dedup and request.round_number not in (None, 0):
+        raise UsageError("--dedup goes with a one-shot selection or round 0; later rounds keep round 0's "
+                         "duplicates dropped (they never return from the pool)")
+    groups = read_grouping(dataset, request.dedup) if request.dedup else None
     if request.round_number is None:
-        groups = read_scores(dataset, request.dedup) if request.dedup else None
-        if groups is not None and "group" not in groups.column_names:
-            raise UsageError(f"--dedup {request.dedup}: scores/{request.dedup} holds no groups "
-                             "(make them with onion score DATASET exact, or phash)")
         then_strategy = scores is not None or options.strategy == "random"
         if not then_strategy and groups is None:
             raise UsageError(f"strategy {options.strategy} needs --scores NAME")
         table = select(source, scores, options, groups, then_strategy)
         parameters: dict = {"strategy": vars(options), "scores": request.scores, "dedup": request.dedup}
     elif request.round_number == 0:
-        table = initial_round(source, options.keep, options.seed)
-        parameters = {"round": 0, "keep": options.keep, "seed": options.seed}
+        duplicates = duplicate_drops(source, groups, options.dedup_rule) if groups is not None else None
+        table = initial_round(source, options.keep, options.seed, duplicates)
+        parameters = {"round": 0, "keep": options.keep, "seed": options.seed,
+                      **({"dedup": request.dedup, "dedup_rule": options.dedup_rule} if request.dedup else {})}
     else:
         if not (request.parent and request.remove_n and scores is not None):
             raise UsageError("rounds >= 1 need --parent vNNNN, --remove-n N and --scores NAME")

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from pipeline.curation.scoring import read_scores  # noqa: E402
-from pipeline.inspection.selections import class_names  # noqa: E402
+from pipeline.inspection.selections import class_names, largest_groups  # noqa: E402
 from shards import UsageError, decode_image, location, read_example  # noqa: E402
 from shards.selections import read_selection, selection_parameters  # noqa: E402
 from shards.urls import Location  # noqa: E402
@@ -108,9 +108,41 @@ def extremes_grid(url: str, version: str, path: str, per_side: int = 16) -> None
             if i >= len(chosen):
                 continue
             row = chosen[i]
-            image = decode_image(read_example(url, row["key"]).image).permute(1, 2, 0).numpy()
-            axis.imshow(image.squeeze(), cmap="gray" if image.shape[2] == 1 else None)
             label = names.get(row["label"], row["label"])
-            axis.set_title(f"label {label} · {evidence_words(row, details)}\n{decision_words(row)}", fontsize=6.5)
+            words = f"label {label} · {evidence_words(row, details)}\n{decision_words(row)}"
+            show_example(axis, url, row["key"], words)
     figure.savefig(path)
     plt.close(figure)
+
+
+def show_example(axis: plt.Axes, url: str, key: str, title: str) -> None:
+    """``key``'s image (read by byte range through the index) on ``axis``, titled."""
+    image = decode_image(read_example(url, key).image).permute(1, 2, 0).numpy()
+    axis.imshow(image.squeeze(), cmap="gray" if image.shape[2] == 1 else None)
+    axis.set_title(title, fontsize=6.5)
+
+
+def groups_grid(url: str, name: str, path: str, groups: int = 8, per_group: int = 8) -> int:
+    """The ``groups`` largest groups of ``scores/<name>`` as rows of images: the representative
+    first, then members nearest first, each titled with its distance. Returns the rows drawn."""
+    chosen = largest_groups(url, name, groups)
+    if not chosen:
+        raise UsageError(f"scores/{name} has no group of two or more: no copies found to draw")
+    columns = max(2, min(per_group, max(group["size"] for group in chosen)))
+    figure, axes = plt.subplots(len(chosen), columns, squeeze=False, dpi=110,
+                                figsize=(columns * 1.8, len(chosen) * 1.8 + 0.6), layout="constrained")
+    figure.suptitle(f"scores/{name}: the {len(chosen)} largest groups\nof copies, representative first",
+                    fontsize=9, weight="bold")
+    for line, group in zip(axes, chosen):
+        for i, axis in enumerate(line):
+            axis.axis("off")
+            if i >= len(group["members"]):
+                continue
+            member = group["members"][i]
+            distance = f"{member['distance']:.3f}" if group["unit"] == "1 - cosine" else str(member["distance"])
+            words = f"group {group['group']}, {group['size']} copies" if i == 0 else f"{group['unit']}: {distance}"
+            key = member["key"] if len(member["key"]) <= 24 else "…" + member["key"][-23:]
+            show_example(axis, url, member["key"], f"{key}\n{words}")
+    figure.savefig(path)
+    plt.close(figure)
+    return len(chosen)

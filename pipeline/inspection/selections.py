@@ -4,10 +4,11 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.curation.scoring import SCORES
-from shards import location, read_index
+from shards import UsageError, location, read_index
 from shards.index import parquet_names, read_parquet
 from shards.reader import index_row
 from shards.selections import read_selection, selection_versions
@@ -73,8 +74,13 @@ def key_scores(dataset: Location, key: str) -> dict[str, float]:
     return found
 
 
+def distance_unit(scores: pa.Table) -> str:
+    """What a grouping table's ``distance`` counts: hash bits, or 1 - cosine for embeddings."""
+    return "1 - cosine" if pa.types.is_floating(scores.schema.field("distance").type) else "bits"
+
+
 def key_groups(dataset: Location, key: str) -> list[dict]:
-    """``key``'s duplicate group in each grouping score table (exact, phash), members nearest first."""
+    """``key``'s duplicate group in each grouping score table (exact, phash, embed), members nearest first."""
     folder = dataset.child(SCORES)
     found = []
     for name in parquet_names(folder):
@@ -86,10 +92,36 @@ def key_groups(dataset: Location, key: str) -> list[dict]:
             continue
         members = table.filter(pc.equal(table["group"], match[0]["group"])).select(["key", "distance"])
         for member in sorted(members.to_pylist(), key=lambda m: (m["distance"], m["key"])):
-            found.append({"scores": name, "member": member["key"], "bits_from_representative": member["distance"],
-                          "representative": member["key"] == match[0]["representative"],
+            found.append({"scores": name, "member": member["key"], "distance_to_representative": member["distance"],
+                          "unit": distance_unit(table), "representative": member["key"] == match[0]["representative"],
                           "this": member["key"] == key})
     return found
+
+
+def grouping_scores(dataset: Location, name: str) -> pa.Table:
+    """A grouping score table (``scores/<name>.parquet`` with groups), or a usage error saying how to make one."""
+    from pipeline.curation.scoring import read_scores
+
+    table = read_scores(dataset, name)
+    if "group" not in table.column_names:
+        raise UsageError(f"scores/{name} holds no groups (grouping scorers: onion score DATASET exact|phash|embed)")
+    return table
+
+
+def largest_groups(url: str, name: str, limit: int = 20) -> list[dict]:
+    """The ``limit`` largest groups of copies in ``scores/<name>``: size, representative, members nearest first."""
+    table = grouping_scores(location(url), name)
+    rows = table.select(["key", "group", "group_size", "representative", "distance"]).to_pylist()
+    members: dict[int, list[dict]] = {}
+    for row in rows:
+        if row["group_size"] > 1:
+            members.setdefault(row["group"], []).append(row)
+    order = sorted(members, key=lambda g: (-len(members[g]), members[g][0]["representative"]))[:limit]
+    unit = distance_unit(table)
+    return [{"group": g, "size": len(members[g]), "representative": members[g][0]["representative"],
+             "members": [{"key": m["key"], "distance": m["distance"]}
+                         for m in sorted(members[g], key=lambda m: (m["distance"], m["key"]))], "unit": unit}
+            for g in order]
 
 
 def describe_key(url: str, key: str) -> dict:

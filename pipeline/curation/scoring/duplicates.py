@@ -129,36 +129,62 @@ def block_bounds(radius: int) -> list[tuple[int, int]]:
     return [(int(start), int(start + width)) for start, width in zip(starts, widths)]
 
 
-def near_pairs(packed: np.ndarray, radius: int, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
-    """Row pairs (i < j) of distinct hashes at most ``radius`` bits apart, by multi-index hashing:
-    only rows that agree exactly on one of ``radius + 1`` blocks are compared."""
-    bits = np.unpackbits(packed, axis=1)
-    found: set[tuple[int, int]] = set()
-    for start, stop in block_bounds(radius):
-        width = stop - start
-        words = np.packbits(np.pad(bits[:, start:stop], ((0, 0), (0, -width % 8))), axis=1)
-        block = np.zeros(len(packed), dtype=np.int64)
-        for column in range(words.shape[1]):
-            block = (block << 8) | words[:, column]
-        order = np.argsort(block, kind="stable")
-        ordered = block[order]
-        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-        sizes = np.diff(np.r_[starts, len(order)])
-        candidates_i, candidates_j = [], []
-        for begin, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-            i, j = np.triu_indices(size, k=1)
-            members = np.sort(order[begin:begin + size])
-            candidates_i.append(members[i])
-            candidates_j.append(members[j])
-        if not candidates_i:
-            continue
-        first, second = np.concatenate(candidates_i), np.concatenate(candidates_j)
-        for lo in range(0, len(first), chunk):  # bounded memory: candidate pairs checked in chunks
-            a, b = first[lo:lo + chunk], second[lo:lo + chunk]
+def block_words(packed: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Bits ``start:stop`` of every packed hash as integers, 62 bits per column (n x columns)."""
+    first_byte, last_byte = start // 8, (stop + 7) // 8
+    bits = np.unpackbits(packed[:, first_byte:last_byte], axis=1)[:, start - 8 * first_byte:stop - 8 * first_byte]
+    columns = []
+    for lo in range(0, bits.shape[1], 62):
+        part = bits[:, lo:lo + 62].astype(np.int64)
+        columns.append(part @ (np.int64(1) << np.arange(part.shape[1], dtype=np.int64)[::-1]))
+    return np.stack(columns, axis=1)
+
+
+def block_pairs(packed: np.ndarray, start: int, stop: int, radius: int, chunk: int = 1 << 20) -> np.ndarray:
+    """Row pairs (i < j, as ``i * n + j``) that agree exactly on bits ``start:stop`` and are at most
+    ``radius`` bits apart in all. Rows sharing a block value are compared in steps of ``d`` (each
+    row with the row ``d`` places later in its bucket), so the work is the number of candidate
+    pairs, with no Python loop over buckets."""
+    count = len(packed)
+    words = block_words(packed, start, stop)
+    order = np.lexsort(words.T[::-1])
+    ordered = words[order]
+    starts = np.flatnonzero(np.r_[True, (ordered[1:] != ordered[:-1]).any(axis=1)])
+    sizes = np.diff(np.r_[starts, count])
+    bucket_size = np.repeat(sizes, sizes)
+    rank = np.arange(count) - np.repeat(starts, sizes)
+    active = np.flatnonzero(bucket_size > 1)
+    found = []
+    step = 1
+    while len(active):
+        active = active[rank[active] + step < bucket_size[active]]
+        for lo in range(0, len(active), chunk):  # bounded memory: candidate pairs checked in chunks
+            rows = active[lo:lo + chunk]
+            a, b = order[rows], order[rows + step]
             close = hamming(packed, a, b) <= radius
-            found.update(zip(a[close].tolist(), b[close].tolist()))
-    pairs = np.array(sorted(found), dtype=np.int64).reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1]
+            low, high = np.minimum(a[close], b[close]), np.maximum(a[close], b[close])
+            found.append(low.astype(np.int64) * count + high)
+        step += 1
+    return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def block_pairs_task(packed: np.ndarray, start: int, stop: int, radius: int) -> np.ndarray:
+    return block_pairs(packed, start, stop, radius)
+
+
+def near_pairs(packed: np.ndarray, radius: int, parallel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs (i < j) of distinct hashes at most ``radius`` bits apart, by multi-index hashing:
+    only rows that agree exactly on one of ``radius + 1`` blocks are compared. With ``parallel``
+    each block is a Ray task (the hashes go to the object store once)."""
+    bounds = block_bounds(radius)
+    if parallel:
+        shared = ray.put(packed)
+        parts = ray.get([block_pairs_task.remote(shared, start, stop, radius) for start, stop in bounds])
+    else:
+        parts = [block_pairs(packed, start, stop, radius) for start, stop in bounds]
+    codes = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    return codes // len(packed), codes % len(packed)
 
 
 def grouping_table(keys: np.ndarray, labels_of_groups: np.ndarray, distances: np.ndarray,
@@ -188,7 +214,7 @@ def exact_groups(keys: np.ndarray, digests: list[str]) -> pa.Table:
 def phash_groups(keys: np.ndarray, values: list[bytes], radius: int) -> pa.Table:
     packed = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), HASH_BITS // 8)
     unique, inverse = np.unique(packed, axis=0, return_inverse=True)  # identical hashes: one node
-    first, second = near_pairs(unique, radius)
+    first, second = near_pairs(unique, radius, parallel=ray.is_initialized())
     graph = coo_matrix((np.ones(len(first)), (first, second)), shape=(len(unique), len(unique)))
     _, component = connected_components(graph, directed=False)
     per_key = component[inverse.reshape(-1)]
