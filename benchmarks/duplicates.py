@@ -37,7 +37,6 @@ from report_files import write_report
 from shards import location, read_index
 from shards.selections import SourceExamples
 
-GROUPING = ("exact", "phash", "embed")
 PIXELS = FeatureSource(model="pixels")
 
 
@@ -112,7 +111,7 @@ def dedup_then_strategy(dataset: str, run: str, groupings: dict[str, pa.Table]) 
     rows = []
     scores = {scorer: compute_scores(scorer, ScoreContext(dataset, run, progress=False))
               for scorer in ("forgetting", "loss", "el2n")}
-    for grouping, scorer in itertools.product(("exact", "embed (pixels)"), scores):
+    for grouping, scorer in itertools.product(groupings, scores):
         table = select(examples, scores[scorer], SelectOptions(keep=0.8, strategy="stratified"),
                        groupings[grouping])
         kept = np.array(table["kept"].to_pylist())
@@ -123,21 +122,26 @@ def dedup_then_strategy(dataset: str, run: str, groupings: dict[str, pa.Table]) 
     return rows
 
 
-def scoring_time(root: Path, count: int) -> list[dict]:
+def scoring_time(root: Path, count: int, run: str) -> list[dict]:
+    """Whole-call seconds of each grouping scorer on ``count`` examples, with 1 and 2 Ray CPUs (the
+    run's class token with 2 only: the run is the planted one, its ViT fed these 32x32 images at 16x16)."""
     dataset = str(root / "scale")
     ingest(open_source("synthetic", SourceOptions(count=count, image_size=32, val_fraction=0.0001)), dataset,
            IngestOptions(shard_size=5000), ["benchmark"], progress=False)
+    scorers = {"exact": lambda: duplicate_groups(dataset, "exact", progress=False),
+               "phash": lambda: duplicate_groups(dataset, "phash", progress=False),
+               "embed (pixels)": lambda: embedding_groups(dataset, PIXELS, progress=False),
+               "embed (run's class token)": lambda: embedding_groups(dataset, FeatureSource(run=run), progress=False)}
     rows = []
     for cpus in (1, 2):
         ray.shutdown()
         init_ray(cpus=cpus)
-        for kind in GROUPING:
+        for name, score in scorers.items():
+            if cpus == 1 and name.startswith("embed (run"):
+                continue
             start = time.perf_counter()
-            if kind == "embed":
-                embedding_groups(dataset, PIXELS, progress=False)
-            else:
-                duplicate_groups(dataset, kind, progress=False)
-            rows.append({"examples": count, "ray_cpus": cpus, "scorer": kind, "seconds": time.perf_counter() - start})
+            score()
+            rows.append({"examples": count, "ray_cpus": cpus, "scorer": name, "seconds": time.perf_counter() - start})
     return rows
 
 
@@ -159,7 +163,7 @@ def main() -> None:
                   + [{**grouping_quality(larger, name, table), "image": "32x32"}
                      for name, table in grouping_scores(larger, None).items()],
                   "dedup_then_strategy": dedup_then_strategy(dataset, run, groupings),
-                  "timing": scoring_time(root, args.scale)}
+                  "timing": scoring_time(root, args.scale, run)}
     write_report(Path(args.out), "duplicates", report, render)
 
 

@@ -6,15 +6,18 @@ For each size: ingest synthetic 16x16 images (5% planted exact copies, 5% near-c
 score with 2 Ray CPUs (and, at ``--speedup-size``, with 1 Ray CPU as well): wall clock of the
 whole call (hashing in Ray tasks over the shards, grouping by multi-index hashing with one Ray
 task per block), and peak memory sampled every 0.2 s: the driver's RSS, and the driver plus its
-Ray worker processes together (Ray's own daemons, GCS and raylet, are left out: a fixed cost that
-does not grow with the data). The growth check divides each time by n log2 n: a flat or falling
+Ray worker processes together as PSS (shared pages, such as torch's libraries that every worker
+maps, counted once; Ray's own daemons, GCS and raylet, are left out: a fixed cost that does not
+grow with the data). The growth check divides each time by n log2 n: a flat or falling
 column means the cost grows no faster than n log n.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -33,7 +36,7 @@ GiB = 1 << 30
 
 
 class PeakMemory:
-    """Peak RSS of this process, and of this process plus Ray's worker processes, sampled in a thread."""
+    """Peak RSS of this process, and PSS of this process plus Ray's worker processes, sampled in a thread."""
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval, self.driver, self.total = interval, 0, 0
@@ -44,12 +47,13 @@ class PeakMemory:
         me = psutil.Process(os.getpid())
         while not self.stop.is_set():
             driver = me.memory_info().rss
-            workers = 0
-            for process in psutil.process_iter(["cmdline", "memory_info"]):
+            total = me.memory_full_info().pss
+            for process in psutil.process_iter(["cmdline"]):
                 cmdline = process.info["cmdline"] or []
-                if cmdline and cmdline[0].startswith("ray::") and process.info["memory_info"]:
-                    workers += process.info["memory_info"].rss
-            self.driver, self.total = max(self.driver, driver), max(self.total, driver + workers)
+                if cmdline and cmdline[0].startswith("ray::"):
+                    with contextlib.suppress(psutil.Error):  # a worker that ended meanwhile
+                        total += process.memory_full_info().pss
+            self.driver, self.total = max(self.driver, driver), max(self.total, total)
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -63,6 +67,8 @@ class PeakMemory:
 
 def make_dataset(root: Path, count: int) -> tuple[str, float]:
     dataset = str(root / f"syn-{count}")
+    if (root / f"syn-{count}" / "manifest.json").exists():  # kept from an earlier run (--root)
+        return dataset, float("nan")
     source = open_source("synthetic", SourceOptions(count=count, image_size=16, dup_rate=0.05, near_dup_rate=0.05,
                                                     flip_rate=0.0, val_fraction=0.0001))
     start = time.perf_counter()
@@ -86,13 +92,14 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--speedup-size", type=int, default=1_000_000, help="size also scored with 1 Ray CPU")
-    parser.add_argument("--root", help="where the datasets go (default: a temporary folder, removed after)")
+    parser.add_argument("--root", help="keep the datasets here and reuse them in later runs (default: a temporary "
+                                           "folder, each dataset removed after its size is measured)")
     args = parser.parse_args()
     rows, ingests = [], []
-    with tempfile.TemporaryDirectory(dir=args.root) as scratch:
+    with tempfile.TemporaryDirectory() as scratch:
         for count in args.sizes:
             init_ray(cpus=2)
-            dataset, seconds = make_dataset(Path(scratch), count)
+            dataset, seconds = make_dataset(Path(args.root or scratch), count)
             ingests.append({"examples": count, "seconds": seconds})
             for cpus in (2, 1) if count == args.speedup_size else (2,):
                 ray.shutdown()
@@ -101,16 +108,16 @@ def main() -> None:
                     rows.append(timed(dataset, kind, count, cpus))
                     print(rows[-1], flush=True)
             ray.shutdown()
-            for path in sorted(Path(dataset).rglob("*"), reverse=True):  # room for the next size
-                path.unlink() if path.is_file() else path.rmdir()
+            if not args.root:  # room for the next size
+                shutil.rmtree(dataset)
     write_report(Path(args.out), "duplicates_scale", {"scoring": rows, "ingest": ingests}, render)
 
 
 def render(report: dict) -> str:
     lines = ["Grouping scorers at scale (synthetic 16x16, 10% planted copies; whole call: hashing in Ray tasks "
              "+ grouping):", "",
-             "| examples | scorer | Ray CPUs | seconds | us per n log2 n | in groups | driver peak GiB | "
-             "driver + workers peak GiB |", "|---|---|---|---|---|---|---|---|"]
+             "| examples | scorer | Ray CPUs | seconds | us per n log2 n | in groups | driver peak RSS GiB | "
+             "driver + workers peak PSS GiB |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['examples']:,} | {r['scorer']} | {r['ray_cpus']} | {r['seconds']:.1f} | {r['per_n_log_n_us']:.3f} "
               f"| {r['in_groups']:,} | {r['driver_peak_gib']:.2f} | {r['total_peak_gib']:.2f} |"
               for r in report["scoring"]]
@@ -119,8 +126,10 @@ def render(report: dict) -> str:
                 for (n, kind, cpus) in by_key if cpus == 1]
     if speedups:
         lines += ["", "2 Ray CPUs against 1: " + "; ".join(speedups)]
-    lines += ["", "Ingest (not part of the scoring figures): " + "; ".join(
-        f"{r['examples']:,} examples in {r['seconds']:.0f} s" for r in report["ingest"])]
+    ingested = [r for r in report["ingest"] if not math.isnan(r["seconds"])]  # NaN: reused from --root
+    if ingested:
+        lines += ["", "Ingest (not part of the scoring figures): " + "; ".join(
+            f"{r['examples']:,} examples in {r['seconds']:.0f} s" for r in ingested)]
     return "\n".join(lines) + "\n"
 
 

@@ -108,20 +108,32 @@ def grouping_scores(dataset: Location, name: str) -> pa.Table:
     return table
 
 
+def ranked_groups(table: pa.Table, limit: int) -> list[np.ndarray]:
+    """Row numbers of the ``limit`` largest groups (two or more members) of a grouping table, largest
+    first (ties: lowest group id), each group's rows nearest its representative first (ties: key)."""
+    group = table["group"].to_numpy(zero_copy_only=False).astype(np.int64)
+    size = table["group_size"].to_numpy(zero_copy_only=False).astype(np.int64)
+    distance = table["distance"].to_numpy(zero_copy_only=False).astype(np.float64)
+    multi = np.flatnonzero(size > 1)
+    ids, first = np.unique(group[multi], return_index=True)
+    ranked = ids[np.lexsort((ids, -size[multi][first]))][:limit]
+    keys = np.array(table["key"].to_pylist(), dtype=object)
+    listed = []
+    for group_id in ranked.tolist():
+        rows = multi[group[multi] == group_id]
+        listed.append(rows[np.lexsort((keys[rows], distance[rows]))])
+    return listed
+
+
 def largest_groups(url: str, name: str, limit: int = 20) -> list[dict]:
     """The ``limit`` largest groups of copies in ``scores/<name>``: size, representative, members nearest first."""
     table = grouping_scores(location(url), name)
-    rows = table.select(["key", "group", "group_size", "representative", "distance"]).to_pylist()
-    members: dict[int, list[dict]] = {}
-    for row in rows:
-        if row["group_size"] > 1:
-            members.setdefault(row["group"], []).append(row)
-    order = sorted(members, key=lambda g: (-len(members[g]), members[g][0]["representative"]))[:limit]
     unit = distance_unit(table)
-    return [{"group": g, "size": len(members[g]), "representative": members[g][0]["representative"],
-             "members": [{"key": m["key"], "distance": m["distance"]}
-                         for m in sorted(members[g], key=lambda m: (m["distance"], m["key"]))], "unit": unit}
-            for g in order]
+    keys, distances = table["key"].to_pylist(), table["distance"].to_pylist()
+    representatives, groups = table["representative"].to_pylist(), table["group"].to_pylist()
+    return [{"group": groups[rows[0]], "size": len(rows), "representative": representatives[rows[0]],
+             "members": [{"key": keys[i], "distance": distances[i]} for i in rows.tolist()], "unit": unit}
+            for rows in ranked_groups(table, limit)]
 
 
 def describe_key(url: str, key: str) -> dict:

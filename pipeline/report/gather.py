@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from pipeline.curation.scoring import SCORES, scorer_of
 from pipeline.inspection.dataset import dataset_summary
-from pipeline.inspection.selections import selection_summary
+from pipeline.inspection.selections import distance_unit, ranked_groups, selection_summary
 from shards import STATUS_OK, DatasetDamaged, UsageError, location, read_index, read_manifest
 from shards.index import parquet_names, read_parquet
 from shards.selections import read_selection, selection_parameters, selection_versions
@@ -248,28 +248,23 @@ def grouping(examples: Examples, table: pa.Table, positions: np.ndarray) -> tupl
     """Groups of two or more, largest first (ties: lowest group id), members nearest the representative first."""
     group = table["group"].to_numpy(zero_copy_only=False).astype(np.int64)
     size = table["group_size"].to_numpy(zero_copy_only=False).astype(np.int64)
-    distance_column = table["distance"]
-    bits = pa.types.is_integer(distance_column.type)  # hashes: bits; embeddings: 1 - cosine
-    raw_distance = distance_column.to_numpy(zero_copy_only=False).astype(np.float64)
-    distance = rounded(raw_distance)
+    distance = rounded(table["distance"].to_numpy(zero_copy_only=False).astype(np.float64))
     representative = examples.positions(table["representative"], "representative")
     multi = np.flatnonzero(size > 1)
     members = {str(positions[i]): [int(group[i]), int(size[i]), int(representative[i]), distance[i]]
                for i in multi.tolist()}
     ids, first = np.unique(group[multi], return_index=True)
     sizes = size[multi][first]
-    ranked = ids[np.lexsort((ids, -sizes))]
     listed, order = [], []
-    for group_id in ranked[:GROUPS_SHOWN].tolist():
-        rows = multi[group[multi] == group_id]
-        rows = rows[np.lexsort((positions[rows], raw_distance[rows]))]
+    for rows in ranked_groups(table, GROUPS_SHOWN):
+        group_id = int(group[rows[0]])
         order.extend(positions[rows[:MEMBERS_SHOWN]].tolist())
         listed.append({"group": group_id, "size": int(size[rows[0]]), "representative": int(representative[rows[0]]),
                        "members": [[int(positions[i]), distance[i]] for i in rows[:MEMBERS_SHOWN].tolist()]})
     summary = {"groups": len(ids), "examples": len(multi), "removable": int(len(multi) - len(ids)),
                "largest": int(sizes.max()) if len(sizes) else 0, "listed": listed,
                "groups_shown": GROUPS_SHOWN, "members_shown": MEMBERS_SHOWN,
-               "distance": "bits" if bits else "1 - cosine"}
+               "distance": distance_unit(table)}
     return summary, members, np.array(order, dtype=np.int64)
 
 

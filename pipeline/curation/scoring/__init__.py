@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from shards import UsageError, location, read_index, read_manifest
+from shards import UsageError, location, read_index
 from shards.index import parquet_names, read_parquet, table_to_parquet_bytes, usable_train
 from shards.urls import Location
 
@@ -81,11 +81,11 @@ def _random(context: ScoreContext) -> pa.Table:
 
 def _el2n(context: ScoreContext) -> pa.Table:
     from pipeline.curation.scoring.el2n import el2n
+    from pipeline.curation.scoring.shard_tasks import train_shards
 
     if not context.run:
         raise UsageError("el2n scores with a run's checkpoints: give --run RUN")
-    shards = [s["name"] for s in read_manifest(location(context.dataset))["shards"] if s["split"] == "train"]
-    return el2n(context.dataset, "train", shards, context.run, context.actors, context.progress)
+    return el2n(context.dataset, "train", train_shards(context.dataset), context.run, context.actors, context.progress)
 
 
 def _exact(context: ScoreContext) -> pa.Table:

@@ -20,6 +20,7 @@ from ray.util import ActorPool
 from safetensors.torch import load as load_safetensors
 from tqdm import tqdm
 
+from pipeline.curation.scoring.shard_tasks import shard_index_rows
 from pipeline.ray_runtime import cluster_cpus, current_node, describe_nodes, ensure_ray
 from shards import ShardDataset, UsageError, location
 from trainer.checkpoint import CHECKPOINTS, MODEL_FILE, MODEL_JSON
@@ -57,10 +58,12 @@ class EL2NScorer:
             self.models.append(model.eval().to(self.device))
 
     @torch.no_grad()
-    def score_shard(self, dataset_url: str, split: str, shard: str) -> tuple[list[str], np.ndarray, str]:
+    def score_shard(self, dataset_url: str, split: str, shard: str,
+                    rows: pa.Table) -> tuple[list[str], np.ndarray, str]:
         keys: list[str] = []
         scores: list[np.ndarray] = []
-        data = ShardDataset(dataset_url, split, shuffle=False, batch_size=BATCH, channels=3, shards=[shard])
+        data = ShardDataset(dataset_url, split, shuffle=False, batch_size=BATCH, channels=3, shards=[shard],
+                            index=rows)
         for images, labels, batch_keys in data:
             x = prepare(images, self.img_size, self.device)
             onehot = torch.nn.functional.one_hot(labels.to(self.device), self.models[0].num_classes).float()
@@ -79,7 +82,9 @@ def el2n(dataset_url: str, split: str, shards: list[str], run_url: str, actors: 
     pool = ActorPool([EL2NScorer.remote(run_url, folders) for _ in range(count)])
     keys: list[str] = []
     values: list[np.ndarray] = []
-    jobs = pool.map_unordered(lambda actor, shard: actor.score_shard.remote(dataset_url, split, shard), shards)
+    index_rows = shard_index_rows(dataset_url, shards)
+    jobs = pool.map_unordered(
+        lambda actor, shard: actor.score_shard.remote(dataset_url, split, shard, index_rows[shard]), shards)
     nodes: Counter = Counter()
     for shard_keys, shard_scores, node in tqdm(jobs, total=len(shards), unit="shard", desc="el2n",
                                                disable=not progress):

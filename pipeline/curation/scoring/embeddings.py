@@ -34,7 +34,8 @@ from ray.util import ActorPool
 from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
-from pipeline.curation.scoring.duplicates import canonical_translation, grey, grouping_table, train_shards
+from pipeline.curation.scoring.duplicates import canonical_translation, grey, grouping_table
+from pipeline.curation.scoring.shard_tasks import shard_index_rows, train_shards
 from pipeline.ray_runtime import cluster_cpus, current_node, describe_nodes, ensure_ray
 from shards import ShardDataset, UsageError, location
 
@@ -133,11 +134,12 @@ class Embedder:
         torch.set_num_threads(1)
         self.features = feature_function(source, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
-    def embed_shard(self, dataset_url: str, shard: str) -> tuple[list[str], np.ndarray, str]:
+    def embed_shard(self, dataset_url: str, shard: str, index_rows: pa.Table) -> tuple[list[str], np.ndarray, str]:
         keys: list[str] = []
         images: list[torch.Tensor] = []
         rows: list[np.ndarray] = []
-        for image, _, key in ShardDataset(dataset_url, "train", shuffle=False, channels=3, shards=[shard]):
+        for image, _, key in ShardDataset(dataset_url, "train", shuffle=False, channels=3, shards=[shard],
+                                                 index=index_rows):
             keys.append(key)
             images.append(image)
             if len(images) == BATCH:
@@ -155,7 +157,9 @@ def embed_train_split(dataset_url: str, source: FeatureSource, actors: int | Non
     ensure_ray()
     count = max(1, min(actors or cluster_cpus(), len(shards)))
     pool = ActorPool([Embedder.remote(source) for _ in range(count)])
-    jobs = pool.map_unordered(lambda actor, shard: actor.embed_shard.remote(dataset_url, shard), shards)
+    index_rows = shard_index_rows(dataset_url, shards)
+    jobs = pool.map_unordered(lambda actor, shard: actor.embed_shard.remote(dataset_url, shard, index_rows[shard]),
+                              shards)
     keys: list[str] = []
     rows: list[np.ndarray] = []
     nodes: Counter = Counter()
