@@ -67,7 +67,7 @@ def grouping_quality(dataset: str, kind: str, table: pa.Table) -> dict:
     false_groups = sum(len(set(content[group == g])) > 1 for g in np.flatnonzero(sizes > 1))
     representative = np.array(table["representative"].to_pylist(), dtype=object)
     keeper_content = content[[position[r] for r in representative.tolist()]]
-    wrongly = (keys != representative) & (content != keeper_content)
+    wrongly = (keys != representative) & (content != keeper_content) & ~is_copy  # a unique example dropped
     return {"scorer": kind, **{name: float(np.mean(hits)) if hits else 0.0 for name, hits in found.items()},
             "false_groups": int(false_groups),
             "unique_removed_wrongly": float(wrongly.sum() / max(1, (~is_copy).sum()))}
@@ -115,7 +115,7 @@ def dedup_then_strategy(dataset: str, run: str, groupings: dict[str, pa.Table]) 
         table = select(examples, scores[scorer], SelectOptions(keep=0.8, strategy="stratified"),
                        groupings[grouping])
         kept = np.array(table["kept"].to_pylist())
-        rows.append({"selection": f"dedup ({grouping}) + stratified ({scorer})",
+        rows.append({"selection": f"dedup ({grouping}) + stratified ({scorer})", "kept": float(kept.mean()),
                      "duplicates": redundant_removed(examples.keys, content, masks["duplicates"], kept),
                      "near-duplicates": redundant_removed(examples.keys, content, masks["near-duplicates"], kept),
                      "label flips": float((~kept & masks["label flips"]).sum() / max(1, masks["label flips"].sum()))})
@@ -175,9 +175,9 @@ def render(report: dict) -> str:
               f"{r['false_groups']} | {r['unique_removed_wrongly']:.2%} |" for r in report["grouping"]]
     lines += ["", "At keep 0.8, dedup first in the same selection: share of the redundant copies removed (all "
               "but one per original, whichever stays) and of the label flips removed:", "",
-              "| selection | duplicates | near-duplicates | label flips |", "|---|---|---|---|"]
-    lines += [f"| {r['selection']} | {r['duplicates']:.0%} | {r['near-duplicates']:.0%} | {r['label flips']:.0%} |"
-              for r in report["dedup_then_strategy"]]
+              "| selection | kept | duplicates | near-duplicates | label flips |", "|---|---|---|---|---|"]
+    lines += [f"| {r['selection']} | {r['kept']:.0%} | {r['duplicates']:.0%} | {r['near-duplicates']:.0%} | "
+              f"{r['label flips']:.0%} |" for r in report["dedup_then_strategy"]]
     lines += ["", "Scoring time (features of every train image + grouping; whole call; embed on pixels):", "",
               "| examples | Ray CPUs | scorer | seconds |", "|---|---|---|---|"]
     lines += [f"| {r['examples']:,} | {r['ray_cpus']} | {r['scorer']} | {r['seconds']:.1f} |" for r in report["timing"]]
