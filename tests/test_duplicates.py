@@ -11,7 +11,13 @@ from PIL import Image
 
 from helpers import onion, onion_ok
 from pipeline.curation.scoring import read_scores
-from pipeline.curation.scoring.duplicates import duplicate_groups, hamming, near_pairs, perceptual_hash
+from pipeline.curation.scoring.duplicates import (
+    canonical_translation,
+    duplicate_groups,
+    hamming,
+    near_pairs,
+    perceptual_hash,
+)
 from pipeline.curation.scoring.embeddings import (
     EMBED_THRESHOLD,
     PIXELS,
@@ -164,6 +170,50 @@ def test_multi_index_hashing_finds_exactly_the_pairs_brute_force_finds():
         within = hamming(packed, i, j) <= radius
         first, second = near_pairs(packed, radius)
         assert sorted(zip(first.tolist(), second.tolist())) == sorted(zip(i[within].tolist(), j[within].tolist()))
+
+
+def test_multi_index_hashing_with_few_varying_bits_and_on_ray_matches_brute_force(ray_local):
+    """Hashes that differ in few bit positions (most bits never vary, so blocks are small or empty),
+    and the Ray path (block combinations over tasks) against the serial one and brute force."""
+    rng = np.random.default_rng(1)
+    base = np.unpackbits(rng.integers(0, 256, size=32, dtype=np.uint8))
+    varying = rng.choice(256, size=12, replace=False)
+    rows = np.repeat(base[None, :], 80, axis=0)
+    rows[:, varying] = rng.random((80, 12)) < 0.3
+    packed = np.unique(np.packbits(rows, axis=1), axis=0)
+    i, j = np.triu_indices(len(packed), k=1)
+    for radius in (0, 2, 5, 40):
+        within = hamming(packed, i, j) <= radius
+        expected = sorted(zip(i[within].tolist(), j[within].tolist()))
+        for parallel in (False, True):
+            first, second = near_pairs(packed, radius, parallel=parallel)
+            assert sorted(zip(first.tolist(), second.tolist())) == expected, (radius, parallel)
+
+
+def test_embed_groups_identical_rows_at_threshold_one_and_blank_images_together():
+    keys = np.array([f"k{i}" for i in range(8)], dtype=object)
+    rng = np.random.default_rng(2)
+    distinct = rng.normal(size=(3, 16)).astype(np.float32)
+    features = np.vstack([distinct, distinct, np.zeros((2, 16), np.float32)])  # k0-k2 = k3-k5; k6, k7 blank
+    table = semantic_groups(keys, features, threshold=1.0)
+    rows = {row["key"]: row for row in table.to_pylist()}
+    assert [rows[f"k{i + 3}"]["representative"] for i in range(3)] == ["k0", "k1", "k2"]
+    assert rows["k7"]["representative"] == "k6" and rows["k6"]["group_size"] == 2
+    assert all(rows[k]["distance"] == 0.0 for k in ("k0", "k1", "k2", "k6"))  # leaders: exactly 0
+
+
+def test_an_image_whose_first_harmonic_vanishes_is_not_moved_by_noise():
+    """Content that repeats top and bottom has no first vertical harmonic: its phase is noise, so the
+    shift on that axis is not estimated. Else a copy with a little noise moves by up to half the
+    image (measured: its pHash 88-146 bits away; 26-34 with the guard, what pHash gives such images)."""
+    images, _ = mnist_data()
+    rng = np.random.default_rng(3)
+    for index in range(4):
+        half = np.asarray(Image.fromarray(images[index].reshape(28, 28).astype(np.uint8)).resize((32, 16)))
+        image = np.vstack([half, half]).astype(np.float64)
+        noisy = image + rng.normal(0, 1.5, size=image.shape)
+        moved = np.abs(canonical_translation(image) - canonical_translation(noisy))
+        assert np.percentile(moved, 99) < 12  # the same canonical image, up to the noise
 
 
 def test_dedup_keeps_one_per_group_and_names_the_kept_one(copies):

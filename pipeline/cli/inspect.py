@@ -6,6 +6,7 @@ import sys
 
 from rich.console import Console
 
+from pipeline.cli.common import positive_int
 from shards import UsageError
 
 NAME = "inspect"
@@ -33,7 +34,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("--grid", metavar="FILE.png",
                          help="with --selection: thumbnails of the highest and lowest scored; with --groups: the "
                               "largest groups as rows of images")
-    inspect.add_argument("--limit", type=int, default=20, help="with --groups: how many groups to list (default 20)")
+    inspect.add_argument("--limit", type=positive_int, default=20,
+                         help="with --groups: how many groups to list (default 20)")
     inspect.add_argument("--format", dest="output_format", choices=("table", "json", "csv"), default="table",
                          help="table for people (default), json or csv for scripts")
     inspect.set_defaults(handler=run)

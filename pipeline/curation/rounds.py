@@ -83,6 +83,20 @@ def check_plan(plan: CurationPlan) -> None:
             f"{MIN_PRESENTATIONS} or more, or --scorer loss")
 
 
+def check_pool(round_zero: pa.Table, plan: CurationPlan) -> None:
+    """Later rounds restore from what round 0 dropped at random (never duplicates): refuse, before any
+    training, a plan whose pool cannot feed them."""
+    if plan.rounds < 2:
+        return
+    kept = sum(round_zero["kept"].to_pylist())
+    pool = round_zero["reason"].to_pylist().count("random-initial")
+    wanted = plan.remove_n or max(1, int(0.1 * kept))
+    if pool < wanted:
+        raise UsageError(f"round 0 leaves {pool} examples to restore from, and each later round swaps {wanted}: "
+                         "the duplicates took the share --keep drops; raise the dropped share (lower --keep) or "
+                         "lower --remove-n")
+
+
 def claim_run(run: Location, record: dict) -> bool:
     """curation.json, created exclusively, makes this job the run's owner; finding it means resuming.
     Returns whether this call made the claim."""
@@ -134,6 +148,7 @@ def _curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, record: d
             duplicates = duplicate_drops(source, read_grouping(dataset, plan.dedup), plan.dedup_rule) \
                 if plan.dedup else None
             table = initial_round(source, plan.keep, plan.seed, duplicates)
+            check_pool(table, plan)
         else:
             context = ScoreContext(dataset_url, config.out, first_epoch=(round_number - 1) * plan.round_epochs,
                                    last_epoch=round_number * plan.round_epochs - 1, seed=plan.seed, progress=progress)

@@ -40,6 +40,7 @@ HASH_SIDE = 16  # pHash of 16x16 DCT coefficients: 256 bits (64 bits cannot tell
 HASH_BITS = HASH_SIDE * HASH_SIDE
 PHASH_RADIUS = 16  # bits; measured (README): copies re-encoded, resized or re-lit stay within it
 BYTE_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
+WEAK_HARMONIC = 0.05  # below this share of a typical Fourier component, a shift is not estimated
 AGREE = 2  # multi-index hashing: candidates agree exactly on this many blocks (see near_pairs)
 BLOCK_SEED = 5  # the fixed shuffle of bit positions into blocks
 
@@ -70,8 +71,13 @@ def canonical_translation(image: np.ndarray) -> np.ndarray:
     centred = image - image.mean()
     spectrum = np.fft.fft2(centred)
     height, width = centred.shape
-    dy = np.angle(spectrum[1 % height, 0]) * height / (2 * np.pi)
-    dx = np.angle(spectrum[0, 1 % width]) * width / (2 * np.pi)
+    typical = np.sqrt((np.abs(spectrum) ** 2).sum() / max(1, spectrum.size - 1))  # rms of a component
+    vertical, horizontal = spectrum[1 % height, 0], spectrum[0, 1 % width]
+    # A component far weaker than typical (content that repeats, e.g. top = bottom) has a phase that
+    # noise decides: a re-encoded copy would move elsewhere. Such an axis is left as it is (measured:
+    # 0 of 2,000 MNIST digits and 1 in 1,000 noisy synthetic 16x16 images fall below 0.05).
+    dy = np.angle(vertical) * height / (2 * np.pi) if abs(vertical) >= WEAK_HARMONIC * typical else 0.0
+    dx = np.angle(horizontal) * width / (2 * np.pi) if abs(horizontal) >= WEAK_HARMONIC * typical else 0.0
     ramp = np.exp(-2j * np.pi * (np.fft.fftfreq(height)[:, None] * dy + np.fft.fftfreq(width)[None, :] * dx))
     return np.fft.ifft2(spectrum * ramp).real + image.mean()
 
@@ -209,6 +215,9 @@ def near_pairs(packed: np.ndarray, radius: int, parallel: bool = False) -> tuple
     huge ones. With ``parallel`` the block combinations are split over Ray tasks (the hashes go to
     the object store once)."""
     blocks = bit_blocks(packed, radius)
+    varying = sum(len(columns) for columns in blocks)
+    if radius > varying:  # every pair is within the radius: as many blocks as bits that can differ are enough
+        blocks = bit_blocks(packed, varying)
     words = [block_words(packed, columns) for columns in blocks]
     widths = [max(1, len(columns)) for columns in blocks]
     combinations = list(itertools.combinations(range(len(blocks)), AGREE))

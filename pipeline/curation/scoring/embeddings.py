@@ -45,6 +45,7 @@ EMBED_THRESHOLD = 0.98  # cosine; measured (README): 98% of planted 32x32 near-c
 CLUSTER_SIZE = 1000  # k-means clusters of about this many examples
 PROBES = 2  # clusters searched per example: a copy that k-means put in the neighbouring cluster is still found
 BATCH = 256
+COSINE_TOLERANCE = 1e-6  # float32 rounding of cosines of unit vectors
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,8 @@ def embed_train_split(dataset_url: str, source: FeatureSource, actors: int | Non
                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Every usable train example's key (sorted) and feature row, from a pool of Ray actors."""
     shards = train_shards(dataset_url)
+    if not shards:
+        return np.zeros(0, dtype=object), np.zeros((0, 1), np.float32)
     ensure_ray()
     count = max(1, min(actors or cluster_cpus(), len(shards)))
     pool = ActorPool([Embedder.remote(source) for _ in range(count)])
@@ -178,8 +181,12 @@ def embed_train_split(dataset_url: str, source: FeatureSource, actors: int | Non
 
 
 def unit_rows(features: np.ndarray) -> np.ndarray:
-    """Rows scaled to length 1, so inner products are cosines."""
+    """Rows scaled to length 1, so inner products are cosines. An all-zero row (a blank image's
+    centred pixels) becomes the constant unit vector: blank images are copies of one another, and
+    orthogonal to every centred row."""
     rows = np.array(features, dtype=np.float32, order="C")
+    if rows.size:
+        rows[~rows.any(axis=1)] = 1.0
     faiss.normalize_L2(rows)
     return rows
 
@@ -199,10 +206,16 @@ def similar_pairs(vectors: np.ndarray, threshold: float, cluster_size: int = CLU
         index.train(vectors)
         index.nprobe = min(probes, clusters)
     index.add(vectors)
-    lims, similarity, neighbours = index.range_search(vectors, float(np.nextafter(np.float32(threshold), -1)))
+    # float32 products of unit vectors carry rounding of about 1e-7: search a little wider, so that
+    # --threshold 1.0 still finds identical rows
+    lims, similarity, neighbours = index.range_search(vectors, float(threshold) - COSINE_TOLERANCE)
     rows = np.repeat(np.arange(count), np.diff(lims).astype(np.int64))
-    keep = rows < neighbours
-    return rows[keep], neighbours[keep].astype(np.int64), similarity[keep]
+    neighbours = neighbours.astype(np.int64)
+    distinct = rows != neighbours
+    # a pair may be found from one side only (each row searches its own nearest clusters): keep both
+    low, high = np.minimum(rows, neighbours)[distinct], np.maximum(rows, neighbours)[distinct]
+    codes, first = np.unique(low * count + high, return_index=True)
+    return codes // count, codes % count, similarity[distinct][first]
 
 
 def leaders(count: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -228,6 +241,7 @@ def semantic_groups(keys: np.ndarray, features: np.ndarray, threshold: float = E
     first, second, _ = similar_pairs(vectors, threshold, cluster_size, probes) if len(keys) > 1 else ([], [], [])
     leader = leaders(len(keys), np.asarray(first, np.int64), np.asarray(second, np.int64))  # keys sorted: lowest leads
     distances = 1.0 - np.einsum("ij,ij->i", vectors, vectors[leader]).astype(np.float64)
+    distances[leader == np.arange(len(leader))] = 0.0  # a leader is at distance 0 from itself, not 1e-7
     return grouping_table(keys, leader, np.clip(distances, 0.0, 2.0))
 
 
@@ -235,5 +249,7 @@ def embedding_groups(dataset_url: str, source: FeatureSource, threshold: float =
                      actors: int | None = None, progress: bool = True) -> pa.Table:
     if not 0.0 < threshold <= 1.0:
         raise UsageError(f"--threshold {threshold}: a cosine similarity in (0, 1]")
+    if source.model != PIXELS:  # a wrong model, weights file or run: one line here, not a dead Ray actor
+        feature_function(source, torch.device("cpu"))
     keys, features = embed_train_split(dataset_url, source, actors, progress)
     return semantic_groups(keys, features, threshold)

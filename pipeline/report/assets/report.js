@@ -225,7 +225,8 @@
       box.append(h("div", { class: "note", text: "no scores to draw: this selection used none (random or round 0); choose a scorer above" }));
       return box;
     }
-    let lo = Math.min(...all), hi = Math.max(...all);
+    let lo = Infinity, hi = -Infinity;  // a loop: spreading a million values into Math.min overflows the stack
+    for (const x of all) { if (x < lo) lo = x; if (x > hi) hi = x; }
     if (lo === hi) { lo -= 0.5; hi += 0.5; }
     const counts = groups.map((g) => {
       const c = new Array(bins).fill(0);
@@ -259,7 +260,8 @@
     if (!rendered[name]) { rendered[name] = true; RENDER[name](); }
   }
   function route() {
-    const hash = decodeURIComponent(location.hash.slice(1));
+    let hash = location.hash.slice(1);
+    try { hash = decodeURIComponent(hash); } catch (error) { /* a hand-typed "%": use it as written */ }
     if (hash.startsWith("example=")) {
       showTab("example");
       openExample(hash.slice("example=".length));
