@@ -111,11 +111,16 @@ def dedup_then_strategy(dataset: str, run: str, groupings: dict[str, pa.Table]) 
     rows = []
     scores = {scorer: compute_scores(scorer, ScoreContext(dataset, run, progress=False))
               for scorer in ("forgetting", "loss", "el2n")}
-    for grouping, scorer in itertools.product(groupings, scores):
-        table = select(examples, scores[scorer], SelectOptions(keep=0.8, strategy="stratified"),
-                       groupings[grouping])
+    # the default hard cut (10%), and one sized to the label noise the planted set holds (10% of train,
+    # 11% of what the exact dedup leaves): CCS's cut is meant to be set to the expected noise
+    variants = [(grouping, scorer, 0.1) for grouping, scorer in itertools.product(groupings, scores)]
+    variants += [("exact", scorer, 0.15) for scorer in scores]
+    for grouping, scorer, hard_cut in variants:
+        options = SelectOptions(keep=0.8, strategy="stratified", hard_cut=hard_cut)
+        table = select(examples, scores[scorer], options, groupings[grouping])
         kept = np.array(table["kept"].to_pylist())
-        rows.append({"selection": f"dedup ({grouping}) + stratified ({scorer})", "kept": float(kept.mean()),
+        cut = "" if hard_cut == 0.1 else f", hard cut {hard_cut:g}"
+        rows.append({"selection": f"dedup ({grouping}) + stratified ({scorer}{cut})", "kept": float(kept.mean()),
                      "duplicates": redundant_removed(examples.keys, content, masks["duplicates"], kept),
                      "near-duplicates": redundant_removed(examples.keys, content, masks["near-duplicates"], kept),
                      "label flips": float((~kept & masks["label flips"]).sum() / max(1, masks["label flips"].sum()))})
