@@ -222,7 +222,8 @@ def leaders(count: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """Each row's group leader: rows in key order, each joining the first leader it is similar to,
     or leading a group of its own. Unlike connected components, a chain a~b~c of ever-so-slightly
     different images does not merge a and c: every member is within the threshold of its leader
-    (measured on planted data: components merged unrelated images into 15 groups, leaders into none)."""
+    (measured on planted 16x16 data at cosine 0.97: components made groups that dropped 11% of the
+    unique examples, leaders 6.5%; at the default 0.98 both found no false group)."""
     neighbours = csr_matrix((np.ones(len(first), np.int8), (first, second)), shape=(count, count))
     leader = np.full(count, -1, dtype=np.int64)
     for row in range(count):
