@@ -37,12 +37,17 @@ KINDS = {"duplicates": "dup-of:", "near-duplicates": "near-dup-of:", "label flip
 DIFFICULTY_SCORERS = ("forgetting", "loss", "el2n", "random")  # the grouping ones: benchmarks/duplicates.py
 
 
+def planted_dataset(path: Path, count: int, image_size: int) -> str:
+    """Synthetic data with 10% of train each planted kind: exact copies, near-copies, label flips."""
+    source = open_source("synthetic", SourceOptions(count=count, image_size=image_size, dup_rate=0.1,
+                                                    near_dup_rate=0.1, flip_rate=0.1))
+    ingest(source, str(path), IngestOptions(shard_size=500), ["benchmark"], progress=False)
+    return str(path)
+
+
 def planted_run(root: Path, count: int, epochs: int) -> tuple[str, str]:
     """Synthetic data with 10% of train each planted kind, and a small ViT trained on it (for scores)."""
-    dataset, run = str(root / "planted"), str(root / "run")
-    source = open_source("synthetic", SourceOptions(count=count, image_size=16, dup_rate=0.1, near_dup_rate=0.1,
-                                                    flip_rate=0.1))
-    ingest(source, dataset, IngestOptions(shard_size=500), ["benchmark"], progress=False)
+    dataset, run = planted_dataset(root / "planted", count, image_size=16), str(root / "run")
     train(TrainConfig(dataset=dataset, out=run, epochs=epochs, batch_size=64, depth=2, embed_dim=64, num_heads=2,
                       patch_size=4, lr=2e-3, warmup_epochs=0.3, loader_workers=1, label_smoothing=0.0,
                       weight_decay=0.01))

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from curation import planted_masks, planted_run
+from curation import planted_dataset, planted_masks, planted_run
 from pipeline.curation.scoring import ScoreContext, compute_scores
 from pipeline.curation.scoring.duplicates import duplicate_groups
 from pipeline.curation.scoring.embeddings import FeatureSource, embedding_groups
@@ -80,14 +80,6 @@ def grouping_scores(dataset: str, run: str | None) -> dict[str, pa.Table]:
     if run:
         tables["embed (run's class token)"] = embedding_groups(dataset, FeatureSource(run=run), progress=False)
     return tables
-
-
-def planted_32(root: Path, count: int) -> str:
-    dataset = str(root / "planted-32")
-    source = open_source("synthetic", SourceOptions(count=count, image_size=32, dup_rate=0.1, near_dup_rate=0.1,
-                                                    flip_rate=0.1))
-    ingest(source, dataset, IngestOptions(shard_size=500), ["benchmark"], progress=False)
-    return dataset
 
 
 def redundant_removed(keys: np.ndarray, content: np.ndarray, copies: np.ndarray, kept: np.ndarray) -> float:
@@ -162,7 +154,7 @@ def main() -> None:
         root = Path(scratch)
         dataset, run = planted_run(root, args.count, args.epochs)
         groupings = grouping_scores(dataset, run)
-        larger = planted_32(root, args.count)
+        larger = planted_dataset(root / "planted-32", args.count, image_size=32)
         report = {"grouping": [{**grouping_quality(dataset, name, table), "image": "16x16"}
                                for name, table in groupings.items()]
                   + [{**grouping_quality(larger, name, table), "image": "32x32"}
