@@ -28,6 +28,7 @@ from shards.index import (
 from shards.urls import Location
 
 SELECTIONS = "selections"
+FINGERPRINTS = "fingerprints"  # selections/fingerprints/vNNNN.<sha256 of the rows>: empty markers
 VERSION = re.compile(r"v\d{4,}")
 
 
@@ -83,13 +84,30 @@ def save_selection(dataset: Location, table: pa.Table, parameters: dict) -> str:
     data = table_to_parquet_bytes(table.replace_schema_metadata(metadata))
     while True:
         versions = selection_versions(dataset)
-        for version in versions:
-            stored = parquet_bytes_to_table(folder.read_bytes(f"{version}.parquet"), columns=[])  # metadata only
-            if stored.schema.metadata.get(b"fingerprint") == identity.encode():
-                return version
+        stored = version_of_fingerprint(dataset, versions)
+        if identity in stored:
+            return stored[identity]
         version = f"v{int(versions[-1][1:]) + 1 if versions else 1:04d}"
         if folder.create_exclusive(f"{version}.parquet", data):
+            folder.child(FINGERPRINTS).write_atomic(f"{version}.{identity}", b"")
             return version
+
+
+def version_of_fingerprint(dataset: Location, versions: list[str]) -> dict[str, str]:
+    """The oldest version holding each stored fingerprint. Fingerprints are read from the names of
+    empty marker files (one listing), not from every version's footer: per-epoch pruning saves a
+    version per epoch, and reading them all on each save made saving grow with the history. A
+    version without a marker (saved before markers existed, or by a job that died in between) has
+    its footer read once and gets its marker."""
+    folder = dataset.child(SELECTIONS)
+    marks = folder.child(FINGERPRINTS)
+    found = dict(name.split(".", 1) for name in marks.list_names() if "." in name)
+    for version in versions:
+        if version not in found:
+            stored = parquet_bytes_to_table(folder.read_bytes(f"{version}.parquet"), columns=[])  # metadata only
+            found[version] = (stored.schema.metadata or {}).get(b"fingerprint", b"").decode()
+            marks.write_atomic(f"{version}.{found[version]}", b"")
+    return {identity: version for version, identity in sorted(found.items(), reverse=True) if identity}
 
 
 def selection_versions(dataset: Location) -> list[str]:

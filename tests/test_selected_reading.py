@@ -114,3 +114,39 @@ def test_neighbouring_members_are_one_read_and_far_ones_are_not():
     assert list(chunk_bounds(offsets, sizes, 0, 6, limit=10_000, max_gap=100)) == [(0, 3), (3, 5), (5, 6)]
     assert list(chunk_bounds(offsets, sizes, 0, 6, limit=10_000)) == [(0, 6)]
     assert list(chunk_bounds(offsets, sizes, 1, 5, limit=15, max_gap=100)) == [(1, 3), (3, 5)]
+
+
+def test_restricting_keeps_the_workers_and_reads_what_a_new_selection_would(tmp_path):
+    """Per-epoch pruning changes the keys every epoch: ``restrict`` gives the very batches of a dataset
+    made with that selection, through the same persistent workers (2 ranks x 2 workers, shards emptied
+    by the restriction, back to all with None)."""
+    url = str(tmp_path / "ds")
+    keys = sorted(write_direct_dataset(url, UNEVEN))
+    rng = np.random.default_rng(5)
+    choices = [set(rng.permutation(keys)[:20].tolist()), None, set(keys[8:38:3]), {keys[0]}]
+    for rank in range(RANKS):
+        dataset = ShardDataset(url, rank=rank, world_size=RANKS, seed=3, buffer_size=5, batch_size=4)
+        loader = DataLoader(dataset, batch_size=None, num_workers=WORKERS, persistent_workers=True)
+        workers = None
+        for epoch, chosen in enumerate(choices):
+            dataset.restrict(chosen)
+            dataset.set_epoch(epoch)
+            seen = [list(batch_keys) for *_, batch_keys in loader]
+            workers = workers or loader._iterator._workers
+            assert loader._iterator._workers is workers, "the workers were re-created"
+            fresh = ShardDataset(url, rank=rank, world_size=RANKS, seed=3, buffer_size=5, batch_size=4,
+                                 selection=chosen)
+            fresh.set_epoch(epoch)
+            expected = [list(batch_keys) for *_, batch_keys in DataLoader(fresh, batch_size=None,
+                                                                         num_workers=WORKERS)]
+            assert seen == expected and sum(map(len, seen)) == len(dataset) == len(fresh)
+            assert sorted(dataset.keys()) == keys, "keys() stays every candidate"
+        del loader
+
+
+def test_restricting_to_a_key_outside_the_dataset_is_named(tmp_path):
+    url = str(tmp_path / "ds")
+    keys = sorted(write_direct_dataset(url, UNEVEN))
+    dataset = ShardDataset(url, selection=keys[:10])
+    with pytest.raises(DatasetError, match=f"'{keys[20]}'"):
+        dataset.restrict([keys[0], keys[20]])

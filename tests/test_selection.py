@@ -1,5 +1,6 @@
 """Scores and selections on hand-made inputs with known answers."""
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -177,6 +178,20 @@ def test_versions_are_immutable_and_reused(tmp_path):
     assert first == "v0001"
     assert save_selection(dataset, initial_round(src, 0.8, 1), {"round": 0}) == "v0001"
     assert save_selection(dataset, initial_round(src, 0.8, 2), {"round": 0}) == "v0002"
+
+
+def test_saving_reads_no_stored_version_once_their_fingerprints_are_marked(tmp_path):
+    """Per-epoch pruning saves a version per epoch: finding an identical version must not read every
+    stored one. Versions saved before the markers existed are read once and marked."""
+    src, dataset = source(), location(str(tmp_path))
+    assert [save_selection(dataset, initial_round(src, 0.8, seed), {}) for seed in (1, 2)] == ["v0001", "v0002"]
+    shutil.rmtree(tmp_path / "selections" / "fingerprints")  # as a dataset from before the markers
+    assert save_selection(dataset, initial_round(src, 0.8, 2), {}) == "v0002"
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "selections" / "fingerprints").iterdir()) == [
+        "v0001", "v0002"]
+    (tmp_path / "selections" / "v0001.parquet").write_bytes(b"not parquet")  # would fail if it were read
+    assert save_selection(dataset, initial_round(src, 0.8, 1), {}) == "v0001"
+    assert save_selection(dataset, initial_round(src, 0.8, 3), {}) == "v0003"
 
 
 def test_largest_remainder_adds_up():

@@ -73,7 +73,7 @@ def part_step(name: str) -> int:
     return int(name.rsplit("-s", 1)[1].split(".")[0])
 
 
-def read_dynamics(run: Location) -> pa.Table:
+def read_dynamics(run: Location, columns: list[str] | None = None) -> pa.Table:
     folder = run.child(DYNAMICS)
-    tables = [read_parquet(folder, name) for name in parquet_names(folder)]
+    tables = [read_parquet(folder, name, columns) for name in parquet_names(folder)]
     return pa.concat_tables(tables) if tables else pa.table({})

@@ -75,7 +75,7 @@ def plan_epoch(keys: np.ndarray, scores: np.ndarray, epoch: int, epochs: int, ra
 
 def latest_losses(run: Location, keys: np.ndarray, before_epoch: int) -> np.ndarray:
     """Each key's loss at its latest presentation before ``before_epoch`` (NaN if never presented)."""
-    dynamics = read_dynamics(run)
+    dynamics = read_dynamics(run, columns=["key", "epoch", "step", "loss"])
     scores = np.full(len(keys), np.nan)
     if dynamics.num_rows == 0:
         return scores

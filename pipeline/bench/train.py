@@ -78,15 +78,23 @@ PRESETS = {
                                                     batch_size=64, loader_workers=1, lr=2e-3, warmup_epochs=0.3,
                                                     token_blocks=[1]),
                     epochs=4, rounds=2, token_keep=0.5, attn_keep=0.5, seeds=1),
-    # MNIST 5k with a DeiT-Tiny-shaped ViT (12 blocks, width 192, 3 heads) for 28x28: patch 7, so
-    # 16 tokens + class token. The dense arm converges in 8 epochs (val top-1 plateaus near 88%;
-    # train top-1 passes 95%): about 2.5 minutes on 2 cores. Patch 4 (49 tokens) trains 2.5x slower
-    # per image and reaches only ~63% in the same time. Validated once, after the last epoch (the
-    # table reports only that figure; evaluating every epoch would be a fixed cost of every arm).
-    "cpu": Preset("mnist5k", SourceOptions(), dict(embed_dim=192, num_heads=3, depth=12, patch_size=7, batch_size=32,
-                                                   loader_workers=2, lr=5e-4, warmup_epochs=1, keep_warmup_epochs=1,
-                                                   keep_ramp_epochs=1, eval_every=8),
-                  epochs=8, rounds=4),
+    # MNIST 5k (3,986 train / 1,014 val) with a small ViT (6 blocks, width 96, 3 heads, patch 7: 16 tokens +
+    # class token) trained to convergence: train top-1 passes 99.9% and val top-1 has plateaued (near
+    # 93%, no augmentation) well before the last of 30 epochs; about 90 s per dense run on 2 cores.
+    # Parity is only meaningful at convergence: cutting presentations from a run that is still
+    # learning costs accuracy by construction (see cpu-deit-tiny). Validated once, after the last epoch.
+    "cpu": Preset("mnist5k", SourceOptions(), dict(embed_dim=96, num_heads=3, depth=6, patch_size=7, batch_size=64,
+                                                   loader_workers=2, lr=1e-3, warmup_epochs=1, keep_warmup_epochs=1,
+                                                   keep_ramp_epochs=2, eval_every=30),
+                  epochs=30, rounds=5, seeds=6),
+    # The earlier CPU preset, kept so its figures reproduce: a DeiT-Tiny-shaped ViT (12 blocks, width 192,
+    # 3 heads) for 28x28 at patch 7, 8 epochs, about 2.5 minutes per dense run. It does NOT converge in
+    # 8 epochs (train loss still falling steeply, val top-1 near 88% and rising); the sparse levels'
+    # speed figures come from it. Patch 4 (49 tokens) trains 2.5x slower per image.
+    "cpu-deit-tiny": Preset("mnist5k", SourceOptions(),
+                            dict(embed_dim=192, num_heads=3, depth=12, patch_size=7, batch_size=32, loader_workers=2,
+                                 lr=5e-4, warmup_epochs=1, keep_warmup_epochs=1, keep_ramp_epochs=1, eval_every=8),
+                            epochs=8, rounds=4),
     # One CUDA card in <= 6 minutes for every arm: DeiT-Tiny at 224x224 / patch 16 (196 tokens + class
     # token) in bf16, on 20k synthetic 32x32 images stored small and upscaled on the GPU (the loader
     # decodes 32x32 PNGs, so it keeps up). Block-sparse attention arms next to the exact ones.
