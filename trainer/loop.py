@@ -104,11 +104,6 @@ class Trainer:
         self.run = location(config.out)
         self.dataset = location(config.dataset)
         self.device = pick_device(config, rank)
-        if self.device.type == "cpu":
-            # Late in training AdamW's second moments and the updates fall below float32's normal
-            # range, and CPU arithmetic on such denormals is many times slower: without this the
-            # last epochs of a converged run trained ~13% slower than the first ones.
-            torch.set_flush_denormal(True)
         info = data_info(self.dataset)
         self.img_size = config.img_size or info.img_size
         self.num_classes = info.num_classes

@@ -27,7 +27,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "results.png (top-1 against time relative to dense) and results.json.",
     )
     trained.add_argument("--preset", choices=list(PRESETS), default="smoke",
-                         help="smoke: CI-sized (< 3 min); cpu: mnist5k, DeiT-Tiny shape (<= 60 min on 2 cores); "
+                         help="smoke: CI-sized (< 3 min); cpu: mnist5k, a small ViT trained to convergence (8 arms x 5 "
+                              "seeds, about 50 min on 2 cores); cpu-deit-tiny: the earlier DeiT-Tiny-shaped preset "
+                              "(8 epochs, not converged; 8 arms x 3 seeds in 45 min); "
                               "gpu: one CUDA card, DeiT-Tiny at 224 px in bf16, with block-sparse attention arms "
                               "(<= 6 min)")
     trained.add_argument("--seeds", type=positive_int, help="seeds per arm (default: the preset's)")
