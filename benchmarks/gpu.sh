@@ -9,7 +9,8 @@
 #   2. profile.md: torch.profiler per arm (dense, token 0.7, token 0.7 + block attention 0.3) at
 #      224 px / patch 16: s/step, host vs device time, syncs per step, top ops;
 #   3. training-gpu.md: the step benchmark (measured vs FLOPs-predicted speed-up, attention cost by
-#      length incl. block mode at 577 tokens), eager then compiled (training-gpu-compiled.md);
+#      length incl. block mode at 577 tokens, and whether a pruning block should reuse explicit
+#      attention's probabilities for the map on a GPU too), eager then compiled (training-gpu-compiled.md);
 #   4. bench-gpu/results.md: `onion bench train --preset gpu`, every arm end to end (goal <= 6 min).
 # Uses the interpreter in .venv when there is one, else python3 (a machine that has torch and timm).
 set -euo pipefail

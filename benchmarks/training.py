@@ -11,7 +11,9 @@ warm-up steps (which, with ``--compile``, include compiling: reported separately
      (the FLOPs model counts the token level only);
   2. the attention level's cost on top of the token level at longer sequences (larger images),
      exact and block mode (on CUDA also at 24 x 24 patches, 577 tokens: 384 px at patch 16);
-  3. the cost of recording training dynamics.
+  3. a pruning block's attention when the whole map is needed: fused kernel + ranking pass vs
+     explicit attention reusing its probabilities (what the sparse ViT runs on CPU);
+  4. the cost of recording training dynamics.
 On CPU, FlexAttention has no backward, so block mode trains through its dense masked fallback
 there: the block arm shows the cost of choosing tiles, not the saving of skipping them.
 """
@@ -32,6 +34,7 @@ from shards import location
 from trainer import sparsify
 from trainer.dynamics import DynamicsRecorder
 from trainer.flops import ViTShape, forward_flops
+from trainer.loop import FUSED_ADAMW_DEVICES
 
 BLOCKS = (3, 6, 9)
 DEVICE = torch.device("cpu")
@@ -69,7 +72,8 @@ class Arm:
         # Static shapes: one graph per arm (compiled during the warm-up steps, outside the median).
         self.forward = torch.compile(self.model, dynamic=False) if COMPILE else self.model
         self.warmup_seconds = 0.0
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4,
+                                           fused=DEVICE.type in FUSED_ADAMW_DEVICES)  # as the trainer
         self.recorder = recorder
         self.flops = forward_flops(ViTShape.of(self.model), token_keep, set(BLOCKS))
 
@@ -106,6 +110,37 @@ def race(arms: dict[str, Arm], img_size: int, batch: int, steps: int, repeats: i
         for name, arm in arms.items():
             times[name].append(arm.seconds(x, y, keys, steps))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def pruning_block_attention(img_size: int, batch: int, repeats: int, calls: int = 5) -> dict[str, float]:
+    """Seconds for the forward and backward of one pruning block's attention when the whole map is
+    needed (the attention level): the fused kernel plus a separate ranking pass over the scores, vs
+    explicit attention whose probabilities also rank (what the sparse ViT runs on CPU)."""
+    model = Arm(img_size, 0.7, 0.3).model
+    attn = model.blocks[0].attn
+    tokens = (img_size // PATCH) ** 2 + 1
+    q, k, v = (torch.randn(batch, attn.num_heads, tokens, attn.head_dim, device=DEVICE, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def fused() -> None:
+        out = F.scaled_dot_product_attention(q, k, v)
+        model._ranking(q, k, attn.scale, full_map=True)
+        out.backward(grad)
+
+    def explicit() -> None:
+        model._attend_and_rank(q, k, v, attn.scale, 0.0, True)[0].backward(grad)
+
+    times: dict[str, list[float]] = {"fused + ranking pass": [], "explicit": []}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, run in (("fused + ranking pass", fused), ("explicit", explicit)):
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            synchronize()
+            times[name].append((time.perf_counter() - start) / calls)
+    return {name: statistics.median(values[1:]) for name, values in times.items()}
 
 
 def main() -> None:
@@ -164,6 +199,9 @@ def main() -> None:
                                           "relative_time": timing["token+attention"] / timing["token"],
                                           "block_relative_time": timing["token+attention-block"] / timing["token"]})
 
+    report["map_reuse"] = [{"tokens": (img_size // PATCH) ** 2 + 1, "batch": batch,
+                            **pruning_block_attention(img_size, batch, args.repeats)} for img_size, batch in lengths]
+
     with tempfile.TemporaryDirectory() as scratch:
         pair = {"without dynamics": Arm(32, 0.7, 1.0),
                 "with dynamics": Arm(32, 0.7, 1.0, DynamicsRecorder(location(scratch), 0))}
@@ -193,6 +231,13 @@ def render(report: dict) -> str:
     lines += [f"| {r['tokens']} | {r['batch']} | {r['relative_time']:.3f} | "
               f"{r['block_relative_time']:.3f} |" if "block_relative_time" in r else
               f"| {r['tokens']} | {r['batch']} | {r['relative_time']:.3f} | - |" for r in report["attention_level"]]
+    if report.get("map_reuse"):
+        lines += ["", "A pruning block's attention when the attention level needs the whole map, forward + backward "
+                  "(ms): the fused kernel plus a ranking pass over the scores, vs explicit attention whose "
+                  "probabilities rank (what the sparse ViT runs on CPU):", "",
+                  "| tokens | batch | fused + ranking pass | explicit | explicit / fused |", "|---|---|---|---|---|"]
+        lines += [f"| {r['tokens']} | {r['batch']} | {1e3 * r['fused + ranking pass']:.2f} | {1e3 * r['explicit']:.2f} "
+                  f"| {r['explicit'] / r['fused + ranking pass']:.2f} |" for r in report["map_reuse"]]
     lines += ["", f"Dynamics recording overhead: {100 * report['dynamics_overhead']:+.1f}% of step time", ""]
     return "\n".join(lines)
 

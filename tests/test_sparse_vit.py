@@ -246,6 +246,40 @@ def test_grad_checkpointing_checkpoints_each_block_and_changes_nothing(family, m
     assert len(calls) == 8  # only the one training forward with gradients added calls
 
 
+@pytest.mark.parametrize("family,attn_mode", [("class_token", "exact"), ("class_token", "block"),
+                                               ("registers", "exact"), ("class_free", "exact"),
+                                               ("class_free_registers", "block")])
+def test_explicit_attention_at_pruning_blocks_equals_the_fused_kernel(family, attn_mode, monkeypatch):
+    """On CPU a pruning block that needs the whole map computes attention explicitly and ranks with
+    its probabilities; the fused kernel plus a separate ranking pass must give the same tokens,
+    outputs and gradients (float32 rounding only)."""
+    vit = make_family(family).train()
+    sparse = sparsify(vit, token_keep=0.5, attn_keep=0.4, fuse_token=True, attn_mode=attn_mode)
+    x = torch.randn(4, 3, 32, 32)
+    explicit = []
+    attend = sparse_vit.SparseVisionTransformer._attend_and_rank
+    monkeypatch.setattr(sparse_vit.SparseVisionTransformer, "_attend_and_rank",
+                        lambda *a: explicit.append(1) or attend(*a))
+
+    def step(reuse):
+        monkeypatch.setattr(sparse_vit, "reuses_attention_map", lambda device: reuse)
+        sparse.zero_grad(set_to_none=True)
+        out = sparse(x)
+        out.logsumexp(-1).mean().backward()
+        return out.detach(), list(sparse.last_token_counts), [p.grad.clone() for p in sparse.parameters()]
+
+    out, counts, grads = step(True)
+    assert len(explicit) == 3  # pruning blocks 1, 2, 3
+    fused_out, fused_counts, fused_grads = step(False)
+    assert len(explicit) == 3
+    assert counts == fused_counts
+    assert (out - fused_out).abs().max().item() <= 1e-5
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads, fused_grads))
+    sparse.set_rates(attn_keep=1.0)  # class token and no attention level: the fused kernel and the row only
+    step(True)
+    assert len(explicit) == 3 + (0 if FAMILIES[family][3] else 3)
+
+
 def test_default_blocks_scale_with_depth():
     assert default_token_blocks(12) == (3, 6, 9)
     assert default_token_blocks(6) == (1, 3, 4)
