@@ -298,7 +298,7 @@ def reuses_attention_map(device: torch.device) -> bool:
 
     On CPU it does: one explicit pass (scores, softmax, weighted sum) costs less than the fused
     kernel plus a second, forward-only pass for the map (2 cores, DeiT-Tiny shape, forward and
-    backward: 39 vs 45 ms at 1,025 tokens, 9 vs 13 ms at 257, 3.0 vs 5.2 ms at 65; README "Sparse
+    backward: 39 vs 46 ms at 1,025 tokens, 9 vs 13 ms at 257, 2.8 vs 4.4 ms at 65; README "Sparse
     training (CPU)"). Elsewhere the fused kernel keeps its backward and memory (a GPU has not been
     measured either way).
     """
