@@ -22,6 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from shards.faults import boundary
+from shards.fork_safety import track
 
 TEMP_MARKER = ".tmp-"
 TEMPORARY = re.compile(re.escape(TEMP_MARKER) + r"([0-9]+)-[0-9a-f]{8}$")  # what temporary_name() appends
@@ -37,7 +38,8 @@ class Location:
 
     The filesystem object is looked up on use, not stored: fsspec caches one instance per process
     and makes a fresh one after a fork, so a Location can travel to DataLoader workers and Ray tasks
-    (async filesystems such as s3fs must not be shared across a fork).
+    (async filesystems such as s3fs must not be shared across a fork; :mod:`shards.fork_safety`
+    keeps a forked child from closing its parent's connections).
     """
 
     root: str
@@ -47,7 +49,7 @@ class Location:
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.filesystem(self.protocol, **dict(self.options))
+        return track(fsspec.filesystem(self.protocol, **dict(self.options)))
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts]) if parts else self.root
@@ -208,6 +210,7 @@ def location(url: str | os.PathLike[str]) -> Location:
     protocol = fsspec.core.split_protocol(text)[0] or "file"
     options = storage_options(protocol)
     fs, root = fsspec.core.url_to_fs(text, **options)
+    track(fs)
     if isinstance(fs, LocalFileSystem):
         root = os.path.abspath(root)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
