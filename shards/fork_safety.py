@@ -31,7 +31,7 @@ _inherited: list[fsspec.AbstractFileSystem] = []
 
 def track(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
     """Record ``fs`` if it is an async filesystem, so processes forked later leave it alone; returns ``fs``."""
-    if getattr(fs, "async_impl", False):
+    if getattr(fs, "async_impl", False) and _made.get(id(fs)) is not fs:
         _made[id(fs)] = fs
     return fs
 

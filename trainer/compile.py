@@ -1,9 +1,11 @@
 """``torch.compile`` for the training step.
 
 The keep-rate schedule quantises its rates, so a run meets only a handful of distinct token
-counts; with ``dynamic=False`` each becomes one static graph (plus one per distinct size of a
-last, partial batch). The recompile limit is raised so those few graphs never fall back to eager,
-and ``compiled_graphs()`` reports how many were built.
+counts; with ``dynamic=False`` each becomes one static graph. Only full batches run compiled: the
+trainer runs an epoch's last, partial batch eagerly (its size changes from epoch to epoch once
+examples are pruned per epoch, and each size would be a graph compiled for one step). The recompile
+limit is raised so those few graphs never fall back to eager, and ``compiled_graphs()`` reports how
+many were built.
 """
 from __future__ import annotations
 

@@ -73,8 +73,8 @@ class TrainConfig:
     nproc: int = knob(1, "DDP processes on this machine (gloo on CPU, NCCL on GPU); or launch with torchrun")
     record_dynamics: bool = knob(True, "write per-example training dynamics to dynamics/*.parquet")
     compile: str = knob("off", "torch.compile the training step: off, default, reduce-overhead (CUDA graphs) or "
-                               "max-autotune; one static graph per distinct token count, compile time included "
-                               "in every timing")
+                               "max-autotune; one static graph per distinct token count (an epoch's partial last batch "
+                               "runs eagerly), compile time included in every timing")
     log_every: int = knob(50, "steps between progress-bar updates (each reads the loss from the device once; the "
                               "step itself never waits for the device)")
 

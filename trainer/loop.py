@@ -120,6 +120,7 @@ class Trainer:
         self.step_model = compiled(self.ddp or self.model, config.compile)
         self.graphs_before = compiled_graphs()  # dynamo's counter is per process: report this run's share
         self.step_shapes: set[tuple[int, ...]] = set()  # distinct (batch size, tokens in each block) of the steps
+        self.compiled_shapes: set[tuple[int, ...]] = set()  # those of the steps that ran compiled
         self.position = Position(step=0, epoch=0, batch=0)
         self.example_weights: dict[str, float] | None = None  # loss weights of this epoch's examples (infobatch)
         self.use_dataset(config.dataset, config.selection or None)
@@ -249,6 +250,7 @@ class Trainer:
                    "device": str(self.device), "config": config.to_dict(),
                    "token_counts": sorted({shape[1:] for shape in self.step_shapes}),
                    "step_shapes": len(self.step_shapes),
+                   "compiled_shapes": len(self.compiled_shapes),
                    "compiled_graphs": compiled_graphs() - self.graphs_before,
                    "model_kwargs": model_kwargs(config, self.img_size, self.num_classes)}
         if self.is_main and self.position.epoch >= config.epochs:
@@ -290,8 +292,12 @@ class Trainer:
         y = labels.to(self.device, non_blocking=True)
         inputs, targets = self.mixup(x, y) if self.mixup and len(x) % 2 == 0 else (x, y)
         smoothing = 0.0 if self.mixup else config.label_smoothing
+        # A partial batch (an epoch's last) runs eagerly: compiled, each distinct size would be one more
+        # graph, and example pruning changes that size every epoch (a recompile per epoch for one step).
+        compiled_step = config.compile != "off" and len(keys) == config.batch_size
+        model = self.step_model if compiled_step else (self.ddp or self.model)
         with autocast_for(config, self.device):
-            logits = self.step_model(inputs)
+            logits = model(inputs)
             if self.example_weights is None:
                 loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
             else:  # well-learned examples that stay weigh 1 / (1 - ratio): the expected gradient is unbiased
@@ -308,7 +314,10 @@ class Trainer:
                                  self.model.last_cls_attention_variance)
         totals[0] += loss.detach() * len(keys)
         totals[1] += (logits.detach().argmax(dim=1) == y).sum()
-        self.step_shapes.add((len(keys), *self.model.last_token_counts))
+        shape = (len(keys), *self.model.last_token_counts)
+        self.step_shapes.add(shape)
+        if compiled_step:
+            self.compiled_shapes.add(shape)
         step_flops = TRAIN_FLOPS_PER_FORWARD * len(keys) * forward_flops(
             self.shape, self.model.token_keep, self.model.token_blocks, self.model.fuse_token)
         self.position = replace(self.position, step=self.position.step + 1, batch=self.position.batch + 1,
