@@ -175,10 +175,12 @@ RAY_CLUSTER_ENV = {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
 def start_ray_node(args: list[str], log: str, cpus: int = 1) -> subprocess.Popen:
     """``ray start ... --block`` in its own process group, so exactly this node can be stopped
     (``ray stop`` would also stop a test session's embedded Ray)."""
+    # A node given SIGTERM first drains for up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (for Serve
+    # replicas; 30 s by default, which stop_ray_node waited out); these nodes have nothing to drain.
     with open(log, "wb") as output:
         return subprocess.Popen([*RAY, "start", *args, "--num-cpus", str(cpus), "--block", "--disable-usage-stats"],
                                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **RAY_CLUSTER_ENV})
+                                env={**os.environ, **RAY_CLUSTER_ENV, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
 
 
 def stop_ray_node(process: subprocess.Popen) -> None:
