@@ -9,6 +9,20 @@ cd "$(dirname "$0")"
 VENV=.venv
 PYTHON=${PYTHON:-python3}
 
+# A new virtualenv holds PyTorch with its CUDA libraries: about 7 GB once installed.
+NEEDED_GB=8
+
+check_free_space() {
+    # Refuse up front, naming the folder, rather than let pip fail half-way with "No space left on device".
+    local free_kb
+    free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+    if [ "$free_kb" -lt $((NEEDED_GB * 1024 * 1024)) ]; then
+        echo "error: $PWD/$VENV needs about $NEEDED_GB GB free for PyTorch and the other dependencies," \
+             "but only $((free_kb / 1024 / 1024)) GB is free there (df -h $PWD): free some space and re-run" >&2
+        exit 1
+    fi
+}
+
 ensure_venv() {
     # Reinstall only when pyproject.toml changed since the last install (idempotent, fast re-runs).
     local stamp="$VENV/.onion-installed"
@@ -17,7 +31,10 @@ ensure_venv() {
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
         return
     fi
-    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    if [ ! -x "$VENV/bin/python" ]; then
+        check_free_space
+        "$PYTHON" -m venv "$VENV"
+    fi
     echo "installing onion and its dependencies into $VENV (a few minutes the first time)..." >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e ".[test]"

@@ -1,11 +1,14 @@
 """Resource faults end in a clean error or a retry, never a silently wrong result: a disk (a small
-tmpfs) that fills up while shards are written, and a DDP rank killed mid-run.
+tmpfs) that fills up while shards are written or has no room for the virtualenv, and a DDP rank
+killed mid-run.
 Object-store faults mid-upload are in test_object_store.py, a Ray worker killed mid-task in
 test_curation.py."""
 import os
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -44,6 +47,18 @@ def test_disk_full_while_writing_shards_is_a_clean_error_and_a_rerun_completes(s
     assert verify_dataset(str(out))[1] == []
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # no half-written temporaries left behind
     assert all(shard.read_bytes() == (out / shard.name).read_bytes() for shard in written)
+
+
+def test_setup_without_room_for_the_virtualenv_refuses_before_installing(small_filesystem):
+    checkout = small_filesystem / "checkout"
+    checkout.mkdir()
+    for name in ("run.sh", "pyproject.toml"):
+        shutil.copy2(Path(__file__).parent.parent / name, checkout / name)
+    setup = subprocess.run(["./run.sh", "test"], cwd=checkout, capture_output=True, text=True, timeout=60)
+    assert setup.returncode == 1, setup.stderr[-3000:]
+    assert f"error: {checkout}/.venv needs about 8 GB free" in setup.stderr, setup.stderr[-3000:]
+    assert "only 0 GB is free" in setup.stderr
+    assert not (checkout / ".venv").exists()  # refused before pip started, nothing half-installed
 
 
 def test_a_killed_ddp_rank_stops_the_run_with_a_clear_error(tmp_path):
