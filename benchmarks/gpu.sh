@@ -13,12 +13,32 @@
 #      attention's probabilities for the map on a GPU too), eager then compiled (training-gpu-compiled.md);
 #   4. bench-gpu/results.md: `onion bench train --preset gpu`, every arm end to end (goal <= 6 min).
 # Uses the interpreter in .venv when there is one, else python3 (a machine that has torch and timm).
+# A lent GPU machine's python3 lacks Ray and pyspng and cannot download them: run
+# `bash benchmarks/gpu_pack.sh` here first and carry .gpu-pack with the call; it is installed into a
+# temporary site folder when needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dry=0
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 out=${1:-benchmarks/results/$([ $dry = 1 ] && echo gpu-dry-run || echo gpu)}
 py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
+pack=${ONION_GPU_PACK:-.gpu-pack}
+if ! $py -c "import ray, pyspng" 2>/dev/null; then
+    if [ ! -d "$pack" ]; then
+        echo "error: $py cannot import ray and pyspng and there is no $pack/ to install them from:" \
+             "run bash benchmarks/gpu_pack.sh on a machine with PyPI and carry .gpu-pack" >&2
+        exit 1
+    fi
+    site=${TMPDIR:-/tmp}/onion-gpu-site
+    rm -rf "$site" && mkdir -p "$site"
+    $py -m pip install --quiet --no-index --no-deps --no-compile --target "$site" "$pack"/wheels/*.whl
+    # Python's tarfile rather than tar: the image need not have xz; it keeps Ray's binaries executable.
+    $py -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='tar')" "$pack/ray.tar.xz" "$site"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    $py -c "import ray, pyspng; print('installed from $pack: ray', ray.__version__)"
+fi
+# The project itself, for the scripts under benchmarks/ where onion is not installed.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 data="$out/data/synthetic"
 stage() { echo "== $(date +%T) $*" | tee -a "$out/stages.log"; }
