@@ -17,9 +17,8 @@ version=${1:-3.12}
 pack=.gpu-pack
 py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
 # The versions this project is tested with here, so the device runs the same Ray and pyspng.
-ray_version=$($py -c "import importlib.metadata as m; print(m.version('ray'))")
-pins=("ray==$ray_version" "pyspng==$($py -c "import importlib.metadata as m; print(m.version('pyspng'))")"
-      jsonschema jsonschema-specifications referencing rpds-py)
+installed() { $py -c "import importlib.metadata, sys; print(importlib.metadata.version(sys.argv[1]))" "$1"; }
+pins=("ray==$(installed ray)" "pyspng==$(installed pyspng)" jsonschema jsonschema-specifications referencing rpds-py)
 rm -rf "$pack" && mkdir -p "$pack/wheels" "$pack/ray-site"
 tag=${version//./}
 $py -m pip download --quiet --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
