@@ -14,8 +14,9 @@ warm-up steps (which, with ``--compile``, include compiling: reported separately
   3. a pruning block's attention when the whole map is needed: fused kernel + ranking pass vs
      explicit attention reusing its probabilities (what the sparse ViT runs on CPU);
   4. the cost of recording training dynamics.
-On CPU, FlexAttention has no backward, so block mode trains through its dense masked fallback
-there: the block arm shows the cost of choosing tiles, not the saving of skipping them.
+On CPU, where FlexAttention has no backward, block mode gathers each query tile's kept key tiles
+where that computes at most half the scores (long sequences), else runs the tiles as a dense mask
+(the cost of choosing tiles, no saving). ``--attn-block`` sets the tile side (default 16).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -35,6 +37,7 @@ from trainer import sparsify
 from trainer.dynamics import DynamicsRecorder
 from trainer.flops import ViTShape, forward_flops
 from trainer.loop import FUSED_ADAMW_DEVICES
+from trainer.sparse_vit import additive, block_keep_tiles, expand_tiles, gathered_tiles, gathering_pays, kept_count
 
 BLOCKS = (3, 6, 9)
 DEVICE = torch.device("cpu")
@@ -131,9 +134,14 @@ def pruning_block_attention(img_size: int, batch: int, repeats: int, calls: int 
     def explicit() -> None:
         model._attend_and_rank(q, k, v, attn.scale, 0.0, True)[0].backward(grad)
 
-    times: dict[str, list[float]] = {"fused + ranking pass": [], "explicit": []}
-    for _ in range(repeats + 1):  # the first round warms up
-        for name, run in (("fused + ranking pass", fused), ("explicit", explicit)):
+    return median_seconds({"fused + ranking pass": fused, "explicit": explicit}, repeats, calls)
+
+
+def median_seconds(runs: dict[str, Callable[[], None]], repeats: int, calls: int) -> dict[str, float]:
+    """Median seconds per call of each run, interleaved round by round; the first round warms up."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats + 1):
+        for name, run in runs.items():
             synchronize()
             start = time.perf_counter()
             for _ in range(calls):
@@ -143,7 +151,34 @@ def pruning_block_attention(img_size: int, batch: int, repeats: int, calls: int 
     return {name: statistics.median(values[1:]) for name, values in times.items()}
 
 
+def following_block_attention(img_size: int, batch: int, repeats: int, calls: int = 5) -> dict[str, float]:
+    """Seconds for the forward and backward of block mode's attention in a block after the first
+    pruning block (token keep 0.7, attention keep 0.3, a random map): the tiles as a dense mask
+    through the fused kernel vs the kept tiles gathered (TileGather; the model gathers on CPU where
+    ``gathering_pays``)."""
+    model = Arm(img_size, 0.7, 0.3, attn_mode="block").model
+    attn = model.blocks[0].attn
+    tokens = kept_count(0.7, (img_size // PATCH) ** 2) + 1
+    generator = torch.Generator().manual_seed(0)
+    tiles = block_keep_tiles(torch.rand(batch, tokens, tokens, generator=generator).to(DEVICE), 0.3, ATTN_BLOCK, 1,
+                             False)
+    count = tiles.shape[-1]
+    width = min(count, kept_count(0.3, count) + 1)  # as tile_gather: top tiles and the class token's tile
+    if width == count:
+        return {}
+    gather = gathered_tiles(tiles, ATTN_BLOCK, tokens, 1, width)
+    mask = additive(expand_tiles(tiles, ATTN_BLOCK, tokens))
+    q, k, v = (torch.randn(batch, attn.num_heads, tokens, attn.head_dim, device=DEVICE, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    runs = {"dense masked": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask).backward(grad),
+            "gathered": lambda: gather.attend(q, k, v, attn.scale).backward(grad)}
+    return {"tokens_after_pruning": tokens, "share_computed": width / count,
+            "model_gathers": gathering_pays(width, ATTN_BLOCK, tokens), **median_seconds(runs, repeats, calls)}
+
+
 def main() -> None:
+    global DEVICE, PATCH, COMPILE, ATTN_BLOCK
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="training", help="file stem of the written results")
@@ -153,12 +188,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (then bf16 autocast)")
     parser.add_argument("--img-size", type=int, default=32, help="image side of the main table")
     parser.add_argument("--patch", type=int, default=4, help="patch side of every model")
+    parser.add_argument("--attn-block", type=int, default=ATTN_BLOCK, help="block mode's tile side in tokens")
     parser.add_argument("--skip-extras", action="store_true", help="only the main table")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each arm's model (static shapes); compile time reported apart")
     args = parser.parse_args()
-    global DEVICE, PATCH, COMPILE
-    DEVICE, PATCH, COMPILE = torch.device(args.device), args.patch, args.compile
+    DEVICE, PATCH, COMPILE, ATTN_BLOCK = torch.device(args.device), args.patch, args.compile, args.attn_block
     if COMPILE:  # every arm's model is one more graph of the same forward code: no eager fallback
         import torch._dynamo as dynamo
 
@@ -199,6 +234,10 @@ def main() -> None:
                                           "relative_time": timing["token+attention"] / timing["token"],
                                           "block_relative_time": timing["token+attention-block"] / timing["token"]})
 
+    if DEVICE.type == "cpu":
+        report["tile_gather"] = [{"tokens": (img_size // PATCH) ** 2 + 1, "batch": batch,
+                                  **following_block_attention(img_size, batch, args.repeats)}
+                                 for img_size, batch in lengths]
     report["map_reuse"] = [{"tokens": (img_size // PATCH) ** 2 + 1, "batch": batch,
                             **pruning_block_attention(img_size, batch, args.repeats)} for img_size, batch in lengths]
 
@@ -238,6 +277,17 @@ def render(report: dict) -> str:
                   "| tokens | batch | fused + ranking pass | explicit | explicit / fused |", "|---|---|---|---|---|"]
         lines += [f"| {r['tokens']} | {r['batch']} | {1e3 * r['fused + ranking pass']:.2f} | {1e3 * r['explicit']:.2f} "
                   f"| {r['explicit'] / r['fused + ranking pass']:.2f} |" for r in report["map_reuse"]]
+    gathered = [r for r in report.get("tile_gather", []) if "gathered" in r]
+    if gathered:
+        lines += ["", "Block mode's attention in a block after a pruning block on CPU, forward + backward (ms): the "
+                  "kept tiles as a dense mask through the fused kernel vs gathered (TileGather; the last column: "
+                  "which one the sparse ViT runs on CPU):", "",
+                  "| tokens | tokens after pruning | batch | share of key tiles computed | dense masked | gathered "
+                  "| gathered / dense masked | model runs |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['tokens']} | {r['tokens_after_pruning']} | {r['batch']} | {r['share_computed']:.2f} | "
+                  f"{1e3 * r['dense masked']:.2f} | {1e3 * r['gathered']:.2f} | "
+                  f"{r['gathered'] / r['dense masked']:.2f} | {'gathered' if r['model_gathers'] else 'dense masked'} |"
+                  for r in gathered]
     lines += ["", f"Dynamics recording overhead: {100 * report['dynamics_overhead']:+.1f}% of step time", ""]
     return "\n".join(lines)
 

@@ -1,10 +1,10 @@
-"""attn_mode="block": tile-sparse attention run by (compiled) FlexAttention.
+"""attn_mode="block": tile-sparse attention, run by (compiled) FlexAttention or, on CPU, by TileGather.
 
-Small real timm models: 32 px / patch 4 gives 64 patches (+ prefix tokens), several 16-token tiles.
-``token_blocks=(1,)`` on depth 4 so blocks 2 and 3 attend with the block mask (a pruning block
-itself attends densely). On CPU, FlexAttention runs compiled in inference only (torch has no CPU
-backward for it), so the gradient tests exercise the documented dense fallback there and the
-FlexAttention backward only on CUDA.
+Small real timm models: 32 px / patch 4 gives 64 patches (+ prefix tokens), several 16-token tiles;
+128 px gives 1,024, long enough for the CPU to gather the kept tiles. ``token_blocks=(1,)`` on depth 4
+so blocks 2 and 3 attend with the block mask (a pruning block itself attends densely). torch has no
+CPU backward for FlexAttention, so the model does not use it on CPU; the ``flex`` fixture makes it
+(inference only) to test the CUDA path's masks here, and its backward is tested on CUDA only.
 """
 import math
 
@@ -27,18 +27,31 @@ FAMILIES = {  # family: (timm overrides, prefix tokens)
 CUDA = torch.cuda.is_available()
 
 
-def make(family="class_token", seed=0, **extra):
+def make(family="class_token", seed=0, img_size=32, **extra):
     torch.manual_seed(seed)
-    kwargs = dict(img_size=32, patch_size=4, depth=4, num_classes=10, **FAMILIES[family][0], **extra)
+    kwargs = dict(img_size=img_size, patch_size=4, depth=4, num_classes=10, **FAMILIES[family][0], **extra)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+
+
+@pytest.fixture
+def flex(monkeypatch):
+    """The model runs FlexAttention on CPU too, as it does on CUDA (forward only: no CPU backward)."""
+    monkeypatch.setattr(sparse_vit, "FLEX_FORWARD_ONLY", frozenset())
+
+
+def recording(monkeypatch, name):
+    """Every value ``sparse_vit.<name>`` returns, in a list, as the model calls it."""
+    made, build = [], getattr(sparse_vit, name)
+    monkeypatch.setattr(sparse_vit, name, lambda *a: made.append(build(*a)) or made[-1])
+    return made
 
 
 def block_sparse(vit, **rates):
     return sparsify(vit, token_blocks=(1,), attn_mode="block", attn_block=BLOCK, **rates)
 
 
-def images(batch=2, seed=1):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+def images(batch=2, seed=1, size=32):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def reference(sparse, x):
@@ -85,11 +98,9 @@ CASES = [("class_token", 0.3, 1.0, False), ("class_token", 0.5, 0.7, True), ("cl
 
 
 @pytest.mark.parametrize("family,attn_keep,token_keep,fuse", CASES)
-def test_flex_output_equals_dense_masked_reference(family, attn_keep, token_keep, fuse, monkeypatch):
+def test_flex_output_equals_dense_masked_reference(family, attn_keep, token_keep, fuse, flex, monkeypatch):
     sparse = block_sparse(make(family), token_keep=token_keep, attn_keep=attn_keep, fuse_token=fuse)
-    made = []
-    build = sparse_vit.tile_block_mask
-    monkeypatch.setattr(sparse_vit, "tile_block_mask", lambda *a: made.append(build(*a)) or made[-1])
+    made = recording(monkeypatch, "tile_block_mask")
     x = images()
     with torch.no_grad():
         out = sparse(x)
@@ -122,8 +133,54 @@ def test_block_keep_tiles_pools_ranks_and_forces_prefix_and_fused_tiles():
         assert not rest.any()  # and nothing else
 
 
+# (family, token_keep, fuse) at 128 px: 1,024 patches, after block 1 718-1,029 tokens (45-65 tiles).
+GATHER_CASES = [("class_token", 1.0, False), ("class_token", 0.7, False), ("registers", 0.7, False),
+                ("class_free", 0.7, True), ("class_free", 1.0, False)]
+
+
+@pytest.mark.parametrize("family,token_keep,fuse", GATHER_CASES)
+def test_cpu_gathers_the_kept_tiles_with_the_reference_outputs_and_gradients(family, token_keep, fuse, monkeypatch):
+    sparse = block_sparse(make(family, img_size=128).train(), token_keep=token_keep, attn_keep=0.3, fuse_token=fuse)
+    made = recording(monkeypatch, "tile_gather")
+    x = images(size=128)
+    out = sparse(x)
+    assert len(made) == 1 and isinstance(made[0], sparse_vit.TileGather)  # the kept tiles were gathered
+    out.logsumexp(-1).mean().backward()
+    grads = [p.grad.clone() for p in sparse.parameters()]
+    sparse.zero_grad(set_to_none=True)
+    expected = reference(sparse, x)
+    expected.logsumexp(-1).mean().backward()
+    # Same scores in another order (tile by tile): float32 rounding only (seen <= 5e-7, both).
+    assert (out - expected).abs().max().item() <= 1e-5
+    assert all(torch.allclose(a, p.grad, atol=1e-5, rtol=1e-4) for a, p in zip(grads, sparse.parameters()))
+    assert (out - make(family, img_size=128)(x)).abs().max().item() > 1e-3  # and it is really sparse
+
+
+def test_tile_gather_lists_exactly_the_kept_tiles_and_only_where_it_pays():
+    torch.manual_seed(0)
+    keep, prefix = 0.3, 1
+    for tokens, fused in ((600, True), (1025, False)):
+        tiles = block_keep_tiles(torch.rand(2, tokens, tokens), keep, BLOCK, prefix, fused)
+        gather = sparse_vit.tile_gather(tiles, BLOCK, tokens, prefix, keep, fused)
+        count = math.ceil(tokens / BLOCK)
+        width = kept_count(keep, count) + 1 + fused  # top tiles, the prefix tile, the fused token's tile
+        assert gather.order.shape == (2, count - 1, width) and gather.prefix_tiles == 1
+        bias = gather.bias.reshape(2, count - 1, width, BLOCK)
+        listed = torch.zeros_like(tiles[:, 1:]).scatter_(-1, gather.order, bias[..., 0] == 0)
+        assert torch.equal(listed, tiles[:, 1:])  # the query tiles after the prefix tile: kept tiles, no others
+        keys = gather.order[..., None] * BLOCK + torch.arange(BLOCK)
+        assert torch.isinf(bias[keys >= tokens]).all()  # keys past the sequence never count
+        assert (bias[(keys < tokens) & (bias[..., :1] == 0)] == 0).all()
+    # Where dense masked SDPA is faster (measured): 70 tokens, 5 tiles, 3 of them per query tile is over
+    # half the scores; 400 tokens, a third of the scores, but 16-token tiles are too small to pay (32 pay).
+    for tokens, block, pays in ((70, 16, False), (400, 16, False), (400, 32, True)):
+        tiles = block_keep_tiles(torch.rand(2, tokens, tokens), 0.3, block, 1, True)
+        gather = sparse_vit.tile_gather(tiles, block, tokens, 1, 0.3, True)
+        assert (gather is not None) == pays, (tokens, block)
+
+
 @pytest.mark.parametrize("fuse", [False, True])
-def test_block_mask_computes_only_the_kept_tiles(fuse, monkeypatch):
+def test_block_mask_computes_only_the_kept_tiles(fuse, flex, monkeypatch):
     sparse = block_sparse(make(), token_keep=1.0 if not fuse else 0.7, attn_keep=0.3, fuse_token=fuse)
     made = []
     build = sparse_vit.tile_block_mask
@@ -154,23 +211,25 @@ def test_gradients_reach_every_parameter(family):
     assert missing == []
 
 
-def test_fallback_and_flex_agree_and_checkpointing_passes_the_block_mask(monkeypatch):
-    vit = make()
-    sparse = block_sparse(vit, token_keep=0.7, attn_keep=0.3)
-    x = images()
-    with torch.no_grad():
-        flex = sparse(x)
-    assert (sparse(x) - flex).abs().max().item() <= 1e-5  # with gradients on CPU: the dense masked fallback
-    for p in vit.parameters():  # nothing needs a gradient, so CPU training runs FlexAttention
-        p.requires_grad_(False)
-    vit.set_grad_checkpointing(True)
-    sparse = block_sparse(vit.train(), token_keep=0.7, attn_keep=0.3)
+@pytest.mark.parametrize("size,cpu_mask", [(32, torch.Tensor), (128, sparse_vit.TileGather)])
+def test_cpu_paths_and_flex_agree_and_checkpointing_passes_the_mask(size, cpu_mask, monkeypatch):
+    vit = make(img_size=size)
+    x = images(size=size)
     seen = []
     monkeypatch.setattr(sparse_vit, "checkpoint",
                         lambda fn, *args, **kw: seen.append(type(args[2])) or torch.utils.checkpoint.checkpoint(
                             fn, *args, **kw))
-    assert (sparse(x) - flex).abs().max().item() <= 1e-5
-    assert seen[2:] == [BlockMask, BlockMask]  # blocks 2 and 3 received the BlockMask through checkpoint
+    vit.set_grad_checkpointing(True)
+    cpu = block_sparse(vit.train(), token_keep=0.7, attn_keep=0.3)(x)  # 32 px: masked SDPA; 128 px: gathered
+    assert seen[2:] == [cpu_mask, cpu_mask]  # blocks 2 and 3 received the CPU's mask through checkpoint
+    with monkeypatch.context() as forced:
+        forced.setattr(sparse_vit, "FLEX_FORWARD_ONLY", frozenset())
+        for p in vit.parameters():  # nothing needs a gradient: FlexAttention's forward runs on CPU
+            p.requires_grad_(False)
+        seen.clear()
+        flex = block_sparse(vit, token_keep=0.7, attn_keep=0.3)(x)
+    assert seen[2:] == [BlockMask, BlockMask]
+    assert (cpu - flex).abs().max().item() <= 1e-5
 
 
 @pytest.mark.skipif(not CUDA, reason="FlexAttention backward needs CUDA (torch has none for CPU)")

@@ -40,9 +40,11 @@ class TrainConfig:
     fuse_token: bool = knob(False, "fuse the dropped tokens into one attention-weighted token (EViT)")
     attn_mode: str = knob("exact", "exact: each query keeps its top keys, a dense masked kernel (the paper's "
                                    "regulariser; saves no time); block: each tile of queries keeps its top tiles of "
-                                   "keys and FlexAttention skips the rest (saves time on long sequences, on CUDA; on "
-                                   "CPU, which has no FlexAttention backward, training runs the same mask densely)")
-    attn_block: int = knob(16, "tile side in tokens for --attn-mode block")
+                                   "keys and the rest are skipped (saves time on long sequences: FlexAttention on "
+                                   "CUDA; on CPU the kept tiles are gathered where that computes at most half the "
+                                   "scores of a long sequence, else the same mask runs densely)")
+    attn_block: int = knob(16, "tile side in tokens for --attn-mode block, a power of two >= 16 (16 keeps the "
+                               "choice fine on short sequences; on CPU at 512 tokens and more, 32 saves more time)")
     example_strategy: str = knob("all", "all: every example every epoch; infobatch: before each epoch, a random "
                                         "--prune-ratio of the well-learned examples (latest loss below the mean) "
                                         "sit it out and those that stay weigh 1/(1-ratio) (InfoBatch); the first "

@@ -32,10 +32,13 @@ keys) but runs a forward pass that:
     cost falls with ``attn_keep`` once sequences span several tiles. Keys past M in the last
     partial tile never contribute (FlexAttention bounds-checks lengths that are not a multiple of
     the tile). FlexAttention runs compiled (``torch.compile``; eager FlexAttention is an unfused
-    reference that computes everything). It has no backward on CPU (or MPS): there, when a
-    gradient is needed, the same tile choice is expanded to a token mask and run through dense
-    masked SDPA (same outputs and gradients, no time saved). It has no attention dropout either:
-    block mode refuses models with ``attn_drop > 0``.
+    reference that computes everything). It has no backward on CPU (or MPS), and in inference there
+    it would compile a graph per token count, so on those devices it is not used: the following
+    blocks gather each query tile's kept key and value tiles and attend to those alone
+    (:class:`TileGather`; same outputs and gradients) where that pays (at most half the scores, on
+    a long sequence: :func:`gathering_pays`), and otherwise run the same tile choice, expanded to a
+    token mask, through dense masked SDPA (same outputs, no time saved). Block mode has no attention
+    dropout (FlexAttention has none): it refuses models with ``attn_drop > 0``.
 
 The ranking row:
 
@@ -64,6 +67,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +86,8 @@ ATTN_MODES = ("exact", "block")
 # GPU kernels take (a power of two >= 16: the kernel's own tiles shrink to fit it); larger tiles
 # use the GPU better per element but skip less, so long sequences may prefer 32 or 64.
 DEFAULT_ATTN_BLOCK = 16
-# Devices whose FlexAttention has no backward (torch 2.14 raises "does not support backward on CPU").
+# Devices whose FlexAttention has no backward (torch 2.14 raises "does not support backward on CPU"):
+# block mode runs TileGather or dense masked SDPA there instead.
 FLEX_FORWARD_ONLY = frozenset({"cpu", "mps"})
 _compiled_flex = None
 
@@ -148,12 +153,13 @@ class SparseVisionTransformer(VisionTransformer):
         self.last_token_counts = counts
         return self.norm(x)
 
-    def _block(self, block: Block, x: torch.Tensor, mask: torch.Tensor | BlockMask | None, prune: bool,
-               record: bool) -> tuple[torch.Tensor, torch.Tensor | BlockMask | None, torch.Tensor | None]:
+    def _block(self, block: Block, x: torch.Tensor, mask: Mask, prune: bool,
+               record: bool) -> tuple[torch.Tensor, Mask, torch.Tensor | None]:
         """One block: (tokens out, attention mask for the next blocks, ranking variance if ``record``).
 
-        The mask is an additive bias (exact mode, or block mode where FlexAttention has no backward)
-        or a ``BlockMask`` (block mode, run by FlexAttention).
+        The mask is an additive bias (exact mode, or block mode where FlexAttention has no backward
+        and gathering does not pay), a ``BlockMask`` (block mode, run by FlexAttention) or a
+        :class:`TileGather` (block mode where FlexAttention has no backward, long sequences).
         """
         attn: Attention = block.attn
         h = block.norm1(x)
@@ -164,10 +170,10 @@ class SparseVisionTransformer(VisionTransformer):
         dropout = attn.attn_drop.p if self.training else 0.0
         full_map = prune and self.attn_keep < 1.0
         row = full = variance = None
-        if isinstance(mask, BlockMask) and not prune:
+        if isinstance(mask, (BlockMask, TileGather)) and not prune:
             if dropout > 0.0:
                 raise ValueError("attn_mode='block' cannot apply attention dropout (FlexAttention has none)")
-            out = attend_blocks(q, k, v, mask)
+            out = attend_blocks(q, k, v, mask) if isinstance(mask, BlockMask) else mask.attend(q, k, v, attn.scale)
         elif prune and (full_map or self.cls_token is None) and reuses_attention_map(q.device):
             out, row, full = self._attend_and_rank(q, k, v, attn.scale, dropout, full_map)
         else:
@@ -185,8 +191,7 @@ class SparseVisionTransformer(VisionTransformer):
         if prune:
             fused = self._fuses(tokens - self.num_prefix_tokens)
             x, full = self._drop_tokens(x, row, full)
-            needs_grad = x.requires_grad and torch.is_grad_enabled()
-            mask = None if full is None else self._next_mask(full, fused, needs_grad)
+            mask = None if full is None else self._next_mask(full, fused)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         return x, mask, variance
 
@@ -251,7 +256,7 @@ class SparseVisionTransformer(VisionTransformer):
         """Whether a pruning block with ``patches`` patch tokens appends a fused token (last)."""
         return self.fuse_token and self.token_keep < 1.0 and kept_count(self.token_keep, patches) < patches
 
-    def _next_mask(self, full: torch.Tensor, fused: bool, needs_grad: bool) -> torch.Tensor | BlockMask | None:
+    def _next_mask(self, full: torch.Tensor, fused: bool) -> Mask:
         """The mask the blocks after a pruning block attend with, from the map among the kept tokens."""
         if self.attn_mode == "exact":
             return additive(self._attention_mask(full))
@@ -260,10 +265,12 @@ class SparseVisionTransformer(VisionTransformer):
         if kept_count(self.attn_keep, count) == count:
             return None  # every key tile kept: plain dense attention
         tiles = block_keep_tiles(full, self.attn_keep, self.attn_block, self.num_prefix_tokens, fused)
-        if needs_grad and full.device.type in FLEX_FORWARD_ONLY:
-            # FlexAttention has no backward here: the same choice as a token mask, dense SDPA.
-            return additive(expand_tiles(tiles, self.attn_block, tokens))
-        return tile_block_mask(tiles, self.attn_block, tokens)
+        if full.device.type not in FLEX_FORWARD_ONLY:
+            return tile_block_mask(tiles, self.attn_block, tokens)
+        # No FlexAttention backward here, and in inference it would compile a graph per token count:
+        # gather the kept tiles where that pays, else the same choice as a token mask, dense SDPA.
+        gather = tile_gather(tiles, self.attn_block, tokens, self.num_prefix_tokens, self.attn_keep, fused)
+        return gather if gather is not None else additive(expand_tiles(tiles, self.attn_block, tokens))
 
     def _attention_mask(self, full: torch.Tensor) -> torch.Tensor | None:
         """(B, M, M), True where a query keeps a key: its top keys, plus every prefix row and column."""
@@ -364,6 +371,86 @@ def tile_block_mask(tiles: torch.Tensor, block: int, tokens: int) -> BlockMask:
                                     seq_lengths=(tokens, tokens))
 
 
+@dataclass(frozen=True)
+class TileGather:
+    """Block-mode attention without FlexAttention: each query tile attends to its kept key tiles only.
+
+    For devices whose FlexAttention has no backward (CPU). The key and value tiles each query tile
+    keeps are copied next to each other (one ``index_select`` over a tile-major layout, whose
+    backward is one ``index_add``), then one batched matmul, softmax and matmul per query tile:
+    about ``width / T`` of the scores, against all of them for dense masked SDPA. The copies are
+    ``width`` x the keys in memory traffic, so it pays only on long sequences (``tile_gather``).
+    Query tiles holding prefix tokens keep every key tile: they run the fused kernel, unmasked.
+    """
+
+    order: torch.Tensor  # (B, T - prefix tiles, width): key tiles each other query tile computes, kept first
+    bias: torch.Tensor  # (B, 1, T - prefix tiles, 1, width * block): 0, or -inf for a padding tile or a key past M
+    block: int
+    prefix_tiles: int
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention output (B, H, M, D), as dense SDPA masked by the same tiles would give."""
+        batch, heads, tokens, dim = q.shape
+        tiles = math.ceil(tokens / self.block)
+        pad, rest, width = tiles * self.block - tokens, tiles - self.prefix_tiles, self.order.shape[-1] * self.block
+        # Row of each (batch, head, kept key tile) in the tile-major (B * H * T, block * D) layout.
+        rows = self.order[:, None] + tiles * torch.arange(batch * heads, device=q.device).view(batch, heads, 1, 1)
+
+        def gathered(t: torch.Tensor) -> torch.Tensor:
+            tile_major = F.pad(t, (0, 0, 0, pad)).reshape(batch * heads * tiles, self.block * dim)
+            return tile_major.index_select(0, rows.flatten()).view(batch, heads, rest, width, dim)
+
+        head = self.prefix_tiles * self.block
+        queries = F.pad(q, (0, 0, 0, pad))[:, :, head:].reshape(batch, heads, rest, self.block, dim)
+        scores = (queries * scale) @ gathered(k).transpose(-1, -2) + self.bias.to(q.dtype)
+        out = (scores.softmax(dim=-1) @ gathered(v)).reshape(batch, heads, rest * self.block, dim)
+        if head:
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, :head], k, v, scale=scale), out], dim=2)
+        return out[:, :, :tokens]
+
+
+def tile_gather(tiles: torch.Tensor, block: int, tokens: int, prefix: int, keep: float,
+                fused: bool) -> TileGather | None:
+    """The :class:`TileGather` for a (B, T, T) tile choice, or None where dense masked SDPA is faster.
+
+    ``width`` is the most key tiles a query tile outside the prefix tiles can keep (its top
+    ``kept_count(keep, T)``, the prefix tiles, the fused token's tile): a static bound, so no host
+    read of the counts. Rows keeping fewer pad with masked tiles.
+    """
+    count = tiles.shape[-1]
+    prefix_tiles = math.ceil(prefix / block)
+    width = min(count, kept_count(keep, count) + prefix_tiles + int(fused))
+    if prefix_tiles >= count or not gathering_pays(width, block, tokens):
+        return None
+    return gathered_tiles(tiles, block, tokens, prefix_tiles, width)
+
+
+def gathering_pays(width: int, block: int, tokens: int) -> bool:
+    """Whether gathering ``width`` key tiles per query tile beats dense masked SDPA on a CPU.
+
+    Measured (``benchmarks/training.py``, 2 CPUs, DeiT-Tiny heads, forward + backward): it needs at
+    most half the scores *and* enough rows per matmul for the copies to pay: with 16-token tiles
+    0.86x of masked SDPA at 718 tokens but 1.03x at 405 and 1.09x at 181; with 32-token tiles
+    0.70x at 718 and 0.81x at 405. Hence sequences of at least 8,192 / ``block`` tokens (512 at 16).
+    """
+    return 2 * width * block <= tokens and tokens * block >= 8192
+
+
+def gathered_tiles(tiles: torch.Tensor, block: int, tokens: int, prefix_tiles: int, width: int) -> TileGather:
+    """A :class:`TileGather` listing, for each query tile after the first ``prefix_tiles``, its kept
+    key tiles (increasing), padded to ``width`` with masked ones."""
+    rows = tiles[:, prefix_tiles:]
+    order = rows.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :width]
+    keys = order[..., None] * block + torch.arange(block, device=tiles.device)  # (B, T', width, block)
+    kept = rows.gather(-1, order)[..., None] & (keys < tokens)
+    bias = torch.zeros(kept.shape, device=tiles.device).masked_fill_(~kept, float("-inf"))
+    return TileGather(order, bias.flatten(-2)[:, None, :, None], block, prefix_tiles)
+
+
+# What a block hands the blocks after it until the next pruning block (see SparseVisionTransformer._block).
+Mask = torch.Tensor | BlockMask | TileGather | None
+
+
 def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask) -> torch.Tensor:
     """FlexAttention with ``mask``, compiled so that skipped tiles are really skipped.
 
@@ -405,9 +492,10 @@ def sparsify(
     still computed: a regulariser, no time saved); ``"block"``, each ``attn_block``-token tile of
     queries keeps its top tiles of keys and FlexAttention computes only those (prefix tokens' tiles
     kept as rows and columns, the fused token's tile as a column, whole tiles at a time). Block mode
-    runs FlexAttention compiled; where it has no backward (CPU, MPS) a step that needs gradients
-    runs the same tile choice as a dense masked SDPA instead (same result, no time saved). Block
-    mode cannot apply attention dropout and refuses models with ``attn_drop > 0``.
+    runs FlexAttention compiled; where it has no backward (CPU, MPS) it gathers the kept tiles
+    instead where that pays (long sequences), else runs the same tile choice as a dense
+    masked SDPA (same result, no time saved). Block mode cannot apply attention dropout and refuses
+    models with ``attn_drop > 0``.
 
     Args:
         vit: the timm model; the view copies its flags (training, grad_checkpointing) once.

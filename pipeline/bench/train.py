@@ -41,8 +41,9 @@ KEEP = "keep"  # arm setting: share of the examples each curation round keeps (d
 DYNAMIC = {"example_strategy": "infobatch"}  # per-epoch soft pruning (InfoBatch) with its defaults
 
 
-# Block-sparse attention (tiles of queries keep their top tiles of keys; FlexAttention skips the
-# rest) next to the paper's exact per-query top-k. It pays on long sequences, so the GPU preset has it.
+# Block-sparse attention (tiles of queries keep their top tiles of keys; the rest are skipped:
+# FlexAttention on CUDA, gathered tiles on CPU) next to the paper's exact per-query top-k. It pays
+# on long sequences, so the GPU preset has it.
 BLOCK_ARMS = {"attention-block": {"attn_keep": 0.3, "attn_mode": "block"},
               "token+attention-block": {"token_keep": 0.7, "attn_keep": 0.3, "attn_mode": "block"}}
 
