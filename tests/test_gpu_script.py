@@ -5,6 +5,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # A sitecustomize that makes importing the named modules fail in every process started with its
@@ -39,6 +41,7 @@ def test_gpu_script_without_ray_and_without_a_pack_names_the_pack_step(tmp_path)
     assert not (out / "stages.log").exists()  # refused before the first stage
 
 
+@pytest.mark.slow  # runs the no-sync test and starts each stage: half a minute
 def test_a_failing_stage_does_not_stop_the_stages_after_it(tmp_path):
     # The step benchmark's report writer fails to import, and so does Ray's starter in stage 2's
     # `python -c` (the no-sync test's fixtures need it): stage 1 passes, 2 fails, 3 and 5 are
