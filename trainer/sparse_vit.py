@@ -379,7 +379,7 @@ class TileGather:
     keeps are copied next to each other (one ``index_select`` over a tile-major layout, whose
     backward is one ``index_add``), then one batched matmul, softmax and matmul per query tile:
     about ``width / T`` of the scores, against all of them for dense masked SDPA. The copies are
-    ``width`` x the keys in memory traffic, so it pays only on long sequences (``tile_gather``).
+    ``width`` x the keys in memory traffic, so it pays only on long sequences (:func:`gathering_pays`).
     Query tiles holding prefix tokens keep every key tile: they run the fused kernel, unmasked.
     """
 
@@ -428,10 +428,11 @@ def tile_gather(tiles: torch.Tensor, block: int, tokens: int, prefix: int, keep:
 def gathering_pays(width: int, block: int, tokens: int) -> bool:
     """Whether gathering ``width`` key tiles per query tile beats dense masked SDPA on a CPU.
 
-    Measured (``benchmarks/training.py``, 2 CPUs, DeiT-Tiny heads, forward + backward): it needs at
-    most half the scores *and* enough rows per matmul for the copies to pay: with 16-token tiles
-    0.86x of masked SDPA at 718 tokens but 1.03x at 405 and 1.09x at 181; with 32-token tiles
-    0.70x at 718 and 0.81x at 405. Hence sequences of at least 8,192 / ``block`` tokens (512 at 16).
+    Measured (``benchmarks/training.py``, 2 CPUs, DeiT-Tiny heads, forward + backward, two runs): it
+    needs at most half the scores *and* enough rows per matmul for the copies to pay: with 16-token
+    tiles 0.86-0.89x of masked SDPA at 718 tokens but 0.96-1.03x at 405 and 1.09-1.10x at 181; with
+    32-token tiles 0.59-0.70x at 718 and 0.66-0.81x at 405. Hence sequences of at least 8,192 /
+    ``block`` tokens (512 at 16, 256 at 32); conservative below (181 tokens at 32: 0.86x once).
     """
     return 2 * width * block <= tokens and tokens * block >= 8192
 
