@@ -37,7 +37,15 @@ from trainer import sparsify
 from trainer.dynamics import DynamicsRecorder
 from trainer.flops import ViTShape, forward_flops
 from trainer.loop import FUSED_ADAMW_DEVICES
-from trainer.sparse_vit import additive, block_keep_tiles, expand_tiles, gathered_tiles, gathering_pays, kept_count
+from trainer.sparse_vit import (
+    additive,
+    block_keep_tiles,
+    expand_tiles,
+    gather_width,
+    gathered_tiles,
+    gathering_pays,
+    kept_count,
+)
 
 BLOCKS = (3, 6, 9)
 DEVICE = torch.device("cpu")
@@ -163,7 +171,7 @@ def following_block_attention(img_size: int, batch: int, repeats: int, calls: in
     tiles = block_keep_tiles(torch.rand(batch, tokens, tokens, generator=generator).to(DEVICE), 0.3, ATTN_BLOCK, 1,
                              False)
     count = tiles.shape[-1]
-    width = min(count, kept_count(0.3, count) + 1)  # as tile_gather: top tiles and the class token's tile
+    width = gather_width(count, 1, 0.3, False)
     if width == count:
         return {}
     gather = gathered_tiles(tiles, ATTN_BLOCK, tokens, 1, width)

@@ -419,10 +419,15 @@ def tile_gather(tiles: torch.Tensor, block: int, tokens: int, prefix: int, keep:
     """
     count = tiles.shape[-1]
     prefix_tiles = math.ceil(prefix / block)
-    width = min(count, kept_count(keep, count) + prefix_tiles + int(fused))
+    width = gather_width(count, prefix_tiles, keep, fused)
     if prefix_tiles >= count or not gathering_pays(width, block, tokens):
         return None
     return gathered_tiles(tiles, block, tokens, prefix_tiles, width)
+
+
+def gather_width(tiles: int, prefix_tiles: int, keep: float, fused: bool) -> int:
+    """The most key tiles a query tile outside the prefix tiles keeps (:func:`block_keep_tiles`)."""
+    return min(tiles, kept_count(keep, tiles) + prefix_tiles + int(fused))
 
 
 def gathering_pays(width: int, block: int, tokens: int) -> bool:
