@@ -7,7 +7,7 @@ All arms run interleaved in one process on the same random batches; each figure 
 warm-up steps (which, with ``--compile``, include compiling: reported separately, not in the median).
   1. DeiT-Tiny shape (12 blocks, width 192, 3 heads) at 32x32 with 4x4 patches: dense, token
      keep 0.7 at blocks 3,6,9, token + attention keep 0.3 (exact mode), and the same in block mode
-     (token+attention-block: 16-token tiles, FlexAttention); measured vs FLOPs-predicted speed-up
+     (token+attention-block: FlexAttention on CUDA); measured vs FLOPs-predicted speed-up
      (the FLOPs model counts the token level only);
   2. the attention level's cost on top of the token level at longer sequences (larger images),
      exact and block mode (on CUDA also at 24 x 24 patches, 577 tokens: 384 px at patch 16);
@@ -16,7 +16,8 @@ warm-up steps (which, with ``--compile``, include compiling: reported separately
   4. the cost of recording training dynamics.
 On CPU, where FlexAttention has no backward, block mode gathers each query tile's kept key tiles
 where that computes at most half the scores (long sequences), else runs the tiles as a dense mask
-(the cost of choosing tiles, no saving). ``--attn-block`` sets the tile side (default 16).
+(the cost of choosing tiles, no saving). ``--attn-block`` sets the tile side (default: the model's,
+chosen from each pruning block's token count, ``sparse_vit.tile_side``).
 """
 from __future__ import annotations
 
@@ -45,12 +46,13 @@ from trainer.sparse_vit import (
     gathered_tiles,
     gathering_pays,
     kept_count,
+    tile_side,
 )
 
 BLOCKS = (3, 6, 9)
 DEVICE = torch.device("cpu")
 COMPILE = False
-ATTN_BLOCK = 16
+ATTN_BLOCK: int | None = None  # block mode's tile side; None: the model's default (tile_side)
 
 
 def synchronize() -> None:
@@ -76,9 +78,10 @@ class Arm:
     """One configuration: a sparse view of its own model, an optimiser, optional dynamics recording."""
 
     def __init__(self, img_size: int, token_keep: float, attn_keep: float,
-                 recorder: DynamicsRecorder | None = None, attn_mode: str = "exact") -> None:
+                 recorder: DynamicsRecorder | None = None, attn_mode: str = "exact",
+                 attn_block: int | None = None) -> None:
         self.model = sparsify(deit_tiny(img_size).to(DEVICE), token_keep=token_keep, token_blocks=BLOCKS,
-                              attn_keep=attn_keep, attn_mode=attn_mode, attn_block=ATTN_BLOCK).train()
+                              attn_keep=attn_keep, attn_mode=attn_mode, attn_block=attn_block or ATTN_BLOCK).train()
         self.model.record_cls_attention = recorder is not None
         # Static shapes: one graph per arm (compiled during the warm-up steps, outside the median).
         self.forward = torch.compile(self.model, dynamic=False) if COMPILE else self.model
@@ -168,21 +171,21 @@ def following_block_attention(img_size: int, batch: int, repeats: int, calls: in
     attn = model.blocks[0].attn
     tokens = kept_count(0.7, (img_size // PATCH) ** 2) + 1
     generator = torch.Generator().manual_seed(0)
-    tiles = block_keep_tiles(torch.rand(batch, tokens, tokens, generator=generator).to(DEVICE), 0.3, ATTN_BLOCK, 1,
-                             False)
+    side = ATTN_BLOCK or tile_side(tokens)
+    tiles = block_keep_tiles(torch.rand(batch, tokens, tokens, generator=generator).to(DEVICE), 0.3, side, 1, False)
     count = tiles.shape[-1]
     width = gather_width(count, 1, 0.3, False)
     if width == count:
         return {}
-    gather = gathered_tiles(tiles, ATTN_BLOCK, tokens, 1, width)
-    mask = additive(expand_tiles(tiles, ATTN_BLOCK, tokens))
+    gather = gathered_tiles(tiles, side, tokens, 1, width)
+    mask = additive(expand_tiles(tiles, side, tokens))
     q, k, v = (torch.randn(batch, attn.num_heads, tokens, attn.head_dim, device=DEVICE, requires_grad=True)
                for _ in range(3))
     grad = torch.randn_like(q)
     runs = {"dense masked": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask).backward(grad),
             "gathered": lambda: gather.attend(q, k, v, attn.scale).backward(grad)}
-    return {"tokens_after_pruning": tokens, "share_computed": width / count,
-            "model_gathers": gathering_pays(width, ATTN_BLOCK, tokens), **median_seconds(runs, repeats, calls)}
+    return {"tokens_after_pruning": tokens, "tile": side, "share_computed": width / count,
+            "model_gathers": gathering_pays(width, side, tokens), **median_seconds(runs, repeats, calls)}
 
 
 def main() -> None:
@@ -196,7 +199,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (then bf16 autocast)")
     parser.add_argument("--img-size", type=int, default=32, help="image side of the main table")
     parser.add_argument("--patch", type=int, default=4, help="patch side of every model")
-    parser.add_argument("--attn-block", type=int, default=ATTN_BLOCK, help="block mode's tile side in tokens")
+    parser.add_argument("--attn-block", type=int, default=None,
+                        help="block mode's tile side in tokens (default: per pruning block, sparse_vit.tile_side)")
     parser.add_argument("--skip-extras", action="store_true", help="only the main table")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each arm's model (static shapes); compile time reported apart")
@@ -235,12 +239,17 @@ def main() -> None:
     if DEVICE.type == "cuda" and 24 * PATCH not in dict(lengths):  # 577 tokens (384 px at patch 16)
         lengths = sorted(lengths + [(24 * PATCH, max(1, args.batch // 8))])
     for img_size, batch in lengths:
-        trio = {"token": Arm(img_size, 0.7, 1.0), "token+attention": Arm(img_size, 0.7, 0.3),
+        arms = {"token": Arm(img_size, 0.7, 1.0), "token+attention": Arm(img_size, 0.7, 0.3),
                 "token+attention-block": Arm(img_size, 0.7, 0.3, attn_mode="block")}
-        timing = race(trio, img_size, batch, args.steps, args.repeats)
+        if ATTN_BLOCK is None and tile_side(kept_count(0.7, (img_size // PATCH) ** 2) + 1) != 16:
+            # where the default tiles are not 16 tokens, 16-token tiles side by side in the same race
+            arms["block-16"] = Arm(img_size, 0.7, 0.3, attn_mode="block", attn_block=16)
+        timing = race(arms, img_size, batch, args.steps, args.repeats)
         report["attention_level"].append({"tokens": (img_size // PATCH) ** 2 + 1, "batch": batch,
                                           "relative_time": timing["token+attention"] / timing["token"],
-                                          "block_relative_time": timing["token+attention-block"] / timing["token"]})
+                                          "block_relative_time": timing["token+attention-block"] / timing["token"],
+                                          **({"block16_relative_time": timing["block-16"] / timing["token"]}
+                                             if "block-16" in timing else {})})
 
     if DEVICE.type == "cpu":
         report["tile_gather"] = [{"tokens": (img_size // PATCH) ** 2 + 1, "batch": batch,
@@ -257,13 +266,19 @@ def main() -> None:
     write_report(Path(args.out), args.name, report, render)
 
 
+def tiles_named(attn_block: int | None) -> str:
+    if attn_block:
+        return f"{attn_block}-token tiles"
+    return "tile side per pruning block, 16 up to 384 tokens, 32 up to 768"
+
+
 def render(report: dict) -> str:
     compiled = report.get("compile", False)
     lines = [f"Training steps, DeiT-Tiny shape at {report['img_size']}x{report['img_size']} / patch {PATCH} "
              f"({report['tokens']} tokens), batch {report['batch']}, "
              f"{report['device']}{', torch.compile' if compiled else ''}, "
              f"median of {report['repeats']} x {report['steps']} steps "
-             f"(block mode: {report.get('attn_block', ATTN_BLOCK)}-token tiles; FLOPs model: token level only):", "",
+             f"(block mode: {tiles_named(report.get('attn_block', 16))}; FLOPs model: token level only):", "",
              "| arm | s/step | measured speed-up | FLOPs-predicted | measured / predicted |"
              + (" compile + 2 warm-up steps (s) |" if compiled else ""),
              "|---|---|---|---|---|" + ("---|" if compiled else "")]
@@ -272,12 +287,17 @@ def render(report: dict) -> str:
               + (f" {r['warmup_seconds']:.1f} |" if compiled else "") for r in report["speed"]]
     if not report["attention_level"]:
         return "\n".join(lines + [""])
+    by_length = report.get("attn_block") is None
     lines += ["", "Attention level (keep 0.3) on top of token level (keep 0.7), time relative to token level alone, "
-              "exact mode and block mode:", "",
-              "| tokens | batch | exact | block |", "|---|---|---|---|"]
-    lines += [f"| {r['tokens']} | {r['batch']} | {r['relative_time']:.3f} | "
-              f"{r['block_relative_time']:.3f} |" if "block_relative_time" in r else
-              f"| {r['tokens']} | {r['batch']} | {r['relative_time']:.3f} | - |" for r in report["attention_level"]]
+              "exact mode and block mode" + (" (and block mode with 16-token tiles where the default differs)"
+                                             if by_length else "") + ":", "",
+              "| tokens | batch | exact | block |" + (" block, 16-token tiles |" if by_length else ""),
+              "|---|---|---|---|" + ("---|" if by_length else "")]
+    def cell(row: dict, key: str) -> str:
+        return f" {row[key]:.3f} |" if key in row else " - |"
+
+    lines += [f"| {r['tokens']} | {r['batch']} | {r['relative_time']:.3f} |" + cell(r, "block_relative_time")
+              + (cell(r, "block16_relative_time") if by_length else "") for r in report["attention_level"]]
     if report.get("map_reuse"):
         lines += ["", "A pruning block's attention when the attention level needs the whole map, forward + backward "
                   "(ms): the fused kernel plus a ranking pass over the scores, vs explicit attention whose "
@@ -290,9 +310,10 @@ def render(report: dict) -> str:
         lines += ["", "Block mode's attention in a block after a pruning block on CPU, forward + backward (ms): the "
                   "kept tiles as a dense mask through the fused kernel vs gathered (TileGather; the last column: "
                   "which one the sparse ViT runs on CPU):", "",
-                  "| tokens | tokens after pruning | batch | share of key tiles computed | dense masked | gathered "
-                  "| gathered / dense masked | model runs |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['tokens']} | {r['tokens_after_pruning']} | {r['batch']} | {r['share_computed']:.2f} | "
+                  "| tokens | tokens after pruning | batch | tile | share of key tiles computed | dense masked "
+                  "| gathered | gathered / dense masked | model runs |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['tokens']} | {r['tokens_after_pruning']} | {r['batch']} | "
+                  f"{r.get('tile', report.get('attn_block'))} | {r['share_computed']:.2f} | "
                   f"{1e3 * r['dense masked']:.2f} | {1e3 * r['gathered']:.2f} | "
                   f"{r['gathered'] / r['dense masked']:.2f} | {'gathered' if r['model_gathers'] else 'dense masked'} |"
                   for r in gathered]

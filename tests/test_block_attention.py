@@ -179,6 +179,31 @@ def test_tile_gather_lists_exactly_the_kept_tiles_and_only_where_it_pays():
         assert (gather is not None) == pays, (tokens, block)
 
 
+def test_default_tile_side_leaves_at_most_24_tiles():
+    sides = {tokens: sparse_vit.tile_side(tokens) for tokens in (1, 46, 384, 385, 719, 768, 769, 1536, 1537, 4097)}
+    assert sides == {1: 16, 46: 16, 384: 16, 385: 32, 719: 32, 768: 32, 769: 64, 1536: 64, 1537: 128, 4097: 256}
+
+
+@pytest.mark.parametrize("size,side,gathers", [(32, 16, False), (128, 32, True)])
+def test_default_tiles_are_chosen_per_sequence_length(size, side, gathers, monkeypatch):
+    """By default a 65-token model pools 16-token tiles (47 tokens after pruning: 3 tiles); a 1,025-token
+    one 32-token tiles (719 after pruning: 23 tiles), which the CPU gathers."""
+    vit = make(img_size=size).train()
+    x = images(size=size)
+    chosen, gathered = recording(monkeypatch, "block_keep_tiles"), recording(monkeypatch, "tile_gather")
+    default = sparsify(vit, token_blocks=(1,), attn_mode="block", token_keep=0.7, attn_keep=0.3)
+    assert default.attn_block is None
+    out = default(x)
+    tokens = default.last_token_counts[-1]
+    assert chosen[0].shape[-1] == math.ceil(tokens / side)
+    assert (gathered[0].block if gathers else gathered[0]) == (side if gathers else None)
+    explicit = sparsify(vit, token_blocks=(1,), attn_mode="block", token_keep=0.7, attn_keep=0.3, attn_block=side)
+    assert torch.equal(out, explicit(x))  # the same tiles as asking for that side
+    other = sparsify(vit, token_blocks=(1,), attn_mode="block", token_keep=0.7, attn_keep=0.3,
+                     attn_block=48 - side)  # the other of 16 and 32
+    assert (out - other(x)).abs().max().item() > 1e-4  # which really differs
+
+
 @pytest.mark.parametrize("fuse", [False, True])
 def test_block_mask_computes_only_the_kept_tiles(fuse, flex, monkeypatch):
     sparse = block_sparse(make(), token_keep=1.0 if not fuse else 0.7, attn_keep=0.3, fuse_token=fuse)
@@ -211,8 +236,9 @@ def test_gradients_reach_every_parameter(family):
     assert missing == []
 
 
-@pytest.mark.parametrize("size,cpu_mask", [(32, torch.Tensor), (128, sparse_vit.TileGather)])
-def test_cpu_paths_and_flex_agree_and_checkpointing_passes_the_mask(size, cpu_mask, monkeypatch):
+@pytest.mark.parametrize("size,cpu_mask,side", [(32, torch.Tensor, 16), (128, sparse_vit.TileGather, 32)])
+def test_cpu_paths_and_flex_agree_and_checkpointing_passes_the_mask(size, cpu_mask, side, monkeypatch):
+    """With the default tiles: 16 tokens at 32 px, 32 tokens at 128 px (719 tokens after pruning)."""
     vit = make(img_size=size)
     x = images(size=size)
     seen = []
@@ -220,15 +246,17 @@ def test_cpu_paths_and_flex_agree_and_checkpointing_passes_the_mask(size, cpu_ma
                         lambda fn, *args, **kw: seen.append(type(args[2])) or torch.utils.checkpoint.checkpoint(
                             fn, *args, **kw))
     vit.set_grad_checkpointing(True)
-    cpu = block_sparse(vit.train(), token_keep=0.7, attn_keep=0.3)(x)  # 32 px: masked SDPA; 128 px: gathered
+    default_tiles = dict(token_blocks=(1,), attn_mode="block", token_keep=0.7, attn_keep=0.3)
+    cpu = sparsify(vit.train(), **default_tiles)(x)  # 32 px: masked SDPA; 128 px: gathered
     assert seen[2:] == [cpu_mask, cpu_mask]  # blocks 2 and 3 received the CPU's mask through checkpoint
     with monkeypatch.context() as forced:
         forced.setattr(sparse_vit, "FLEX_FORWARD_ONLY", frozenset())
+        made = recording(forced, "tile_block_mask")
         for p in vit.parameters():  # nothing needs a gradient: FlexAttention's forward runs on CPU
             p.requires_grad_(False)
         seen.clear()
-        flex = block_sparse(vit, token_keep=0.7, attn_keep=0.3)(x)
-    assert seen[2:] == [BlockMask, BlockMask]
+        flex = sparsify(vit, **default_tiles)(x)
+    assert seen[2:] == [BlockMask, BlockMask] and made[0].BLOCK_SIZE == (side, side)
     assert (cpu - flex).abs().max().item() <= 1e-5
 
 

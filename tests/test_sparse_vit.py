@@ -8,7 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from trainer import sparse_vit, sparsify
 from trainer.flops import ViTShape, forward_flops, token_counts
-from trainer.schedule import KeepSchedule
+from trainer.schedule import KeepSchedule, rate_pairs
 from trainer.sparse_vit import SparseVisionTransformerDistilled, default_token_blocks
 
 CONFIGS = [
@@ -293,6 +293,20 @@ def test_keep_schedule_warmup_cosine_constant_and_quantised():
     assert rates[-1] == pytest.approx(0.7) and schedule(10_000) == pytest.approx(0.7)
     assert len({round(r, 6) for r in rates}) <= 7  # 1.0, 0.95, ..., 0.7
     assert all(abs(r / 0.05 - round(r / 0.05)) < 1e-6 for r in rates)
+
+
+def test_staged_ramp_moves_both_rates_together_in_few_steps():
+    ramp = dict(warmup_steps=10, ramp_steps=90, quantum=0.05)
+    free = KeepSchedule(0.7, **ramp), KeepSchedule(0.3, **ramp)
+    staged = KeepSchedule(0.7, stages=3, **ramp), KeepSchedule(0.3, stages=3, **ramp)
+    assert len(rate_pairs(*free)) == 19  # each rate on its own 0.05 steps: 19 pairs, 19 graphs to compile
+    pairs = rate_pairs(*staged)
+    assert len(pairs) == 4 and pairs[0] == (1.0, 1.0) and pairs[-1] == pytest.approx((0.7, 0.3))
+    for k, end in enumerate((40, 70, 100), start=1):  # each stage holds the rate the free ramp reaches at its end
+        for schedule, reference in zip(staged, free):
+            rates = {schedule(step) for step in range(end - 29, end + 1)}
+            assert rates == {reference(end)}, (k, rates)
+    assert [s(10) for s in staged] == [1.0, 1.0] and [s(5_000) for s in staged] == pytest.approx([0.7, 0.3])
 
 
 def test_flops_match_a_hand_computation():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from trainer.config import TrainConfig
+from trainer.errors import RunError
 from trainer.host_reads import HostReads
 from trainer.launch import train
 from trainer.loop import Trainer
@@ -93,3 +94,24 @@ def test_compiled_training_follows_eager_with_one_graph_per_token_count(digits, 
     # Inductor fuses and reorders float arithmetic; two epochs of AdamW keep the curves within 1%.
     assert losses[1] == pytest.approx(losses[0], rel=1e-2), losses
     assert compiled["val_top1"] == pytest.approx(eager["val_top1"], abs=2.0)
+
+
+def test_staged_keep_ramp_bounds_the_token_counts(digits, tmp_path):
+    """--keep-stages 2: the ramp meets three pairs of rates (1.0, then two stages), so three token counts,
+    where each rate on its own 0.05 steps meets a dozen (one compiled graph each)."""
+    ramp = {**SPARSE_STEP, "img_size": 16, "patch_size": 2, "batch_size": 64, "keep_ramp_epochs": 1.0,
+            "mixup": 0.0, "record_dynamics": False}
+    free = train(TrainConfig(dataset=digits, out=str(tmp_path / "free"), **ramp))
+    staged = train(TrainConfig(dataset=digits, out=str(tmp_path / "staged"), keep_stages=2, **ramp))
+    assert free["keep_rate_pairs"] >= 10 and len(free["token_counts"]) >= 10, free
+    assert staged["keep_rate_pairs"] == 3 and len(staged["token_counts"]) == 3, staged
+
+
+@pytest.mark.parametrize("name,value,rule", [("keep_stages", -1, "a whole number >= 0"),
+                                             ("keep_stages", 1.5, "a whole number >= 0"),
+                                             ("attn_block", 24, "a power of two >= 16"),
+                                             ("attn_block", 8, "a power of two >= 16")])
+def test_tiles_and_stages_a_run_cannot_mean_are_refused(name, value, rule):
+    with pytest.raises(RunError, match=f"--{name.replace('_', '-')} must be {rule}"):
+        TrainConfig(**{name: value})
+    assert TrainConfig(attn_block=32, keep_stages=3).attn_block == 32  # and the good ones pass

@@ -43,8 +43,10 @@ class TrainConfig:
                                    "keys and the rest are skipped (saves time on long sequences: FlexAttention on "
                                    "CUDA; on CPU the kept tiles are gathered where that computes at most half the "
                                    "scores of a long sequence, else the same mask runs densely)")
-    attn_block: int = knob(16, "tile side in tokens for --attn-mode block, a power of two >= 16 (16 keeps the "
-                               "choice fine on short sequences; on CPU at 512 tokens and more, 32 saves more time)")
+    attn_block: int | None = knob(None, "tile side in tokens for --attn-mode block, a power of two >= 16 (default: "
+                                        "at each pruning block the smallest leaving at most 24 tiles: 16 up to 384 "
+                                        "tokens, 32 up to 768, 64 up to 1,536; a fine choice on short sequences, "
+                                        "tiles that skip work efficiently on long ones)")
     example_strategy: str = knob("all", "all: every example every epoch; infobatch: before each epoch, a random "
                                         "--prune-ratio of the well-learned examples (latest loss below the mean) "
                                         "sit it out and those that stay weigh 1/(1-ratio) (InfoBatch); the first "
@@ -54,6 +56,9 @@ class TrainConfig:
     keep_warmup_epochs: float = knob(0.0, "epochs at keep rate 1.0 before the keep rates start falling")
     keep_ramp_epochs: float = knob(0.0, "epochs over which keep rates fall (cosine) from 1.0 to their targets")
     keep_quantum: float = knob(0.05, "keep rates are rounded up to multiples of this (few distinct token counts)")
+    keep_stages: int = knob(0, "the keep-rate ramp falls in this many equal steps, token and attention rates together "
+                               "(0: each rate on its own --keep-quantum steps); with --compile each distinct pair of "
+                               "rates is a graph to compile, and a few stages bound them to stages + 1")
     epochs: int = knob(10, "training epochs")
     batch_size: int = knob(128, "batch size per process")
     lr: float = knob(1e-3, "peak learning rate (AdamW)")
@@ -115,11 +120,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 refuse(name, "in [0, 1)")
-        if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
-            refuse("loader_workers", "a whole number >= 0")
+        for name in ("loader_workers", "keep_stages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                refuse(name, "a whole number >= 0")
         if self.keep_quantum > 1.0:
             refuse("keep_quantum", "at most 1")
-        if self.attn_block < 16 or self.attn_block & (self.attn_block - 1):
+        if self.attn_block is not None and (self.attn_block < 16 or self.attn_block & (self.attn_block - 1)):
             refuse("attn_block", "a power of two >= 16 (FlexAttention's tiles)")
         if self.example_strategy == "infobatch" and not self.record_dynamics:
             raise RunError("--example-strategy infobatch scores examples by their recorded losses: "

@@ -48,7 +48,7 @@ from trainer.example_pruning import (
 from trainer.flops import ViTShape, forward_flops
 from trainer.inputs import prepare
 from trainer.model import build_model, model_kwargs
-from trainer.schedule import KeepSchedule
+from trainer.schedule import KeepSchedule, rate_pairs
 from trainer.sparse_vit import SparseVisionTransformer
 
 CONFIG_NAME = "config.json"
@@ -136,9 +136,15 @@ class Trainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, next_step_factor)
         ramp = dict(warmup_steps=int(config.keep_warmup_epochs * self.steps_per_epoch),
-                    ramp_steps=int(config.keep_ramp_epochs * self.steps_per_epoch), quantum=config.keep_quantum)
+                    ramp_steps=int(config.keep_ramp_epochs * self.steps_per_epoch), quantum=config.keep_quantum,
+                    stages=config.keep_stages)
         self.token_schedule = KeepSchedule(config.token_keep, **ramp)
         self.attn_schedule = KeepSchedule(config.attn_keep, **ramp)
+        if config.compile != "off" and self.is_main:
+            pairs = len(rate_pairs(self.token_schedule, self.attn_schedule))
+            sys.stderr.write(f"{config.out}: --compile: the keep-rate schedule meets {pairs} distinct pair(s) of "
+                             f"keep rates, a graph to compile for each" + ("" if pairs <= 4 or config.keep_stages else
+                                                                   " (--keep-stages 3 would bound them to 4)") + "\n")
         self.mixup = (Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
                             label_smoothing=config.label_smoothing, num_classes=self.num_classes)
                       if config.mixup > 0 or config.cutmix > 0 else None)
@@ -252,6 +258,7 @@ class Trainer:
                    "step_shapes": len(self.step_shapes),
                    "compiled_shapes": len(self.compiled_shapes),
                    "compiled_graphs": compiled_graphs() - self.graphs_before,
+                   "keep_rate_pairs": len(rate_pairs(self.token_schedule, self.attn_schedule)),
                    "model_kwargs": model_kwargs(config, self.img_size, self.num_classes)}
         if self.is_main and self.position.epoch >= config.epochs:
             self.run.write_atomic(SUMMARY_NAME, json.dumps(summary, indent=2).encode())

@@ -20,9 +20,10 @@ keys) but runs a forward pass that:
     ``topk``'s tie-break plus the prefix columns (not necessarily itself). The mask is an additive
     bias to the dense fused ``scaled_dot_product_attention``: every score is still computed, so it
     saves no time.
-  - ``attn_mode="block"``: the map is pooled into ``attn_block`` x ``attn_block`` tiles (mean over
-    each tile, the last tile partial when ``attn_block`` does not divide M) and each query tile
-    keeps its top ``ceil(attn_keep * T)`` of the T key tiles (:func:`block_keep_tiles`). At tile
+  - ``attn_mode="block"``: the map is pooled into ``attn_block`` x ``attn_block`` tiles (by default
+    a side chosen from M, :func:`tile_side`; mean over each tile, the last tile partial when the
+    side does not divide M) and each query tile keeps its top ``ceil(attn_keep * T)`` of the T key
+    tiles (:func:`block_keep_tiles`). At tile
     granularity: the key tiles holding prefix tokens are kept for every query tile, the query tiles
     holding prefix tokens keep every key tile, and the key tile holding the fused token is kept for
     every query tile, so the patch tokens sharing those tiles are kept with them; the fused token's
@@ -80,12 +81,15 @@ from torch.utils.checkpoint import checkpoint
 from trainer.compile import allow_static_graphs
 
 ATTN_MODES = ("exact", "block")
-# Tile side of block mode. ViT sequences here are short (65 tokens at 32 px / patch 4, 197 at
-# 224 / 16, 577 at 384 / 16): 16-token tiles give 5-37 tiles to choose among, while FlexAttention's
-# own default (128) would leave 1-5, nearly dense at any attn_keep. 16 is also the smallest tile its
-# GPU kernels take (a power of two >= 16: the kernel's own tiles shrink to fit it); larger tiles
-# use the GPU better per element but skip less, so long sequences may prefer 32 or 64.
-DEFAULT_ATTN_BLOCK = 16
+# Block mode's tile side when none is given: per pruning block, the smallest power of two >= 16 (the
+# smallest tile FlexAttention's GPU kernels take) that leaves at most this many tiles. Short ViT
+# sequences keep 16-token tiles and a fine choice (65 tokens at 32 px / patch 4: 3 tiles after
+# pruning; 197 at 224 / 16: 9); long ones get larger tiles, which skip as large a share of the
+# scores at the same keep rate but make each kept tile more work: FlexAttention's GPU kernels run
+# fuller tiles, and on CPU the gathered tiles pay from 256 tokens at 32 where 16 needs 512. Measured
+# on CPU, side by side (README "Sparse training (CPU)"): at 577 tokens (405 after pruning) 16-token
+# tiles never gather and block mode cost 1.042x of the token level alone, these tiles 1.019x.
+MAX_AUTO_TILES = 24
 # Devices whose FlexAttention has no backward (torch 2.14 raises "does not support backward on CPU"):
 # block mode runs TileGather or dense masked SDPA there instead.
 FLEX_FORWARD_ONLY = frozenset({"cpu", "mps"})
@@ -101,6 +105,15 @@ def kept_count(rate: float, total: int) -> int:
     return max(1, min(total, math.ceil(rate * total - 1e-9)))
 
 
+def tile_side(tokens: int) -> int:
+    """Block mode's default tile side for ``tokens`` tokens: the smallest power of two >= 16 leaving at
+    most ``MAX_AUTO_TILES`` tiles (16 up to 384 tokens, 32 up to 768, 64 up to 1,536, ...)."""
+    side = 16
+    while math.ceil(tokens / side) > MAX_AUTO_TILES:
+        side *= 2
+    return side
+
+
 class SparseVisionTransformer(VisionTransformer):
     """A timm VisionTransformer whose forward drops tokens and attention connections.
 
@@ -110,7 +123,7 @@ class SparseVisionTransformer(VisionTransformer):
     token_keep: float
     attn_keep: float
     attn_mode: str
-    attn_block: int
+    attn_block: int | None  # None: tile_side of each pruning block's token count
     token_blocks: frozenset[int]
     fuse_token: bool
     record_cls_attention: bool
@@ -261,16 +274,17 @@ class SparseVisionTransformer(VisionTransformer):
         if self.attn_mode == "exact":
             return additive(self._attention_mask(full))
         tokens = full.shape[-1]
-        count = math.ceil(tokens / self.attn_block)
+        side = self.attn_block or tile_side(tokens)
+        count = math.ceil(tokens / side)
         if kept_count(self.attn_keep, count) == count:
             return None  # every key tile kept: plain dense attention
-        tiles = block_keep_tiles(full, self.attn_keep, self.attn_block, self.num_prefix_tokens, fused)
+        tiles = block_keep_tiles(full, self.attn_keep, side, self.num_prefix_tokens, fused)
         if full.device.type not in FLEX_FORWARD_ONLY:
-            return tile_block_mask(tiles, self.attn_block, tokens)
+            return tile_block_mask(tiles, side, tokens)
         # No FlexAttention backward here, and in inference it would compile a graph per token count:
         # gather the kept tiles where that pays, else the same choice as a token mask, dense SDPA.
-        gather = tile_gather(tiles, self.attn_block, tokens, self.num_prefix_tokens, self.attn_keep, fused)
-        return gather if gather is not None else additive(expand_tiles(tiles, self.attn_block, tokens))
+        gather = tile_gather(tiles, side, tokens, self.num_prefix_tokens, self.attn_keep, fused)
+        return gather if gather is not None else additive(expand_tiles(tiles, side, tokens))
 
     def _attention_mask(self, full: torch.Tensor) -> torch.Tensor | None:
         """(B, M, M), True where a query keeps a key: its top keys, plus every prefix row and column."""
@@ -433,10 +447,10 @@ def gather_width(tiles: int, prefix_tiles: int, keep: float, fused: bool) -> int
 def gathering_pays(width: int, block: int, tokens: int) -> bool:
     """Whether gathering ``width`` key tiles per query tile beats dense masked SDPA on a CPU.
 
-    Measured (``benchmarks/training.py``, 2 CPUs, DeiT-Tiny heads, forward + backward, two runs): it
+    Measured (``benchmarks/training.py``, 2 CPUs, DeiT-Tiny heads, forward + backward, over runs): it
     needs at most half the scores *and* enough rows per matmul for the copies to pay: with 16-token
-    tiles 0.86-0.89x of masked SDPA at 718 tokens but 0.96-1.03x at 405 and 1.09-1.10x at 181; with
-    32-token tiles 0.59-0.70x at 718 and 0.66-0.81x at 405. Hence sequences of at least 8,192 /
+    tiles 0.86-0.89x of masked SDPA at 718 tokens but 0.96-1.03x at 405 and 0.81-1.10x at 181; with
+    32-token tiles 0.56-0.70x at 718 and 0.60-0.81x at 405. Hence sequences of at least 8,192 /
     ``block`` tokens (512 at 16, 256 at 32); conservative below (181 tokens at 32: 0.86x once).
     """
     return 2 * width * block <= tokens and tokens * block >= 8192
@@ -481,7 +495,7 @@ def sparsify(
     attn_keep: float = 1.0,
     fuse_token: bool = False,
     attn_mode: str = "exact",
-    attn_block: int = DEFAULT_ATTN_BLOCK,
+    attn_block: int | None = None,
 ) -> SparseVisionTransformer:
     """A sparse view of ``vit`` that shares its parameters (and state_dict keys).
 
@@ -513,9 +527,10 @@ def sparsify(
         attn_mode: ``"exact"`` (default) or ``"block"``.
         attn_block: tile side in tokens for block mode, a power of two >= 16 (FlexAttention's GPU
             kernels need their own tiles to divide it, and shrink them to at most it only for powers
-            of two >= 16). Default 16: this project's sequences are 65-577 tokens, so 16 leaves
-            5-37 tiles to choose among, where FlexAttention's default 128 would leave 1-5 (nearly
-            dense); larger tiles are more efficient per element on a GPU but skip less.
+            of two >= 16). Default None: at each pruning block, :func:`tile_side` of its token count
+            (the smallest such side leaving at most 24 tiles), so short sequences keep a fine choice
+            among 16-token tiles (FlexAttention's own default, 128, would leave 1-5 tiles on them:
+            nearly dense at any keep rate) and long ones get tiles that skip work efficiently.
     """
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"sparsify needs a timm VisionTransformer, not {type(vit).__name__}")
@@ -531,8 +546,8 @@ def sparsify(
                             "sparsify supports timm's pre-norm Block with the standard, ungated Attention")
     if attn_mode not in ATTN_MODES:
         raise ValueError(f"attn_mode must be one of {ATTN_MODES}, not {attn_mode!r}")
-    if isinstance(attn_block, bool) or not isinstance(attn_block, int) or attn_block < 16 \
-            or attn_block & (attn_block - 1):
+    if attn_block is not None and (isinstance(attn_block, bool) or not isinstance(attn_block, int)
+                                   or attn_block < 16 or attn_block & (attn_block - 1)):
         raise ValueError(f"attn_block must be a power of two >= 16 (FlexAttention's GPU kernels need it), "
                          f"not {attn_block!r}")
     if attn_mode == "block":
