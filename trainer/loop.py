@@ -140,8 +140,8 @@ class Trainer:
                     stages=config.keep_stages)
         self.token_schedule = KeepSchedule(config.token_keep, **ramp)
         self.attn_schedule = KeepSchedule(config.attn_keep, **ramp)
+        self.keep_rate_pairs = pairs = len(rate_pairs(self.token_schedule, self.attn_schedule))
         if config.compile != "off" and self.is_main:
-            pairs = len(rate_pairs(self.token_schedule, self.attn_schedule))
             sys.stderr.write(f"{config.out}: --compile: the keep-rate schedule meets {pairs} distinct pair(s) of "
                              f"keep rates, a graph to compile for each" + ("" if pairs <= 4 or config.keep_stages else
                                                                    " (--keep-stages 3 would bound them to 4)") + "\n")
@@ -258,7 +258,7 @@ class Trainer:
                    "step_shapes": len(self.step_shapes),
                    "compiled_shapes": len(self.compiled_shapes),
                    "compiled_graphs": compiled_graphs() - self.graphs_before,
-                   "keep_rate_pairs": len(rate_pairs(self.token_schedule, self.attn_schedule)),
+                   "keep_rate_pairs": self.keep_rate_pairs,
                    "model_kwargs": model_kwargs(config, self.img_size, self.num_classes)}
         if self.is_main and self.position.epoch >= config.epochs:
             self.run.write_atomic(SUMMARY_NAME, json.dumps(summary, indent=2).encode())

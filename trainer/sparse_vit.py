@@ -23,23 +23,23 @@ keys) but runs a forward pass that:
   - ``attn_mode="block"``: the map is pooled into ``attn_block`` x ``attn_block`` tiles (by default
     a side chosen from M, :func:`tile_side`; mean over each tile, the last tile partial when the
     side does not divide M) and each query tile keeps its top ``ceil(attn_keep * T)`` of the T key
-    tiles (:func:`block_keep_tiles`). At tile
-    granularity: the key tiles holding prefix tokens are kept for every query tile, the query tiles
-    holding prefix tokens keep every key tile, and the key tile holding the fused token is kept for
-    every query tile, so the patch tokens sharing those tiles are kept with them; the fused token's
-    query tile ranks its key tiles like any other (its padded row shifts every tile's mean
-    equally). The following blocks run FlexAttention with a ``BlockMask`` built from those tile
-    choices: kept tiles are computed whole, skipped tiles are not computed at all, so attention
-    cost falls with ``attn_keep`` once sequences span several tiles. Keys past M in the last
-    partial tile never contribute (FlexAttention bounds-checks lengths that are not a multiple of
-    the tile). FlexAttention runs compiled (``torch.compile``; eager FlexAttention is an unfused
-    reference that computes everything). It has no backward on CPU (or MPS), and in inference there
-    it would compile a graph per token count, so on those devices it is not used: the following
-    blocks gather each query tile's kept key and value tiles and attend to those alone
-    (:class:`TileGather`; same outputs and gradients) where that pays (at most half the scores, on
-    a long sequence: :func:`gathering_pays`), and otherwise run the same tile choice, expanded to a
-    token mask, through dense masked SDPA (same outputs, no time saved). Block mode has no attention
-    dropout (FlexAttention has none): it refuses models with ``attn_drop > 0``.
+    tiles (:func:`block_keep_tiles`). At tile granularity: the key tiles holding prefix tokens are
+    kept for every query tile, the query tiles holding prefix tokens keep every key tile, and the
+    key tile holding the fused token is kept for every query tile, so the patch tokens sharing those
+    tiles are kept with them; the fused token's query tile ranks its key tiles like any other (its
+    padded row shifts every tile's mean equally). The following blocks run FlexAttention with a
+    ``BlockMask`` built from those tile choices: kept tiles are computed whole, skipped tiles are
+    not computed at all, so attention cost falls with ``attn_keep`` once sequences span several
+    tiles. Keys past M in the last partial tile never contribute (FlexAttention bounds-checks
+    lengths that are not a multiple of the tile). FlexAttention runs compiled (``torch.compile``;
+    eager FlexAttention is an unfused reference that computes everything). It has no backward on CPU
+    (or MPS), and in inference there it would compile a graph per token count, so on those devices
+    it is not used: the following blocks gather each query tile's kept key and value tiles and
+    attend to those alone (:class:`TileGather`; same outputs and gradients) where that pays (at most
+    half the scores, on a long sequence: :func:`gathering_pays`), and otherwise run the same tile
+    choice, expanded to a token mask, through dense masked SDPA (same outputs, no time saved). Block
+    mode has no attention dropout (FlexAttention has none): it refuses models with
+    ``attn_drop > 0``.
 
 The ranking row:
 
