@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from pipeline.bench.train import aggregate, paired_interval, verdict
+from pipeline.bench.train import aggregate, block_vs_exact, markdown, paired_interval, verdict
 
 
 def test_paired_interval_matches_a_hand_computation():
@@ -33,3 +33,17 @@ def test_aggregate_pairs_each_arm_with_dense_of_the_same_seed():
     assert (fast["paired_low"], fast["paired_high"]) == pytest.approx(expected[1:])
     assert fast["verdict"] == "not shown" and rows["dense"]["verdict"] == "baseline"
     assert rows["dense"]["paired_delta"] == 0.0
+
+
+def test_block_arms_are_paired_with_their_exact_twins():
+    def run(arm, seed, top1):
+        return {"arm": arm, "seed": seed, "top1": top1}
+
+    runs = [run("attention", 0, 90.0), run("attention", 1, 91.0), run("attention-block", 0, 89.0),
+            run("attention-block", 1, 91.5), run("token+attention-block", 0, 88.0), run("dense", 0, 92.0)]
+    rows = block_vs_exact(runs)
+    # token+attention-block has no exact twin in these runs, dense and attention are not block arms
+    assert [(r["arm"], r["exact_arm"], r["pairs"]) for r in rows] == [("attention-block", "attention", 2)]
+    assert rows[0]["paired_delta"] == pytest.approx(-0.25)  # (-1 + 0.5) / 2
+    assert (rows[0]["paired_low"], rows[0]["paired_high"]) == pytest.approx(paired_interval([-1.0, 0.5])[1:])
+    assert "| attention-block | attention | 2 | -0.25 [" in markdown([], "title", block_rows=rows)

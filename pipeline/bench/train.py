@@ -186,7 +186,23 @@ def aggregate(runs: list[dict], margin: float = 0.5) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], title: str, margin: float = 0.5) -> str:
+def block_vs_exact(runs: list[dict]) -> list[dict]:
+    """Each block-mode arm's top-1 minus its exact-mode twin's (the same name without ``-block``), paired
+    by seed: the accuracy block-sparse attention costs (or gains) against the paper's per-query top-k."""
+    top1 = {(r["arm"], r["seed"]): r["top1"] for r in runs}
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    rows = []
+    for arm in arms:
+        twin = arm.removesuffix("-block")
+        pairs = [top1[arm, seed] - top1[twin, seed] for name, seed in top1 if name == arm and (twin, seed) in top1]
+        if twin != arm and pairs:
+            mean, low, high = paired_interval(pairs)
+            rows.append({"arm": arm, "exact_arm": twin, "pairs": len(pairs), "paired_delta": mean, "paired_low": low,
+                         "paired_high": high})
+    return rows
+
+
+def markdown(rows: list[dict], title: str, margin: float = 0.5, block_rows: list[dict] | None = None) -> str:
     lines = [title, "", "Time and images/s: medians over seeds; top-1: mean +- std; paired delta: top-1 minus "
              f"dense's of the same seed, mean [95% t-interval]; parity: interval above -{margin} points.", "",
              "| arm | time (s) | time vs dense | fixed costs (s, share of dense) | images/s | presentations vs dense "
@@ -198,6 +214,11 @@ def markdown(rows: list[dict], title: str, margin: float = 0.5) -> str:
               f"{r['relative_images']:.2f}x | {r['relative_flops']:.2f}x | {r['relative_flops_per_image']:.2f}x | "
               f"{r['speedup_vs_predicted']:.2f} | {r['top1_mean']:.2f} +- {r['top1_std']:.2f} | "
               f"{interval_text(r)} | {r['verdict']} |" for r in rows]
+    if block_rows:
+        lines += ["", "Block-sparse attention against the exact mode (top-1 of the block arm minus its exact twin's, "
+                  "same seed; mean [95% t-interval]):", "", "| block arm | exact arm | seeds | paired delta (points) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['arm']} | {r['exact_arm']} | {r['pairs']} | {interval_text(r)} |" for r in block_rows]
     return "\n".join(lines) + "\n"
 
 
@@ -267,10 +288,14 @@ def bench_train(preset_name: str, out: Path, seeds: int | None = None, arms_file
 
 def write_results(out: Path, preset_name: str, runs: list[dict], title: str, margin: float = 0.5) -> list[dict]:
     """results.json, results.md and results.png from the runs (``runs.json`` holds them too)."""
-    rows = aggregate(runs, margin)
-    plain = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+    rows, block_rows = aggregate(runs, margin), block_vs_exact(runs)
+
+    def plain(table: list[dict]) -> dict:
+        return {r["arm"]: {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+                for r in table}
+
     (out / "results.json").write_text(json.dumps({"preset": preset_name, "parity_margin": margin,
-                                                  "arms": {r["arm"]: r for r in plain}}, indent=2))
-    (out / "results.md").write_text(markdown(rows, title, margin))
+                                                  "arms": plain(rows), "block_vs_exact": plain(block_rows)}, indent=2))
+    (out / "results.md").write_text(markdown(rows, title, margin, block_rows))
     plot(rows, out / "results.png", title)
     return rows

@@ -53,11 +53,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_bench_train(args: argparse.Namespace, console: Console) -> None:
-    from pipeline.bench.train import PRESETS, bench_train, markdown
+    from pipeline.bench.train import bench_train
 
     out = Path(args.out or f"runs/bench-{args.preset}")
-    rows = bench_train(args.preset, out, args.seeds, args.arms, args.only, args.compile)
-    console.print(markdown(rows, f"preset {args.preset}", PRESETS[args.preset].parity_margin))
+    bench_train(args.preset, out, args.seeds, args.arms, args.only, args.compile)
+    console.print((out / "results.md").read_text(encoding="utf-8"))  # the table(s) just written
     console.print(f"wrote {out}/results.md, results.png, results.json")
 
 
