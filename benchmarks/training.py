@@ -39,6 +39,7 @@ from trainer.dynamics import DynamicsRecorder
 from trainer.flops import ViTShape, forward_flops
 from trainer.loop import FUSED_ADAMW_DEVICES
 from trainer.sparse_vit import (
+    MAX_AUTO_TILES,
     additive,
     block_keep_tiles,
     expand_tiles,
@@ -269,7 +270,8 @@ def main() -> None:
 def tiles_named(attn_block: int | None) -> str:
     if attn_block:
         return f"{attn_block}-token tiles"
-    return "tile side per pruning block, 16 up to 384 tokens, 32 up to 768"
+    most = MAX_AUTO_TILES
+    return f"tile side per pruning block, 16 up to {16 * most} tokens, 32 up to {32 * most}"
 
 
 def render(report: dict) -> str:
