@@ -186,7 +186,7 @@ def test_default_tile_side_leaves_at_most_24_tiles():
 
 @pytest.mark.parametrize("size,side,gathers", [(32, 16, False), (128, 32, True)])
 def test_default_tiles_are_chosen_per_sequence_length(size, side, gathers, monkeypatch):
-    """By default a 65-token model pools 16-token tiles (47 tokens after pruning: 3 tiles); a 1,025-token
+    """By default a 65-token model pools 16-token tiles (46 tokens after pruning: 3 tiles); a 1,025-token
     one 32-token tiles (719 after pruning: 23 tiles), which the CPU gathers."""
     vit = make(img_size=size).train()
     x = images(size=size)
@@ -238,7 +238,7 @@ def test_gradients_reach_every_parameter(family):
 
 @pytest.mark.parametrize("size,cpu_mask,side", [(32, torch.Tensor, 16), (128, sparse_vit.TileGather, 32)])
 def test_cpu_paths_and_flex_agree_and_checkpointing_passes_the_mask(size, cpu_mask, side, monkeypatch):
-    """With the default tiles: 16 tokens at 32 px, 32 tokens at 128 px (719 tokens after pruning)."""
+    """With the default tiles: 16-token tiles at 32 px, 32-token tiles at 128 px (719 tokens after pruning)."""
     vit = make(img_size=size)
     x = images(size=size)
     seen = []
