@@ -3,7 +3,10 @@ import math
 
 import pytest
 
-from pipeline.bench.train import aggregate, block_vs_exact, markdown, paired_interval, verdict
+from pipeline.bench.train import PRESETS, aggregate, block_vs_exact, markdown, paired_interval, verdict
+from trainer.sparse_vit import kept_count, tile_side
+
+MNIST_SIDE = 28  # the cpu presets' images (mnist5k), trained at their own size
 
 
 def test_paired_interval_matches_a_hand_computation():
@@ -47,3 +50,14 @@ def test_block_arms_are_paired_with_their_exact_twins():
     assert rows[0]["paired_delta"] == pytest.approx(-0.25)  # (-1 + 0.5) / 2
     assert (rows[0]["paired_low"], rows[0]["paired_high"]) == pytest.approx(paired_interval([-1.0, 0.5])[1:])
     assert "| attention-block | attention | 2 | -0.25 [" in markdown([], "title", block_rows=rows)
+
+
+@pytest.mark.parametrize("preset, tiles, kept", [("cpu", 2, 1), ("cpu-tiles", 4, 2)])
+def test_cpu_tiles_preset_gives_block_mode_real_tiles(preset, tiles, kept):
+    """The cpu preset's 17 tokens make two tiles, where block mode's choice means nothing; cpu-tiles
+    (patch 4: 49 patches + class token) makes four, and each query tile keeps two of them."""
+    settings = PRESETS[preset]
+    tokens = (MNIST_SIDE // settings.train["patch_size"]) ** 2 + 1
+    count = math.ceil(tokens / tile_side(tokens))
+    assert (count, kept_count(settings.attn_keep, count)) == (tiles, kept)
+    assert ("attention-block" in settings.arm_settings()) == (preset == "cpu-tiles")
