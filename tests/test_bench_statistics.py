@@ -1,4 +1,5 @@
-"""The bench's accuracy verdict: paired differences to dense with a t-interval, by hand."""
+"""The bench's accuracy verdict: paired differences to dense with a t-interval, by hand; and the
+block-sparse presets' tile counts."""
 import math
 
 import pytest
