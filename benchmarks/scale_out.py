@@ -1,4 +1,4 @@
-"""Scale-out figures for the README, with real servers on loopback (the same ones the tests start):
+"""Scale-out figures for docs/benchmarks.md, with real servers on loopback (the same ones the tests start):
 
     .venv/bin/python benchmarks/scale_out.py [--out benchmarks/results] [--repeats 3]
 
@@ -27,9 +27,12 @@ from torch.utils.data import DataLoader
 from pipeline.bench.data import BATCH, images_per_second
 from report_files import write_report
 from shards import ShardDataset
-from shards.testing import RAY_CLUSTER_ENV, LoopbackRayCluster, aws_environment, environment, moto_server
 from trainer.config import TrainConfig
 from trainer.launch import train
+
+# The loopback servers are the tests' (tests/loopback.py, not installed with onion): run from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from loopback import RAY_CLUSTER_ENV, LoopbackRayCluster, aws_environment, environment, moto_server
 
 ONION = [sys.executable, "-m", "pipeline"]
 

@@ -1,4 +1,4 @@
-"""Reading a selection through the index vs materialized survivor shards, for the README:
+"""Reading a selection through the index vs materialized survivor shards, for docs/benchmarks.md:
 
     .venv/bin/python benchmarks/selection_reading.py [--out benchmarks/results] [--repeats 3]
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from pipeline.bench.data import BATCH, images_per_second
 from report_files import write_report
 from scale_out import timed
 from shards import ShardDataset
-from shards.testing import aws_environment, environment, moto_server
+
+# The loopback servers are the tests' (tests/loopback.py, not installed with onion): run from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from loopback import aws_environment, environment, moto_server
 
 KEEPS = {"v0001": 0.8, "v0002": 0.5}  # selection versions, in the order they are made
 

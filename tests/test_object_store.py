@@ -1,5 +1,7 @@
 """Every onion command against a real S3-compatible server on loopback (moto's standalone server),
 configured only through the standard AWS environment; injected 500s and dropped connections."""
+import asyncio
+import dataclasses
 import gc
 import json
 import multiprocessing
@@ -16,8 +18,9 @@ import pytest
 from fsspec.asyn import sync
 
 from helpers import files_of, onion
+from loopback import SECRET, FaultyProxy, aws_environment, environment, free_port, moto_server
 from shards import ShardDataset, location, read_index
-from shards.testing import SECRET, FaultyProxy, aws_environment, environment, free_port, moto_server
+from shards.urls import Location
 from trainer.dynamics import read_dynamics
 
 pytestmark = pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
@@ -152,9 +155,10 @@ def test_two_node_torchrun_streams_each_example_once_per_epoch_from_s3(s3, clean
     assert parts == {"part-r0", "part-r1"}
 
 
-def epoll_registrations() -> set[tuple[int, int]]:
-    """(epoll fd, registered fd) for every epoll instance of this process, as the kernel lists them."""
-    pairs = set()
+def epoll_registrations() -> set[tuple[int, int, int]]:
+    """(epoll fd, registered fd, its inode) for every epoll instance of this process, as the kernel lists
+    them. The inode tells a socket from a later one that was given the same fd number."""
+    registrations = set()
     for name in os.listdir("/proc/self/fd"):
         try:
             if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:[eventpoll]":
@@ -162,12 +166,38 @@ def epoll_registrations() -> set[tuple[int, int]]:
             info = Path(f"/proc/self/fdinfo/{name}").read_text()
         except OSError:  # closed meanwhile (listdir's own fd, a thread's)
             continue
-        pairs |= {(int(name), int(fd)) for fd in re.findall(r"^tfd:\s*(\d+)", info, flags=re.MULTILINE)}
-    return pairs
+        registrations |= {(int(name), int(fd), int(inode, 16))
+                          for fd, inode in re.findall(r"^tfd:\s*(\d+)\s.*\bino:([0-9a-f]+)", info, flags=re.MULTILINE)}
+    return registrations
+
+
+def connected_to(endpoint: str) -> set[int]:
+    """Inodes of the open TCP connections to ``endpoint``'s port, as the kernel lists them."""
+    port = int(endpoint.rsplit(":", 1)[1])
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:] if os.path.exists(table) else ():
+            fields = line.split()  # sl local_address rem_address st ... uid timeout inode
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def without_idle_expiry(where: Location) -> Location:
+    """``where`` with s3fs's ``config_kwargs`` telling aiobotocore never to close an idle pooled
+    connection (by default it closes one idle for 12 s: a loaded machine can take that long to fork
+    and join a child)."""
+    options = dict(where.options)
+    options["config_kwargs"] = {**options.get("config_kwargs", {}), "connector_args": {"keepalive_timeout": None}}
+    return dataclasses.replace(where, options=tuple(sorted(options.items())))
 
 
 async def collect_garbage() -> None:
     gc.collect()
+    # A finalizer it ran may have left work to the loop (s3fs closes a client in a task): a worker's loop
+    # goes on to run it, so let this one too before the child exits.
+    if pending := asyncio.all_tasks() - {asyncio.current_task()}:
+        await asyncio.wait(pending)
 
 
 def child_collecting_in_its_own_loop(url: str) -> None:
@@ -179,13 +209,15 @@ def child_collecting_in_its_own_loop(url: str) -> None:
 def test_a_forked_child_leaves_the_parents_pooled_connections_registered(s3):
     """A forked child must not close the parent's keep-alive connections through the epoll instance both
     share (s3fs's finalizer did, from the child's garbage collector: the parent then waited forever)."""
-    with FaultyProxy(s3) as proxy, environment({"AWS_ENDPOINT_URL": proxy.endpoint}):  # keeps connections alive
+    # The proxy keeps connections alive as S3 does, and for as long as they are open (moto closes each one).
+    with FaultyProxy(s3) as proxy, environment({"AWS_ENDPOINT_URL": proxy.endpoint}):
         fresh_filesystems()
-        where = location(f"s3://{BUCKET}/fork-safety")
-        before = epoll_registrations()
+        where = without_idle_expiry(location(f"s3://{BUCKET}/fork-safety"))
         where.fs.pipe_file(where.path("probe"), b"probe")
         assert where.fs.cat_file(where.path("probe")) == b"probe"
-        pooled = epoll_registrations() - before  # the idle connections, still watched by the event loop
+        # The idle connections to the proxy, still watched by the event loop. Told apart by inode, not by
+        # what changed: an earlier test's connection closing meanwhile frees an fd number a new one reuses.
+        pooled = {watched for watched in epoll_registrations() if watched[2] in connected_to(proxy.endpoint)}
         assert pooled, "no pooled connection to test with"
         child = multiprocessing.get_context("fork").Process(target=child_collecting_in_its_own_loop, args=(where.url,))
         gc.disable()  # inherited: the child's one collection is then the one it runs inside its event loop

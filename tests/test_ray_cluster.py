@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import files_of, onion
-from shards.testing import RAY_CLUSTER_ENV, LoopbackRayCluster
+from loopback import RAY_CLUSTER_ENV, LoopbackRayCluster
 from trainer.config import TrainConfig
 from trainer.launch import train
 

@@ -65,21 +65,6 @@ def keep_share(text: str) -> float:
     return value
 
 
-def rate(text: str) -> float:
-    """A keep rate: more than nothing, at most everything (1.0: the level is off)."""
-    value = _number(text, float)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {value:g}")
-    return value
-
-
-def non_negative(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value:g}")
-    return value
-
-
 def add_ray_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Ray")
     group.add_argument("--address", default=None,

@@ -1,10 +1,12 @@
-"""Test infrastructure, not part of the library: real servers on loopback for the tests and the
-benchmarks. An S3-compatible HTTP server (moto's standalone server, in its own process), a
-fault-injecting HTTP proxy to put in front of it, and Ray nodes started with ``ray start`` that form
-a cluster.
+"""Test infrastructure, not part of onion: real servers on loopback for the tests and the benchmarks.
+An S3-compatible HTTP server (moto's standalone server, in its own process), a fault-injecting HTTP
+proxy to put in front of it, and Ray nodes started with ``ray start`` that form a cluster.
 
-Nothing in ``shards`` imports this module, and it imports only the standard library at module level:
-moto (the ``test`` extra) and Ray are used only by the functions that start their servers."""
+It lives beside ``helpers.py``, outside the installed packages: tests import it as ``loopback``
+(pytest puts ``tests/`` on ``sys.path``); the benchmarks that start these servers put ``tests/`` on
+``sys.path`` first. No module of ``shards``, ``pipeline`` or ``trainer`` may import it
+(``test_layering.py``). It imports only the standard library at module level: moto (the ``test``
+extra) and Ray are used only by the functions that start their servers."""
 from __future__ import annotations
 
 import http.client
