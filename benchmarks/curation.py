@@ -1,4 +1,4 @@
-"""Example-level figures for the README: planted redundancy removed, scoring and selection speed.
+"""Example-level figures for docs/benchmarks.md: planted redundancy removed, scoring and selection speed.
 
     .venv/bin/python benchmarks/curation.py [--out benchmarks/results]
 

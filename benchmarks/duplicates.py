@@ -1,4 +1,4 @@
-"""Duplicate-finding figures for the README: what the grouping scorers find, and what they cost.
+"""Duplicate-finding figures for docs/benchmarks.md: what the grouping scorers find, and what they cost.
 
     .venv/bin/python benchmarks/duplicates.py [--out benchmarks/results]
 

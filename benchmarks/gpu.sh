@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README in one prepared command, sized for a few minutes on one card:
+# The GPU figures of docs/benchmarks.md in one prepared command, sized for a few minutes on one card:
 #
 #   bash benchmarks/gpu.sh [OUT]            on a CUDA machine (default OUT: benchmarks/results/gpu)
 #   bash benchmarks/gpu.sh --dry-run [OUT]  the same stages at toy sizes on the CPU (checks the script)

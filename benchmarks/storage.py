@@ -1,4 +1,4 @@
-"""Storage-layer figures for the README: ingest and reader throughput, reader memory.
+"""Storage-layer figures for docs/benchmarks.md: ingest and reader throughput, reader memory.
 
     .venv/bin/python benchmarks/storage.py [--out benchmarks/results] [--repeats 3]
 

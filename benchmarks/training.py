@@ -1,4 +1,4 @@
-"""Trainer figures for the README: sparse vs dense step speed, attention-level cost, dynamics cost.
+"""Trainer figures for docs/benchmarks.md: sparse vs dense step speed, attention-level cost, dynamics cost.
 
     .venv/bin/python benchmarks/training.py [--out benchmarks/results] [--repeats 5] [--compile]
 

@@ -1,4 +1,4 @@
-"""Where the width of a bench's paired interval comes from, for the README:
+"""Where the width of a bench's paired interval comes from, for docs/benchmarks.md:
 
     .venv/bin/python benchmarks/val_disagreement.py benchmarks/results/bench-cpu-parity example-dynamic ...
 

@@ -9,7 +9,7 @@ Kills are placed two ways:
   N boundaries (each temporary written, each rename or link into place, each temporary dropped,
   each removal); the command is then run once per chosen boundary k, SIGKILLed at exactly the
   k-th one, checked, and re-run to the end. ``ONION_FAULT_POINTS=all`` tries every boundary (the
-  README's figure); by default an evenly spaced few per command. Commands run with
+  figure in docs/guarantees.md); by default an evenly spaced few per command. Commands run with
   ``--ray-cpus 1``, so the numbering is the same from run to run.
 * at random wall-clock times (``ONION_KILL_POINTS`` per command, default 1, seeds fixed), with Ray
   using two CPUs, so kills also land between concurrent writers.

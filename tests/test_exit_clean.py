@@ -1,4 +1,4 @@
-"""The README's "Read it" snippet exits cleanly, every time.
+"""The reader snippet of docs/reading.md exits cleanly, every time.
 
 A short script that read the index used to abort at interpreter exit ("terminate called without
 an active exception", exit 134) in a sizeable fraction of runs: pyarrow released buffers wrapping
@@ -25,7 +25,7 @@ RUNS = 20
 # 4 at a time, 14 of 30 runs crashed; 2 at a time on an idle machine, 0 of 30). Same wall time.
 PARALLEL = 4
 
-# The README's second "Read it" snippet, pointed at a test dataset, with its results checked. The
+# docs/reading.md's second snippet, pointed at a test dataset, with its results checked. The
 # decoded samples are counted, not kept: a long list alive at exit makes the old crash much rarer.
 SNIPPET = """
 import sys

@@ -1,6 +1,7 @@
 """The trainer on real data (scikit-learn digits), real processes, real checkpoints."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -80,7 +81,14 @@ def test_killed_training_resumes_to_identical_weights(digits, tmp_path, examples
     process.wait()
     position = json.loads(latest.read_text())
     assert 0 < position["batch"] or position["epoch"] < 3  # killed mid-run
-    resumed = onion("train", "--resume", killed)
+    # Resumed from a copy of the folder, with other options that apply on resume: the copy is the run, and
+    # they do not change what it learns.
+    copied = tmp_path / "copied"
+    shutil.copytree(killed, copied)
+    shutil.rmtree(killed)
+    killed = copied
+    resumed = onion("train", "--resume", killed, "--checkpoint-every", "5", "--eval-every", "2", "--log-every", "3",
+                    "--progress-seconds", "0")
     assert resumed.returncode == 0, resumed.stderr
     final = [load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
              for run in (reference, killed)]

@@ -1,7 +1,9 @@
 """``torch.compile`` for the training step.
 
-The keep-rate schedule quantises its rates, so a run meets only a handful of distinct token
-counts; with ``dynamic=False`` each becomes one static graph. Only full batches run compiled: the
+The keep-rate schedule quantises its rates, so a run meets only a handful of distinct pairs of keep
+rates; with ``dynamic=False`` each becomes one static graph (the token rate fixes the token counts,
+the attention rate how many keys each query keeps: two pairs with the same token counts are two
+graphs). Only full batches run compiled: the
 trainer runs an epoch's last, partial batch eagerly (its size changes from epoch to epoch once
 examples are pruned per epoch, and each size would be a graph compiled for one step). The recompile
 limit is raised so those few graphs never fall back to eager, and ``compiled_graphs()`` reports how
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-GRAPH_LIMIT = 64  # far above the distinct token counts a quantised schedule produces
+GRAPH_LIMIT = 64  # far above the distinct pairs of rates a quantised schedule produces
 
 
 def allow_static_graphs() -> None:

@@ -80,10 +80,15 @@ class TrainConfig:
     nproc: int = knob(1, "DDP processes on this machine (gloo on CPU, NCCL on GPU); or launch with torchrun")
     record_dynamics: bool = knob(True, "write per-example training dynamics to dynamics/*.parquet")
     compile: str = knob("off", "torch.compile the training step: off, default, reduce-overhead (CUDA graphs) or "
-                               "max-autotune; one static graph per distinct token count (an epoch's partial last batch "
-                               "runs eagerly), compile time included in every timing")
+                               "max-autotune; one static graph per distinct pair of keep rates a full batch meets (the "
+                               "token rate fixes the token counts, the attention rate how many keys each query keeps; "
+                               "an epoch's partial last batch runs eagerly), compile time included in every timing")
     log_every: int = knob(50, "steps between progress-bar updates (each reads the loss from the device once; the "
                               "step itself never waits for the device)")
+    progress_seconds: float = knob(10.0, "when output is not a terminal (a log, a pipe): seconds between progress "
+                                         "lines within an epoch (0: a line every step)")
+    extensions: list[dict] = knob([], "set by --resume with a larger --epochs, not a flag: where each extension "
+                                      "began (epoch), the learning-rate factor there and the epochs before it")
 
     def __post_init__(self) -> None:
         self.check()
@@ -145,28 +150,43 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_sources(cls, yaml_path: str | None, overrides: dict) -> TrainConfig:
-        """Defaults, then the YAML file, then the explicit overrides (``None`` means unset)."""
+    def given_values(cls, yaml_path: str | None, overrides: dict) -> dict:
+        """The settings a user gave: the YAML file's, then the explicit overrides (``None`` means unset)."""
         values: dict = {}
         if yaml_path:
             with open(yaml_path, encoding="utf-8") as handle:
                 loaded = yaml.safe_load(handle) or {}
-            unknown = {RENAMED.get(name, name) for name in loaded} - set(cls.help_of())
+            unknown = {RENAMED.get(name, name) for name in loaded} - set(cls.options())
             if unknown:
                 raise RunError(f"{yaml_path}: unknown settings {sorted(unknown)}")
-            values.update(loaded)
+            values.update({RENAMED.get(name, name): value for name, value in loaded.items()})
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(values)
+        return values
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | None, overrides: dict) -> TrainConfig:
+        """Defaults, then the YAML file, then the explicit overrides (``None`` means unset)."""
+        return cls.from_dict(cls.given_values(yaml_path, overrides))
+
+    @classmethod
+    def options(cls) -> dict[str, str]:
+        """The settings a user gives (flags and YAML keys) with their help: all but what runs record themselves."""
+        return {name: text for name, text in cls.help_of().items() if name not in RECORDED}
+
+    def epochs_at(self, epoch: int) -> int:
+        """The run's length as it stood while ``epoch`` trained (an extended run was shorter before)."""
+        return next((e["epochs_before"] for e in self.extensions if epoch < e["at_epoch"]), self.epochs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+RECORDED = ("extensions",)  # written by onion train --resume into config.json, never given
 RENAMED = {"workers": "loader_workers"}  # old name -> current name, for configs written before the rename
 RATES = ("token_keep", "attn_keep")
 SHARES = ("drop_path", "label_smoothing", "prune_ratio", "prune_anneal")
 NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "keep_warmup_epochs", "keep_ramp_epochs",
-                "keep_quantum", "clip_grad", "mixup", "cutmix", "checkpoint_every")
+                "keep_quantum", "clip_grad", "mixup", "cutmix", "checkpoint_every", "progress_seconds")
 POSITIVE_COUNTS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "nproc",
                    "attn_block", "log_every", "eval_every")
 ATTN_MODES = ("exact", "block")

@@ -20,18 +20,6 @@ from trainer.config import TrainConfig
 from trainer.errors import RunError
 from trainer.loop import CONFIG_NAME, SUMMARY_NAME, Trainer
 
-CURATION_MARK = "curation.json"  # written by onion curate, which owns such a run
-
-
-def saved_config(run: str) -> TrainConfig:
-    """The resolved configuration a run was started with (what ``--resume`` continues)."""
-    folder = location(run)
-    if folder.exists(CURATION_MARK):  # rounds swap the data between phases; plain resume would not
-        raise RunError(f"{run} is a curation run: continue it by running the same onion curate command again")
-    if not folder.exists(CONFIG_NAME):
-        raise RunError(f"{run}: no {CONFIG_NAME}, so there is no run to resume")
-    return TrainConfig.from_dict(json.loads(folder.read_bytes(CONFIG_NAME)))
-
 
 def claim_run_directory(config: TrainConfig, resume: bool) -> bool:
     """A fresh run owns its directory: its config.json is created exclusively, so of two jobs started
@@ -51,12 +39,6 @@ def release_unstarted_claim(config: TrainConfig) -> None:
     run = location(config.out)
     if latest_position(run) is None:
         run.remove(CONFIG_NAME)
-
-
-def finished_summary(run: str) -> dict | None:
-    """The summary of a run that trained all its epochs, else None."""
-    folder = location(run)
-    return json.loads(folder.read_bytes(SUMMARY_NAME)) if folder.exists(SUMMARY_NAME) else None
 
 
 def backend() -> str:
@@ -98,6 +80,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     read_manifest(location(config.dataset))
     if config.selection:
         read_selection(location(config.dataset), config.selection, columns=["kept"])  # a named error first
+    from trainer.preflight import check_start  # the device and the model, before the claim and any spawn
+    check_start(config)
     claimed = claim_run_directory(config, resume)
     try:
         return _train(config, resume)

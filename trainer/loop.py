@@ -48,7 +48,7 @@ from trainer.example_pruning import (
 from trainer.flops import ViTShape, forward_flops
 from trainer.inputs import prepare
 from trainer.model import build_model, model_kwargs
-from trainer.schedule import KeepSchedule, rate_pairs
+from trainer.schedule import KeepSchedule, lr_factor, rate_pairs
 from trainer.sparse_vit import SparseVisionTransformer
 
 CONFIG_NAME = "config.json"
@@ -88,17 +88,6 @@ def autocast_for(config: TrainConfig, device: torch.device):  # noqa: ANN201 - a
     use_bf16 = config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda"
                                         and torch.cuda.is_bf16_supported())
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-
-def lr_factor(config: TrainConfig, progress: float) -> float:
-    """Learning-rate multiplier ``progress`` epochs into training: linear warm-up, then cosine down to
-    min_lr. A function of (fractional) epochs, not steps, so epochs of different lengths (per-epoch
-    example pruning) keep the schedule's shape and it still ends at min_lr."""
-    if progress < config.warmup_epochs:
-        return progress / config.warmup_epochs
-    floor = config.min_lr / config.lr
-    done = min(1.0, (progress - config.warmup_epochs) / max(config.epochs - config.warmup_epochs, 1e-9))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 class Trainer:
@@ -172,11 +161,12 @@ class Trainer:
         loss weights from the latest losses, the same on every rank, and record the choice."""
         config, epoch = self.config, self.position.epoch
         self.example_weights = None
-        if not prunes_epoch(epoch, config.epochs, config.prune_anneal):
+        epochs = config.epochs_at(epoch)  # an extended run plans its earlier epochs as it did then
+        if not prunes_epoch(epoch, epochs, config.prune_anneal):
             self._restrict_train_data(None)
             return
         keys = self.train_data.keys()
-        plan = plan_epoch(keys, latest_losses(self.run, keys, epoch), epoch, config.epochs, config.prune_ratio,
+        plan = plan_epoch(keys, latest_losses(self.run, keys, epoch), epoch, epochs, config.prune_ratio,
                           config.prune_anneal, config.seed)
         if self.is_main:
             version = record_plan(location(self.data_url), plan, self.data_selection,
@@ -276,7 +266,10 @@ class Trainer:
         bar = tqdm(loader, total=self.steps_per_epoch - self.position.batch, disable=None if self.is_main else True,
                    desc=f"epoch {self.position.epoch + 1}/{config.epochs}", unit="batch", leave=False)
         join = self.ddp.join() if self.ddp else nullcontext()
-        started = time.perf_counter()
+        started = last_line = time.perf_counter()
+        # In a log or a pipe the bar is off: a line every --progress-seconds instead, so a long first epoch
+        # is not silent.
+        lines = self.is_main and bar.disable
         with join:
             for images, labels, keys in bar:
                 self._step(images, labels, keys, totals)
@@ -285,6 +278,14 @@ class Trainer:
                     loss_sum = totals[0].item()  # the one sync of a logging interval
                     bar.set_postfix(img_s=f"{images_seen * self.world_size / (time.perf_counter() - started):.0f}",
                                     loss=f"{loss_sum / max(1, images_seen):.3f}")
+                if lines and time.perf_counter() - last_line >= config.progress_seconds:
+                    last_line = time.perf_counter()
+                    loss_sum = totals[0].item()  # the one sync of a progress line
+                    sys.stderr.write(f"{config.out}: epoch {self.position.epoch + 1}/{config.epochs}  step "
+                                     f"{self.position.batch}/{self.steps_per_epoch}  train loss "
+                                     f"{loss_sum / max(1, images_seen):.4f}  "
+                                     f"{images_seen * self.world_size / (last_line - started):.0f} img/s\n")
+                    sys.stderr.flush()
                 if config.checkpoint_every and self.position.step % config.checkpoint_every == 0:
                     self.checkpoint()
         loss_sum, correct = totals.tolist()

@@ -1,4 +1,6 @@
-"""Keep-rate schedules: 1.0 while warming up, cosine down to the target, then constant.
+"""The schedules of a run: keep rates and the learning rate.
+
+Keep rates: 1.0 while warming up, cosine down to the target, then constant.
 
 Rates are quantised (default steps of 0.05) so a run sees only a handful of distinct token
 counts: fewer shapes, steadier kernels, and the count a batch gets is predictable. With ``stages``
@@ -10,6 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -36,3 +42,22 @@ def rate_pairs(token: KeepSchedule, attention: KeepSchedule) -> list[tuple[float
     """The distinct (token, attention) keep rates a run meets, in order: one compiled graph each."""
     end = max(token.warmup_steps + token.ramp_steps, attention.warmup_steps + attention.ramp_steps)
     return list(dict.fromkeys((token(step), attention(step)) for step in range(end + 1)))
+
+
+def lr_factor(config: TrainConfig, progress: float) -> float:
+    """Learning-rate multiplier ``progress`` epochs into training: linear warm-up, then cosine down to
+    min_lr. A function of (fractional) epochs, not steps, so epochs of different lengths (per-epoch
+    example pruning) keep the schedule's shape and it still ends at min_lr.
+
+    A run extended with a larger --epochs (``config.extensions``) follows, from the epoch where the
+    extension began, a new cosine from the factor it had reached there down to min_lr at its new end."""
+    if progress < config.warmup_epochs:
+        return progress / config.warmup_epochs
+    floor = config.min_lr / config.lr
+    ends = [extension["epochs_before"] for extension in config.extensions] + [config.epochs]
+    start, start_factor, end = config.warmup_epochs, 1.0, ends[0]
+    for extension, extended_end in zip(config.extensions, ends[1:]):
+        if progress >= extension["at_epoch"]:
+            start, start_factor, end = extension["at_epoch"], extension["lr_factor"], extended_end
+    done = min(1.0, (progress - start) / max(end - start, 1e-9))
+    return floor + (start_factor - floor) * 0.5 * (1 + math.cos(math.pi * done))

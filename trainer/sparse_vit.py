@@ -87,7 +87,7 @@ ATTN_MODES = ("exact", "block")
 # pruning; 197 at 224 / 16: 9); long ones get larger tiles, which skip as large a share of the
 # scores at the same keep rate but make each kept tile more work: FlexAttention's GPU kernels run
 # fuller tiles, and on CPU the gathered tiles pay from 256 tokens at 32 where 16 needs 512. Measured
-# on CPU, side by side (README "Sparse training (CPU)"): at 577 tokens (405 after pruning) 16-token
+# on CPU, side by side (docs/benchmarks.md "Sparse training (CPU)"): at 577 tokens (405 after pruning) 16-token
 # tiles never gather and block mode cost 1.042x of the token level alone, these tiles 1.019x.
 MAX_AUTO_TILES = 24
 # Devices whose FlexAttention has no backward (torch 2.14 raises "does not support backward on CPU"):
@@ -319,7 +319,7 @@ def reuses_attention_map(device: torch.device) -> bool:
 
     On CPU it does: one explicit pass (scores, softmax, weighted sum) costs less than the fused
     kernel plus a second, forward-only pass for the map (2 cores, DeiT-Tiny shape, forward and
-    backward: 39 vs 46 ms at 1,025 tokens, 9 vs 13 ms at 257, 2.8 vs 4.4 ms at 65; README "Sparse
+    backward: 39 vs 46 ms at 1,025 tokens, 9 vs 13 ms at 257, 2.8 vs 4.4 ms at 65; docs/benchmarks.md "Sparse
     training (CPU)"). Elsewhere the fused kernel keeps its backward and memory (a GPU has not been
     measured either way).
     """
@@ -540,9 +540,10 @@ def sparsify(
         raise TypeError(f"sparsify needs a timm VisionTransformer or VisionTransformerDistilled, not the subclass "
                         f"{type(vit).__name__}")
     for i, block in enumerate(vit.blocks):
-        gated = getattr(block.attn, "gate", None) is not None  # getattr: timm < 1.0.28 has no gate at all
-        if type(block) is not Block or type(block.attn) is not Attention or gated:
-            raise TypeError(f"block {i} is {type(block).__name__}/{type(block.attn).__name__}: "
+        attn = getattr(block, "attn", None)  # parallel blocks have none (attns)
+        gated = getattr(attn, "gate", None) is not None  # getattr: timm < 1.0.28 has no gate at all
+        if type(block) is not Block or type(attn) is not Attention or gated:
+            raise TypeError(f"block {i} is {type(block).__name__}/{type(attn).__name__}: "
                             "sparsify supports timm's pre-norm Block with the standard, ungated Attention")
     if attn_mode not in ATTN_MODES:
         raise ValueError(f"attn_mode must be one of {ATTN_MODES}, not {attn_mode!r}")

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from pipeline.cli import bench, curate, ingest, inspect, materialize, report, score, select, train, verify
 from pipeline.cli.common import OnionArgumentParser, package_version
+from shards import location
 from shards.errors import EXIT_FAILURE, OnionError
 
 COMMANDS = (ingest, train, score, select, materialize, curate, inspect, report, verify, bench)
@@ -51,11 +52,25 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def how_to_continue(args: argparse.Namespace) -> str:
-    """What the user runs next after a Ctrl-C: every command resumes, train through --resume."""
+    """What the user runs next after a Ctrl-C: every command resumes; train through --resume once its
+    run has a checkpoint (before one, the run folder was released, so the same command starts it again)."""
     if args.command == "train":
         run = args.resume or getattr(args, "out", None)
-        return f"continue with: onion train --resume {run}" if run else "nothing was started"
+        if run and has_checkpoint(run):
+            return f"continue with: onion train --resume {run}"
+        if args.resume:
+            return f"{run} has no checkpoint yet: run the same command again to start its training over"
+        return "no checkpoint was written yet: run the same command again to start over"
     return "run the same command again to continue where it stopped"
+
+
+def has_checkpoint(run: str) -> bool:
+    from trainer.checkpoint import latest_position
+
+    try:
+        return latest_position(location(run)) is not None
+    except Exception:  # noqa: BLE001 - advice after a Ctrl-C must not raise (an unreachable store, a bad URL)
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

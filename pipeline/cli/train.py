@@ -26,7 +26,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("dataset", nargs="?", help=TrainConfig.help_of()["dataset"])
     train.add_argument("--config", help="YAML file with any of the settings below (flag names with _)")
-    train.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint, at the same sample")
+    train.add_argument("--resume", metavar="RUN",
+                       help="continue the run in folder RUN from its last checkpoint, at the same sample (a copied "
+                            "run folder resumes into the copy). Options given with it: --epochs (larger: extends "
+                            "the run, a new cosine from the current learning rate over the added epochs), "
+                            "--device, --eval-every, --compile, --log-every, --progress-seconds and "
+                            "--checkpoint-every are applied and recorded in RUN/history.jsonl; any other that "
+                            "differs from the run's is refused (--loader-workers too: the example order depends "
+                            "on it)")
     add_train_options(train)
     train.set_defaults(handler=run)
 
@@ -37,7 +44,7 @@ def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
 
     group = parser.add_argument_group("training settings")
     types = TrainConfig.field_types()
-    for name, text in TrainConfig.help_of().items():
+    for name, text in TrainConfig.options().items():
         if name == "dataset" or name in skip:
             continue
         default = TrainConfig.__dataclass_fields__[name].default
@@ -56,11 +63,17 @@ def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
 def train_config(args: argparse.Namespace, **fixed: object) -> TrainConfig:
     from trainer.config import TrainConfig
 
-    overrides = {name: getattr(args, name, None) for name in TrainConfig.help_of()}
-    config = TrainConfig.from_sources(args.config, {**overrides, **fixed})
+    config = TrainConfig.from_sources(args.config, {**given_options(args), **fixed})
     if not config.dataset or not config.out:
         raise UsageError(f"{args.command} needs DATASET and --out RUN")
     return config
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """The training settings on the command line (None: not given)."""
+    from trainer.config import TrainConfig
+
+    return {name: getattr(args, name, None) for name in TrainConfig.options()}
 
 
 def block_list(text: str) -> list[int]:
@@ -71,14 +84,34 @@ def block_list(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from trainer.launch import finished_summary, saved_config, train
-
-    config = saved_config(args.resume) if args.resume else train_config(args)
-    summary = finished_summary(args.resume) if args.resume else None
-    if summary is not None:
-        console.print(f"{config.out} is finished ({summary['epochs']} of {config.epochs} epochs): nothing to resume",
-                      soft_wrap=True)
+    if args.resume:
+        summary = resume(args, console)
+        if summary is None:
+            return
+        out = args.resume
     else:
-        summary = train(config, resume=bool(args.resume))
-    console.print(f"{config.out}: val top-1 {summary['val_top1']:.2f}%  {summary['images_per_second']:.0f} img/s  "
+        from trainer.launch import train
+
+        config = train_config(args)
+        summary, out = train(config), config.out
+    console.print(f"{out}: val top-1 {summary['val_top1']:.2f}%  {summary['images_per_second']:.0f} img/s  "
                   f"{summary['train_seconds']:.1f} s training", soft_wrap=True)
+
+
+def resume(args: argparse.Namespace, console: Console) -> dict | None:
+    """Continue the run in folder ``--resume`` under the rule of :mod:`trainer.resume`; the summary, or
+    None when the run is already finished."""
+    from trainer.config import TrainConfig
+    from trainer.launch import train
+    from trainer.resume import finished_summary, record_resume, resumed_config
+
+    config, changed = resumed_config(args.resume, TrainConfig.given_values(args.config, given_options(args)))
+    finished = finished_summary(config)
+    if finished is not None:
+        console.print(f"{args.resume} is finished ({finished['epochs']} of {config.epochs} epochs, val top-1 "
+                      f"{finished['val_top1']:.2f}%): nothing to resume; a larger --epochs extends it", soft_wrap=True)
+        return None
+    for name, (before, now) in changed.items():
+        console.print(f"{args.resume}: {name} {before!r} -> {now!r}", soft_wrap=True)
+    record_resume(config, changed, args.argv)
+    return train(config, resume=True)

@@ -41,8 +41,9 @@ from shards.selections import read_selection, save_selection, selection_paramete
 from shards.urls import Location
 from trainer.checkpoint import latest_position
 from trainer.config import TrainConfig
-from trainer.launch import CURATION_MARK
 from trainer.loop import CONFIG_NAME, Trainer
+from trainer.preflight import check_start
+from trainer.resume import CURATION_MARK
 
 CURATION_NAME = CURATION_MARK  # the run folder's owner mark
 DYNAMICS_SCORERS = ("forgetting", "loss")
@@ -122,6 +123,7 @@ def curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, *, progres
                          "use it with onion train, not with the curation rounds")
     dataset = location(dataset_url)
     read_manifest(dataset)  # a clear error before anything is claimed, not after
+    check_start(config)  # the device and the model, before round 0 writes its selection
     if plan.dedup:
         read_grouping(dataset, plan.dedup)  # the groups exist, before the run is claimed
     run = location(config.out)

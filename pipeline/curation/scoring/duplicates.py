@@ -38,7 +38,7 @@ from shards import ShardDataset, UsageError
 
 HASH_SIDE = 16  # pHash of 16x16 DCT coefficients: 256 bits (64 bits cannot tell small, similar images apart)
 HASH_BITS = HASH_SIDE * HASH_SIDE
-PHASH_RADIUS = 16  # bits; measured (README): copies re-encoded, resized or re-lit stay within it
+PHASH_RADIUS = 16  # bits; measured (docs/benchmarks.md): copies re-encoded, resized or re-lit stay within it
 BYTE_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
 WEAK_HARMONIC = 0.05  # below this share of a typical Fourier component, a shift is not estimated
 AGREE = 2  # multi-index hashing: candidates agree exactly on this many blocks (see near_pairs)

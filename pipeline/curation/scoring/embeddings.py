@@ -17,6 +17,8 @@ by their lowest key (:func:`leaders`); ``distance`` is 1 - cosine to the leader.
 """
 from __future__ import annotations
 
+import os
+import pickle
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from ray.util import ActorPool
+from safetensors import SafetensorError
 from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
@@ -41,7 +44,8 @@ from shards import ShardDataset, UsageError, location
 
 PIXELS = "pixels"  # the built-in feature "model": shift-normalised pixels
 PIXEL_SIDE = 32  # pixel features are taken at 32x32 (1,024 dimensions)
-EMBED_THRESHOLD = 0.98  # cosine; measured (README): 98% of planted 32x32 near-copies above it, no unrelated pair
+# cosine; measured (docs/benchmarks.md): 98% of planted 32x32 near-copies above it, no unrelated pair
+EMBED_THRESHOLD = 0.98
 CLUSTER_SIZE = 1000  # k-means clusters of about this many examples
 PROBES = 2  # clusters searched per example: a copy that k-means put in the neighbouring cluster is still found
 BATCH = 256
@@ -98,10 +102,17 @@ def run_model(run_url: str) -> tuple[torch.nn.Module, int, tuple[float, ...], tu
 
 def timm_model(name: str, weights: str) -> tuple[torch.nn.Module, int, tuple[float, ...], tuple[float, ...]]:
     """A timm model with local weights (timm reads safetensors or torch files; nothing is fetched)."""
+    if not timm.is_model(name):
+        raise UsageError(f"--model {name}: timm has no model of that name "
+                         "(list them: python -c \"import timm; print(timm.list_models())\")")
+    if not os.path.isfile(weights):
+        raise UsageError(f"--weights {weights}: no such file")
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": weights})
-    except (RuntimeError, FileNotFoundError, OSError) as error:
-        raise UsageError(f"--model {name} --weights {weights}: {error}") from error
+    except (RuntimeError, OSError, SafetensorError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+        # a file that is not weights at all (torch's unpickler fails with any of these), or another model's
+        raise UsageError(f"--model {name} --weights {weights}: cannot load the file as its weights "
+                         f"({type(error).__name__}: {error})") from error
     config = timm.data.resolve_model_data_config(model)
     return model, config["input_size"][-1], tuple(config["mean"]), tuple(config["std"])
 
