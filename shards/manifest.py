@@ -91,14 +91,44 @@ def is_ingest_output(name: str) -> bool:
     return name.endswith(".tar") or name in (INDEX_NAME, MANIFEST_NAME) or name.startswith("_") or TEMP_MARKER in name
 
 
+def is_ingest_bookkeeping(name: str) -> bool:
+    """What only onion writes next to its shards: the index, an ingest's claim and parts (``_``
+    names), temporaries. A folder of .tar files without any of these is not an onion ingest."""
+    return name in (INDEX_NAME, MANIFEST_NAME) or name.startswith("_") or TEMP_MARKER in name
+
+
+def foreign_shards(names: list[str]) -> list[str]:
+    """The .tar files among a folder's ``names`` when nothing else there is onion's: plain
+    WebDataset (or other) shards that no onion ingest wrote. Empty otherwise."""
+    if any(is_ingest_bookkeeping(name) for name in names):
+        return []
+    return [name for name in names if name.endswith(".tar")]
+
+
+WAY_IN = ("Make an onion dataset from their source images with: onion ingest SOURCE OUT (e.g. imagefolder:DIR); "
+          "reading WebDataset shards in place is planned, not there yet")
+
+
+def foreign_shards_message(url: str, tars: list[str], advice: str = WAY_IN) -> str:
+    """What a folder of someone else's shards is, and what to do (by default: the way into onion)."""
+    listed = repr(tars[0]) + (", ..." if len(tars) > 1 else "")
+    return (f"{url} holds {len(tars)} .tar file{'s' if len(tars) != 1 else ''} ({listed}) but no {MANIFEST_NAME}, "
+            f"{INDEX_NAME} or _ingest.json: plain WebDataset shards that onion did not write, not an onion dataset "
+            f"(nor an unfinished ingest). {advice}")
+
+
 def read_manifest(dataset: Location) -> dict:
     """The manifest of a complete dataset, or a :class:`DatasetError` that says what is wrong."""
     if not dataset.exists(MANIFEST_NAME):
         if not dataset.exists():
             raise DatasetError(f"{dataset.url}: no such dataset")
-        if not any(is_ingest_output(name) for name in dataset.list_names()):
+        names = dataset.list_names()
+        if not any(is_ingest_output(name) for name in names):
             raise DatasetError(f"{dataset.url}: not an onion dataset (no {MANIFEST_NAME}, "
                                "and nothing an ingest writes; make one with: onion ingest SOURCE OUT)")
+        tars = foreign_shards(names)
+        if tars:
+            raise DatasetError(foreign_shards_message(dataset.url, sorted(tars)))
         raise DatasetError(
             f"{dataset.url}: no {MANIFEST_NAME}, so the dataset is incomplete "
             "(an ingest is running or was interrupted; run the same command again to finish it)"

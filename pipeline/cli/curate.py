@@ -53,6 +53,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
                         args.survivor_shards, args.dedup, args.dedup_rule)
     check_plan(plan)
     config = train_config(args, dataset=args.dataset, epochs=args.rounds * args.round_epochs)
+    from trainer.preflight import check_start
+
+    check_start(config)  # the device and the model, before Ray starts
     start_ray(args)
     result = curate(args.dataset, config, plan)
     console.print(f"{config.out}: {args.rounds} rounds, selections {', '.join(result['selections'])}; "

@@ -90,8 +90,8 @@ def run_selection(args: argparse.Namespace, console: Console) -> None:
         from pipeline.inspection.plots import extremes_grid, score_histogram
 
         if args.plot:
-            score_histogram(args.dataset, args.selection, args.plot)
-            tell(args, console, f"wrote {args.plot}")
+            note = score_histogram(args.dataset, args.selection, args.plot)
+            tell(args, console, f"wrote {args.plot}" + (f" (note: {note})" if note else ""))
         if args.grid:
             extremes_grid(args.dataset, args.selection, args.grid)
             tell(args, console, f"wrote {args.grid}")

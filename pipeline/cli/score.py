@@ -49,6 +49,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     if args.first_epoch is not None and args.last_epoch is not None and args.first_epoch > args.last_epoch:
         raise UsageError(f"--first-epoch {args.first_epoch} is after --last-epoch {args.last_epoch}")
+    if args.scorer != "embed" and (args.model or args.weights):  # silently ignored, it would mislead
+        uses = ("scores with the model --run trained (its checkpoints)" if args.scorer == "el2n"
+                else "uses no model")
+        raise UsageError(f"--model and --weights choose embed's features; {args.scorer} {uses}")
     from pipeline.curation.scoring import RAY_SCORERS
 
     if args.scorer in RAY_SCORERS:

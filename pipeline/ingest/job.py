@@ -21,7 +21,7 @@ from pipeline.ingest.encode import EncodeOptions, encode_example
 from pipeline.ingest.sources import Quarantine, Record, Source, SourceError
 from pipeline.ray_runtime import current_node, ensure_ray
 from shards import STATUS_OK, STATUS_QUARANTINED, DatasetError, location, read_manifest
-from shards.manifest import MANIFEST_NAME, DatasetInfo, ShardEntry
+from shards.manifest import MANIFEST_NAME, DatasetInfo, ShardEntry, foreign_shards, foreign_shards_message
 from shards.tarwriter import ShardExample, check_key
 from shards.urls import Location
 from shards.writer import commit_dataset, write_shard
@@ -186,6 +186,9 @@ def check_output(dataset: Location, print_fingerprint: str) -> bool:
                                f"({previous.get('source')}); choose another output or delete it")
         return False
     foreign = [name for name in dataset.list_names() if name != PARTS]
+    tars = foreign_shards(foreign)
+    if tars:
+        raise DatasetError(foreign_shards_message(dataset.url, sorted(tars), "Choose an empty or new output folder"))
     if foreign:
         raise DatasetError(f"{dataset.url} is not empty and is not an onion dataset (found {foreign[0]!r})")
     return False

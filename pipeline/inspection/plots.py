@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import textwrap
+from collections import Counter
 
 import matplotlib
 
@@ -17,7 +20,16 @@ from shards.selections import read_selection, selection_parameters  # noqa: E402
 from shards.urls import Location  # noqa: E402
 
 
-def score_histogram(url: str, version: str, path: str, bins: int = 40) -> None:
+def score_histogram(url: str, version: str, path: str, bins: int = 40) -> str | None:
+    """Draw the histogram to ``path``; returns the note on what it leaves out (also on the figure), or None."""
+    figure, note = histogram_figure(url, version, bins)
+    figure.savefig(path)
+    plt.close(figure)
+    return note
+
+
+def histogram_figure(url: str, version: str, bins: int = 40) -> tuple[plt.Figure, str | None]:
+    """The score histogram of kept and dropped examples, with a caption when some have no score."""
     table = read_selection(location(url), version)
     scores = table["score"].to_numpy(zero_copy_only=False).astype(np.float64)
     kept = np.array(table["kept"].to_pylist())
@@ -26,7 +38,8 @@ def score_histogram(url: str, version: str, path: str, bins: int = 40) -> None:
         raise UsageError(f"{version} has no scores to plot (a random or round-0 selection)")
     never = np.isin(np.array(table["key"].to_pylist(), dtype=object), list(never_learned(location(url), table)))
     edges = np.histogram_bin_edges(scores[scored], bins=bins)
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
+    note = unscored_note(table, version)
+    figure, axes = plt.subplots(figsize=(7, 4.6 if note else 4), dpi=120)
     groups = [(scored & kept & ~never, "kept", "tab:blue", None),
               (scored & kept & never, "kept, never learned", "tab:blue", "//"),
               (scored & ~kept, "dropped", "tab:red", None)]
@@ -40,9 +53,39 @@ def score_histogram(url: str, version: str, path: str, bins: int = 40) -> None:
     axes.set_ylabel("examples")
     axes.set_title(f"{version}: scores of kept and dropped examples")
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    if note:
+        figure.text(0.01, 0.01, textwrap.fill(note, 125), fontsize=6.5, va="bottom", ha="left", color="0.25")
+        figure.tight_layout(rect=(0, 0.13, 1, 1))
+    else:
+        figure.tight_layout()
+    return figure, note
+
+
+def unscored_note(table: pa.Table, version: str) -> str | None:
+    """Why the histogram's counts are not the selection's: it draws only examples with a score, and a
+    round scores only what its parent kept (restored examples and earlier drops have none). None when
+    every example has a score."""
+    rows = table.select(["kept", "score", "reason"]).to_pylist()
+    missing = [r for r in rows if r["score"] is None or math.isnan(r["score"])]
+    if not missing:
+        return None
+
+    def counted(chosen: list[dict]) -> str:
+        reasons = Counter((r["reason"] or "").split(":")[0] or "no reason" for r in chosen)
+        return f"{len(chosen)} {'kept' if chosen[0]['kept'] else 'dropped'} (" + ", ".join(
+            f"{reason} {count}" for reason, count in reasons.most_common()) + ")"
+
+    kept = sum(r["kept"] for r in rows)
+    drawn_kept = kept - sum(r["kept"] for r in missing)
+    drawn_dropped = len(rows) - kept - sum(not r["kept"] for r in missing)
+    parts = [counted(chosen) for chosen in ([r for r in missing if r["kept"]], [r for r in missing if not r["kept"]])
+             if chosen]
+    why = (": a round scores only the examples its parent kept, so those restored from the dropped pool and those "
+           "dropped in earlier rounds have none" if selection_parameters(table).get("round") else "")
+    drawn = drawn_kept + drawn_dropped
+    return (f"{version} keeps {kept} and drops {len(rows) - kept}; the plot draws only the {drawn} "
+            f"with a score ({drawn_kept} kept, {drawn_dropped} dropped). Not drawn, having no score: "
+            f"{' and '.join(parts)}{why}")
 
 
 def never_learned(dataset: Location, selection: pa.Table) -> set[str]:

@@ -304,7 +304,21 @@ def read_run(url: str) -> dict:
     return {"name": url, "metrics": columns,
             "summary": {k: summary[k] for k in RUN_SUMMARY if k in summary},
             "config": {k: config[k] for k in RUN_CONFIG if k in config},
+            "examples": run_examples(config, curation),
             "curation": curation["selections"] if curation else None}
+
+
+def run_examples(config: dict, curation: dict | None) -> str:
+    """What a run trained on, in words: ``all``, a selection, or a curation's rounds (whose
+    config.json names only round 0's selection, the one its trainer started on)."""
+    if curation is None:
+        return config.get("selection") or "all"
+    versions, planned = curation.get("selections", []), curation.get("plan", {}).get("rounds")
+    done = f"{len(versions)} of {planned}" if planned and planned != len(versions) else str(len(versions))
+    rounds = f"curation: {done} round{'s' if (planned or len(versions)) != 1 else ''}"
+    if not versions:
+        return rounds
+    return f"{rounds} ({versions[0]})" if len(versions) == 1 else f"{rounds} ({versions[0]} … {versions[-1]})"
 
 
 def read_bench(folder: str) -> tuple[dict, bytes | None]:

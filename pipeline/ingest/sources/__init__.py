@@ -79,6 +79,11 @@ def open_source(spec: str, options: SourceOptions | None = None) -> Source:
     if name not in SOURCES and ("://" in spec or _is_dataset(spec)):
         name, argument = "dataset", spec
     if name not in SOURCES:
+        tars = _foreign_shards(spec)
+        if tars:
+            from shards.manifest import foreign_shards_message
+
+            raise SourceError(foreign_shards_message(spec, tars))
         known = ", ".join(f"{n}:DIR" if needs else n for n, (needs, _) in SOURCES.items())
         raise SourceError(f"unknown source {spec!r} (known: {known}, or a path to an onion dataset)")
     needs_argument, factory = SOURCES[name]
@@ -87,6 +92,20 @@ def open_source(spec: str, options: SourceOptions | None = None) -> Source:
     if not needs_argument and argument:
         raise SourceError(f"source {name!r} takes no argument (got {argument!r})")
     return factory(argument, options)
+
+
+def _foreign_shards(spec: str) -> list[str]:
+    """The .tar files of a folder of shards that onion did not write (empty for anything else)."""
+    from shards import location
+    from shards.manifest import foreign_shards
+
+    if spec.rstrip("/").endswith(".tar"):  # one file, not a folder of them
+        return []
+    try:
+        folder = location(spec)
+        return sorted(foreign_shards(folder.list_names())) if folder.exists() else []
+    except (OSError, ValueError):
+        return []
 
 
 def _is_dataset(spec: str) -> bool:

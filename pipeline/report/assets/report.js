@@ -601,7 +601,7 @@
       const rows = R.runs.map((r, k) => h("tr", {}, h("td", {}, h("i", { class: "swatch", data: { color: COLORS[k % COLORS.length] } }), h("span", { class: "mono", title: r.name, text: shortName(r.name) })),
         h("td", { class: "num", text: num(r.summary.val_top1) }), h("td", { class: "num", text: num(r.summary.epochs) }),
         h("td", { class: "num", text: num(r.summary.images_per_second, 4) }), h("td", { class: "num", text: num(r.summary.train_seconds, 4) }),
-        h("td", { text: r.config.selection || (r.curation ? "rounds: " + r.curation.join(", ") : "all") }),
+        h("td", { text: r.examples }),
         h("td", { text: r.config.example_strategy || "–" }), h("td", { class: "num", text: num(r.config.token_keep) }), h("td", { class: "num", text: num(r.config.attn_keep) })));
       const n = (x) => h("th", { class: "num", text: x });
       const summary = h("div", { class: "panel" }, table(["run", n("val top-1"), n("epochs"), n("images/s"), n("train s"), "examples", "example pruning", n("token keep"), n("attention keep")], rows, { id: "runs" }));
