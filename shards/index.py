@@ -35,10 +35,14 @@ INDEX_SCHEMA = pa.schema(
         pa.field("sha256", pa.string()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),  # the input's size (after EXIF orientation) before any resize
+        pa.field("original_height", pa.int32()),
         pa.field("source_ref", pa.string(), nullable=False),
         pa.field("planted", pa.string()),
     ]
 )
+# Columns added after datasets were first written: an index without them reads them as nulls.
+ADDED_COLUMNS = ("original_width", "original_height")
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
@@ -53,7 +57,8 @@ def table_to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def parquet_bytes_to_table(data: bytes, columns: list[str] | None = None) -> pa.Table:
+def parquet_bytes_to_table(data: bytes, columns: list[str] | None = None,
+                           optional: tuple[str, ...] = ()) -> pa.Table:
     """A Parquet file's bytes to a table.
 
     The bytes are first copied into Arrow-owned memory and read through a native ``BufferReader``,
@@ -67,14 +72,32 @@ def parquet_bytes_to_table(data: bytes, columns: list[str] | None = None) -> pa.
     exception", exit 134, in up to half of short scripts that read an index and exit (gdb: the
     aborting thread is in ``arrow::py::PyBuffer::~PyBuffer`` <- ``ReadRangeCache::LazyImpl``
     dtor). Arrow-owned memory frees without the GIL, so a late release is harmless. One memcpy.
+
+    Names in ``optional`` are left out of ``columns`` when the file does not hold them.
     """
     stream = pa.BufferOutputStream()
     stream.write(data)
-    return pq.read_table(pa.BufferReader(stream.getvalue()), columns=columns)
+    buffer = stream.getvalue()
+    if columns is not None and optional:
+        names = set(pq.read_schema(pa.BufferReader(buffer)).names)
+        columns = [name for name in columns if name in names or name not in optional]
+    return pq.read_table(pa.BufferReader(buffer), columns=columns)
 
 
 def read_index(dataset: Location, columns: list[str] | None = None) -> pa.Table:
-    return parquet_bytes_to_table(dataset.read_bytes(INDEX_NAME), columns=columns)
+    """The index, or the named ``columns`` of it; a column of :data:`ADDED_COLUMNS` that an older
+    dataset's index lacks comes back as nulls, so readers need not care which version wrote it."""
+    table = parquet_bytes_to_table(dataset.read_bytes(INDEX_NAME), columns=columns, optional=ADDED_COLUMNS)
+    missing = [name for name in ADDED_COLUMNS if name not in table.column_names
+               and (columns is None or name in columns)]
+    for name in missing:
+        field = INDEX_SCHEMA.field(name)
+        table = table.append_column(field, pa.nulls(len(table), field.type))
+    if missing:
+        table = table.select(columns if columns is not None else
+                             [n for n in INDEX_SCHEMA.names if n in table.column_names]
+                             + [n for n in table.column_names if n not in INDEX_SCHEMA.names])
+    return table
 
 
 def usable_train(index: pa.Table) -> pa.Table:

@@ -81,6 +81,10 @@ class ShardDataset(IterableDataset):
             worker itself (use ``DataLoader(batch_size=None)``); the last batch may be short.
         channels: 1 or 3 to convert, ``None`` to keep what is stored.
         transform: applied to each decoded image tensor.
+        image_transform: instead of decoding as stored, ``image_transform(bytes, key, epoch)`` makes each
+            stored image a HxWxC uint8 array (a training crop, an evaluation resize): images of any size
+            become one size in the workers and batches stack as on the fast path. Seeding it from
+            (epoch, key) keeps an epoch's draws independent of workers, ranks and order.
         verify: ``members`` (default) checks each image's sha256 against the index as it is read
             (about 10% of decode time; the PNG decoder does not check CRCs, so this is what
             catches a flipped byte); ``shards`` checks each whole shard against the manifest
@@ -108,6 +112,7 @@ class ShardDataset(IterableDataset):
         batch_size: int | None = None,
         channels: int | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        image_transform: Callable[[memoryview, str, int], np.ndarray] | None = None,
         verify: str = "members",
         rank: int | None = None,
         world_size: int | None = None,
@@ -125,6 +130,7 @@ class ShardDataset(IterableDataset):
         self.batch_size = batch_size
         self.channels = channels
         self.transform = transform
+        self.image_transform = image_transform
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
         self.verify = verify
@@ -290,6 +296,8 @@ class ShardDataset(IterableDataset):
     def _pixels(self, item: tuple[memoryview, int, str, str]) -> np.ndarray:
         data, _, key, shard = item
         try:
+            if self.image_transform is not None:
+                return self.image_transform(data, key, self.epoch)
             return decode_pixels(data, self.channels)
         except DecodeError as error:
             raise DatasetDamaged(f"{self.dataset.url}/{shard}: member {key}.* does not decode: {error}") from error
@@ -422,6 +430,12 @@ def shuffle_buffer(items: Iterator, size: int, rng: np.random.Generator, draws: 
 
 
 def stack_pixels(arrays: list[np.ndarray]) -> torch.Tensor:
+    shapes = {array.shape for array in arrays}
+    if len(shapes) > 1:
+        first, second = sorted(shapes)[:2]
+        raise DatasetError(f"images of different sizes in one batch ({first[1]}x{first[0]} and {second[1]}x{second[0]} "
+                           "pixels): give ShardDataset an image_transform that makes them one size "
+                           "(onion train does: see --augment and --img-size)")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -447,7 +461,7 @@ def _collate(batch: list[tuple], stack: Callable[[list], torch.Tensor]) -> tuple
 class Example:
     key: str
     label: int
-    image_ext: str  # png or jpg
+    image_ext: str  # png, jpg or webp
     image: bytes  # the stored (encoded) file, byte for byte; to_pil() or decode_image() to see it
 
     def to_pil(self) -> Image.Image:

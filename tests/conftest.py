@@ -23,3 +23,19 @@ def digits(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "digits"
     ingest(open_source("digits"), str(out), IngestOptions(shard_size=300), command=["test"], progress=False)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def photos(ray_local, tmp_path_factory):
+    """An ImageFolder of real photo crops, 24-400 px of every aspect ratio and mode (tests/photos.py),
+    ingested: 24 train and 6 val per class. Per module, as ``digits``."""
+    from photos import photo_folder
+    from pipeline.ingest.job import IngestOptions, ingest
+    from pipeline.ingest.sources import open_source
+
+    root = tmp_path_factory.mktemp("photos")
+    photo_folder(root / "folder", {"train": 24, "val": 6})
+    out = root / "data"
+    ingest(open_source(f"imagefolder:{root / 'folder'}"), str(out), IngestOptions(shard_size=7), command=["test"],
+           progress=False)
+    return str(out)

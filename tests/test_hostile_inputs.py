@@ -127,22 +127,23 @@ def test_plain_images_come_back_pixel_for_pixel(catalogue):
     assert rows["cat/same.png"]["key"] != rows["dog/same.png"]["key"]
 
 
-@pytest.mark.parametrize("name, size, mode", [
-    ("dog/cmyk.jpg", (12, 12), "RGB"),             # CMYK converted to RGB
-    ("cat/palette-alpha.png", (12, 12), "RGB"),    # palette with transparency: colours kept, alpha dropped
-    ("cat/grey-alpha.png", (12, 12), "L"),         # grey + alpha stays grey
-    ("dog/animated.gif", (12, 12), "RGB"),         # the first frame
-    ("dog/rotated.jpg", (12, 8), "RGB"),           # EXIF orientation applied: 8x12 stored upright as 12 wide, 8 high
-    ("dog/photo.bmp", (12, 12), "RGB"),
-    ("cat/" + LONG_NAME, (12, 12), "RGB"),
-    ("cat/caf\\xe9-\\xff.png", (12, 12), "RGB"),   # a non-UTF-8 name, kept readable in the index
-    *([("cat/locked.png", (12, 12), "RGB")] if RUNNING_AS_ROOT else []),
+# A JPEG that needs a change (CMYK, EXIF rotation) stays JPEG; the others become PNG.
+@pytest.mark.parametrize("name, size, mode, stored_format", [
+    ("dog/cmyk.jpg", (12, 12), "RGB", "JPEG"),           # CMYK converted to RGB
+    ("cat/palette-alpha.png", (12, 12), "RGB", "PNG"),   # palette with transparency: colours kept, alpha dropped
+    ("cat/grey-alpha.png", (12, 12), "L", "PNG"),        # grey + alpha stays grey
+    ("dog/animated.gif", (12, 12), "RGB", "PNG"),        # the first frame
+    ("dog/rotated.jpg", (12, 8), "RGB", "JPEG"),         # EXIF orientation applied: 8x12 stored upright as 12x8
+    ("dog/photo.bmp", (12, 12), "RGB", "PNG"),
+    ("cat/" + LONG_NAME, (12, 12), "RGB", "PNG"),
+    ("cat/caf\\xe9-\\xff.png", (12, 12), "RGB", "PNG"),  # a non-UTF-8 name, kept readable in the index
+    *([("cat/locked.png", (12, 12), "RGB", "PNG")] if RUNNING_AS_ROOT else []),
 ])
-def test_odd_but_valid_images_are_ingested_correctly(catalogue, name, size, mode):
+def test_odd_but_valid_images_are_ingested_correctly(catalogue, name, size, mode, stored_format):
     _, out, _, rows = catalogue
     row = rows[name]
     assert row["status"] == "ok", row
     assert len(row["key"]) <= 80
     with Image.open(io.BytesIO(read_example(str(out), row["key"]).image)) as image:
-        assert image.size == size and image.mode == mode and image.format == "PNG"
+        assert image.size == size and image.mode == mode and image.format == stored_format
     assert (row["width"], row["height"]) == size

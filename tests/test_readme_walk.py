@@ -1,7 +1,7 @@
 """The README's walk through your own images runs as printed: its commands are parsed out of
 README.md and run one by one, with the installed ``onion``, in a folder holding ``photos/``: real
-photographs (scikit-learn's two sample images) cut into same-size crops, one class per photo, PNG
-and JPEG mixed."""
+photographs (scikit-learn's two sample images) cut into crops of many sizes, shapes and modes, one
+class per photo (tests/photos.py)."""
 from __future__ import annotations
 
 import os
@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+
+from photos import photo_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 WALK_MARKER = "<!-- walk"
-CROP = 32  # every image the same size: training needs that today (the README says so)
 PER_CLASS = 30
 
 
@@ -37,26 +37,6 @@ def installed_onion() -> Path:
     return script
 
 
-def make_photos(folder: Path) -> dict[str, int]:
-    """``folder/<class>/<crop>``: CROP x CROP crops of each sample photograph, alternately PNG and JPEG."""
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images()
-    counts = {}
-    for name, pixels in zip(photos.filenames, photos.images, strict=True):
-        label = Path(name).stem  # china, flower
-        (folder / label).mkdir(parents=True)
-        height, width = pixels.shape[:2]
-        rows, columns = height // CROP, width // CROP
-        step = max(1, rows * columns // PER_CLASS)
-        cells = [(r, c) for r in range(rows) for c in range(columns)][::step][:PER_CLASS]
-        for number, (r, c) in enumerate(cells):
-            crop = Image.fromarray(pixels[r * CROP:(r + 1) * CROP, c * CROP:(c + 1) * CROP])
-            crop.save(folder / label / f"{label}_{number:03d}.{'png' if number % 2 else 'jpg'}")
-        counts[label] = len(cells)
-    return counts
-
-
 def test_the_walk_is_the_five_steps_with_the_installed_onion():
     commands = walk_commands()
     assert all(command.startswith(".venv/bin/onion ") for command in commands), commands
@@ -69,8 +49,8 @@ def test_the_walk_is_the_five_steps_with_the_installed_onion():
 
 @pytest.mark.slow
 def test_every_command_of_the_readme_walk_runs_as_printed(tmp_path):
-    counts = make_photos(tmp_path / "photos")
-    assert counts == {"china": PER_CLASS, "flower": PER_CLASS}
+    written = photo_folder(tmp_path / "photos", {".": PER_CLASS})  # photos/<class>/<image>, 24-400 px
+    assert len(written) == 2 * PER_CLASS
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / "bin" / "onion").symlink_to(installed_onion())
     env = {**os.environ, "RAY_ADDRESS": ""}  # an embedded Ray, as on a user's machine without a cluster

@@ -58,23 +58,30 @@ def test_checkpoint_loads_into_plain_timm(digits, tmp_path):
 
 
 def train_args(dataset, out, *extra):
-    flags = [*extra, "--epochs", "3", "--batch-size", "32", "--depth", "2", "--embed-dim", "64", "--num-heads", "2",
+    flags = ["--epochs", "3", "--batch-size", "32", "--depth", "2", "--embed-dim", "64", "--num-heads", "2",
              "--patch-size", "4", "--token-keep", "0.5", "--attn-keep", "0.5", "--token-blocks", "1",
-             "--checkpoint-every", "7", "--loader-workers", "2", "--mixup", "0.2", "--drop-path", "0.1"]
+             "--checkpoint-every", "7", "--loader-workers", "2", "--mixup", "0.2", "--drop-path", "0.1", *extra]
     return ["train", dataset, "--out", str(out), *flags]
 
 
+# Photos of mixed sizes and modes, with DeiT's augmentation (crops, RandAugment in the loader workers,
+# random erasing on the device) at 16 px, batches of 4: 12 steps an epoch.
+PHOTO_ARGS = ("--img-size", "16", "--augment", "deit", "--batch-size", "4")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("examples", ["all", "infobatch"])
-def test_killed_training_resumes_to_identical_weights(digits, tmp_path, examples):
+@pytest.mark.parametrize("examples", ["all", "infobatch", "photos"])
+def test_killed_training_resumes_to_identical_weights(request, tmp_path, examples):
+    dataset = request.getfixturevalue("photos" if examples == "photos" else "digits")
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    strategy = ("--example-strategy", examples)
-    onion_ok(*train_args(digits, reference, *strategy))
-    process = subprocess.Popen([*ONION, *train_args(digits, killed, *strategy)], stdout=subprocess.DEVNULL,
+    strategy = PHOTO_ARGS if examples == "photos" else ("--example-strategy", examples)
+    kill_after = 15 if examples == "photos" else 50  # a step past a mid-epoch checkpoint (every 7 steps)
+    onion_ok(*train_args(dataset, reference, *strategy))
+    process = subprocess.Popen([*ONION, *train_args(dataset, killed, *strategy)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     latest = killed / "checkpoints" / "latest.json"
     deadline = time.time() + 240
-    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["step"] >= 50):
+    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["step"] >= kill_after):
         assert process.poll() is None, "training finished before it could be killed"
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
@@ -100,16 +107,19 @@ def test_killed_training_resumes_to_identical_weights(digits, tmp_path, examples
     if examples == "infobatch":  # the killed epoch (1, pruned) chose the same examples when resumed
         chosen = [json.loads((run / "example_selections.json").read_text()) for run in (reference, killed)]
         assert chosen[0] == chosen[1] and sorted(chosen[0]) == ["1", "2"]
-        assert Counter(rows[0]["epoch"].to_pylist())[1] == chosen[0]["1"]["kept"] < len(train_keys(digits))
+        assert Counter(rows[0]["epoch"].to_pylist())[1] == chosen[0]["1"]["kept"] < len(train_keys(dataset))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("examples", ["all", "infobatch"])
-def test_two_process_ddp_sees_every_example_once_per_epoch(digits, tmp_path, examples):
+@pytest.mark.parametrize("examples", ["all", "infobatch", "photos"])
+def test_two_process_ddp_sees_every_example_once_per_epoch(request, tmp_path, examples):
+    """2 ranks x 1 loader worker each (SMALL), and on photos 2 x 2 workers with augmentation."""
     from shards.selections import read_selection
 
-    summary = train(TrainConfig(dataset=digits, out=str(tmp_path / "ddp"), nproc=2, **SMALL,
-                                example_strategy=examples))
+    digits = request.getfixturevalue("photos" if examples == "photos" else "digits")
+    photos = dict(img_size=16, augment="deit", loader_workers=2) if examples == "photos" else {}
+    summary = train(TrainConfig(dataset=digits, out=str(tmp_path / "ddp"), nproc=2, **{**SMALL, **photos},
+                                example_strategy="all" if examples == "photos" else examples))
     assert summary["world_size"] == 2
     dynamics = read_dynamics(location(str(tmp_path / "ddp")))
     keys = train_keys(digits)

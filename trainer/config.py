@@ -27,8 +27,17 @@ class TrainConfig:
                               "from the source shards through the index (no survivor shards); val is read whole")
     out: str = knob("", "run directory: checkpoints, dynamics/, metrics.csv, tensorboard/, summary.json")
     model: str = knob("deit_tiny_patch16_224", "any timm VisionTransformer name")
-    img_size: int | None = knob(None, "input side in pixels (default: the dataset's image size)")
-    patch_size: int | None = knob(None, "patch side (default: 4 for images of 16+ pixels, else 2)")
+    img_size: int | None = knob(None, "input side in pixels (default: the stored side when every image has the "
+                                      "same size, as digits, MNIST and CIFAR do; else 224)")
+    patch_size: int | None = knob(None, "patch side (default: 16 from 128 px up, 4 from 16 px, else 2)")
+    augment: str = knob("auto", "training augmentation, run per example in the loader workers: none (decode as "
+                                "stored, resize on the device; images of mixed sizes get the evaluation resize), "
+                                "basic (RandomResizedCrop 0.08-1, ratio 3/4-4/3, and a horizontal flip), deit (DeiT's "
+                                "recipe: basic, bicubic, then RandAugment rand-m9-mstd0.5-inc1 and random erasing "
+                                ".25; with --mixup .8 --cutmix 1 --label-smoothing .1 --drop-path .1 the paper's); "
+                                "auto: none when every image has the same size under 128 px, else basic. Evaluation "
+                                "(with basic or deit, or mixed sizes) resizes the short side to size/0.875 and "
+                                "takes the centre square")
     depth: int | None = knob(None, "number of blocks (default: the model's)")
     embed_dim: int | None = knob(None, "token width (default: the model's)")
     num_heads: int | None = knob(None, "attention heads (default: the model's)")
@@ -192,5 +201,6 @@ POSITIVE_COUNTS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads", 
 ATTN_MODES = ("exact", "block")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 EXAMPLE_STRATEGIES = ("all", "infobatch")
-CHOICES = {"example_strategy": EXAMPLE_STRATEGIES, "attn_mode": ATTN_MODES, "compile": COMPILE_MODES,
-           "amp": ("auto", "bf16", "off")}
+AUGMENTS = ("auto", "none", "basic", "deit")
+CHOICES = {"augment": AUGMENTS, "example_strategy": EXAMPLE_STRATEGIES, "attn_mode": ATTN_MODES,
+           "compile": COMPILE_MODES, "amp": ("auto", "bf16", "off")}

@@ -1,8 +1,64 @@
-"""Turning the reader's uint8 batches into model inputs (shared by training and scoring)."""
+"""What the model is fed: the dataset's image sizes and the defaults they decide (input side,
+augmentation), the per-example transforms for the reader, and the batch on the device."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+
+from shards import STATUS_OK, read_index, read_manifest
+from shards.urls import Location
+from trainer.augment import ImageTransform
+from trainer.config import TrainConfig
+
+PHOTO_SIDE = 224  # the input side for images of mixed sizes, as for ImageNet
+SMALL_SIDE = 128  # equal-size images below this side train as stored, without augmentation, by default
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    stored_side: int  # the largest side of any usable image
+    uniform: bool  # every usable image has the same width and height
+    num_classes: int
+
+    @property
+    def img_size(self) -> int:
+        """The default input side: the stored one when every image has it (digits, MNIST, CIFAR), else 224."""
+        return self.stored_side if self.uniform else PHOTO_SIDE
+
+
+def data_info(dataset: Location) -> DataInfo:
+    manifest = read_manifest(dataset)
+    index = read_index(dataset, columns=["width", "height", "status"])
+    ok = index.filter(pc.equal(index["status"], STATUS_OK))
+    widths, heights = (np.unique(ok[name].to_numpy()) for name in ("width", "height"))
+    side = int(max(widths.max(initial=0), heights.max(initial=0)))
+    return DataInfo(stored_side=side, uniform=len(widths) <= 1 and len(heights) <= 1,
+                    num_classes=len(manifest["class_names"]))
+
+
+def input_side(config: TrainConfig, info: DataInfo) -> int:
+    return config.img_size or info.img_size
+
+
+def augment_policy(config: TrainConfig, info: DataInfo) -> str:
+    """--augment, with auto decided by the data: none for equal-size small images, basic otherwise."""
+    if config.augment != "auto":
+        return config.augment
+    return "none" if info.uniform and info.stored_side < SMALL_SIDE else "basic"
+
+
+def reader_transforms(policy: str, info: DataInfo, side: int,
+                      seed: int) -> tuple[ImageTransform | None, ImageTransform | None]:
+    """The reader's (train, evaluation) per-example transforms; (None, None) for the fast path: equal-size
+    images without augmentation are decoded as stored, stacked, and resized on the device."""
+    if policy == "none" and info.uniform:
+        return None, None
+    evaluation = ImageTransform(side, policy, train=False, seed=seed)
+    return (evaluation if policy == "none" else ImageTransform(side, policy, train=True, seed=seed)), evaluation
 
 
 def prepare(images: torch.Tensor, img_size: int, device: torch.device) -> torch.Tensor:

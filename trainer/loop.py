@@ -10,10 +10,9 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from shards import STATUS_OK, ShardDataset, location, read_index, read_manifest
+from shards import ShardDataset, location, read_manifest
 from shards.reader import Selection
-from shards.urls import Location
+from trainer.augment import device_augmentation
 from trainer.checkpoint import (
     MODEL_JSON,
     Position,
@@ -46,7 +45,7 @@ from trainer.example_pruning import (
     record_plan,
 )
 from trainer.flops import ViTShape, forward_flops
-from trainer.inputs import prepare
+from trainer.inputs import augment_policy, data_info, input_side, prepare, reader_transforms
 from trainer.model import build_model, model_kwargs
 from trainer.schedule import KeepSchedule, lr_factor, rate_pairs
 from trainer.sparse_vit import SparseVisionTransformer
@@ -60,20 +59,6 @@ TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
 # benchmark's 80-parameter ViT: 0.6 vs 2.3 ms per step, a fixed cost the token level cannot shrink).
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 NOT_EVALUATED = float("nan")  # val_top1 / val_loss of an epoch that --eval-every skipped
-
-
-@dataclass
-class DataInfo:
-    img_size: int
-    num_classes: int
-
-
-def data_info(dataset: Location) -> DataInfo:
-    manifest = read_manifest(dataset)
-    index = read_index(dataset, columns=["width", "height", "status"])
-    ok = index.filter(pc.equal(index["status"], STATUS_OK))
-    side = max(pc.max(ok["width"]).as_py(), pc.max(ok["height"]).as_py())
-    return DataInfo(img_size=side, num_classes=len(manifest["class_names"]))
 
 
 def pick_device(config: TrainConfig, rank: int) -> torch.device:
@@ -97,8 +82,11 @@ class Trainer:
         self.dataset = location(config.dataset)
         self.device = pick_device(config, rank)
         info = data_info(self.dataset)
-        self.img_size = config.img_size or info.img_size
+        self.img_size = input_side(config, info)
         self.num_classes = info.num_classes
+        self.augment = augment_policy(config, info)
+        self.train_transform, self.eval_transform = reader_transforms(self.augment, info, self.img_size, config.seed)
+        self.device_augment = device_augmentation(self.augment, self.device)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
@@ -112,6 +100,7 @@ class Trainer:
         self.compiled_shapes: set[tuple[int, ...]] = set()  # those of the steps that ran compiled
         self.position = Position(step=0, epoch=0, batch=0)
         self.example_weights: dict[str, float] | None = None  # loss weights of this epoch's examples (infobatch)
+        self.said_no_val = False  # a dataset without val is said once, not at every curation round
         self.use_dataset(config.dataset, config.selection or None)
         decay, no_decay = [], []
         for name, parameter in self.model.named_parameters():
@@ -144,9 +133,19 @@ class Trainer:
         on: curation rounds swap in each round's selection."""
         self.data_url, self.data_selection = url, selection
         self.train_data = ShardDataset(url, "train", seed=self.config.seed, batch_size=self.config.batch_size,
-                                       channels=3, rank=self.rank, world_size=self.world_size, selection=selection)
+                                       channels=3, rank=self.rank, world_size=self.world_size, selection=selection,
+                                       image_transform=self.train_transform)
+        # A dataset without a val split (a flat class folder ingested with --val-fraction 0) still trains:
+        # the run says so once and reports no validation (val_top1 nan), rather than stop at a dead end.
+        has_val = "val" in read_manifest(location(url))["counts"]["by_split"]
         self.val_data = ShardDataset(url, "val", shuffle=False, batch_size=self.config.batch_size,
-                                     channels=3, rank=self.rank, world_size=self.world_size)
+                                     channels=3, rank=self.rank, world_size=self.world_size,
+                                     image_transform=self.eval_transform) if has_val else None
+        if not has_val and self.is_main and not self.said_no_val:
+            self.said_no_val = True
+            sys.stderr.write(f"{self.config.out}: {url} has no val split, so this run reports no validation "
+                             "(val top-1 nan); to have one, ingest with --val-fraction 0.1 or train/ and val/ "
+                             "folders\n")
         self.loaders: dict[str, DataLoader] = {}  # one per split while the data sets stay the same
         self._restrict_train_data(None)
 
@@ -297,6 +296,8 @@ class Trainer:
         config = self.config
         self.model.set_rates(self.token_schedule(self.position.step), self.attn_schedule(self.position.step))
         x = prepare(images, self.img_size, self.device)
+        if self.device_augment is not None:  # DeiT's random erasing, per sample, before Mixup as in timm
+            x = self.device_augment(x)
         y = labels.to(self.device, non_blocking=True)
         inputs, targets = self.mixup(x, y) if self.mixup and len(x) % 2 == 0 else (x, y)
         smoothing = 0.0 if self.mixup else config.label_smoothing
@@ -347,6 +348,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
+        if self.val_data is None:
+            return NOT_EVALUATED, NOT_EVALUATED
         self.model.eval()
         totals = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, count
         loader = self._loader("val")

@@ -14,8 +14,9 @@ LIST_VITS = "python -c \"import timm; print(timm.list_models(module=['vision_tra
 
 
 def patch_size_of(config: TrainConfig, img_size: int) -> int:
-    """The patch side a run uses: --patch-size, else 4 for images of 16+ pixels, else 2."""
-    return config.patch_size or (4 if img_size >= 16 else 2)
+    """The patch side a run uses: --patch-size, else 16 from 128 px (ViT's, 196 patches at 224), 4 from
+    16 px (64 patches at 32), else 2."""
+    return config.patch_size or (16 if img_size >= 128 else 4 if img_size >= 16 else 2)
 
 
 def model_kwargs(config: TrainConfig, img_size: int, num_classes: int) -> dict:

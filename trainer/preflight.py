@@ -8,6 +8,7 @@ import torch
 from shards import location
 from trainer.config import TrainConfig
 from trainer.errors import RunError
+from trainer.inputs import data_info, input_side
 from trainer.model import check_model
 
 
@@ -33,8 +34,6 @@ def check_device(name: str) -> None:
 
 def check_start(config: TrainConfig) -> None:
     """The device, then the model on this dataset's image size and classes (read from its index)."""
-    from trainer.loop import data_info  # trainer.loop imports trainer.model: import it on use
-
     check_device(config.device)
     info = data_info(location(config.dataset))
-    check_model(config, config.img_size or info.img_size, info.num_classes)
+    check_model(config, input_side(config, info), info.num_classes)

@@ -12,6 +12,7 @@ HELP = "turn a source into WebDataset shards + Parquet index + manifest"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
+    from pipeline.ingest.encode import IMAGE_FORMATS, RESIZE_MODES
     from pipeline.ingest.sources import SOURCES
 
     sources = ", ".join(f"{n}:DIR" if needs else n for n, (needs, _) in SOURCES.items())
@@ -29,13 +30,30 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="examples per shard at most (default 2000)")
     layout.add_argument("--shard-bytes", type=positive_int, default=128 << 20,
                         help="planned bytes per shard at most, estimated from input sizes (default 128 MiB)")
-    layout.add_argument("--image-format", choices=("png", "jpg"), default="png",
-                        help="stored image format (default png; inputs already in it are kept byte for byte)")
-    layout.add_argument("--png-level", type=int, choices=range(10), default=None, metavar="0-9",
+    images = ingest.add_argument_group(
+        "stored images",
+        "By default every PNG, JPEG or WebP file is stored as it came, byte for byte (shards are about the "
+        "size of the source files). A file is re-encoded only when it needs a change: a mode other than grey "
+        "or RGB (CMYK, palette, alpha...), an EXIF orientation to apply, or a resize; it then keeps its own "
+        "format (other formats such as BMP, GIF or TIFF become PNG). Pixel arrays (digits, mnist5k, cifar, "
+        "synthetic) are stored as PNG. The index keeps each input's original_width/original_height beside "
+        "the stored width/height.")
+    images.add_argument("--image-format", choices=IMAGE_FORMATS, default="auto",
+                        help="stored image format: auto (default: each file's own format, as above), or png/jpg "
+                             "to re-encode every input not already in that format")
+    images.add_argument("--max-side", type=positive_int, default=None, metavar="N",
+                        help="side in pixels for --resize-mode; alone, it means --resize-mode max-side")
+    images.add_argument("--resize-mode", choices=RESIZE_MODES, default=None,
+                        help="none (default: images keep their size); max-side: downscale so the longer side is "
+                             "N, aspect kept; center-crop: downscale so the shorter side is N, then keep the "
+                             "centre N x N. Never upscales: a side already at most N is kept (a 1x4000 strip "
+                             "center-cropped to 224 is 1x224). Lanczos resampling; an image already within N is "
+                             "stored as it came")
+    images.add_argument("--png-level", type=int, choices=range(10), default=None, metavar="0-9",
                         help="zlib level of encoded PNGs (default: 0, uncompressed, for images up to 64x64, "
                              "which decode ~4x faster; 6 for larger ones)")
-    layout.add_argument("--jpeg-quality", type=int, choices=range(1, 101), default=95, metavar="1-100",
-                        help="JPEG quality when encoding jpg (default 95)")
+    images.add_argument("--jpeg-quality", type=int, choices=range(1, 101), default=95, metavar="1-100",
+                        help="quality of re-encoded JPEG and lossy WebP images (default 95)")
     layout.add_argument("--max-pixels", type=positive_int, default=40_000_000,
                         help="images with more pixels are quarantined as decompression bombs (default 40M)")
     layout.add_argument("--seed", type=non_negative_int, default=0,
@@ -64,12 +82,15 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from pipeline.inspection.dataset import dataset_summary
     from pipeline.ray_runtime import describe_nodes
 
+    resize_mode, max_side = resize_options(args.resize_mode, args.max_side)
+    encode = EncodeOptions(image_format=args.image_format, jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
+                           png_level=args.png_level, resize_mode=resize_mode, max_side=max_side)
     source = open_source(args.source, SourceOptions(
         val_fraction=args.val_fraction, seed=args.seed, count=args.count, image_size=args.image_size,
         classes=args.classes, dup_rate=args.dup_rate, near_dup_rate=args.near_dup_rate, flip_rate=args.flip_rate,
     ))
     options = IngestOptions(shard_size=args.shard_size, shard_bytes=args.shard_bytes, seed=args.seed,
-                            encode=EncodeOptions(args.image_format, args.jpeg_quality, args.max_pixels, args.png_level))
+                            encode=encode)
     start_ray(args)
     report = ingest(source, args.out, options, command=args.argv)
     accounting = report.manifest["accounting"]
@@ -84,3 +105,16 @@ def run(args: argparse.Namespace, console: Console) -> None:
         console.print("quarantined: " + ", ".join(f"{count} {reason}" for reason, count in reasons.items()),
                       soft_wrap=True)
         console.print(f"every row with its reason: onion inspect {report.url}", soft_wrap=True)
+
+
+def resize_options(mode: str | None, max_side: int | None) -> tuple[str, int | None]:
+    """``--resize-mode`` and ``--max-side`` as (resize_mode, max_side); a usage error when they disagree."""
+    from shards.errors import UsageError
+
+    if mode is None:
+        return ("max-side", max_side) if max_side is not None else ("none", None)
+    if mode != "none" and max_side is None:
+        raise UsageError(f"--resize-mode {mode} needs --max-side N (the side in pixels)")
+    if mode == "none" and max_side is not None:
+        raise UsageError("--max-side has no effect with --resize-mode none; drop one of them")
+    return mode, max_side

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -94,8 +95,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
         config = train_config(args)
         summary, out = train(config), config.out
-    console.print(f"{out}: val top-1 {summary['val_top1']:.2f}%  {summary['images_per_second']:.0f} img/s  "
-                  f"{summary['train_seconds']:.1f} s training", soft_wrap=True)
+    val = "no validation" if math.isnan(summary["val_top1"]) else f"val top-1 {summary['val_top1']:.2f}%"
+    console.print(f"{out}: {val}  {summary['images_per_second']:.0f} img/s  {summary['train_seconds']:.1f} s training",
+                  soft_wrap=True)
 
 
 def resume(args: argparse.Namespace, console: Console) -> dict | None:

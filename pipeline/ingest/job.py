@@ -128,10 +128,14 @@ def ingest_shard(source: Source, plan: ShardPlan, dataset_url: str, options: Ing
         except Quarantine as problem:
             rows.append(quarantined_row(record, source.class_names, str(problem)))
             continue
+        # a re-shard keeps the first ingest's original size, not that of the stored image it reads
+        original = record.original_size or (encoded.original_width, encoded.original_height)
         row = {**base_row(record, source.class_names), "status": STATUS_OK, "reason": None, "shard": plan.name,
                "image_ext": encoded.ext, "sha256": hashlib.sha256(encoded.data).hexdigest(),
-               "width": encoded.width, "height": encoded.height}
-        metadata = {k: row[k] for k in ("key", "label", "class_name", "split", "source_ref", "width", "height")}
+               "width": encoded.width, "height": encoded.height,
+               "original_width": original[0], "original_height": original[1]}
+        metadata = {k: row[k] for k in ("key", "label", "class_name", "split", "source_ref", "width", "height",
+                                        "original_width", "original_height")}
         metadata.update(record.extra, **({"planted": record.planted} if record.planted else {}))
         examples.append(ShardExample(record.key, encoded.data, encoded.ext, record.label, metadata))
         encoded_rows.append(row)

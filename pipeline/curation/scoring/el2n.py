@@ -23,8 +23,11 @@ from tqdm import tqdm
 from pipeline.curation.scoring.shard_tasks import shard_index_rows
 from pipeline.ray_runtime import cluster_cpus, current_node, describe_nodes, ensure_ray
 from shards import ShardDataset, UsageError, location
+from trainer.augment import ImageTransform
 from trainer.checkpoint import CHECKPOINTS, MODEL_FILE, MODEL_JSON
-from trainer.inputs import prepare
+from trainer.config import TrainConfig
+from trainer.inputs import augment_policy, data_info, prepare, reader_transforms
+from trainer.loop import CONFIG_NAME
 
 BATCH = 256
 
@@ -43,13 +46,25 @@ def run_architecture(run_url: str) -> tuple[str, dict]:
     return built["model"], built["kwargs"]
 
 
+def run_evaluation_transform(run_url: str, dataset_url: str) -> ImageTransform | None:
+    """How the run's evaluation sees this dataset's images (photos of mixed sizes: the centre crop at the
+    model's side; equal-size small images: as stored, resized on the device)."""
+    run = location(run_url)
+    recorded = json.loads(run.read_bytes(CONFIG_NAME)) if run.exists(CONFIG_NAME) else {}
+    config = TrainConfig.from_dict(recorded)
+    info = data_info(location(dataset_url))
+    _, kwargs = run_architecture(run_url)
+    return reader_transforms(augment_policy(config, info), info, kwargs["img_size"], config.seed)[1]
+
+
 @ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)
 class EL2NScorer:
-    def __init__(self, run_url: str, folders: list[str]) -> None:
+    def __init__(self, run_url: str, folders: list[str], transform: ImageTransform | None) -> None:
         torch.set_num_threads(1)
         run = location(run_url)
         name, kwargs = run_architecture(run_url)
         self.img_size = kwargs["img_size"]
+        self.transform = transform
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.models = []
         for folder in folders:
@@ -63,7 +78,7 @@ class EL2NScorer:
         keys: list[str] = []
         scores: list[np.ndarray] = []
         data = ShardDataset(dataset_url, split, shuffle=False, batch_size=BATCH, channels=3, shards=[shard],
-                            index=rows)
+                            index=rows, image_transform=self.transform)
         for images, labels, batch_keys in data:
             x = prepare(images, self.img_size, self.device)
             onehot = torch.nn.functional.one_hot(labels.to(self.device), self.models[0].num_classes).float()
@@ -79,7 +94,8 @@ def el2n(dataset_url: str, split: str, shards: list[str], run_url: str, actors: 
     folders = checkpoint_folders(run_url)
     ensure_ray()
     count = max(1, min(actors or cluster_cpus(), len(shards)))
-    pool = ActorPool([EL2NScorer.remote(run_url, folders) for _ in range(count)])
+    transform = run_evaluation_transform(run_url, dataset_url)
+    pool = ActorPool([EL2NScorer.remote(run_url, folders, transform) for _ in range(count)])
     keys: list[str] = []
     values: list[np.ndarray] = []
     index_rows = shard_index_rows(dataset_url, shards)

@@ -36,6 +36,7 @@ class Record:
     planted: str | None = None
     quarantine: str | None = None  # known to be bad before loading
     extra: dict = field(default_factory=dict)  # goes into the example's JSON member
+    original_size: tuple[int, int] | None = None  # (width, height) before an earlier resize (re-shards)
 
 
 Raw = bytes | np.ndarray

@@ -37,6 +37,8 @@ class DatasetSource(Source):
                 est_bytes=(row["image_size"] or 0) + 1024,
                 locator=(row["shard"], row["image_offset"], row["image_size"]) if ok else None,
                 planted=row["planted"], quarantine=None if ok else row["reason"],
+                original_size=(row["original_width"], row["original_height"])
+                if ok and row["original_width"] is not None else None,
             ))
         return records
 
