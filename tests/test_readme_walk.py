@@ -4,6 +4,7 @@ photographs (scikit-learn's two sample images) cut into crops of many sizes, sha
 class per photo (tests/photos.py)."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from photos import photo_folder
 
@@ -61,4 +63,9 @@ def test_every_command_of_the_readme_walk_runs_as_printed(tmp_path):
     assert (tmp_path / "data" / "photos" / "manifest.json").is_file()
     assert (tmp_path / "runs" / "photos" / "summary.json").is_file()
     assert (tmp_path / "runs" / "photos" / "report" / "index.html").is_file()
-    assert (tmp_path / "runs" / "photos-kept" / "summary.json").is_file()
+    kept = json.loads((tmp_path / "runs" / "photos-kept" / "summary.json").read_text())
+    assert kept["model_kwargs"]["img_size"] == 224 and kept["model_kwargs"]["patch_size"] == 16  # photos: 224 px
+    curated = json.loads((tmp_path / "runs" / "photos" / "summary.json").read_text())
+    assert curated["config"]["token_keep"] < 1 and curated["config"]["attn_keep"] < 1  # all three levels
+    thumbnails = list((tmp_path / "runs" / "photos" / "report" / "thumbs").iterdir())
+    assert thumbnails and all(max(Image.open(path).size) <= 64 for path in thumbnails)  # not the photos themselves

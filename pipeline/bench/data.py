@@ -2,6 +2,7 @@
 
 Decoded uint8 images/s with 1 and 2 DataLoader workers, interleaved repeats, medians; and the peak
 RSS of one epoch read in a fresh process. ImageFolder reads the very PNG bytes stored in the shards.
+The photo mode (``--photos``: JPEG photos, 224 px training crops) is :mod:`pipeline.bench.photos`.
 """
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ def reader_loaders(dataset: Path, folder: Path, workers: int) -> dict[str, DataL
     }
 
 
-def measure_readers(dataset: Path, folder: Path, repeats: int) -> list[dict]:
+def measure_readers(dataset: Path, folder: Path, repeats: int, worker_counts: tuple[int, ...] = (1, 2)) -> list[dict]:
     results = []
-    for workers in (1, 2):
+    for workers in worker_counts:
         loaders = reader_loaders(dataset, folder, workers)
         for loader in loaders.values():  # warm the page cache and the workers' imports
             images_per_second(loader)
@@ -73,6 +74,20 @@ READERS = {
         "from torchvision.transforms import PILToTensor",
         "DataLoader(ImageFolder(sys.argv[1], transform=PILToTensor()), batch_size=256)",
     ),
+    # the photo mode's (pipeline/bench/photos.py): 224 px training crops, ``basic`` augmentation
+    "onion ShardDataset (photos)": (
+        # timm: ImageTransform's crop parameters (imported on first use; a training process has it anyway)
+        "from shards import ShardDataset\nfrom trainer.augment import ImageTransform\nimport timm.data",
+        "ShardDataset(sys.argv[1], batch_size=256, channels=3, image_transform=ImageTransform(224, 'basic'))",
+    ),
+    "torchvision ImageFolder (photos)": (
+        "from torch.utils.data import DataLoader\nfrom torchvision.datasets import ImageFolder\n"
+        "from torchvision.transforms import Compose, InterpolationMode, PILToTensor, RandomHorizontalFlip, "
+        "RandomResizedCrop",
+        "DataLoader(ImageFolder(sys.argv[1], transform=Compose([RandomResizedCrop(224, scale=(0.08, 1.0), "
+        "ratio=(3 / 4, 4 / 3), interpolation=InterpolationMode.BILINEAR, antialias=True), RandomHorizontalFlip(), "
+        "PILToTensor()])), batch_size=256)",
+    ),
 }
 
 
@@ -88,7 +103,7 @@ def peak_rss_mib(path: Path, reader: str = "onion ShardDataset") -> dict[str, fl
     return {"after_imports": imported, "peak": peak}
 
 
-def bench_data(out: Path, count: int, repeats: int) -> dict:
+def bench_data(out: Path, count: int, repeats: int, workers: tuple[int, ...] = (1, 2)) -> dict:
     """Ingest ``count`` synthetic 32x32 images, export them as PNG files, race the two readers."""
     from pipeline.ingest.job import IngestOptions, ingest
     from pipeline.ingest.sources import SourceOptions, open_source
@@ -98,7 +113,7 @@ def bench_data(out: Path, count: int, repeats: int) -> dict:
            IngestOptions(shard_size=5000), ["onion", "bench", "data"], progress=False)
     if not folder.exists():
         export_image_folder(dataset, folder)
-    return {"images": count, "speed": measure_readers(dataset, folder, repeats),
+    return {"images": count, "speed": measure_readers(dataset, folder, repeats, workers),
             "peak_rss_mib": {"onion ShardDataset": peak_rss_mib(dataset, "onion ShardDataset"),
                              "torchvision ImageFolder": peak_rss_mib(folder, "torchvision ImageFolder")}}
 
