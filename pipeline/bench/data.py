@@ -10,7 +10,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
@@ -20,6 +22,7 @@ from shards import ShardDataset, location, read_index
 from shards.index import usable_train
 
 BATCH = 256
+T = TypeVar("T")
 
 
 def export_image_folder(dataset: Path, folder: Path) -> None:
@@ -49,16 +52,22 @@ def reader_loaders(dataset: Path, folder: Path, workers: int) -> dict[str, DataL
     }
 
 
+def interleaved(loaders: dict[str, DataLoader], repeats: int, measure: Callable[[DataLoader], T]) -> dict[str, list[T]]:
+    """``measure`` of each loader ``repeats`` times, the loaders taking turns, so drift favours none;
+    one untimed round first warms the page cache and the workers' imports."""
+    for loader in loaders.values():
+        measure(loader)
+    results: dict[str, list[T]] = {name: [] for name in loaders}
+    for _ in range(repeats):
+        for name, loader in loaders.items():
+            results[name].append(measure(loader))
+    return results
+
+
 def measure_readers(dataset: Path, folder: Path, repeats: int, worker_counts: tuple[int, ...] = (1, 2)) -> list[dict]:
     results = []
     for workers in worker_counts:
-        loaders = reader_loaders(dataset, folder, workers)
-        for loader in loaders.values():  # warm the page cache and the workers' imports
-            images_per_second(loader)
-        timings: dict[str, list[float]] = {name: [] for name in loaders}
-        for _ in range(repeats):  # interleaved, so drift does not favour one reader
-            for name, loader in loaders.items():
-                timings[name].append(images_per_second(loader))
+        timings = interleaved(reader_loaders(dataset, folder, workers), repeats, images_per_second)
         baseline = statistics.median(timings["torchvision ImageFolder"])
         for name, values in timings.items():
             results.append({"reader": name, "workers": workers, "images_per_s": statistics.median(values),

@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from pipeline.bench.data import BATCH, peak_rss_mib
+from pipeline.bench.data import BATCH, interleaved, peak_rss_mib
 from shards import ShardDataset, location, read_index
 from shards.index import usable_train
 from trainer.augment import ImageTransform
@@ -150,13 +150,7 @@ def run_epoch(loader: DataLoader) -> dict:
 def measure_photos(dataset: Path, folder: Path, repeats: int, workers: tuple[int, ...] = (1, 2)) -> list[dict]:
     results = []
     for count in workers:
-        loaders = photo_loaders(dataset, folder, count)
-        for loader in loaders.values():  # warm the page cache and the workers' imports
-            run_epoch(loader)
-        epochs: dict[str, list[dict]] = {name: [] for name in loaders}
-        for _ in range(repeats):  # interleaved, so drift does not favour one reader
-            for name, loader in loaders.items():
-                epochs[name].append(run_epoch(loader))
+        epochs = interleaved(photo_loaders(dataset, folder, count), repeats, run_epoch)
         rows = {}
         for name, runs in epochs.items():
             rate = statistics.median(run["images"] / run["seconds"] for run in runs)
