@@ -27,6 +27,11 @@ class TrainConfig:
                               "from the source shards through the index (no survivor shards); val is read whole")
     out: str = knob("", "run directory: checkpoints, dynamics/, metrics.csv, tensorboard/, summary.json")
     model: str = knob("deit_tiny_patch16_224", "any timm VisionTransformer name")
+    pretrained: str = knob("", "weights to start from: a timm state dict in safetensors or a torch file (read with "
+                               "weights_only=True: a file that needs code to unpickle is refused), local or any "
+                               "fsspec URL; an onion run's RUN/checkpoints/step-N/model.safetensors works. A head "
+                               "of another class count is left out (a fresh one trains), the position and patch "
+                               "embeddings are resampled to another grid or patch size (timm's filter); each said")
     img_size: int | None = knob(None, "input side in pixels (default: the stored side when every image has the "
                                       "same size, as digits, MNIST and CIFAR do; else 224)")
     patch_size: int | None = knob(None, "patch side (default: 16 from 128 px up, 4 from 16 px, else 2)")

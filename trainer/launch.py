@@ -58,7 +58,7 @@ def _run_rank(rank: int, config: TrainConfig, resume: bool, world_size: int, add
         else:
             dist.init_process_group(backend())  # torchrun's environment
     try:
-        trainer = Trainer(config, rank, world_size)
+        trainer = Trainer(config, rank, world_size, resuming=resume)
         if resume:
             trainer.resume()
         return trainer.train()

@@ -76,7 +76,8 @@ def autocast_for(config: TrainConfig, device: torch.device):  # noqa: ANN201 - a
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, config: TrainConfig, rank: int = 0, world_size: int = 1, *, resuming: bool = False) -> None:
+        """``resuming``: a checkpoint will replace the weights, so ``--pretrained`` is not read."""
         self.config, self.rank, self.world_size = config, rank, world_size
         self.run = location(config.out)
         self.dataset = location(config.dataset)
@@ -90,7 +91,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
-        self.model: SparseVisionTransformer = build_model(config, self.img_size, self.num_classes).to(self.device)
+        self.model: SparseVisionTransformer = build_model(
+            config, self.img_size, self.num_classes, load_pretrained_weights=not resuming,
+            say=lambda line: sys.stderr.write(f"{config.out}: {line}\n") if rank == 0 else None).to(self.device)
         self.model.record_cls_attention = config.record_dynamics
         self.shape = ViTShape.of(self.model)
         self.ddp = DistributedDataParallel(self.model) if world_size > 1 else None

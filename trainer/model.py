@@ -1,11 +1,14 @@
 """Building the timm ViT for a dataset and making it sparse."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import timm
 import torch
 
 from trainer.config import TrainConfig
 from trainer.errors import RunError
+from trainer.pretrained import load_pretrained
 from trainer.sparse_vit import SparseVisionTransformer, sparsify
 
 # What a person who named something else is pointed to: models sparsify accepts, and how to list them.
@@ -75,8 +78,12 @@ def check_model(config: TrainConfig, img_size: int, num_classes: int) -> None:
         raise RunError(f"--model {config.model}: {error}") from error
 
 
-def build_model(config: TrainConfig, img_size: int, num_classes: int) -> SparseVisionTransformer:
+def build_model(config: TrainConfig, img_size: int, num_classes: int, *, load_pretrained_weights: bool = True,
+                say: Callable[[str], None] = print) -> SparseVisionTransformer:
+    """The sparse ViT of a run; ``--pretrained`` weights loaded unless a checkpoint is about to replace them."""
     check_model(config, img_size, num_classes)
     vit = timm.create_model(config.model, pretrained=False, **model_kwargs(config, img_size, num_classes))
+    if config.pretrained and load_pretrained_weights:
+        load_pretrained(vit, config.pretrained, say)
     return sparsify(vit, token_keep=1.0, token_blocks=config.token_blocks, attn_keep=1.0,
                     fuse_token=config.fuse_token, attn_mode=config.attn_mode, attn_block=config.attn_block)
