@@ -34,8 +34,7 @@ def walk_commands(readme: Path = ROOT / "README.md") -> list[str]:
 def installed_onion() -> Path:
     """The ``onion`` console script next to this interpreter (the project's .venv/bin/onion under ./run.sh)."""
     script = Path(sys.executable).parent / "onion"
-    if not script.exists():
-        pytest.skip(f"no onion console script next to {sys.executable}")
+    assert script.exists(), f"no onion console script next to {sys.executable} (./run.sh test installs it)"
     return script
 
 
