@@ -436,7 +436,11 @@ def stack_pixels(arrays: list[np.ndarray]) -> torch.Tensor:
         raise DatasetError(f"images of different sizes in one batch ({first[1]}x{first[0]} and {second[1]}x{second[0]} "
                            "pixels): give ShardDataset an image_transform that makes them one size "
                            "(onion train does: see --augment and --img-size)")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    height, width, channels = arrays[0].shape
+    batch = np.empty((len(arrays), channels, height, width), dtype=np.uint8)
+    for slot, array in zip(batch, arrays):  # one copy per image, HWC to CHW (not a stack and then a transpose);
+        slot[...] = array.transpose(2, 0, 1)  # any strides (a mirrored crop is a view)
+    return torch.from_numpy(batch)
 
 
 def batched(samples: Iterator, batch_size: int,

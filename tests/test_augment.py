@@ -61,16 +61,29 @@ def test_evaluation_is_the_centre_crop_and_draws_nothing(flower):
     assert np.array_equal(none(flower, "a", 3), shown)  # policy none: no randomness even in training
 
 
-def test_a_transform_leaves_the_callers_generators_alone(flower):
-    random.seed(1)
-    np.random.seed(1)
-    torch.manual_seed(1)
+def seed_every_generator(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.mark.parametrize("policy", ["basic", "deit"])
+def test_a_transform_leaves_the_callers_generators_alone(flower, policy):
+    seed_every_generator(1)
     expected = random.random(), np.random.random(), torch.rand(1).item()
-    random.seed(1)
-    np.random.seed(1)
-    torch.manual_seed(1)
-    ImageTransform(32, "deit", seed=0)(flower, "a", 0)
+    seed_every_generator(1)
+    ImageTransform(32, policy, seed=0)(flower, "a", 0)
     assert (random.random(), np.random.random(), torch.rand(1).item()) == expected
+
+
+@pytest.mark.parametrize("policy", ["basic", "deit"])
+def test_the_draws_do_not_depend_on_the_callers_generators(flower, policy):
+    """Each policy seeds every generator it draws from (basic leaves numpy unseeded: it must not draw from it)."""
+    drawn = set()
+    for caller_seed in range(4):
+        seed_every_generator(caller_seed)
+        drawn.add(b"".join(ImageTransform(32, policy, seed=0)(flower, f"k{n}", 0).tobytes() for n in range(6)))
+    assert len(drawn) == 1
 
 
 def test_a_large_jpeg_is_decoded_at_the_scale_its_crop_needs(monkeypatch):

@@ -52,20 +52,27 @@ def example_seed(seed: int, epoch: int, key: str) -> int:
 
 
 @contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Python's, numpy's and torch's global generators seeded for a block, then restored: timm's crop and
-    RandAugment draw from ``random`` and ``numpy``, torchvision's flip from torch; restoring keeps a loader
-    running in the training process (``--loader-workers 0``) from moving the training's own draws."""
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+def seeded(seed: int, *, numpy: bool) -> Iterator[None]:
+    """Python's and torch's CPU generators (and numpy's when ``numpy``) seeded for a block, then restored:
+    timm's crop draws from ``random``, torchvision's flip from torch, RandAugment also from ``numpy``;
+    restoring keeps a loader running in the training process (``--loader-workers 0``) from moving the
+    training's own draws. Only the CPU generator is touched: ``torch.manual_seed`` would also queue a
+    seed for every accelerator (with a stack trace each time, 70 us), and numpy's reseed costs as much,
+    so it is done only where a policy draws from numpy."""
+    generator = torch.default_generator
+    python_state, torch_state = random.getstate(), generator.get_state()
+    numpy_state = np.random.get_state() if numpy else None
     random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.random.manual_seed(seed)
+    generator.manual_seed(seed)
+    if numpy:
+        np.random.seed(seed % 2**32)
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
+        random.setstate(python_state)
+        generator.set_state(torch_state)
+        if numpy_state is not None:
+            np.random.set_state(numpy_state)
 
 
 def open_image(data: bytes | memoryview) -> Image.Image:
@@ -134,15 +141,21 @@ class ImageTransform:
         resample = INTERPOLATION[self.policy]
         if self.train and self.policy != "none":
             crop, flip, rand_augment = self._random_parts
-            with seeded(example_seed(self.seed, epoch, key)):
+            with seeded(example_seed(self.seed, epoch, key), numpy=rand_augment is not None):
                 box = crop.get_params(image, crop.scale, crop.ratio)
-                image = flip(crop_resized(image, box, self.size, resample))
+                # the flip's own draw (torchvision's: torch.rand(1) < p); the mirror is a view of the pixels
+                mirrored = bool(torch.rand(1) < flip.p)
+                image = crop_resized(image, box, self.size, resample)
                 if rand_augment is not None:
-                    image = rand_augment(image.convert("RGB"))
+                    image = rand_augment(image.convert("RGB").transpose(Image.FLIP_LEFT_RIGHT) if mirrored else
+                                         image.convert("RGB"))
+                    mirrored = False
         else:
-            image = crop_resized(image, centre_box(*image.size), self.size, resample)
-        pixels = np.asarray(image.convert("L" if self.channels == 1 else "RGB"))
-        return pixels[:, :, None] if pixels.ndim == 2 else pixels
+            image, mirrored = crop_resized(image, centre_box(*image.size), self.size, resample), False
+        mode = "L" if self.channels == 1 else "RGB"
+        pixels = np.asarray(image if image.mode == mode else image.convert(mode))
+        pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+        return pixels[:, ::-1] if mirrored else pixels
 
 
 def device_augmentation(policy: str, device: torch.device) -> torch.nn.Module | None:
