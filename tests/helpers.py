@@ -1,5 +1,6 @@
-"""What the test files share: the ``onion`` command as a subprocess, a folder's files as bytes, and
-small real datasets written through the public shards API (no Ray needed)."""
+"""What the test files share: the ``onion`` command as a subprocess, a folder's files as bytes, a tiny
+training configuration and its checkpoints' weights, and small real datasets written through the
+public shards API (no Ray needed)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from shards.manifest import DatasetInfo
 from shards.tarwriter import ShardExample
 from shards.urls import location
 from shards.writer import commit_dataset, write_shard
+from trainer.config import TrainConfig
 
 # ``onion`` as a user runs it, from this interpreter (not relying on the console script being on PATH).
 ONION = [sys.executable, "-m", "pipeline"]
@@ -56,6 +60,22 @@ def files_of(path: Path) -> dict[str, bytes]:
     if path.is_file():
         return {"": path.read_bytes()}
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def saved_config_of(dataset: str, run: Path | str, **settings) -> TrainConfig:
+    """A tiny run (1 block of width 32, 4-pixel patches, half the tokens kept): an epoch of digits in seconds."""
+    return TrainConfig(dataset=dataset, out=str(run), depth=1, embed_dim=32, num_heads=2, patch_size=4, batch_size=64,
+                       loader_workers=0, token_keep=0.5, token_blocks=[0], warmup_epochs=0.5, **settings)
+
+
+def last_weights(run: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    """The weights file ``name`` of the run's newest checkpoint folder (model.safetensors, ema.safetensors)."""
+    return load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / name))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[name], b[name]) for name in a)
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

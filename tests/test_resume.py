@@ -10,10 +10,8 @@ import subprocess
 from dataclasses import replace
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from helpers import ONION, files_of, onion_ok
+from helpers import ONION, assert_same_weights, files_of, last_weights, onion_ok, saved_config_of
 from pipeline.cli import main
 from trainer.config import TrainConfig
 from trainer.launch import train
@@ -23,15 +21,6 @@ from trainer.schedule import lr_factor
 
 SMALL = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4", "--batch-size", "64",
          "--loader-workers", "0", "--token-keep", "0.5", "--token-blocks", "0", "--warmup-epochs", "0.5"]
-
-
-def last_weights(run) -> dict[str, torch.Tensor]:
-    return load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_a_copied_run_folder_resumes_into_the_copy_and_extends(digits, tmp_path):
@@ -143,11 +132,6 @@ def test_resume_extends_mid_run_from_the_next_epoch_boundary(digits, tmp_path):
     assert changed == {"epochs": (3, 5)}
     assert config.extensions == [{"at_epoch": position["epoch"] + 1, "epochs_before": 3,
                                   "lr_factor": lr_factor(saved_config(str(run)), position["epoch"] + 1)}]
-
-
-def saved_config_of(dataset: str, run, **settings) -> TrainConfig:
-    return TrainConfig(dataset=dataset, out=str(run), depth=1, embed_dim=32, num_heads=2, patch_size=4, batch_size=64,
-                       loader_workers=0, token_keep=0.5, token_blocks=[0], warmup_epochs=0.5, **settings)
 
 
 def test_an_extension_interrupted_at_an_epoch_boundary_ends_where_an_uninterrupted_one_does(digits, tmp_path):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from dataclasses import replace
 
 import pyarrow.compute as pc
 import pytest
@@ -19,6 +20,7 @@ from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig
 from trainer.dynamics import read_dynamics
 from trainer.launch import train
+from trainer.model import build_model
 
 # A small ViT that learns digits in two epochs: 8x8 images, 4x4 patches, 3 blocks.
 SMALL = dict(epochs=2, batch_size=16, depth=3, embed_dim=96, num_heads=4, patch_size=4, lr=1e-3,
@@ -49,12 +51,23 @@ def test_two_epochs_on_digits_learn_and_record_every_presentation(digits, tmp_pa
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 
 
-def test_checkpoint_loads_into_plain_timm(digits, tmp_path):
-    train(TrainConfig(dataset=digits, out=str(tmp_path / "run"), **{**SMALL, "epochs": 1}, token_keep=0.5))
+def test_checkpoint_loads_into_plain_timm_and_gives_the_same_outputs(digits, tmp_path):
+    config = TrainConfig(dataset=digits, out=str(tmp_path / "run"), **{**SMALL, "epochs": 1}, token_keep=0.5)
+    train(config)
     built = json.loads((tmp_path / "run" / "model.json").read_text())
     dense = timm.create_model(built["model"], pretrained=False, **built["kwargs"])
     dense.load_state_dict(load_weights(location(str(tmp_path / "run"))))  # strict: same keys, same shapes
-    assert dense(torch.zeros(1, 3, 8, 8)).shape == (1, 10)
+    # timm's own pretrained path, as a user loads a file: the model's checkpoint filter, the head kept
+    checkpoint = next((tmp_path / "run" / "checkpoints").glob("step-*")) / "model.safetensors"
+    overlay = {"file": str(checkpoint), "num_classes": built["kwargs"]["num_classes"]}  # else timm drops the head
+    plain = timm.create_model(built["model"], pretrained=True, pretrained_cfg_overlay=overlay,
+                              **built["kwargs"]).eval()
+    onion_model = build_model(replace(config, pretrained=str(checkpoint)), 8, 10, say=lambda _: None).eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = onion_model(x)  # every token and connection kept (build_model's rates are 1.0)
+        assert expected.shape == (4, 10) and expected.abs().sum() > 0
+        assert torch.allclose(plain(x), expected, atol=1e-5) and torch.allclose(dense.eval()(x), expected, atol=1e-5)
 
 
 def train_args(dataset, out, *extra):

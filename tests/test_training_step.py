@@ -17,10 +17,10 @@ from trainer.launch import train
 from trainer.loop import Trainer
 
 # Every part of the step that could read on the host is switched on: both sparsity levels with a
-# fused token and a ramp, mixup, clipping, dynamics.
+# fused token and a ramp, mixup, clipping, dynamics, the model EMA's update.
 SPARSE_STEP = dict(epochs=1, batch_size=16, depth=3, embed_dim=64, num_heads=2, patch_size=4, lr=1e-3,
                    warmup_epochs=0.2, loader_workers=0, token_blocks=[1], token_keep=0.5, attn_keep=0.5,
-                   fuse_token=True, keep_ramp_epochs=0.5, mixup=0.2, clip_grad=1.0, record_dynamics=True)
+                   fuse_token=True, keep_ramp_epochs=0.5, mixup=0.2, clip_grad=1.0, record_dynamics=True, ema=0.99)
 
 
 def count_reads_in_steps(monkeypatch: pytest.MonkeyPatch) -> tuple[HostReads, list[int]]:

@@ -1,4 +1,5 @@
-"""Atomic checkpoints: model weights (safetensors, timm's keys), optimiser, schedule, RNG, position.
+"""Atomic checkpoints: model weights (safetensors, timm's keys), the model EMA's (with ``--ema``),
+optimiser, schedule, RNG, position.
 
 A checkpoint is a folder ``checkpoints/step-<N>/``; ``checkpoints/latest.json`` names the newest
 complete one and is written last, so a run killed while saving resumes from the previous one.
@@ -21,6 +22,7 @@ from trainer.errors import RunError
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"  # the model EMA's weights (--ema), timm's keys as in MODEL_FILE
 MODEL_JSON = "model.json"  # in the run folder: the timm model name and kwargs, to rebuild it for scoring
 KEEP_CHECKPOINTS = 2
 
@@ -36,6 +38,7 @@ class Position:
     train_images: int = 0
     train_flops: float = 0.0  # matrix-product FLOPs of the steps taken (forward x 3), at their real token counts
     val_top1: float = float("nan")  # after the last finished epoch
+    val_top1_ema: float = float("nan")  # the model EMA's, likewise (nan without --ema; absent before it existed)
 
 
 def rng_state() -> dict:
@@ -73,12 +76,19 @@ def save_rank_state(run: Location, position: Position, rank: int) -> None:
     run.child(CHECKPOINTS, folder_name(position.step)).write_atomic(f"rng-r{rank}.pt", to_bytes(rng_state()))
 
 
+def weights_bytes(model: torch.nn.Module) -> bytes:
+    """``model``'s state_dict as a safetensors file (timm's keys)."""
+    return save_safetensors({name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()})
+
+
 def commit_checkpoint(run: Location, position: Position, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-    """Rank 0: weights and optimiser state, then the pointer that makes the checkpoint current."""
+                      scheduler: torch.optim.lr_scheduler.LRScheduler, ema: torch.nn.Module | None = None) -> None:
+    """Rank 0: weights (and the EMA's: ``ema`` is its averaged model) and optimiser state, then the
+    pointer that makes the checkpoint current."""
     folder = run.child(CHECKPOINTS, folder_name(position.step))
-    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    folder.write_atomic(MODEL_FILE, save_safetensors(weights))
+    folder.write_atomic(MODEL_FILE, weights_bytes(model))
+    if ema is not None:
+        folder.write_atomic(EMA_FILE, weights_bytes(ema))
     folder.write_atomic("state.pt", to_bytes({"optimizer": optimizer.state_dict(),
                                               "scheduler": scheduler.state_dict()}))
     checkpoints = run.child(CHECKPOINTS)
@@ -96,13 +106,20 @@ def latest_position(run: Location) -> Position | None:
 
 
 def load_checkpoint(run: Location, position: Position, rank: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    ema: torch.nn.Module | None = None) -> bool:
+    """Restore a checkpoint into the run's objects; ``ema`` (the EMA's averaged model) only from a
+    checkpoint that holds its weights. Returns whether it did (False: none saved, or no ``ema``)."""
     folder = run.child(CHECKPOINTS, folder_name(position.step))
     model.load_state_dict(load_safetensors(folder.read_bytes(MODEL_FILE)))
+    ema_loaded = ema is not None and folder.exists(EMA_FILE)
+    if ema_loaded:
+        ema.load_state_dict(load_safetensors(folder.read_bytes(EMA_FILE)))
     state = from_bytes(folder.read_bytes("state.pt"))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(from_bytes(folder.read_bytes(f"rng-r{rank}.pt")))
+    return ema_loaded
 
 
 def load_weights(run: Location) -> dict[str, torch.Tensor]:

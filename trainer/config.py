@@ -26,15 +26,23 @@ class TrainConfig:
     selection: str = knob("", "train only on this selection version of DATASET (vNNNN, from onion select), read "
                               "from the source shards through the index (no survivor shards); val is read whole")
     out: str = knob("", "run directory: checkpoints, dynamics/, metrics.csv, tensorboard/, summary.json")
-    model: str = knob("deit_tiny_patch16_224", "any timm VisionTransformer name")
+    model: str = knob("deit_tiny_patch16_224", "a timm VisionTransformer name. Named here (or in --config), the "
+                                               "model is built as published: its own input side and patch size "
+                                               "unless --img-size/--patch-size are given, and its pretrained "
+                                               "config's input normalisation (ImageNet mean/std for DeiT); not "
+                                               "named, onion's own ViT: this default's layers sized to the data "
+                                               "(see --img-size, --patch-size), inputs scaled to [-1, 1]. List the "
+                                               "ones onion trains: python -c \"import timm; print(timm.list_"
+                                               "models(module=['vision_transformer', 'deit']))\"")
     pretrained: str = knob("", "weights to start from: a timm state dict in safetensors or a torch file (read with "
                                "weights_only=True: a file that needs code to unpickle is refused), local or any "
                                "fsspec URL; an onion run's RUN/checkpoints/step-N/model.safetensors works. A head "
                                "of another class count is left out (a fresh one trains), the position and patch "
                                "embeddings are resampled to another grid or patch size (timm's filter); each said")
-    img_size: int | None = knob(None, "input side in pixels (default: the stored side when every image has the "
-                                      "same size, as digits, MNIST and CIFAR do; else 224)")
-    patch_size: int | None = knob(None, "patch side (default: 16 from 128 px up, 4 from 16 px, else 2)")
+    img_size: int | None = knob(None, "input side in pixels (default: a named --model's own; else the stored side "
+                                      "when every image has the same size, as digits, MNIST and CIFAR do; else 224)")
+    patch_size: int | None = knob(None, "patch side (default: a named --model's own; else 16 from 128 px up, 4 from "
+                                        "16 px, else 2)")
     augment: str = knob("auto", "training augmentation, run per example in the loader workers: none (decode as "
                                 "stored, resize on the device; images of mixed sizes get the evaluation resize), "
                                 "basic (RandomResizedCrop 0.08-1, ratio 3/4-4/3, and a horizontal flip), deit (DeiT's "
@@ -43,10 +51,18 @@ class TrainConfig:
                                 "auto: none when every image has the same size under 128 px, else basic. Evaluation "
                                 "(with basic or deit, or mixed sizes) resizes the short side to size/0.875 and "
                                 "takes the centre square")
+    mean: list[float] | None = knob(None, "input normalisation mean per channel on a 0-1 scale, e.g. "
+                                          "0.485,0.456,0.406 (default: a named --model's pretrained config; "
+                                          "0.5,0.5,0.5 for onion's own)")
+    std: list[float] | None = knob(None, "input normalisation standard deviation per channel on a 0-1 scale "
+                                         "(default: as --mean)")
     depth: int | None = knob(None, "number of blocks (default: the model's)")
     embed_dim: int | None = knob(None, "token width (default: the model's)")
     num_heads: int | None = knob(None, "attention heads (default: the model's)")
     drop_path: float = knob(0.0, "stochastic depth rate")
+    ema: float = knob(0.0, "decay of a model EMA updated after every optimizer step, e.g. 0.9998 (0: off); "
+                          "evaluated beside the raw weights each evaluated epoch (metrics val_top1_ema), saved "
+                          "in every checkpoint as ema.safetensors (timm's keys, loads like model.safetensors)")
     token_keep: float = knob(1.0, "share of patch tokens kept at each pruning block (1.0: token level off)")
     token_blocks: list[int] | None = knob(None, "0-based pruning blocks, e.g. 3,6,9 "
                                                 "(default: 3,6,9 of 12, scaled to the depth)")
@@ -143,6 +159,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 refuse(name, "a whole number >= 0")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, list) and len(value) == CHANNELS and all(
+                    isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or name == "mean") for v in value)):
+                refuse(name, f"{CHANNELS} finite numbers (red, green, blue)" + (", each > 0" if name == "std" else ""))
         if self.keep_quantum > 1.0:
             refuse("keep_quantum", "at most 1")
         if self.attn_block is not None and (self.attn_block < 16 or self.attn_block & (self.attn_block - 1)):
@@ -197,8 +218,9 @@ class TrainConfig:
 
 RECORDED = ("extensions",)  # written by onion train --resume into config.json, never given
 RENAMED = {"workers": "loader_workers"}  # old name -> current name, for configs written before the rename
+CHANNELS = 3  # the loaders give RGB (grey images are converted)
 RATES = ("token_keep", "attn_keep")
-SHARES = ("drop_path", "label_smoothing", "prune_ratio", "prune_anneal")
+SHARES = ("drop_path", "ema", "label_smoothing", "prune_ratio", "prune_anneal")
 NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "keep_warmup_epochs", "keep_ramp_epochs",
                 "keep_quantum", "clip_grad", "mixup", "cutmix", "checkpoint_every", "progress_seconds")
 POSITIVE_COUNTS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "nproc",

@@ -16,6 +16,7 @@ from trainer.config import TrainConfig
 
 PHOTO_SIDE = 224  # the input side for images of mixed sizes, as for ImageNet
 SMALL_SIDE = 128  # equal-size images below this side train as stored, without augmentation, by default
+HALF = (0.5, 0.5, 0.5)  # onion's own models' normalisation: pixels to [-1, 1]
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,36 @@ def reader_transforms(policy: str, info: DataInfo, side: int,
     return (evaluation if policy == "none" else ImageTransform(side, policy, train=True, seed=seed)), evaluation
 
 
-def prepare(images: torch.Tensor, img_size: int, device: torch.device) -> torch.Tensor:
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel input normalisation on a 0-1 scale: ``(x / 255 - mean) / std``."""
+
+    mean: tuple[float, ...] = HALF
+    std: tuple[float, ...] = HALF
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> Normalization:
+        """A run's: --mean/--std as given or as a named model's pretrained config set them, else onion's 0.5."""
+        return cls(tuple(config.mean or HALF), tuple(config.std or HALF))
+
+    @classmethod
+    def recorded(cls, built: dict) -> Normalization:
+        """From a run's model.json (runs written before it recorded them used 0.5)."""
+        return cls(tuple(built.get("mean") or HALF), tuple(built.get("std") or HALF))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Float pixels in 0-255 to model inputs, in place."""
+        if self.mean == HALF and self.std == HALF:
+            return x.div_(127.5).sub_(1.0)  # onion's own models' arithmetic, as it always was
+        mean = torch.tensor(self.mean, device=x.device).mul_(255.0).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).mul_(255.0).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
+def prepare(images: torch.Tensor, img_size: int, device: torch.device,
+            normalization: Normalization = Normalization()) -> torch.Tensor:
     """uint8 NCHW to normalised float on the device, resized when the model wants another size."""
-    x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    x = normalization.apply(images.to(device, non_blocking=True).float())
     if x.shape[-1] != img_size or x.shape[-2] != img_size:
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
     return x

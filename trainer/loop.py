@@ -35,6 +35,7 @@ from trainer.checkpoint import (
 from trainer.compile import compiled, compiled_graphs
 from trainer.config import TrainConfig
 from trainer.dynamics import DynamicsRecorder
+from trainer.ema import SparseModelEma
 from trainer.example_pruning import (
     STRATEGY,
     kept_keys_of,
@@ -45,7 +46,7 @@ from trainer.example_pruning import (
     record_plan,
 )
 from trainer.flops import ViTShape, forward_flops
-from trainer.inputs import augment_policy, data_info, input_side, prepare, reader_transforms
+from trainer.inputs import Normalization, augment_policy, data_info, input_side, prepare, reader_transforms
 from trainer.model import build_model, model_kwargs
 from trainer.schedule import KeepSchedule, lr_factor, rate_pairs
 from trainer.sparse_vit import SparseVisionTransformer
@@ -84,6 +85,7 @@ class Trainer:
         self.device = pick_device(config, rank)
         info = data_info(self.dataset)
         self.img_size = input_side(config, info)
+        self.normalization = Normalization.of(config)
         self.num_classes = info.num_classes
         self.augment = augment_policy(config, info)
         self.train_transform, self.eval_transform = reader_transforms(self.augment, info, self.img_size, config.seed)
@@ -97,6 +99,8 @@ class Trainer:
         self.model.record_cls_attention = config.record_dynamics
         self.shape = ViTShape.of(self.model)
         self.ddp = DistributedDataParallel(self.model) if world_size > 1 else None
+        # After DDP (which broadcasts rank 0's weights: every rank's copy starts the same), before compile.
+        self.ema = SparseModelEma(self.model, config.ema) if config.ema > 0 else None
         self.step_model = compiled(self.ddp or self.model, config.compile)
         self.graphs_before = compiled_graphs()  # dynamo's counter is per process: report this run's share
         self.step_shapes: set[tuple[int, ...]] = set()  # distinct (batch size, tokens in each block) of the steps
@@ -186,7 +190,13 @@ class Trainer:
         position = latest_position(self.run)
         if position is None:
             return False
-        load_checkpoint(self.run, position, self.rank, self.model, self.optimizer, self.scheduler)
+        ema_loaded = load_checkpoint(self.run, position, self.rank, self.model, self.optimizer, self.scheduler,
+                                     self.ema.module if self.ema else None)
+        if self.ema and not ema_loaded:  # a checkpoint saved without --ema (onion curate run again with it)
+            self.ema.set(self.model)
+            if self.is_main:
+                sys.stderr.write(f"{self.config.out}: the checkpoint at step {position.step} holds no model EMA: "
+                                 "the EMA starts from its weights\n")
         if self.dynamics:
             self.dynamics.drop_parts_after(position.step)
         self.position = position
@@ -198,7 +208,8 @@ class Trainer:
         save_rank_state(self.run, self.position, self.rank)
         self._barrier()
         if self.is_main:
-            commit_checkpoint(self.run, self.position, self.model, self.optimizer, self.scheduler)
+            commit_checkpoint(self.run, self.position, self.model, self.optimizer, self.scheduler,
+                              self.ema.module if self.ema else None)
         self._barrier()
 
     def _barrier(self) -> None:
@@ -211,7 +222,8 @@ class Trainer:
         if self.is_main:
             self.run.write_atomic(CONFIG_NAME, json.dumps(config.to_dict(), indent=2).encode())
             self.run.write_atomic(MODEL_JSON, json.dumps(
-                {"model": config.model, "kwargs": model_kwargs(config, self.img_size, self.num_classes)},
+                {"model": config.model, "kwargs": model_kwargs(config, self.img_size, self.num_classes),
+                 "mean": list(self.normalization.mean), "std": list(self.normalization.std)},
                 indent=2).encode())
         last = min(config.epochs, until_epoch if until_epoch is not None else config.epochs)
         try:
@@ -227,21 +239,28 @@ class Trainer:
                 # every arm the same way).
                 evaluate = finished == config.epochs or finished % config.eval_every == 0
                 val_top1, val_loss = self.evaluate() if evaluate else (NOT_EVALUATED, NOT_EVALUATED)
+                val_top1_ema = self.evaluate_ema() if evaluate and self.ema else NOT_EVALUATED
                 done = self.position
                 self.position = replace(done, epoch=done.epoch + 1, batch=0, train_seconds=done.train_seconds + elapsed,
-                                        train_images=done.train_images + images * self.world_size, val_top1=val_top1)
+                                        train_images=done.train_images + images * self.world_size, val_top1=val_top1,
+                                        val_top1_ema=val_top1_ema)
                 self.checkpoint()
                 if self.is_main:
                     self._log({"epoch": self.position.epoch, "step": self.position.step,
                                "train_loss": loss_sum / max(1, images), "train_top1": 100.0 * correct / max(1, images),
-                               "val_top1": val_top1, "val_loss": val_loss, "lr": self.scheduler.get_last_lr()[0],
+                               "val_top1": val_top1, "val_loss": val_loss,
+                               # without --ema no column: metrics.csv keeps the columns it always had
+                               **({"val_top1_ema": val_top1_ema} if self.ema else {}),
+                               "lr": self.scheduler.get_last_lr()[0],
                                "token_keep": self.model.token_keep, "attn_keep": self.model.attn_keep,
                                "images_per_second": images * self.world_size / max(elapsed, 1e-9),
                                "epoch_seconds": elapsed})
         finally:
             self.loaders.clear()  # persistent DataLoader workers end with this call, not at exit or GC
 
-        summary = {"val_top1": self.position.val_top1, "train_seconds": self.position.train_seconds,
+        summary = {"val_top1": self.position.val_top1,
+                   **({"val_top1_ema": self.position.val_top1_ema} if self.ema else {}),
+                   "train_seconds": self.position.train_seconds,
                    "images_per_second": self.position.train_images / max(self.position.train_seconds, 1e-9),
                    "epochs": self.position.epoch, "steps": self.position.step, "world_size": self.world_size,
                    "train_images": self.position.train_images, "train_flops": self.position.train_flops,
@@ -298,7 +317,7 @@ class Trainer:
         queue the next steps while the device works (checked by the tests)."""
         config = self.config
         self.model.set_rates(self.token_schedule(self.position.step), self.attn_schedule(self.position.step))
-        x = prepare(images, self.img_size, self.device)
+        x = prepare(images, self.img_size, self.device, self.normalization)
         if self.device_augment is not None:  # DeiT's random erasing, per sample, before Mixup as in timm
             x = self.device_augment(x)
         y = labels.to(self.device, non_blocking=True)
@@ -321,6 +340,8 @@ class Trainer:
         if config.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad)
         self.optimizer.step()
+        if self.ema:  # from the unwrapped model: every DDP rank folds in the same weights
+            self.ema.update(self.model, step=self.position.step + 1)
         if self.dynamics:
             self.dynamics.record(keys, self.position.epoch, self.position.step, logits, y,
                                  self.model.last_cls_attention_variance)
@@ -350,16 +371,18 @@ class Trainer:
         return self.loaders[split]
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self, model: SparseVisionTransformer | None = None) -> tuple[float, float]:
+        """Val top-1 (%) and mean loss of ``model`` (default: the raw model)."""
         if self.val_data is None:
             return NOT_EVALUATED, NOT_EVALUATED
-        self.model.eval()
+        model = model or self.model
+        model.eval()
         totals = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, count
         loader = self._loader("val")
         for images, labels, _ in loader:
             y = labels.to(self.device)
             with autocast_for(self.config, self.device):
-                logits = self.model(prepare(images, self.img_size, self.device)).float()
+                logits = model(prepare(images, self.img_size, self.device, self.normalization)).float()
             totals += torch.tensor([float((logits.argmax(1) == y).sum()),
                                     float(F.cross_entropy(logits, y, reduction="sum")), len(y)],
                                    dtype=torch.float64)
@@ -367,6 +390,10 @@ class Trainer:
             dist.all_reduce(totals)
         correct, loss_sum, count = totals.tolist()
         return 100.0 * correct / max(count, 1), loss_sum / max(count, 1)
+
+    def evaluate_ema(self) -> float:
+        """The model EMA's val top-1 (%), at the raw model's keep rates."""
+        return self.evaluate(self.ema.at_rates_of(self.model))[0]
 
     def _log(self, row: dict) -> None:
         """Append a row to metrics.csv (rewritten whole, so object-store runs get it too) and TensorBoard."""
@@ -379,6 +406,8 @@ class Trainer:
         self.run.write_atomic(METRICS_NAME, (previous + line.getvalue()).encode())
         if not sys.stderr.isatty():  # the progress bar is off in logs and pipes: one line per epoch instead
             val = "not evaluated" if math.isnan(row["val_top1"]) else f"{row['val_top1']:.2f}%"
+            if not math.isnan(row.get("val_top1_ema", NOT_EVALUATED)):
+                val += f" (EMA {row['val_top1_ema']:.2f}%)"
             sys.stderr.write(f"{self.config.out}: epoch {row['epoch']}/{self.config.epochs}  "
                              f"train loss {row['train_loss']:.4f}  val top-1 {val}  "
                              f"{row['images_per_second']:.0f} img/s  {row['epoch_seconds']:.1f} s\n")

@@ -47,16 +47,9 @@ def check_model(config: TrainConfig, img_size: int, num_classes: int) -> None:
         fix += f"an --img-size that is a multiple of {patch} ({' or '.join(map(str, sizes))})"
         raise RunError(f"{patch_from} does not divide {size_from}: {img_size} is not a multiple of {patch}, so the "
                        f"pixels past the last whole patch would be dropped; choose {fix}")
-    if not timm.is_model(config.model):
-        raise RunError(f"--model {config.model}: timm has no model of that name; onion trains timm VisionTransformer "
-                       f"models such as {VIT_EXAMPLES} (list them: {LIST_VITS})")
     kwargs = model_kwargs(config, img_size, num_classes)
     try:
-        with torch.device("meta"):
-            vit = timm.create_model(config.model, pretrained=False, **kwargs)
-    except TypeError as error:  # an architecture without img_size / patch_size: not a ViT
-        raise RunError(f"--model {config.model} is not a timm VisionTransformer ({error}); onion trains models "
-                       f"such as {VIT_EXAMPLES} (list them: {LIST_VITS})") from error
+        vit = vit_on_meta(config.model, **kwargs)
     except (AssertionError, ValueError) as error:
         settings = ", ".join(f"{name}={kwargs[name]}" for name in ("img_size", "patch_size", "depth", "embed_dim",
                                                                     "num_heads") if name in kwargs)
@@ -76,6 +69,41 @@ def check_model(config: TrainConfig, img_size: int, num_classes: int) -> None:
                        f"(list them: {LIST_VITS})") from error
     except ValueError as error:
         raise RunError(f"--model {config.model}: {error}") from error
+
+
+def vit_on_meta(name: str, **kwargs: object) -> torch.nn.Module:
+    """``timm.create_model(name, **kwargs)`` on the meta device (no memory, ~0.1 s), or a one-line refusal of a
+    name timm does not know or a model that takes no image and patch size (not a ViT)."""
+    if not timm.is_model(name):
+        raise RunError(f"--model {name}: timm has no model of that name; onion trains timm VisionTransformer "
+                       f"models such as {VIT_EXAMPLES} (list them: {LIST_VITS})")
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as error:  # an architecture without img_size / patch_size: not a ViT
+        raise RunError(f"--model {name} is not a timm VisionTransformer ({error}); onion trains models "
+                       f"such as {VIT_EXAMPLES} (list them: {LIST_VITS})") from error
+    if not hasattr(vit, "patch_embed"):
+        raise RunError(f"--model {name} is not a timm VisionTransformer (a timm {type(vit).__name__}); onion trains "
+                       f"models such as {VIT_EXAMPLES} (list them: {LIST_VITS})")
+    return vit
+
+
+def published_settings(name: str) -> dict:
+    """What a timm model named with ``--model`` is built with unless given otherwise: its own input side and
+    patch size, and the input normalisation of its pretrained config (the statistics its weights expect)."""
+    vit = vit_on_meta(name)
+    data = timm.data.resolve_model_data_config(vit)
+    patch = vit.patch_embed.patch_size
+    return {"img_size": int(data["input_size"][-1]), "patch_size": int(patch[0] if isinstance(patch, tuple) else patch),
+            "mean": [float(v) for v in data["mean"]], "std": [float(v) for v in data["std"]]}
+
+
+def with_published_settings(values: dict) -> dict:
+    """The settings a user gave, with a named model's published ones filling what was not given."""
+    if not values.get("model"):
+        return values
+    return {**published_settings(values["model"]), **values}
 
 
 def build_model(config: TrainConfig, img_size: int, num_classes: int, *, load_pretrained_weights: bool = True,

@@ -55,16 +55,18 @@ def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text}{shown}")
         elif name in CHOICES:
             group.add_argument(flag, choices=CHOICES[name], default=None, help=f"{text}{shown}")
-        elif name == "token_blocks":
-            group.add_argument(flag, type=block_list, default=None, help=text)
+        elif name in LIST_SETTINGS:
+            group.add_argument(flag, type=LIST_SETTINGS[name], default=None, help=text)
         else:
             group.add_argument(flag, type=types[name], default=None, help=f"{text}{shown}")
 
 
 def train_config(args: argparse.Namespace, **fixed: object) -> TrainConfig:
     from trainer.config import TrainConfig
+    from trainer.model import with_published_settings
 
-    config = TrainConfig.from_sources(args.config, {**given_options(args), **fixed})
+    given = TrainConfig.given_values(args.config, {**given_options(args), **fixed})
+    config = TrainConfig.from_dict(with_published_settings(given))
     if not config.dataset or not config.out:
         raise UsageError(f"{args.command} needs DATASET and --out RUN")
     return config
@@ -77,11 +79,18 @@ def given_options(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name, None) for name in TrainConfig.options()}
 
 
-def block_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected block numbers like 3,6,9, not {text!r}") from None
+def comma_list(kind: type, example: str):  # noqa: ANN201 - an argparse type
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {example}, not {text!r}") from None
+    return parse
+
+
+LIST_SETTINGS = {"token_blocks": comma_list(int, "block numbers like 3,6,9"),
+                 "mean": comma_list(float, "three numbers like 0.485,0.456,0.406"),
+                 "std": comma_list(float, "three numbers like 0.229,0.224,0.225")}
 
 
 def run(args: argparse.Namespace, console: Console) -> None:

@@ -43,8 +43,8 @@ INDEX_COLUMNS = ["key", "label", "class_name", "split", "status", "reason", "sha
 GROUPS_SHOWN = 100  # largest duplicate groups listed per grouping scorer
 MEMBERS_SHOWN = 24  # members listed per group
 SCORE_DIGITS = 5  # significant digits of scores on the page
-RUN_SUMMARY = ("val_top1", "train_seconds", "images_per_second", "epochs", "steps", "train_images", "device",
-               "world_size")
+RUN_SUMMARY = ("val_top1", "val_top1_ema", "train_seconds", "images_per_second", "epochs", "steps", "train_images",
+               "device", "world_size")
 RUN_CONFIG = ("dataset", "selection", "model", "example_strategy", "token_keep", "attn_keep", "attn_mode",
               "epochs", "batch_size", "depth", "embed_dim")
 

@@ -26,7 +26,7 @@ from shards import ShardDataset, UsageError, location
 from trainer.augment import ImageTransform
 from trainer.checkpoint import CHECKPOINTS, MODEL_FILE, MODEL_JSON
 from trainer.config import TrainConfig
-from trainer.inputs import augment_policy, data_info, prepare, reader_transforms
+from trainer.inputs import Normalization, augment_policy, data_info, prepare, reader_transforms
 from trainer.loop import CONFIG_NAME
 
 BATCH = 256
@@ -44,6 +44,11 @@ def run_architecture(run_url: str) -> tuple[str, dict]:
     """The timm model name and keyword arguments a run was trained with (its model.json)."""
     built = json.loads(location(run_url).read_bytes(MODEL_JSON))
     return built["model"], built["kwargs"]
+
+
+def run_normalization(run_url: str) -> Normalization:
+    """The input normalisation a run was trained with (its model.json)."""
+    return Normalization.recorded(json.loads(location(run_url).read_bytes(MODEL_JSON)))
 
 
 def run_evaluation_transform(run_url: str, dataset_url: str) -> ImageTransform | None:
@@ -64,6 +69,7 @@ class EL2NScorer:
         run = location(run_url)
         name, kwargs = run_architecture(run_url)
         self.img_size = kwargs["img_size"]
+        self.normalization = run_normalization(run_url)
         self.transform = transform
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.models = []
@@ -80,7 +86,7 @@ class EL2NScorer:
         data = ShardDataset(dataset_url, split, shuffle=False, batch_size=BATCH, channels=3, shards=[shard],
                             index=rows, image_transform=self.transform)
         for images, labels, batch_keys in data:
-            x = prepare(images, self.img_size, self.device)
+            x = prepare(images, self.img_size, self.device, self.normalization)
             onehot = torch.nn.functional.one_hot(labels.to(self.device), self.models[0].num_classes).float()
             errors = [(model(x).float().softmax(dim=1) - onehot).norm(dim=1) for model in self.models]
             scores.append(torch.stack(errors).mean(dim=0).cpu().numpy())

@@ -89,7 +89,7 @@ def pixel_features(images: list[torch.Tensor]) -> np.ndarray:
 
 def run_model(run_url: str) -> tuple[torch.nn.Module, int, tuple[float, ...], tuple[float, ...]]:
     """The run's newest checkpoint, with every token and attention connection kept (features, not training)."""
-    from pipeline.curation.scoring.el2n import run_architecture
+    from pipeline.curation.scoring.el2n import run_architecture, run_normalization
     from trainer.checkpoint import load_weights
 
     name, kwargs = run_architecture(run_url)
@@ -97,7 +97,8 @@ def run_model(run_url: str) -> tuple[torch.nn.Module, int, tuple[float, ...], tu
     model.load_state_dict(load_weights(location(run_url)))
     if hasattr(model, "set_rates"):
         model.set_rates(token_keep=1.0, attn_keep=1.0)
-    return model, kwargs["img_size"], (0.5,) * 3, (0.5,) * 3  # the trainer's inputs: x / 127.5 - 1
+    normalization = run_normalization(run_url)  # the trainer's inputs
+    return model, kwargs["img_size"], normalization.mean, normalization.std
 
 
 def timm_model(name: str, weights: str) -> tuple[torch.nn.Module, int, tuple[float, ...], tuple[float, ...]]:

@@ -599,7 +599,7 @@
     if (R.runs.length) {
       root.append(h("h2", { text: `Training runs: ${R.runs.length}` }));
       const rows = R.runs.map((r, k) => h("tr", {}, h("td", {}, h("i", { class: "swatch", data: { color: COLORS[k % COLORS.length] } }), h("span", { class: "mono", title: r.name, text: shortName(r.name) })),
-        h("td", { class: "num", text: num(r.summary.val_top1) }), h("td", { class: "num", text: num(r.summary.epochs) }),
+        h("td", { class: "num", text: num(r.summary.val_top1) + (r.summary.val_top1_ema == null ? "" : ` (EMA ${num(r.summary.val_top1_ema)})`) }), h("td", { class: "num", text: num(r.summary.epochs) }),
         h("td", { class: "num", text: num(r.summary.images_per_second, 4) }), h("td", { class: "num", text: num(r.summary.train_seconds, 4) }),
         h("td", { text: r.examples }),
         h("td", { text: r.config.example_strategy || "–" }), h("td", { class: "num", text: num(r.config.token_keep) }), h("td", { class: "num", text: num(r.config.attn_keep) })));
@@ -611,7 +611,7 @@
         xs: r.metrics.epoch || [], ys: r.metrics[column] || [] }));
       root.append(h("div", { class: "grid2" },
         lineChart("Loss", [...series("train_loss", "none", "train"), ...series("val_loss", "5 3", "val")], "epoch"),
-        lineChart("Top-1 (%)", [...series("train_top1", "none", "train"), ...series("val_top1", "5 3", "val")], "epoch"),
+        lineChart("Top-1 (%)", [...series("train_top1", "none", "train"), ...series("val_top1", "5 3", "val"), ...series("val_top1_ema", "1 3", "val, EMA").filter((x) => x.ys.length)], "epoch"),
         lineChart("Keep rates: examples, tokens, attention", [...series("example_keep", "none", "examples"), ...series("token_keep", "5 3", "tokens"), ...series("attn_keep", "1 3", "attention")], "epoch"),
         lineChart("Images per second", series("images_per_second", "none", "images/s"), "epoch")));
     }
