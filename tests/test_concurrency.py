@@ -28,7 +28,7 @@ def test_two_different_ingests_into_one_output(tmp_path):
     message = loser.stderr.strip().splitlines()
     assert len(message) == 1 and str(out) in message[0] and any(
         reason in message[0] for reason in ("being written by another ingest", "holds an unfinished ingest of a "
-                                            "different dataset", "already holds a different dataset")), message
+                                            "different dataset", "ingested with other settings")), message
     assert verify_dataset(str(out))[1] == []
     alone = tmp_path / "alone"
     seed = winner.args[winner.args.index("--seed") + 1]

@@ -45,8 +45,19 @@ def test_same_input_gives_byte_identical_output(ray_local, tmp_path):
 
 def test_output_holding_a_different_dataset_is_refused(ray_local, tmp_path):
     run_ingest("synthetic", tmp_path / "a", source_options=SourceOptions(count=30), shard_size=10)
-    with pytest.raises(DatasetError, match="already holds a different dataset"):
+    with pytest.raises(DatasetError, match=r"already holds synthetic ingested with other settings "
+                                           r"\(source.count 30 -> 31\): it is usable as it is"):
         run_ingest("synthetic", tmp_path / "a", source_options=SourceOptions(count=31), shard_size=10)
+    with pytest.raises(DatasetError, match=r"already holds a different dataset \(synthetic\)"):
+        run_ingest("digits", tmp_path / "a")
+    # written by an earlier onion, whose manifest did not record today's settings: each is named
+    manifest_path = tmp_path / "a" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["ingest"]["encode"]["resize_mode"]
+    manifest["fingerprint"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=r"other settings \(encode.resize_mode '\(not recorded\)' -> 'none'\)"):
+        run_ingest("synthetic", tmp_path / "a", source_options=SourceOptions(count=30), shard_size=10)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(DatasetError, match="is not empty and is not an onion dataset"):

@@ -194,7 +194,7 @@ def test_resize_modes_sizes_aspect_and_original_columns(ray_local, folder, tmp_p
     assert (wide["width"], wide["height"]) == (SIDE, 1)
     assert (tall["width"], tall["height"]) == ((1, SIDE) if mode == "max-side" else (3, SIDE))
 
-    with pytest.raises(DatasetError, match="already holds a different dataset"):
+    with pytest.raises(DatasetError, match=rf"ingested with other settings \(encode.max_side {SIDE} -> {SIDE + 1}\)"):
         run_ingest(root, tmp_path / "a", resize_mode=mode, max_side=SIDE + 1)
 
 

@@ -175,14 +175,35 @@ class IngestReport:
     tasks_per_node: Counter = field(default_factory=Counter)
 
 
-def check_output(dataset: Location, print_fingerprint: str) -> bool:
+def flat(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as ``{"encode.image_format": ...}``."""
+    out = {}
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def check_output(dataset: Location, print_fingerprint: str, source: Source, options: IngestOptions) -> bool:
     """True when ``dataset`` already holds this exact dataset; raise when it holds anything else."""
     if dataset.exists(MANIFEST_NAME):
         manifest = read_manifest(dataset)
         if manifest.get("fingerprint") == print_fingerprint:
             return True
-        raise DatasetError(f"{dataset.url} already holds a different dataset ({manifest.get('source')}); "
-                           "choose another output or delete it")
+        if manifest.get("source") != source.spec:
+            raise DatasetError(f"{dataset.url} already holds a different dataset ({manifest.get('source')}); "
+                               "choose another output or delete it")
+        then = flat({"source": manifest.get("source_parameters", {}), **manifest.get("ingest", {})})
+        now = flat({"source": source.parameters, **asdict(options)})
+        changed = [f"{name} {then.get(name, '(not recorded)')!r} -> {value!r}" for name, value in sorted(now.items())
+                   if then.get(name, "(not recorded)") != value]
+        why = (f"other settings ({', '.join(changed)})" if changed else
+               "the same settings, but its files differ from the source's now or were written in an earlier "
+               "onion's format")
+        raise DatasetError(f"{dataset.url} already holds {source.spec} ingested with {why}: it is usable as it "
+                           "is (train on it), or choose another output or delete it to write it again")
     if dataset.exists(PLAN_NAME):
         previous = json.loads(dataset.read_bytes(PLAN_NAME))
         if previous.get("fingerprint") != print_fingerprint:
@@ -229,7 +250,7 @@ def ingest(
     if dataset.url.startswith("memory://"):
         raise DatasetError(f"{dataset.url}: memory:// lives inside one process and Ray workers cannot "
                            "write there; use a local path or an object store URL")
-    if check_output(dataset, identity):
+    if check_output(dataset, identity, source, options):
         _clean_up(dataset)
         return IngestReport(dataset.url, read_manifest(dataset), 0, already_complete=True)
     claim_output(dataset, identity, source.spec)
