@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from pipeline.cli.common import add_ray_options, fraction, non_negative_int, positive_int, start_ray
+
+if TYPE_CHECKING:
+    from pipeline.ingest.sources import SourceOptions
 
 NAME = "ingest"
 HELP = "turn a source into WebDataset shards + Parquet index + manifest"
@@ -78,17 +82,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, console: Console) -> None:
     from pipeline.ingest.encode import EncodeOptions
     from pipeline.ingest.job import IngestOptions, ingest
-    from pipeline.ingest.sources import SourceOptions, open_source
+    from pipeline.ingest.sources import open_source
     from pipeline.inspection.dataset import dataset_summary
     from pipeline.ray_runtime import describe_nodes
 
     resize_mode, max_side = resize_options(args.resize_mode, args.max_side)
     encode = EncodeOptions(image_format=args.image_format, jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
                            png_level=args.png_level, resize_mode=resize_mode, max_side=max_side)
-    source = open_source(args.source, SourceOptions(
-        val_fraction=args.val_fraction, seed=args.seed, count=args.count, image_size=args.image_size,
-        classes=args.classes, dup_rate=args.dup_rate, near_dup_rate=args.near_dup_rate, flip_rate=args.flip_rate,
-    ))
+    source = open_source(args.source, source_options(args))
     options = IngestOptions(shard_size=args.shard_size, shard_bytes=args.shard_bytes, seed=args.seed,
                             encode=encode)
     start_ray(args)
@@ -105,6 +106,16 @@ def run(args: argparse.Namespace, console: Console) -> None:
         console.print("quarantined: " + ", ".join(f"{count} {reason}" for reason, count in reasons.items()),
                       soft_wrap=True)
         console.print(f"every row with its reason: onion inspect {report.url}", soft_wrap=True)
+
+
+def source_options(args: argparse.Namespace) -> SourceOptions:
+    """The flags whose names are :class:`SourceOptions` fields (each source takes the ones it needs)."""
+    from dataclasses import fields
+
+    from pipeline.ingest.sources import SourceOptions
+
+    return SourceOptions(**{field.name: getattr(args, field.name) for field in fields(SourceOptions)
+                            if hasattr(args, field.name)})
 
 
 def resize_options(mode: str | None, max_side: int | None) -> tuple[str, int | None]:
