@@ -23,7 +23,7 @@ from helpers import onion, write_direct_dataset
 from pipeline.curation.rounds import CURATION_NAME, CurationPlan
 from pipeline.curation.scoring import ScoreContext, compute_scores, write_scores
 from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
-from pipeline.ingest.job import check_output
+from pipeline.ingest.job import IngestOptions, check_output
 from pipeline.ingest.sources import SourceError, open_source
 from pipeline.inspection.plots import histogram_figure
 from pipeline.report.gather import read_run
@@ -128,8 +128,15 @@ def test_embed_names_a_bad_model_or_weights_file(tmp_path):
         timm_model("not_a_model", str(junk))
     with pytest.raises(UsageError, match="--weights .*missing.pt: no such file"):
         timm_model("resnet18", str(tmp_path / "missing.pt"))
-    with pytest.raises(UsageError, match="cannot load the file as its weights"):
+    with pytest.raises(UsageError, match="--weights .*weights.safetensors: (not safetensors|neither safetensors)"):
         timm_model("resnet18", str(junk))
+    import timm
+    from safetensors.torch import save_file
+
+    vit = tmp_path / "vit.safetensors"  # sound weights, of another architecture
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1).state_dict(), str(vit))
+    with pytest.raises(UsageError, match="--model resnet18 --weights .*vit.safetensors: cannot load the file as its"):
+        timm_model("resnet18", str(vit))
 
 
 # --- point 4: messages that say what is really there -----------------------------------------------------------
@@ -159,12 +166,12 @@ def test_a_folder_of_webdataset_shards_is_named_not_called_an_unfinished_ingest(
     url = str(webdataset_shards)
     with pytest.raises(DatasetError, match="plain WebDataset shards") as raised:
         read_manifest(location(url))
-    assert FOREIGN in str(raised.value) and "onion ingest SOURCE OUT" in str(raised.value)
+    assert FOREIGN in str(raised.value) and f"onion ingest wds:'{url}/*.tar' OUT" in str(raised.value)
     assert "interrupted" not in str(raised.value) and "run the same command again" not in str(raised.value)
     with pytest.raises(SourceError, match="plain WebDataset shards"):  # as ingest's SOURCE
         open_source(url)
     with pytest.raises(DatasetError, match="plain WebDataset shards.*Choose an empty or new output folder"):
-        check_output(location(url), "fingerprint")  # as ingest's OUT
+        check_output(location(url), "fingerprint", open_source("digits"), IngestOptions())  # as ingest's OUT
     line = one_line_exit_2(onion("train", url, "--out", tmp_path / "run"))
     assert FOREIGN in line and "interrupted" not in line, line
 

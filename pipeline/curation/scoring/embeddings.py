@@ -125,6 +125,12 @@ def timm_model(name: str, weights: str) -> tuple[torch.nn.Module, int, tuple[flo
         except (RuntimeError, OSError, SafetensorError, KeyError, ValueError) as error:  # another model's weights
             raise UsageError(f"--model {name} --weights {weights}: cannot load the file as its weights "
                              f"({type(error).__name__}: {error})") from error
+    # Without a classifier timm loads non-strictly and only warns: another model's file would give a
+    # randomly initialised network's features. Every tensor of the model must come from the file.
+    absent = [key for key in model.state_dict() if key not in state]
+    if absent:
+        raise UsageError(f"--model {name} --weights {weights}: cannot load the file as its weights ({len(absent)} of "
+                         f"the model's {len(model.state_dict())} tensors are not in it, first: {absent[0]})")
     config = timm.data.resolve_model_data_config(model)
     return model, config["input_size"][-1], tuple(config["mean"]), tuple(config["std"])
 
