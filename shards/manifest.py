@@ -105,12 +105,10 @@ def foreign_shards(names: list[str]) -> list[str]:
     return [name for name in names if name.endswith(".tar")]
 
 
-WAY_IN = ("Make an onion dataset from their source images with: onion ingest SOURCE OUT (e.g. imagefolder:DIR); "
-          "reading WebDataset shards in place is planned, not there yet")
-
-
-def foreign_shards_message(url: str, tars: list[str], advice: str = WAY_IN) -> str:
+def foreign_shards_message(url: str, tars: list[str], advice: str | None = None) -> str:
     """What a folder of someone else's shards is, and what to do (by default: the way into onion)."""
+    advice = advice or (f"Copy them into an onion dataset with: onion ingest wds:'{url.rstrip('/')}/*.tar' OUT "
+                        "(reading them in place is planned, not there yet)")
     listed = repr(tars[0]) + (", ..." if len(tars) > 1 else "")
     return (f"{url} holds {len(tars)} .tar file{'s' if len(tars) != 1 else ''} ({listed}) but no {MANIFEST_NAME}, "
             f"{INDEX_NAME} or _ingest.json: plain WebDataset shards that onion did not write, not an onion dataset "

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from shards.index import STATUS_OK, read_index
 from shards.manifest import read_manifest
+from shards.tar_members import member_kind
 from shards.urls import Location, location
 
 MEMBER_SUFFIXES = ("image", "cls", "json")
@@ -88,14 +89,6 @@ def tar_members(shard: str, data: bytes) -> Iterator[Problem]:
     except tarfile.TarError as error:
         yield Problem(shard, members[-1][0] if members else None, f"tar structure is broken after this point: {error}")
     return members
-
-
-def member_kind(info: tarfile.TarInfo) -> str:
-    if info.issym():
-        return f"symbolic link to {info.linkname}"
-    if info.islnk():
-        return f"hard link to {info.linkname}"
-    return "directory" if info.isdir() else "device or fifo"
 
 
 def compare_members(shard: str, found: list[tuple[str, int, int]],

@@ -65,6 +65,17 @@ def keep_share(text: str) -> float:
     return value
 
 
+def name_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of distinct, non-empty names (``--class-names cat,dog``)."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, not {text!r}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"names must be distinct; {', '.join(map(repr, repeated))} repeated")
+    return names
+
+
 def add_ray_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Ray")
     group.add_argument("--address", default=None,

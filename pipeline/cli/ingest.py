@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from pipeline.cli.common import add_ray_options, fraction, non_negative_int, positive_int, start_ray
+from pipeline.cli.common import add_ray_options, fraction, name_list, non_negative_int, positive_int, start_ray
 
 if TYPE_CHECKING:
     from pipeline.ingest.sources import SourceOptions
@@ -64,7 +64,26 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="seed of the example-to-shard shuffle and of synthetic data (default 0)")
     layout.add_argument("--val-fraction", type=fraction, default=None,
                         help="share of examples put in the val split, by key hash, for sources without their "
-                             "own split (imagefolder 0, synthetic 0.2; digits/mnist5k use a fixed 0.2)")
+                             "own split (imagefolder, wds, parquet, hf 0; synthetic 0.2; digits/mnist5k use a "
+                             "fixed 0.2)")
+    tables = ingest.add_argument_group(
+        "parquet source",
+        "parquet:URL_OR_GLOB reads image tables in Parquet (a file, a folder of .parquet files or a glob; local or "
+        "any fsspec URL), hf:DIR a local folder that Hugging Face datasets' save_to_disk wrote. A row's image is "
+        "the bytes in --image-column (binary, or datasets' {bytes, path} Image struct), stored byte for byte; "
+        "the driver reads only the small columns, the Ray tasks read images by row group. Labels: integers, or "
+        "strings mapped to their sorted names; datasets' ClassLabel names are used, --class-names overrides. "
+        "Splits: a file named for one (train-00000-of-00002.parquet; val, valid, validation and test mean val), "
+        "--split-column, else --val-fraction by key hash (default 0). A null image, bytes that are not an image, "
+        "a null or unknown label or split are quarantined with their reason.")
+    tables.add_argument("--image-column", default="image", metavar="COLUMN",
+                        help="column of image bytes (default: image)")
+    tables.add_argument("--label-column", default="label", metavar="COLUMN",
+                        help="column of labels, integers or strings (default: label)")
+    tables.add_argument("--split-column", default=None, metavar="COLUMN",
+                        help="column naming each row's split (train, val, valid, validation, test)")
+    tables.add_argument("--key-column", default=None, metavar="COLUMN",
+                        help="column of example keys, made key-safe (default: <file path>-<row number>)")
     synthetic = ingest.add_argument_group("synthetic source")
     synthetic.add_argument("--count", type=positive_int, default=10_000, help="number of examples (default 10000)")
     synthetic.add_argument("--image-size", type=positive_int, default=32, help="side in pixels (default 32)")
@@ -75,6 +94,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                            help="share of near-duplicates planted (default 0.05)")
     synthetic.add_argument("--flip-rate", type=fraction, default=0.05,
                            help="share of flipped labels planted (default 0.05)")
+    wds = ingest.add_argument_group(
+        "wds source",
+        "wds:PATTERN copies existing WebDataset shards (img2dataset, webdataset's ShardWriter): a brace pattern "
+        "or glob of uncompressed .tar files, local or any fsspec URL, e.g. wds:'shards/{00000..00099}.tar'. "
+        "The image is a sample's .jpg/.jpeg/.png/.webp member, stored byte for byte; its .json and .txt go "
+        "into the example's JSON member. A sample without an image or a label, a duplicate key, a member "
+        "that is not an image and every unsafe or cut member are quarantined with their reason.")
+    wds.add_argument("--label-field", default=None, metavar="NAME",
+                     help="take the label from this field of each sample's .json member (default: the .cls member)")
+    wds.add_argument("--class-names", type=name_list, default=None, metavar="A,B,...",
+                     help="wds:, parquet:, hf: class names in label order (label i is the i-th name); labels "
+                          "may then also be written as a name. Default: datasets' ClassLabel names where a table "
+                          "has them; else classes 0 .. N for the largest integer label N, or, when no label is an "
+                          "integer, the distinct names sorted")
     add_ray_options(ingest)
     ingest.set_defaults(handler=run)
 

@@ -12,6 +12,10 @@ class SourceOptions:
     """Options that some sources use; each source takes the ones it needs."""
 
     val_fraction: float | None = None  # None: the source's own default
+    image_column: str = "image"  # parquet:, hf: the column of image bytes
+    label_column: str = "label"
+    split_column: str | None = None
+    key_column: str | None = None
     seed: int = 0
     count: int = 10_000
     image_size: int = 32
@@ -19,6 +23,8 @@ class SourceOptions:
     dup_rate: float = 0.05
     near_dup_rate: float = 0.05
     flip_rate: float = 0.05
+    label_field: str | None = None  # wds: the .json field holding the label (default: the .cls member)
+    class_names: tuple[str, ...] | None = None  # label i is class_names[i]; a label may also be given by name
 
 
 def _digits(argument: str, options: SourceOptions) -> Source:
@@ -55,10 +61,29 @@ def _cifar(argument: str, options: SourceOptions) -> Source:
     return CifarSource(argument)
 
 
+def _parquet(argument: str, options: SourceOptions) -> Source:
+    from pipeline.ingest.sources.parquet import ParquetSource
+
+    return ParquetSource.from_options(argument, options)
+
+
+def _hf(argument: str, options: SourceOptions) -> Source:
+    from pipeline.ingest.sources.parquet import HuggingFaceSource
+
+    return HuggingFaceSource.from_options(argument, options)
+
+
 def _dataset(argument: str, options: SourceOptions) -> Source:
     from pipeline.ingest.sources.dataset import DatasetSource
 
     return DatasetSource(argument)
+
+
+def _wds(argument: str, options: SourceOptions) -> Source:
+    from pipeline.ingest.sources.webdataset import WebDatasetSource
+
+    return WebDatasetSource(argument, label_field=options.label_field, class_names=options.class_names,
+                            val_fraction=options.val_fraction or 0.0)
 
 
 # name -> (needs an argument after ':', factory)
@@ -68,7 +93,10 @@ SOURCES: dict[str, tuple[bool, Callable[[str, SourceOptions], Source]]] = {
     "synthetic": (False, _synthetic),
     "imagefolder": (True, _imagefolder),
     "cifar": (True, _cifar),
+    "parquet": (True, _parquet),
+    "hf": (True, _hf),
     "dataset": (True, _dataset),
+    "wds": (True, _wds),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pipeline.ingest.sources.base import Record, Source, SourceError
 from shards import STATUS_OK, DatasetError, location, read_index, read_manifest
 from shards.reader import READ_CHUNK_BYTES
+from shards.urls import Location
 
 
 class DatasetSource(Source):
@@ -44,10 +45,7 @@ class DatasetSource(Source):
 
     def prefetch(self, records: list[Record]) -> None:
         """Read the records' members as a few ranges of neighbouring members, concurrently."""
-        runs = coalesce(sorted(record.locator + (record.key,) for record in records))
-        chunks = self.dataset.read_ranges([(shard, start, end) for shard, start, end, _ in runs])
-        self._fetched = {key: chunk[offset - start:offset - start + size]
-                         for (_, start, _, members), chunk in zip(runs, chunks) for key, offset, size in members}
+        self._fetched = read_members(self.dataset, [record.locator + (record.key,) for record in records])
 
     def load(self, record: Record) -> bytes:
         shard, offset, size = record.locator
@@ -68,3 +66,12 @@ def coalesce(members: list[tuple[str, int, int, str]], gap: int = 64 << 10,
             runs.append((shard, offset, offset + size, []))
         runs[-1][3].append((key, offset, size))
     return runs
+
+
+def read_members(folder: Location, members: list[tuple[str, int, int, str]]) -> dict[str, bytes]:
+    """``(file, offset, size, key)`` byte ranges of files under ``folder``, read as a few coalesced
+    ranges, concurrently where the filesystem can: ``{key: bytes}``."""
+    runs = coalesce(sorted(members))
+    chunks = folder.read_ranges([(name, start, end) for name, start, end, _ in runs])
+    return {key: chunk[offset - start:offset - start + size]
+            for (_, start, _, grouped), chunk in zip(runs, chunks) for key, offset, size in grouped}
