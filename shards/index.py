@@ -43,11 +43,16 @@ INDEX_SCHEMA = pa.schema(
 )
 # Columns added after datasets were first written: an index without them reads them as nulls.
 ADDED_COLUMNS = ("original_width", "original_height")
+# Only in the index of shards indexed in place (``onion ingest wds:PATTERN OUT --in-place``): the name the
+# tar header in front of each image holds (``dir.v1/000123.jpg``; for a name longer than a USTAR header
+# takes, the shortened form a PAX or GNU writer put there), which the reader checks instead of ``<key>.<ext>``.
+MEMBER_NAME = "member_name"
+IN_PLACE_SCHEMA = INDEX_SCHEMA.append(pa.field(MEMBER_NAME, pa.string()))
 
 
-def rows_to_table(rows: list[dict]) -> pa.Table:
+def rows_to_table(rows: list[dict], schema: pa.Schema = INDEX_SCHEMA) -> pa.Table:
     """Rows (dicts with the schema's names) to a table sorted by key, so output is canonical."""
-    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=schema)
     return table.sort_by("key") if len(table) else table
 
 
@@ -86,15 +91,17 @@ def parquet_bytes_to_table(data: bytes, columns: list[str] | None = None,
 
 def read_index(dataset: Location, columns: list[str] | None = None) -> pa.Table:
     """The index, or the named ``columns`` of it; a column of :data:`ADDED_COLUMNS` that an older
-    dataset's index lacks comes back as nulls, so readers need not care which version wrote it."""
-    table = parquet_bytes_to_table(dataset.read_bytes(INDEX_NAME), columns=columns, optional=ADDED_COLUMNS)
+    dataset's index lacks comes back as nulls, so readers need not care which version wrote it.
+    :data:`MEMBER_NAME`, asked for by name, is simply left out where the index has none (copied shards)."""
+    table = parquet_bytes_to_table(dataset.read_bytes(INDEX_NAME), columns=columns,
+                                   optional=(*ADDED_COLUMNS, MEMBER_NAME))
     missing = [name for name in ADDED_COLUMNS if name not in table.column_names
                and (columns is None or name in columns)]
     for name in missing:
         field = INDEX_SCHEMA.field(name)
         table = table.append_column(field, pa.nulls(len(table), field.type))
     if missing:
-        table = table.select(columns if columns is not None else
+        table = table.select([n for n in columns if n in table.column_names] if columns is not None else
                              [n for n in INDEX_SCHEMA.names if n in table.column_names]
                              + [n for n in table.column_names if n not in INDEX_SCHEMA.names])
     return table

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from shards.errors import DatasetError
 from shards.index import INDEX_NAME
-from shards.urls import TEMP_MARKER, Location
+from shards.urls import TEMP_MARKER, Location, location
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "onion-dataset"
@@ -30,6 +30,24 @@ class ShardEntry:
     examples: int
     bytes: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class SourceShardEntry(ShardEntry):
+    """A WebDataset shard indexed in place: ``bytes`` and ``sha256`` are the whole file's when it was
+    indexed, ``mtime`` and ``etag`` what its store said then (None where it says nothing)."""
+
+    mtime: float | str | None = None
+    etag: str | None = None
+
+
+def file_stamp(info: dict) -> dict:
+    """``{"mtime": ..., "etag": ...}`` from an fsspec ``info()`` (local disks give mtime, S3 LastModified
+    and ETag); a field the store does not give is None."""
+    mtime = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    etag = info.get("ETag", info.get("etag"))
+    return {"mtime": mtime.isoformat() if hasattr(mtime, "isoformat") else mtime,
+            "etag": str(etag).strip('"') if etag else None}
 
 
 def library_versions() -> dict[str, str]:
@@ -108,7 +126,7 @@ def foreign_shards(names: list[str]) -> list[str]:
 def foreign_shards_message(url: str, tars: list[str], advice: str | None = None) -> str:
     """What a folder of someone else's shards is, and what to do (by default: the way into onion)."""
     advice = advice or (f"Copy them into an onion dataset with: onion ingest wds:'{url.rstrip('/')}/*.tar' OUT "
-                        "(reading them in place is planned, not there yet)")
+                        "(or index them where they are: add --in-place)")
     listed = repr(tars[0]) + (", ..." if len(tars) > 1 else "")
     return (f"{url} holds {len(tars)} .tar file{'s' if len(tars) != 1 else ''} ({listed}) but no {MANIFEST_NAME}, "
             f"{INDEX_NAME} or _ingest.json: plain WebDataset shards that onion did not write, not an onion dataset "
@@ -143,3 +161,12 @@ def read_manifest(dataset: Location) -> dict:
             f"is not supported (this onion reads version {FORMAT_VERSION})"
         )
     return manifest
+
+
+def shard_location(dataset: Location, manifest: dict | None = None) -> Location:
+    """Where a dataset's shards are read from: its own folder, or, for WebDataset shards indexed in
+    place (``onion ingest wds:PATTERN OUT --in-place``), the folder the manifest's ``shard_root``
+    names. Shard names in the manifest and the index are relative to it."""
+    manifest = read_manifest(dataset) if manifest is None else manifest
+    root = manifest.get("shard_root")
+    return location(root) if root else dataset

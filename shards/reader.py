@@ -32,8 +32,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.decode import DecodeError, decode_pixels
 from shards.errors import DatasetDamaged, DatasetError, UnknownKey
-from shards.index import STATUS_OK, read_index
-from shards.manifest import read_manifest
+from shards.index import MEMBER_NAME, STATUS_OK, read_index
+from shards.manifest import read_manifest, shard_location
 from shards.partition import Segment, epoch_segments, rank_size
 from shards.selections import kept_keys
 from shards.urls import Location, location
@@ -44,7 +44,8 @@ READ_AHEAD = 2  # ranged reads in flight ahead of decoding (hides object-store l
 # as much as copying 64 KiB; an object-store request (tens of ms) as much as fetching ~1 MiB.
 READ_GAP_BYTES = {"local": 64 << 10, "remote": 1 << 20}
 TAR_HEADER = 512  # bytes of the tar header in front of every member's data
-READ_COLUMNS = ["key", "label", "shard", "image_offset", "image_size", "sha256"]
+# member_name: only in the index of shards indexed in place (absent from that of copied shards)
+READ_COLUMNS = ["key", "label", "shard", "image_offset", "image_size", "sha256", MEMBER_NAME]
 VERIFY_MODES = ("members", "shards", "none")
 
 Sample = tuple[torch.Tensor, int, str]
@@ -60,6 +61,7 @@ class ShardRows:
     offsets: np.ndarray
     sizes: np.ndarray
     sha256: pa.Array
+    member_names: pa.Array | None = None  # the name each image's tar header holds, for shards indexed in place
 
 
 def distributed_rank_and_size() -> tuple[int, int]:
@@ -123,6 +125,7 @@ class ShardDataset(IterableDataset):
         super().__init__()
         self.dataset = location(url)
         self.manifest = read_manifest(self.dataset)
+        self.shards_at = shard_location(self.dataset, self.manifest)  # elsewhere for shards indexed in place
         self.split = split
         self.shuffle = shuffle
         self.seed = seed
@@ -142,7 +145,7 @@ class ShardDataset(IterableDataset):
         # re-created (re-creating them costs a fraction of a second per epoch: 20% of a short one).
         self._position = torch.zeros(3, dtype=torch.int64).share_memory_()
         self.shard_sha256 = {s["name"]: s["sha256"] for s in self.manifest["shards"]}
-        self.max_gap = READ_GAP_BYTES["local" if self.dataset.is_local else "remote"]
+        self.max_gap = READ_GAP_BYTES["local" if self.shards_at.is_local else "remote"]
         self.all_rows = self._load_rows(selection, index)
         if shards is not None:
             unknown = set(shards) - set(self.all_rows)
@@ -158,7 +161,7 @@ class ShardDataset(IterableDataset):
         if index is None:
             index = read_index(self.dataset, columns=READ_COLUMNS + ["split", "status"])
         mask = pc.and_(pc.equal(index["split"], self.split), pc.equal(index["status"], STATUS_OK))
-        table = index.filter(mask).select(READ_COLUMNS)
+        table = index.filter(mask).select([name for name in READ_COLUMNS if name in index.column_names])
         if len(table) == 0 and self.split not in self.manifest["counts"]["by_split"]:
             known = ", ".join(self.manifest["counts"]["by_split"]) or "none"
             raise DatasetError(f"{self.dataset.url}: no split {self.split!r} (splits: {known})")
@@ -178,6 +181,7 @@ class ShardDataset(IterableDataset):
                 offsets=part["image_offset"].to_numpy(),
                 sizes=part["image_size"].to_numpy(),
                 sha256=part["sha256"].combine_chunks(),
+                member_names=part[MEMBER_NAME].combine_chunks() if MEMBER_NAME in part.column_names else None,
             )
         return rows
 
@@ -231,7 +235,9 @@ class ShardDataset(IterableDataset):
                     at = pa.array(np.flatnonzero(keep))
                     rows[name] = ShardRows(keys=part.keys.take(at), labels=part.labels[keep],
                                            offsets=part.offsets[keep], sizes=part.sizes[keep],
-                                           sha256=part.sha256.take(at))
+                                           sha256=part.sha256.take(at),
+                                           member_names=None if part.member_names is None
+                                           else part.member_names.take(at))
             self._restricted = (generation, rows)
         return self._restricted[1]
 
@@ -300,10 +306,11 @@ class ShardDataset(IterableDataset):
                 return self.image_transform(data, key, self.epoch)
             return decode_pixels(data, self.channels)
         except DecodeError as error:
-            raise DatasetDamaged(f"{self.dataset.url}/{shard}: member {key}.* does not decode: {error}") from error
+            raise DatasetDamaged(f"{self.shards_at.url}/{shard}: member {key}.* does not decode: {error}") from error
 
     def _sample(self, item: tuple[memoryview, int, str, str]) -> Sample:
-        image = torch.from_numpy(self._pixels(item)).permute(2, 0, 1).contiguous()
+        # one copy to CHW: writable, whatever the strides (a mirrored crop is a view) or read-only decode
+        image = torch.from_numpy(self._pixels(item).transpose(2, 0, 1).copy())
         if self.transform is not None:
             image = self.transform(image)
         return image, item[1], item[2]
@@ -326,7 +333,9 @@ class ShardDataset(IterableDataset):
             members = [view[a:b] for a, b in zip(starts, stops)]
             if self.verify == "members":
                 headers = [view[a - TAR_HEADER:a] for a in starts]
-                self._check_members(shard, members, headers, keys, rows.sha256.slice(lo, hi - lo).to_pylist())
+                names = (rows.member_names.slice(lo, hi - lo).to_pylist() if rows.member_names is not None
+                         else repeat(None))
+                self._check_members(shard, members, headers, keys, rows.sha256.slice(lo, hi - lo).to_pylist(), names)
             yield from zip(members, labels, keys, repeat(shard))
 
     def _read_ahead(self, chunks: list[tuple[str, int, int]]) -> Iterator[bytes]:
@@ -345,11 +354,11 @@ class ShardDataset(IterableDataset):
         base, end = self._chunk_start(rows, lo), int(rows.offsets[hi - 1] + rows.sizes[hi - 1])
         try:
             data = (self._verified_shard(shard)[base:end] if self.verify == "shards"
-                    else self.dataset.read_range(shard, base, end))
+                    else self.shards_at.read_range(shard, base, end))
         except FileNotFoundError as error:
-            raise DatasetDamaged(f"{self.dataset.url}/{shard}: missing (the manifest lists it)") from error
+            raise DatasetDamaged(f"{self.shards_at.url}/{shard}: missing (the manifest lists it)") from error
         if len(data) != end - base:
-            raise DatasetDamaged(f"{self.dataset.url}/{shard}: truncated: members {rows.keys[lo]}.* "
+            raise DatasetDamaged(f"{self.shards_at.url}/{shard}: truncated: members {rows.keys[lo]}.* "
                                  f"to {rows.keys[hi - 1]}.* "
                                  f"need bytes {base}-{end} but the shard ends at byte {base + len(data)}")
         return data
@@ -359,33 +368,49 @@ class ShardDataset(IterableDataset):
         return int(rows.offsets[lo]) - (TAR_HEADER if self.verify == "members" else 0)
 
     def _check_members(self, shard: str, members: list[memoryview], headers: list[memoryview], keys: list[str],
-                       expected: list[str]) -> None:
+                       expected: list[str], names: Iterable[str | None]) -> None:
         """Each image's tar header names it as a regular file of the indexed size, and its bytes hash to the index's
-        sha256: a shard edited, reordered or damaged after it was written gives an error, never wrong samples."""
-        for member, header, key, digest in zip(members, headers, keys, expected):
-            problem = header_problem(header, key, len(member))
+        sha256: a shard edited, reordered or damaged after it was written gives an error, never wrong samples.
+        The name checked is ``<key>.<ext>`` in onion's shards, the indexed member name in shards indexed in place."""
+        for member, header, key, digest, name in zip(members, headers, keys, expected, names):
+            problem = header_problem(header, key, len(member), name)
             if problem is None and hashlib.sha256(member).hexdigest() != digest:
                 problem = "its bytes do not match the sha256 in the index"
             if problem:
-                raise DatasetDamaged(f"{self.dataset.url}/{shard}: member {key}.*: {problem}: the shard is corrupt "
-                                   "or does not match its index (onion verify lists every problem)")
+                shown = f"{name!r} (key {key})" if name is not None else f"{key}.*"
+                raise DatasetDamaged(f"{self.shards_at.url}/{shard}: member {shown}: {problem}: the shard is corrupt "
+                                     "or does not match its index (onion verify lists every problem)")
 
     def _verified_shard(self, name: str) -> bytes:
-        data = self.dataset.read_bytes(name)
+        data = self.shards_at.read_bytes(name)
         actual = hashlib.sha256(data).hexdigest()
         if actual != self.shard_sha256.get(name):
             raise DatasetDamaged(
-                f"{self.dataset.url}/{name}: sha256 {actual[:16]}... does not match the manifest "
+                f"{self.shards_at.url}/{name}: sha256 {actual[:16]}... does not match the manifest "
                 f"({str(self.shard_sha256.get(name))[:16]}...): the shard is corrupt or was replaced"
             )
         return data
 
 
-def header_problem(header: memoryview, key: str, size: int) -> str | None:
-    """What is wrong with the USTAR header in front of an image member of ``size`` bytes, if anything."""
+def header_name(header: bytes | memoryview) -> str:
+    """The member name a USTAR header holds: prefix and name joined with ``/`` (bytes that are not
+    UTF-8 shown as U+FFFD, as the index records them)."""
     name, prefix = (bytes(header[a:b]).split(b"\0", 1)[0] for a, b in ((0, 100), (345, 500)))
-    if prefix or name.split(b".", 1)[0] != key.encode():
-        return f"the tar header there names {(prefix + b'/' + name if prefix else name).decode(errors='replace')!r}"
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
+
+
+def header_problem(header: memoryview, key: str, size: int, member_name: str | None = None) -> str | None:
+    """What is wrong with the USTAR header in front of an image member of ``size`` bytes, if anything.
+
+    In onion's own shards the header names ``<key>.<ext>``, without a folder. In shards indexed in place
+    it must name ``member_name`` exactly, USTAR prefix and name joined with ``/``: for a name too long
+    for those fields, that is the shortened form its writer (PAX, GNU) put in this header, which the
+    index recorded (the full name is in the extended header before it, which the reader does not read)."""
+    name, prefix = (bytes(header[a:b]).split(b"\0", 1)[0] for a, b in ((0, 100), (345, 500)))
+    full = prefix + b"/" + name if prefix else name
+    if (header_name(header) != member_name if member_name is not None
+            else prefix or name.split(b".", 1)[0] != key.encode()):
+        return f"the tar header there names {full.decode(errors='replace')!r}"
     if header[156:157] not in (b"0", b"\0"):
         return f"the tar header there is of type {bytes(header[156:157])!r}, not a regular file"
     try:
@@ -492,5 +517,5 @@ def read_example(url: str, key: str) -> Example:
     if row["status"] != STATUS_OK:
         raise DatasetError(f"{dataset.url}: example {key!r} is {row['status']}: {row['reason']}")
     start = row["image_offset"]
-    image = dataset.read_range(row["shard"], start, start + row["image_size"])
+    image = shard_location(dataset).read_range(row["shard"], start, start + row["image_size"])
     return Example(key=key, label=row["label"], image_ext=row["image_ext"], image=image)

@@ -5,6 +5,12 @@ named ``../x`` or ``/etc/x`` cannot write anywhere). A shard passes when its siz
 the manifest's, every member is a regular file with a safe name ``<key>.<ext>``, members come in
 the index's order with no duplicates, none missing and none extra, every header's size fits in the
 shard, and every member's bytes sit where the index says (image sha256 included).
+
+WebDataset shards indexed in place (the manifest names a ``shard_root``) are someone else's tars: their
+captions, ``.txt`` and other members are none of onion's business. Each one is checked for what the
+index relies on: its size against the one indexed (an append, a truncation), then its sha256 (with the
+store's mtime/ETag then and now, when they differ, to say when it changed), then each indexed image
+member: its tar header names the indexed member, of the indexed size, and its bytes hash to the index's.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from dataclasses import dataclass
 import pyarrow.compute as pc
 
 from shards.index import STATUS_OK, read_index
-from shards.manifest import read_manifest
+from shards.manifest import file_stamp, read_manifest, shard_location
+from shards.reader import TAR_HEADER, header_problem
 from shards.tar_members import member_kind
 from shards.urls import Location, location
 
@@ -41,9 +48,11 @@ def verify_dataset(url: str) -> tuple[int, list[Problem]]:
     index = read_index(dataset)
     ok = index.filter(pc.equal(index["status"], STATUS_OK)).to_pylist()
     problems: list[Problem] = []
+    shards_at = shard_location(dataset, manifest)
+    check = verify_source_shard if manifest.get("shard_root") else verify_shard
     for entry in manifest["shards"]:
         rows = sorted((row for row in ok if row["shard"] == entry["name"]), key=lambda row: row["image_offset"])
-        problems += list(verify_shard(dataset, entry, rows))
+        problems += list(check(shards_at, entry, rows))
     listed = {entry["name"] for entry in manifest["shards"]}
     problems += [Problem(name, None, "the index points into a shard the manifest does not list")
                  for name in sorted({row["shard"] for row in ok} - listed)]
@@ -69,6 +78,38 @@ def verify_shard(dataset: Location, entry: dict, rows: list[dict]) -> Iterator[P
         start, size = row["image_offset"], row["image_size"]
         if start + size <= len(data) and hashlib.sha256(data[start:start + size]).hexdigest() != row["sha256"]:
             yield Problem(name, f"{row['key']}.{row['image_ext']}", "bytes do not match the index's sha256")
+
+
+def verify_source_shard(shards_at: Location, entry: dict, rows: list[dict]) -> Iterator[Problem]:
+    """A WebDataset shard indexed in place: unchanged since indexing, and its indexed images where the
+    index says. Its other members (captions, metadata) are not checked."""
+    name = entry["name"]
+    if not shards_at.exists(name):
+        yield Problem(name, None, f"missing from {shards_at.url} (the source shard was moved or deleted)")
+        return
+    now = file_stamp(shards_at.fs.info(shards_at.path(name)))
+    data = shards_at.read_bytes(name)
+    since = "it changed since it was indexed; index it again (onion ingest ... --in-place into a new OUT)"
+    if len(data) != entry["bytes"]:
+        yield Problem(name, None, f"{len(data)} bytes, {entry['bytes']} when indexed: {since}")
+    else:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            stamps = [f"{field} {entry[field]} then, {now[field]} now" for field in ("mtime", "etag")
+                      if entry.get(field) is not None and now[field] != entry[field]]
+            yield Problem(name, None, f"sha256 {digest[:16]}... is not the {entry['sha256'][:16]}... it had when "
+                                      f"indexed{' (' + '; '.join(stamps) + ')' if stamps else ''}: {since}")
+    for row in rows:
+        start, size, member = row["image_offset"], row["image_size"], row.get("member_name")
+        shown = member or f"{row['key']}.{row['image_ext']}"
+        if start + size > len(data):
+            yield Problem(name, shown, f"bytes {start}-{start + size} lie past the shard's end ({len(data)} bytes)")
+            continue
+        problem = header_problem(memoryview(data)[start - TAR_HEADER:start], row["key"], size, member)
+        if problem is None and hashlib.sha256(data[start:start + size]).hexdigest() != row["sha256"]:
+            problem = "bytes do not match the index's sha256"
+        if problem:
+            yield Problem(name, shown, problem)
 
 
 def tar_members(shard: str, data: bytes) -> Iterator[Problem]:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 
-from shards.index import INDEX_NAME, rows_to_table, table_to_parquet_bytes
+import pyarrow as pa
+
+from shards.index import INDEX_NAME, INDEX_SCHEMA, rows_to_table, table_to_parquet_bytes
 from shards.manifest import MANIFEST_NAME, DatasetInfo, ShardEntry, build_manifest, manifest_bytes
 from shards.tarwriter import ShardExample, WrittenExample, build_shard
 from shards.urls import Location
@@ -19,9 +21,10 @@ def write_shard(dataset: Location, name: str, split: str,
     return entry, written
 
 
-def commit_dataset(dataset: Location, *, rows: list[dict], shards: list[ShardEntry], info: DatasetInfo) -> dict:
+def commit_dataset(dataset: Location, *, rows: list[dict], shards: list[ShardEntry], info: DatasetInfo,
+                   schema: pa.Schema = INDEX_SCHEMA) -> dict:
     """Write ``index.parquet`` and then ``manifest.json``, which makes the dataset complete."""
-    table = rows_to_table(rows)
+    table = rows_to_table(rows, schema)
     index_data = table_to_parquet_bytes(table)
     dataset.write_atomic(INDEX_NAME, index_data)
     manifest = build_manifest(index=table, index_sha256=hashlib.sha256(index_data).hexdigest(), shards=shards,

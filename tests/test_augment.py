@@ -133,6 +133,19 @@ def loader_epoch(dataset: ShardDataset, workers: int) -> list[tuple[torch.Tensor
     return [(images, keys) for images, _, keys in DataLoader(dataset, batch_size=None, num_workers=workers)]
 
 
+def test_unbatched_samples_come_out_as_the_batches_do(photos):
+    """batch_size=None yields one CHW tensor per example: the same pixels the batched path stacks
+    (mirrored crops are views of the pixels, and the decoded arrays are read-only)."""
+    transform = ImageTransform(24, "basic", seed=5)
+    single = {key: image for image, _, key in ShardDataset(photos, "train", shuffle=False, channels=3,
+                                                        image_transform=transform)}
+    batched = {key: image for images, _, keys in ShardDataset(photos, "train", shuffle=False, batch_size=7,
+                                                             channels=3, image_transform=transform)
+               for image, key in zip(images, keys)}
+    assert single.keys() == batched.keys() and len(single) > 20
+    assert all(single[key].shape == (3, 24, 24) and torch.equal(single[key], batched[key]) for key in single)
+
+
 def test_mixed_sizes_stream_in_fixed_size_batches_exactly_once_over_ranks_and_workers(photos):
     index = read_index(location(photos), columns=["key", "split", "status", "width", "height"])
     train = index.filter(pc.and_(pc.equal(index["split"], "train"), pc.equal(index["status"], "ok")))

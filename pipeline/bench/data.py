@@ -20,6 +20,7 @@ from torchvision.transforms import PILToTensor
 
 from shards import ShardDataset, location, read_index
 from shards.index import usable_train
+from shards.manifest import shard_location
 
 BATCH = 256
 T = TypeVar("T")
@@ -27,7 +28,7 @@ T = TypeVar("T")
 
 def export_image_folder(dataset: Path, folder: Path) -> None:
     """The same train images, as PNG files in torchvision's class-per-folder layout."""
-    data = location(str(dataset))
+    data = shard_location(location(str(dataset)))
     for row in usable_train(read_index(data)).to_pylist():
         target = folder / row["class_name"] / f"{row['key']}.png"
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                           "may then also be written as a name. Default: datasets' ClassLabel names where a table "
                           "has them; else classes 0 .. N for the largest integer label N, or, when no label is an "
                           "integer, the distinct names sorted")
+    wds.add_argument("--in-place", action="store_true",
+                     help="wds: only: index the shards where they are instead of copying them; OUT gets only "
+                          "index.parquet and manifest.json (the manifest's shard_root names the shards' folder), "
+                          "the tars are never written to. Every shard is read once, whole, in a Ray task. "
+                          "Images are used as stored (no resize or re-encode)")
+    wds.add_argument("--check", choices=("header", "decode"), default="header",
+                     help="with --in-place: header (default) checks the tar structure, each image's sha256 and "
+                          "its image header; decode decodes every image too (slower)")
     add_ray_options(ingest)
     ingest.set_defaults(handler=run)
 
@@ -118,22 +126,36 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from pipeline.ingest.sources import open_source
     from pipeline.inspection.dataset import dataset_summary
     from pipeline.ray_runtime import describe_nodes
+    from shards.errors import UsageError
 
     resize_mode, max_side = resize_options(args.resize_mode, args.max_side)
     encode = EncodeOptions(image_format=args.image_format, jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
                            png_level=args.png_level, resize_mode=resize_mode, max_side=max_side)
+    if args.in_place and not args.source.startswith("wds:"):
+        raise UsageError(f"--in-place indexes WebDataset shards where they are: give wds:PATTERN, not {args.source!r} "
+                         "(other sources are copied: drop --in-place)")
+    if args.in_place and (resize_mode != "none" or args.image_format != "auto"):
+        raise UsageError("--in-place uses images as stored: drop --resize-mode/--max-side/--image-format "
+                         "(or copy the shards, without --in-place)")
     source = open_source(args.source, source_options(args))
     options = IngestOptions(shard_size=args.shard_size, shard_bytes=args.shard_bytes, seed=args.seed,
                             encode=encode)
     start_ray(args)
-    report = ingest(source, args.out, options, command=args.argv)
+    if args.in_place:
+        from pipeline.ingest.in_place import InPlaceOptions, ingest_in_place
+
+        report = ingest_in_place(source, args.out, InPlaceOptions(check=args.check, max_pixels=args.max_pixels),
+                                 command=args.argv)
+    else:
+        report = ingest(source, args.out, options, command=args.argv)
     accounting = report.manifest["accounting"]
     state = "already complete, nothing to do" if report.already_complete else (
         f"resumed {report.resumed_shards} finished shards" if report.resumed_shards else "written")
     console.print(f"{report.url}: {state}. inputs={accounting['inputs']} ok={accounting['ok']} "
                   f"quarantined={accounting['quarantined']} shards={len(report.manifest['shards'])}", soft_wrap=True)
     if report.tasks_per_node:
-        console.print(f"shards written on {describe_nodes(report.tasks_per_node)}", soft_wrap=True)
+        done = "indexed" if args.in_place else "written"
+        console.print(f"shards {done} on {describe_nodes(report.tasks_per_node)}", soft_wrap=True)
     if accounting["quarantined"]:
         reasons = dataset_summary(report.url)["quarantine_reasons"]
         console.print("quarantined: " + ", ".join(f"{count} {reason}" for reason, count in reasons.items()),

@@ -186,8 +186,11 @@ def flat(settings: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_output(dataset: Location, print_fingerprint: str, source: Source, options: IngestOptions) -> bool:
-    """True when ``dataset`` already holds this exact dataset; raise when it holds anything else."""
+def check_output(dataset: Location, print_fingerprint: str, source: Source, options: object,
+                 allowed: frozenset[str] | set[str] = frozenset()) -> bool:
+    """True when ``dataset`` already holds this exact dataset; raise when it holds anything else.
+    Names in ``allowed`` may be there already (the source's own shards, when they are indexed in place
+    and OUT is their folder)."""
     if dataset.exists(MANIFEST_NAME):
         manifest = read_manifest(dataset)
         if manifest.get("fingerprint") == print_fingerprint:
@@ -210,7 +213,7 @@ def check_output(dataset: Location, print_fingerprint: str, source: Source, opti
             raise DatasetError(f"{dataset.url} holds an unfinished ingest of a different dataset "
                                f"({previous.get('source')}); choose another output or delete it")
         return False
-    foreign = [name for name in dataset.list_names() if name != PARTS]
+    foreign = [name for name in dataset.list_names() if name != PARTS and name not in allowed]
     tars = foreign_shards(foreign)
     if tars:
         raise DatasetError(foreign_shards_message(dataset.url, sorted(tars), "Choose an empty or new output folder"))

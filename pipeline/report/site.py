@@ -20,6 +20,7 @@ import numpy as np
 from pipeline.report.gather import Gathered, gather
 from pipeline.report.thumbnails import ThumbnailLimits, gallery_heads, make_thumbnails, sample
 from shards import UsageError, location
+from shards.manifest import shard_location
 
 ASSETS = ("index.html", "report.css", "report.js")
 MARKER = "data/report.js"  # what makes a folder an earlier report that may be replaced
@@ -109,7 +110,7 @@ def build_report(options: ReportOptions) -> Path:
     gathered = gather(options.dataset, options.selection, options.all_selections, list(options.runs), options.bench)
     examples, limits = gathered.examples, options.limits
     chosen = sample(examples, thumbnail_priorities(gathered), limits.count)
-    thumbnails = make_thumbnails(location(options.dataset), examples, chosen, limits, options.workers,
+    thumbnails = make_thumbnails(shard_location(location(options.dataset)), examples, chosen, limits, options.workers,
                                  options.progress)
     meta = {"count": len(thumbnails), "bytes": sum(map(len, thumbnails.values())),
             "with_images": int((examples.shard_code >= 0).sum()), "limit_count": limits.count,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pipeline.ingest.sources.base import Record, Source, SourceError
 from shards import STATUS_OK, DatasetError, location, read_index, read_manifest
+from shards.manifest import shard_location
 from shards.reader import READ_CHUNK_BYTES
 from shards.urls import Location
 
@@ -24,6 +25,7 @@ class DatasetSource(Source):
         except DatasetError as error:
             raise SourceError(str(error)) from error
         self.class_names = list(manifest["class_names"])
+        self.shards_at = shard_location(self.dataset, manifest)  # shards indexed in place are elsewhere
         self._fetched: dict[str, bytes] = {}
 
     def records(self) -> list[Record]:
@@ -45,12 +47,12 @@ class DatasetSource(Source):
 
     def prefetch(self, records: list[Record]) -> None:
         """Read the records' members as a few ranges of neighbouring members, concurrently."""
-        self._fetched = read_members(self.dataset, [record.locator + (record.key,) for record in records])
+        self._fetched = read_members(self.shards_at, [record.locator + (record.key,) for record in records])
 
     def load(self, record: Record) -> bytes:
         shard, offset, size = record.locator
         fetched = self._fetched.pop(record.key, None)
-        return fetched if fetched is not None else self.dataset.read_range(shard, offset, offset + size)
+        return fetched if fetched is not None else self.shards_at.read_range(shard, offset, offset + size)
 
 
 def coalesce(members: list[tuple[str, int, int, str]], gap: int = 64 << 10,

@@ -127,18 +127,23 @@ class WebDatasetSource(Source):
     @staticmethod
     def _compressed_message(shard: str, kind: str) -> str:
         return (f"wds: {shard} is {kind}: onion copies uncompressed .tar shards only (members are read by "
-                "byte range); decompress them first (gunzip, zstd -d, ...)")
+                "byte range; a compressed tar has no member offsets, so it cannot be indexed in place "
+                "either); decompress them first (gunzip, zstd -d, ...), then ingest them, copied or --in-place")
 
-    def records(self) -> list[Record]:
-        """One record per sample, in shard and member order. Quarantined, with the reason: a member that
-        is unsafe (``..`` or absolute name, link, device) or cut short, the rest of a tar after a broken
-        header, a duplicate key (the later one: ``duplicate key of <shard>``), a sample without an image
-        or a label, a ``.json`` that is not JSON, a ``.txt`` that is not UTF-8, a label that is no class."""
+    def records(self, scanned: dict[str, list[Sample]] | None = None) -> list[Record]:
+        """One record per sample, in shard and member order (from ``scanned``, each shard's samples as
+        :func:`group_samples` gives them, when the caller walked the shards itself: ``--in-place``).
+        Quarantined, with the reason: a member that is unsafe (``..`` or absolute name, link, device) or
+        cut short, the rest of a tar after a broken header, a duplicate key (the later one: ``duplicate
+        key of <shard>``), a sample without an image or a label, a ``.json`` that is not JSON, a ``.txt``
+        that is not UTF-8, a label that is no class."""
         first_shard: dict[str, str] = {}  # source key -> the shard it was first seen in
         drafts: list[tuple[Record, tuple[int | str, str] | None]] = []  # labels wait for the class names
         pool = ThreadPoolExecutor(1 if self.folder.is_local else LISTING_THREADS)
         try:
-            for (shard, _), samples in zip(self.shards, pool.map(self._samples, self.shards)):
+            listed = (pool.map(self._samples, self.shards) if scanned is None
+                      else [scanned[shard] for shard, _ in self.shards])
+            for (shard, _), samples in zip(self.shards, listed):
                 seen: Counter[str] = Counter()
                 drafts += [self._record(shard, sample, first_shard, seen) for sample in samples]
         finally:

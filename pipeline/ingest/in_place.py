@@ -1,0 +1,233 @@
+"""``onion ingest wds:PATTERN OUT --in-place``: index existing WebDataset shards where they are.
+
+Nothing is copied and the source tars are never written to: OUT gets only onion's ``index.parquet``
+and ``manifest.json``. The manifest's ``shard_root`` names the folder the shards are under (the
+pattern's fixed folder) and each shard entry its name relative to it, with the whole file's size and
+sha256 and its store's mtime/ETag when indexed; index rows point at the image members' data in the
+source tars (``shard``, ``image_offset``, ``image_size``) and record the name each image's own tar header
+holds (``member_name``), which the reader checks instead of onion's ``<key>.<ext>``.
+
+One Ray task per source shard reads it once, whole and sequentially: it hashes the file, walks its
+headers (:mod:`shards.tar_members`, nothing extracted), groups members into samples as the copy
+source does, hashes each image and reads its header (PIL opens it without decoding; ``check="decode"``
+decodes it too). Tasks are pure; the driver turns their samples into records with
+:meth:`WebDatasetSource.records` (the same keys, labels and quarantine reasons as a copy of the same
+shards) and writes the index and the manifest at the end, so an interrupted run simply runs again.
+A task holds one shard in memory while it reads it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import ray
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from pipeline.ingest.encode import COLOUR_MODES, GREY_MODES, KEPT_FORMATS
+from pipeline.ingest.job import (
+    IngestReport,
+    _check_accounting,
+    _check_keys,
+    _clean_up,
+    base_row,
+    check_output,
+    claim_output,
+    quarantined_row,
+)
+from pipeline.ingest.sources import Record, SourceError
+from pipeline.ingest.sources.webdataset import IMAGE_EXTENSIONS, Sample, WebDatasetSource, _is_metadata, group_samples
+from pipeline.ray_runtime import current_node, ensure_ray
+from shards import STATUS_OK, DatasetError, location, read_manifest
+from shards.decode import DecodeError, decode_pixels
+from shards.index import IN_PLACE_SCHEMA
+from shards.manifest import DatasetInfo, SourceShardEntry, file_stamp
+from shards.reader import TAR_HEADER, header_name
+from shards.tar_members import compression, walk_tar
+from shards.urls import Location
+from shards.writer import commit_dataset
+
+CHECKS = ("header", "decode")
+
+
+@dataclass(frozen=True)
+class InPlaceOptions:
+    check: str = "header"  # header: tar structure, sha256 and image header; decode: every image decoded too
+    max_pixels: int = 40_000_000  # more pixels than this: quarantined as a decompression bomb
+
+    def __post_init__(self) -> None:
+        if self.check not in CHECKS:
+            raise ValueError(f"check must be one of {CHECKS}, not {self.check!r}")
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the task found of one image member (by its data offset)."""
+
+    sha256: str
+    member_name: str  # as its own tar header holds it
+    ext: str | None = None
+    width: int | None = None
+    height: int | None = None
+    problem: str | None = None
+    cls: tuple[int, int] | None = None  # (offset, size) of the sample's .cls and .json members, if any
+    json: tuple[int, int] | None = None
+
+
+@dataclass
+class ShardScan:
+    name: str
+    size: int
+    sha256: str
+    stamp: dict
+    samples: list[Sample] = field(default_factory=list)
+    images: dict[int, ImageFacts] = field(default_factory=dict)
+    refused: str | None = None  # a compressed tar: the whole job stops with this
+    node: str = ""
+
+
+def image_facts(data: bytes, options: InPlaceOptions) -> tuple[str | None, int | None, int | None, str | None]:
+    """``(ext, width, height, None)`` of an image as stored, or ``(..., why it cannot be an example)``:
+    its header only (PIL opens it without decoding), and with ``check="decode"`` its pixels too."""
+    if not data:
+        return None, None, None, "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                fmt, (width, height), mode = image.format, image.size, image.mode
+    except UnidentifiedImageError:
+        return None, None, None, "not an image (no known image format)"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return None, None, None, f"decompression bomb: {error}"
+    except (OSError, SyntaxError, ValueError) as error:
+        return None, None, None, f"unreadable image header: {error}"
+    if width * height > options.max_pixels:
+        return None, None, None, (f"decompression bomb: {width}x{height} = {width * height} pixels exceeds "
+                                  f"--max-pixels {options.max_pixels}")
+    if mode not in GREY_MODES | COLOUR_MODES:
+        return None, None, None, f"unsupported image mode {mode}"
+    if options.check == "decode":
+        try:
+            decode_pixels(data)
+        except DecodeError as error:
+            return None, None, None, f"truncated or corrupt image data: {error}"
+    return KEPT_FORMATS.get(fmt, str(fmt).lower()), width, height, None
+
+
+def scan_shard(folder: Location, name: str, options: InPlaceOptions) -> ShardScan:
+    """Read one source shard once: its stamp, sha256, samples and the facts of each sample's image."""
+    stamp = file_stamp(folder.fs.info(folder.path(name)))
+    data = folder.read_bytes(name)
+    scan = ShardScan(name, len(data), hashlib.sha256(data).hexdigest(), stamp, node=current_node())
+    kind = compression(data[:8])
+    if kind:
+        scan.refused = WebDatasetSource._compressed_message(name, f"{kind}-compressed")
+        return scan
+    scan.samples = list(group_samples(walk_tar(io.BytesIO(data), len(data), read=_is_metadata)))
+    for sample in scan.samples:
+        image = next((m for ext, m in sample.members.items() if ext in IMAGE_EXTENSIONS), None)
+        if sample.key is None or sample.problem or image is None:
+            continue  # the source's records() quarantines it with its reason
+        member = data[image.offset:image.offset + image.size]
+        ext, width, height, problem = image_facts(member, options)
+        cls, meta = sample.members.get("cls"), sample.members.get("json")
+        scan.images[image.offset] = ImageFacts(hashlib.sha256(member).hexdigest(),
+                                               header_name(data[image.offset - TAR_HEADER:image.offset]),
+                                               ext, width, height, problem,
+                                               (cls.offset, cls.size) if cls else None,
+                                               (meta.offset, meta.size) if meta else None)
+    return scan
+
+
+scan_shard_task = ray.remote(num_cpus=1, max_retries=3)(scan_shard)
+
+
+def shard_root(folder: Location) -> str:
+    """The URL the manifest records for the source folder: an absolute path on a local disk."""
+    return folder.root if folder.is_local else folder.url
+
+
+def in_place_fingerprint(source: WebDatasetSource, options: InPlaceOptions) -> str:
+    """Identity of the output before any shard is read: the source folder, its shards' names and sizes,
+    and every setting. (A shard changed in place at the same size is what ``onion verify`` finds.)"""
+    return hashlib.sha256(json.dumps({
+        "in_place": True, "shard_root": shard_root(source.folder), "shards": source.shards,
+        "parameters": source.parameters, "options": asdict(options)}, sort_keys=True).encode()).hexdigest()
+
+
+def ok_row(record: Record, class_names: list[str], facts: ImageFacts) -> dict:
+    shard, offset, size = record.locator
+    cls, meta = facts.cls or (None, None), facts.json or (None, None)
+    return {**base_row(record, class_names), "status": STATUS_OK, "reason": None, "shard": shard,
+            "image_ext": facts.ext, "image_offset": offset, "image_size": size, "sha256": facts.sha256,
+            "cls_offset": cls[0], "cls_size": cls[1], "json_offset": meta[0], "json_size": meta[1],
+            "width": facts.width, "height": facts.height, "original_width": facts.width,
+            "original_height": facts.height, "member_name": facts.member_name}
+
+
+def shard_split(rows: list[dict]) -> str:
+    """The split a source shard's manifest entry names: train when it holds usable train examples (what
+    scoring reads), else the split of its usable examples, else ``none``."""
+    splits = sorted({row["split"] for row in rows if row["status"] == STATUS_OK})
+    return "train" if "train" in splits else (splits[0] if splits else "none")
+
+
+def ingest_in_place(source: WebDatasetSource, out: str, options: InPlaceOptions, command: list[str], *,
+                    progress: bool = True) -> IngestReport:
+    dataset = location(out)
+    if dataset.url.startswith("memory://"):
+        raise DatasetError(f"{dataset.url}: memory:// lives inside one process and Ray workers cannot "
+                           "write there; use a local path or an object store URL")
+    identity = in_place_fingerprint(source, options)
+    # OUT may be the shards' own folder: then only onion's files are added beside them
+    beside = {name.split("/", 1)[0] for name, _ in source.shards} if dataset.root == source.folder.root else set()
+    if check_output(dataset, identity, source, options, allowed=beside):
+        _clean_up(dataset)
+        return IngestReport(dataset.url, read_manifest(dataset), 0, already_complete=True)
+    claim_output(dataset, identity, source.spec)
+    ensure_ray()
+    pending = {scan_shard_task.remote(source.folder, name, options): name for name, _ in source.shards}
+    scans: dict[str, ShardScan] = {}
+    with tqdm(total=len(pending), unit="shard", desc=f"index {source.spec}", disable=not progress) as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(ready[0])
+            scans[name] = ray.get(ready[0])
+            bar.update(1)
+            if scans[name].refused:
+                for task in pending:
+                    ray.cancel(task)
+                raise SourceError(scans[name].refused)
+    records = source.records({name: scan.samples for name, scan in scans.items()})
+    _check_keys(records)
+    rows, by_shard = [], {name: [] for name, _ in source.shards}
+    for record in records:
+        if record.quarantine:
+            rows.append(quarantined_row(record, source.class_names, record.quarantine))
+            continue
+        shard, offset, _ = record.locator
+        facts = scans[shard].images[offset]
+        if facts.problem:
+            rows.append(quarantined_row(record, source.class_names, facts.problem))
+            continue
+        rows.append(ok_row(record, source.class_names, facts))
+        by_shard[shard].append(rows[-1])
+    _check_accounting(records, rows)
+    entries = [SourceShardEntry(name=name, split=shard_split(by_shard[name]), examples=len(by_shard[name]),
+                                bytes=scans[name].size, sha256=scans[name].sha256, **scans[name].stamp)
+               for name, _ in source.shards]
+    ok = sum(row["status"] == STATUS_OK for row in rows)
+    manifest = commit_dataset(dataset, rows=rows, shards=entries, schema=IN_PLACE_SCHEMA, info=DatasetInfo(
+        class_names=source.class_names, source=source.spec, fingerprint=identity, command=command,
+        extra={"accounting": {"inputs": len(records), "ok": ok, "quarantined": len(rows) - ok},
+               "ingest": asdict(options), "source_parameters": source.parameters,
+               "shard_root": shard_root(source.folder)},
+    ))
+    _clean_up(dataset)
+    nodes = Counter(scan.node for scan in scans.values() if scan.node)
+    return IngestReport(dataset.url, manifest, 0, already_complete=False, tasks_per_node=nodes)
