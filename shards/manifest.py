@@ -68,7 +68,8 @@ def count_rows(index: pa.Table) -> dict:
         "total": len(rows),
         "by_status": dict(sorted(Counter(r["status"] for r in rows).items())),
         "by_split": dict(sorted(Counter(r["split"] for r in rows).items())),
-        "by_class": dict(sorted(Counter(str(r["class_name"]) for r in rows if r["status"] == "ok").items())),
+        "by_class": dict(sorted(Counter(r["class_name"] for r in rows
+                                        if r["status"] == "ok" and r["class_name"] is not None).items())),
         "by_split_status": dict(sorted(by_split_status.items())),
     }
 
@@ -82,6 +83,7 @@ class DatasetInfo:
     fingerprint: str  # identity of the output: equal fingerprints mean byte-identical datasets
     command: list[str]
     extra: dict = field(default_factory=dict)
+    labelled: bool = True  # False: no example has a label (written as "labelled": false)
 
 
 def build_manifest(*, index: pa.Table, index_sha256: str, shards: list[ShardEntry], info: DatasetInfo) -> dict:
@@ -91,6 +93,7 @@ def build_manifest(*, index: pa.Table, index_sha256: str, shards: list[ShardEntr
         "source": info.source,
         "fingerprint": info.fingerprint,
         "class_names": info.class_names,
+        **({} if info.labelled else {"labelled": False}),
         "counts": count_rows(index),
         "index": {"name": "index.parquet", "rows": len(index), "sha256": index_sha256},
         "shards": [vars(shard) for shard in sorted(shards, key=lambda s: s.name)],
@@ -161,6 +164,21 @@ def read_manifest(dataset: Location) -> dict:
             f"is not supported (this onion reads version {FORMAT_VERSION})"
         )
     return manifest
+
+
+def is_labelled(manifest: dict) -> bool:
+    """Whether a dataset's examples carry labels. An unlabelled dataset (shards of images with captions,
+    no classes) has a null label column; whatever learns or checks a label refuses it (:func:`require_labels`)."""
+    return manifest.get("labelled", True)
+
+
+def require_labels(manifest: dict, url: str, what: str) -> None:
+    """A one-line :class:`DatasetError` when ``what`` (e.g. "onion train") meets an unlabelled dataset."""
+    if not is_labelled(manifest):
+        raise DatasetError(f"{url} is unlabelled (its examples carry no class): {what} needs labels. Ingest "
+                           "the data with them (a .cls member or --label-field for wds:, --label-column for "
+                           "parquet:); unlabelled data can be scored with exact, phash, embed --model NAME|pixels "
+                           "or random, and selected with --dedup")
 
 
 def shard_location(dataset: Location, manifest: dict | None = None) -> Location:

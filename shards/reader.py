@@ -45,6 +45,7 @@ READ_AHEAD = 2  # ranged reads in flight ahead of decoding (hides object-store l
 READ_GAP_BYTES = {"local": 64 << 10, "remote": 1 << 20}
 TAR_HEADER = 512  # bytes of the tar header in front of every member's data
 # member_name: only in the index of shards indexed in place (absent from that of copied shards)
+UNLABELLED = -1  # the label the reader gives an example of an unlabelled dataset (its index label is null)
 READ_COLUMNS = ["key", "label", "shard", "image_offset", "image_size", "sha256", MEMBER_NAME]
 VERIFY_MODES = ("members", "shards", "none")
 
@@ -177,7 +178,7 @@ class ShardDataset(IterableDataset):
             part = table.slice(start, stop - start)
             rows[str(shard_column[start])] = ShardRows(
                 keys=part["key"].combine_chunks(),
-                labels=part["label"].to_numpy(),
+                labels=part["label"].fill_null(UNLABELLED).to_numpy(),
                 offsets=part["image_offset"].to_numpy(),
                 sizes=part["image_size"].to_numpy(),
                 sha256=part["sha256"].combine_chunks(),
@@ -489,7 +490,7 @@ def _collate(batch: list[tuple], stack: Callable[[list], torch.Tensor]) -> tuple
 @dataclass(frozen=True)
 class Example:
     key: str
-    label: int
+    label: int | None  # None in an unlabelled dataset
     image_ext: str  # png, jpg or webp
     image: bytes  # the stored (encoded) file, byte for byte; to_pil() or decode_image() to see it
 
@@ -511,11 +512,26 @@ def index_row(dataset: Location, key: str) -> dict:
 
 
 def read_example(url: str, key: str) -> Example:
-    """One example by key, read by byte range from its shard through the index (no scan)."""
+    """One example by key, read by byte range from its shard through the index (no scan). Its tar header
+    and sha256 are checked as the streaming reader checks them: a changed shard gives an error naming
+    it, never another image's bytes."""
     dataset = location(url)
     row = index_row(dataset, key)
     if row["status"] != STATUS_OK:
         raise DatasetError(f"{dataset.url}: example {key!r} is {row['status']}: {row['reason']}")
-    start = row["image_offset"]
-    image = shard_location(dataset).read_range(row["shard"], start, start + row["image_size"])
-    return Example(key=key, label=row["label"], image_ext=row["image_ext"], image=image)
+    start, size, shard = row["image_offset"], row["image_size"], row["shard"]
+    shards_at = shard_location(dataset)
+    try:
+        data = shards_at.read_range(shard, start - TAR_HEADER, start + size)
+    except FileNotFoundError as error:
+        raise DatasetDamaged(f"{shards_at.url}/{shard}: missing (the manifest lists it)") from error
+    name = row.get(MEMBER_NAME)
+    problem = (f"the shard ends at byte {start - TAR_HEADER + len(data)}, before the member's end ({start + size})"
+               if len(data) != TAR_HEADER + size else header_problem(memoryview(data)[:TAR_HEADER], key, size, name))
+    if problem is None and hashlib.sha256(memoryview(data)[TAR_HEADER:]).hexdigest() != row["sha256"]:
+        problem = "its bytes do not match the sha256 in the index"
+    if problem:
+        shown = f"{name!r} (key {key})" if name is not None else f"{key}.*"
+        raise DatasetDamaged(f"{shards_at.url}/{shard}: member {shown}: {problem}: the shard is corrupt or does not "
+                             "match its index (onion verify lists every problem)")
+    return Example(key=key, label=row["label"], image_ext=row["image_ext"], image=data[TAR_HEADER:])

@@ -3,16 +3,24 @@ is wrong with it.
 
 For tars onion did not write (``wds:`` ingest now, an index over shards in place later). Nothing is
 ever extracted: a member is a byte range of the tar, so a member named ``../x`` or ``/etc/x`` cannot
-write anywhere; it is reported, as are links, devices and a header whose size runs past the end of
-the file. Reads are bounded by the file's real size, never by what a header claims: a PAX or GNU
-long-name header "of 8 GiB" in a 10 KB file makes tarfile allocate at most 10 KB. Member data is
-skipped with a seek (on object stores, a ranged read) unless the caller asks for it. Directory
-members hold no data and are left out.
+write anywhere; it is reported, as are links, devices, a member larger than any image onion reads
+(``MEMBER_LIMIT``) and a header whose size runs past the end of the file. Reads are bounded by the
+file's real size and by ``HEADER_LIMIT``, never by what a header claims: a PAX or GNU long-name header
+"of 8 GiB" makes tarfile allocate at most 16 MiB, whether the file holds 10 KB or is a 64 GiB sparse
+file. Member data is skipped with a seek (on object stores, a ranged read) unless the caller asks for
+it. Directory members hold no data and are left out.
+
+:class:`HashedStream` reads a whole file once, front to back in large reads, for a caller that must
+hash all of it anyway (indexing shards in place, verifying them): the walk's seeks read through, and
+the byte ranges asked for (images) are handed over one at a time, so memory stays bounded however
+large the file or its members.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import tarfile
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -21,6 +29,11 @@ from typing import BinaryIO
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
                     b"\x04\x22\x4d\x18": "lz4"}
 READ_LIMIT = 1 << 20  # a member read whole (metadata) may be at most this large
+# A member larger than this is refused (its sample quarantined) without being read: no image onion
+# accepts comes near it (--max-pixels 40 M is 160 MB even as raw RGBA), and images are read whole.
+MEMBER_LIMIT = 1 << 30
+HEADER_LIMIT = 16 << 20  # tarfile reads a PAX or GNU long-name header whole: at most this many bytes
+STREAM_CHUNK = 8 << 20  # HashedStream's reads
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -37,14 +50,19 @@ class TarMember:
 
 
 class BoundedReader:
-    """A binary file whose reads never ask for more than what remains of its real ``size``."""
+    """A binary file whose reads never ask for more than what remains of its real ``size``, nor for
+    more than ``limit`` bytes at once (a tarfile error instead: a header claiming gigabytes)."""
 
-    def __init__(self, handle: BinaryIO, size: int) -> None:
-        self.handle, self.size = handle, size
+    def __init__(self, handle: BinaryIO, size: int, limit: int | None = None) -> None:
+        self.handle, self.size, self.limit = handle, size, limit
 
     def read(self, count: int | None = -1) -> bytes:
         remaining = max(0, self.size - self.handle.tell())
-        return self.handle.read(remaining if count is None or count < 0 else min(count, remaining))
+        wanted = remaining if count is None or count < 0 else min(count, remaining)
+        if self.limit is not None and wanted > self.limit:
+            raise tarfile.ReadError(f"a header asks for {wanted} bytes of extended data, over the "
+                                    f"{self.limit}-byte limit")
+        return self.handle.read(wanted)
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self.handle.seek(offset, whence)
@@ -85,39 +103,49 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+# tarfile's errors on hostile headers; IndexError: a GNU sparse header cut at the end of the file
+TAR_ERRORS = (tarfile.TarError, ValueError, UnicodeError, IndexError)
+
+
 def walk_tar(handle: BinaryIO, size: int, *, read: Callable[[str], bool] | None = None,
-             read_limit: int = READ_LIMIT) -> Iterator[TarMember]:
+             read_limit: int = READ_LIMIT, size_limit: int = MEMBER_LIMIT) -> Iterator[TarMember]:
     """Every member of the tar in ``handle`` (``size`` bytes, seekable), in stored order. A member
     for which ``read(name)`` is true comes with its data when it is sound and at most ``read_limit``
-    bytes. The walk stops at the first member whose data runs past the end of the file (a truncated
-    or lying tar: that member carries the problem) or with a ``name=None`` member where the headers
-    stop making sense; a tar that ends cleanly ends with its last member."""
-    reader = BoundedReader(handle, size)
+    bytes; a member of more than ``size_limit`` bytes carries a problem (it is never read). The walk
+    stops at the first member whose data runs past the end of the file (a truncated or lying tar:
+    that member carries the problem) or with a ``name=None`` member where the headers stop making
+    sense; a tar that ends cleanly ends with its last member."""
+    reader = BoundedReader(handle, size, max(read_limit, HEADER_LIMIT))
     reader.seek(0)
     try:
         tar = tarfile.open(fileobj=reader, mode="r:")  # type: ignore[call-overload]
-    except (tarfile.TarError, ValueError, UnicodeError) as error:
+    except TAR_ERRORS as error:
         yield TarMember(None, 0, 0, f"not a tar file ({error})")
         return
     while True:
         try:
             info = tar.next()
-        except (tarfile.TarError, ValueError, UnicodeError) as error:
+        except TAR_ERRORS as error:
             yield TarMember(None, tar.offset, 0, f"tar headers broken at byte {tar.offset} ({error})")
             return
         tar.members = []  # tarfile keeps every header it read; a shard may hold millions
         if info is None:
             break
-        data_size = info.size if info.isreg() or info.type not in tarfile.SUPPORTED_TYPES else 0
-        if info.offset_data + data_size > size:
+        # what the member's data takes in the tar: a GNU sparse member stores only its data blocks
+        # (info.size is the size it expands to), and tarfile has already moved past them
+        stored = (tar.offset - info.offset_data if info.issparse()
+                  else info.size if info.isreg() or info.type not in tarfile.SUPPORTED_TYPES else 0)
+        if info.offset_data + stored > size:
             yield TarMember(info.name, info.offset_data, info.size,
-                            f"truncated: the tar header says {info.size} bytes but only "
+                            f"truncated: the tar header says {stored} bytes but only "
                             f"{max(0, size - info.offset_data)} remain in the file")
             return
         if info.isdir():
             continue
         problem = (None if info.isreg() and not info.issparse() else f"not a regular file ({member_kind(info)})")
         problem = problem or name_problem(info.name)
+        if problem is None and info.size > size_limit:
+            problem = f"{info.size} bytes, over the {size_limit}-byte limit of a member onion reads"
         data = None
         if problem is None and read is not None and read(info.name):
             if info.size > read_limit:
@@ -140,3 +168,87 @@ def _trailing_garbage(reader: BoundedReader, offset: int, size: int) -> str | No
         return None
     why = "a truncated header" if len(block) < tarfile.BLOCKSIZE else "not a tar header (bad checksum or format)"
     return f"tar headers broken at byte {offset} of {size} ({why})"
+
+
+class HashedStream:
+    """A file read once, front to back, in ``STREAM_CHUNK`` reads, as a seekable binary file for
+    :func:`walk_tar`: every byte passes through :attr:`digest` once (a seek forward reads through the
+    bytes it skips, a seek back re-reads without hashing), and the byte ranges given to :meth:`keep`
+    are handed to its callback whole, one at a time, as the stream passes them. :meth:`finish` reads
+    the rest. Memory: one chunk and the range being kept."""
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self.handle, self.size = handle, size
+        self.digest = hashlib.sha256()
+        self.hashed = 0  # bytes [0, hashed) went through the digest; the handle reads on from there
+        self.position = 0
+        self._kept: deque[tuple[int, int, Callable[[int, bytes], None]]] = deque()  # ranges not yet passed, by start
+        self._parts: list[bytes] = []  # what has been read of the first of them
+
+    def keep(self, start: int, end: int, done: Callable[[int, bytes], None]) -> None:
+        """Call ``done(start, bytes [start, end))`` once the stream has read them (now, if it has).
+        Ranges must be given in order of their starts, and must not overlap."""
+        end = min(end, self.size)
+        if start < self.hashed:  # already passed (a header just read): read that part again
+            self.handle.seek(start)
+            self._parts = [self.handle.read(min(end, self.hashed) - start)]
+            self.handle.seek(self.hashed)
+            if end <= self.hashed:
+                done(start, self._parts.pop())
+                return
+        self._kept.append((start, end, done))
+
+    def _advance(self, target: int) -> None:
+        """Read through to ``target`` (not past it: what comes next is read by whoever asked)."""
+        target = min(target, self.size)
+        while self.hashed < target:
+            chunk = self.handle.read(min(STREAM_CHUNK, target - self.hashed))
+            if not chunk:
+                break
+            self._consume(chunk)
+
+    def _consume(self, chunk: bytes) -> None:
+        start, self.hashed = self.hashed, self.hashed + len(chunk)
+        self.digest.update(chunk)
+        while self._kept and self._kept[0][0] < self.hashed:
+            lo, hi, done = self._kept[0]
+            self._parts.append(chunk[max(lo - start, 0):hi - start])
+            if hi > self.hashed:
+                return
+            self._kept.popleft()
+            data, self._parts = b"".join(self._parts), []
+            done(lo, data)
+
+    def read(self, count: int | None = -1) -> bytes:
+        count = max(0, self.size - self.position) if count is None or count < 0 else count
+        parts = []
+        if self.position < self.hashed:  # behind the stream (tarfile's look back): read again, unhashed
+            self.handle.seek(self.position)
+            parts.append(self.handle.read(min(count, self.hashed - self.position)))
+            self.handle.seek(self.hashed)
+            self.position += len(parts[0])
+            count -= len(parts[0])
+        if count > 0 and self.position >= self.hashed:
+            self._advance(self.position)
+            if self.position == self.hashed:
+                parts.append(self.handle.read(min(count, self.size - self.hashed)))
+                self._consume(parts[-1])
+                self.position = self.hashed
+        return b"".join(parts)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.position = {0: 0, 1: self.position, 2: self.size}[whence] + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def finish(self) -> str:
+        """Read what is left of the file; the sha256 of all of it. A range to keep that the file
+        ended in is handed over as far as it was read."""
+        self._advance(self.size)
+        for lo, _, done in self._kept:
+            data, self._parts = b"".join(self._parts), []
+            done(lo, data)
+        self._kept.clear()
+        return self.digest.hexdigest()

@@ -1,7 +1,7 @@
 """Deterministic WebDataset tar shards built in memory.
 
-Each example becomes adjacent members ``<key>.<ext>`` (image), ``<key>.cls`` and
-``<key>.json``. Header fields that vary between machines are fixed (mtime 0, uid/gid 0, no
+Each example becomes adjacent members ``<key>.<ext>`` (image), ``<key>.cls`` (not for an
+unlabelled example) and ``<key>.json``. Header fields that vary between machines are fixed (mtime 0, uid/gid 0, no
 user names, mode 0644, USTAR format), so identical input gives byte-identical shards. The
 writer reports where each member's data starts, which lets the index read one example by byte
 range without scanning the tar.
@@ -22,7 +22,7 @@ class ShardExample:
     key: str
     image: bytes
     image_ext: str
-    label: int
+    label: int | None  # None: an unlabelled example, written without a .cls member
     metadata: dict
 
 
@@ -36,7 +36,7 @@ class MemberSpan:
 class WrittenExample:
     key: str
     image: MemberSpan
-    cls: MemberSpan
+    cls: MemberSpan | None
     json: MemberSpan
 
 
@@ -60,15 +60,11 @@ def build_shard(examples: list[ShardExample]) -> tuple[bytes, list[WrittenExampl
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for example in examples:
             check_key(example.key)
-            spans = [
-                _add_member(tar, buffer, f"{example.key}.{suffix}", payload)
-                for suffix, payload in (
-                    (example.image_ext, example.image),
-                    ("cls", str(int(example.label)).encode()),
-                    ("json", metadata_bytes(example.metadata)),
-                )
-            ]
-            written.append(WrittenExample(example.key, *spans))
+            image = _add_member(tar, buffer, f"{example.key}.{example.image_ext}", example.image)
+            cls = (None if example.label is None
+                   else _add_member(tar, buffer, f"{example.key}.cls", str(int(example.label)).encode()))
+            metadata = _add_member(tar, buffer, f"{example.key}.json", metadata_bytes(example.metadata))
+            written.append(WrittenExample(example.key, image, cls, metadata))
     return buffer.getvalue(), written
 
 

@@ -11,13 +11,14 @@ captions, ``.txt`` and other members are none of onion's business. Each one is c
 index relies on: its size against the one indexed (an append, a truncation), then its sha256 (with the
 store's mtime/ETag then and now, when they differ, to say when it changed), then each indexed image
 member: its tar header names the indexed member, of the indexed size, and its bytes hash to the index's.
+They are read as a stream, not whole: a source shard may be far larger than memory.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 from shards.index import STATUS_OK, read_index
 from shards.manifest import file_stamp, read_manifest, shard_location
 from shards.reader import TAR_HEADER, header_problem
-from shards.tar_members import member_kind
+from shards.tar_members import STREAM_CHUNK, HashedStream, member_kind
 from shards.urls import Location, location
 
 MEMBER_SUFFIXES = ("image", "cls", "json")
@@ -70,8 +71,10 @@ def verify_shard(dataset: Location, entry: dict, rows: list[dict]) -> Iterator[P
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
         yield Problem(name, None, f"sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}...")
+    # an unlabelled example has no .cls member (its cls_offset is null)
     expected = [(f"{row['key']}.{ext}", row[f"{part}_offset"], row[f"{part}_size"])
-                for row in rows for part, ext in zip(MEMBER_SUFFIXES, (row["image_ext"], "cls", "json"))]
+                for row in rows for part, ext in zip(MEMBER_SUFFIXES, (row["image_ext"], "cls", "json"))
+                if row[f"{part}_offset"] is not None]
     found = yield from tar_members(name, data)
     yield from compare_members(name, found, expected)
     for row in rows:
@@ -82,34 +85,51 @@ def verify_shard(dataset: Location, entry: dict, rows: list[dict]) -> Iterator[P
 
 def verify_source_shard(shards_at: Location, entry: dict, rows: list[dict]) -> Iterator[Problem]:
     """A WebDataset shard indexed in place: unchanged since indexing, and its indexed images where the
-    index says. Its other members (captions, metadata) are not checked."""
+    index says. Its other members (captions, metadata) are not checked. The shard is read once, front
+    to back, each indexed image checked as the read passes it: memory stays bounded however large it is."""
     name = entry["name"]
     if not shards_at.exists(name):
         yield Problem(name, None, f"missing from {shards_at.url} (the source shard was moved or deleted)")
         return
-    now = file_stamp(shards_at.fs.info(shards_at.path(name)))
-    data = shards_at.read_bytes(name)
+    info = shards_at.fs.info(shards_at.path(name))
+    now, size = file_stamp(info), int(info["size"])
+    found: dict[int, str] = {}  # row number -> what is wrong with its member
+
+    def check(number: int) -> Callable[[int, bytes], None]:
+        def checked(_: int, data: bytes) -> None:
+            row, view = rows[number], memoryview(data)
+            problem = header_problem(view[:TAR_HEADER], row["key"], row["image_size"], row.get("member_name"))
+            if problem is None and hashlib.sha256(view[TAR_HEADER:]).hexdigest() != row["sha256"]:
+                problem = "bytes do not match the index's sha256"
+            if problem:
+                found[number] = problem
+        return checked
+
+    remote = {} if shards_at.is_local else {"block_size": STREAM_CHUNK, "cache_type": "readahead"}
+    with shards_at.fs.open(shards_at.path(name), "rb", **remote) as handle:
+        stream, passed = HashedStream(handle, size), 0
+        for number, row in enumerate(rows):
+            start, end = row["image_offset"], row["image_offset"] + row["image_size"]
+            if end > size or start < TAR_HEADER:
+                found[number] = f"bytes {start}-{end} lie past the shard's end ({size} bytes)" if end > size \
+                    else f"bytes {start}-{end} leave no room for a tar header before them"
+            elif start - TAR_HEADER < passed:  # overlaps the member before it: a damaged index, read it alone
+                check(number)(start, shards_at.read_range(name, start - TAR_HEADER, end))
+            else:
+                stream.keep(start - TAR_HEADER, end, check(number))
+                passed = end
+        digest = stream.finish()
     since = "it changed since it was indexed; index it again (onion ingest ... --in-place into a new OUT)"
-    if len(data) != entry["bytes"]:
-        yield Problem(name, None, f"{len(data)} bytes, {entry['bytes']} when indexed: {since}")
-    else:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"]:
-            stamps = [f"{field} {entry[field]} then, {now[field]} now" for field in ("mtime", "etag")
-                      if entry.get(field) is not None and now[field] != entry[field]]
-            yield Problem(name, None, f"sha256 {digest[:16]}... is not the {entry['sha256'][:16]}... it had when "
-                                      f"indexed{' (' + '; '.join(stamps) + ')' if stamps else ''}: {since}")
-    for row in rows:
-        start, size, member = row["image_offset"], row["image_size"], row.get("member_name")
-        shown = member or f"{row['key']}.{row['image_ext']}"
-        if start + size > len(data):
-            yield Problem(name, shown, f"bytes {start}-{start + size} lie past the shard's end ({len(data)} bytes)")
-            continue
-        problem = header_problem(memoryview(data)[start - TAR_HEADER:start], row["key"], size, member)
-        if problem is None and hashlib.sha256(data[start:start + size]).hexdigest() != row["sha256"]:
-            problem = "bytes do not match the index's sha256"
-        if problem:
-            yield Problem(name, shown, problem)
+    if size != entry["bytes"]:
+        yield Problem(name, None, f"{size} bytes, {entry['bytes']} when indexed: {since}")
+    elif digest != entry["sha256"]:
+        stamps = [f"{field} {entry[field]} then, {now[field]} now" for field in ("mtime", "etag")
+                  if entry.get(field) is not None and now[field] != entry[field]]
+        yield Problem(name, None, f"sha256 {digest[:16]}... is not the {entry['sha256'][:16]}... it had when "
+                                  f"indexed{' (' + '; '.join(stamps) + ')' if stamps else ''}: {since}")
+    for number in sorted(found):
+        row = rows[number]
+        yield Problem(name, row.get("member_name") or f"{row['key']}.{row['image_ext']}", found[number])
 
 
 def tar_members(shard: str, data: bytes) -> Iterator[Problem]:

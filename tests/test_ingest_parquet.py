@@ -4,6 +4,7 @@ datasets' ClassLabel names; splits from file names or a column; bad rows are qua
 the driver reads no image column; the output is deterministic and trains."""
 import hashlib
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pytest
 
 from helpers import files_of, onion, onion_ok, png_bytes
 from photos import crops, photo_bytes, sample_photos
-from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.ingest.job import WAVE_BYTES, IngestOptions, ingest, plan_shards, plan_waves
 from pipeline.ingest.sources import SourceError, SourceOptions, open_source
 from shards import location, read_example, read_index, read_manifest
 
@@ -185,7 +186,7 @@ def test_the_driver_never_reads_the_image_column(tmp_path):
 
 @pytest.mark.parametrize("setup, args, message", [
     (lambda d: pq.write_table(hf_table(jpegs(2)), d / "t.parquet"), ["--label-column", "target"],
-     "t.parquet has no column 'target' (--label-column; its columns: image, label)"),
+     "t.parquet has no column 'target' (--label-column or --unlabelled; its columns: image, label)"),
     (lambda d: pq.write_table(hf_table(jpegs(2)), d / "t.parquet"), ["--image-column", "img"],
      "t.parquet has no column 'img' (--image-column"),
     (lambda d: pq.write_table(pa.table({"image": ["a.jpg"], "label": [0]}), d / "t.parquet"), [],
@@ -275,3 +276,30 @@ def test_an_ingested_table_trains(tmp_path):
     assert manifest["class_names"] == [str(d) for d in range(10)]
     onion_ok("train", out, "--out", run_folder, "--patch-size", "4", *TINY)
     assert list((run_folder / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.parametrize("shard_size, rows_per_group", [(40, 10), (7, 25)],
+                         ids=["row groups smaller than shards", "row groups larger than shards"])
+def test_each_row_group_is_read_by_one_task(ray_local, tmp_path, shard_size, rows_per_group):
+    """A record shuffle would have every output shard read a share of nearly every row group (the whole
+    table once per shard); units are planned whole, and a unit cut over shards is one task's."""
+    examples = jpegs(100, seed=3)
+    pq.write_table(hf_table(examples), tmp_path / "train.parquet", row_group_size=rows_per_group)
+    source = open_source(f"parquet:{tmp_path}/train.parquet")
+    records = source.records()
+    plans = plan_shards(records, IngestOptions(shard_size=shard_size), source.locality)
+    waves = plan_waves(plans, source.locality, WAVE_BYTES)
+    readers = Counter(unit for wave in waves for unit in {source.locality(r) for plan in wave for r in plan.records})
+    assert set(readers) == {(0, group) for group in range(100 // rows_per_group)}
+    assert set(readers.values()) == {1}  # every row group read once, by one task
+    assert all(len(plan.records) <= shard_size for plan in plans)
+    assert sorted(r.key for plan in plans for r in plan.records) == sorted(r.key for r in records)
+    if rows_per_group < shard_size:  # a shard mixes row groups drawn at random, not neighbours
+        groups = [sorted({source.locality(r)[1] for r in plan.records}) for plan in plans]
+        assert all(len(g) > 1 for g in groups[:-1]) and any(g != list(range(g[0], g[0] + len(g))) for g in groups)
+    out = tmp_path / "out"
+    report = run(f"parquet:{tmp_path}/train.parquet", out, shard_size=shard_size)
+    assert report.manifest["accounting"] == {"inputs": 100, "ok": 100, "quarantined": 0}
+    for (label, data), row in zip(examples, sorted(index_of(out).values(), key=lambda r: int(r["source_ref"][14:-1]))):
+        assert row["label"] == label
+        assert_stored_as_given(out, row, data)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from shards import location
+from shards import location, read_manifest
+from shards.manifest import require_labels
 from trainer.config import TrainConfig
 from trainer.errors import RunError
 from trainer.inputs import data_info, input_side
@@ -33,7 +34,9 @@ def check_device(name: str) -> None:
 
 
 def check_start(config: TrainConfig) -> None:
-    """The device, then the model on this dataset's image size and classes (read from its index)."""
+    """The dataset's labels, the device, then the model on this dataset's image size and classes (read
+    from its index). ``onion train`` and ``onion curate`` both start here."""
+    require_labels(read_manifest(location(config.dataset)), config.dataset, "training a classifier")
     check_device(config.device)
     info = data_info(location(config.dataset))
     check_model(config, input_side(config, info), info.num_classes)

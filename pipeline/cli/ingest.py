@@ -9,7 +9,7 @@ from rich.console import Console
 from pipeline.cli.common import add_ray_options, fraction, name_list, non_negative_int, positive_int, start_ray
 
 if TYPE_CHECKING:
-    from pipeline.ingest.sources import SourceOptions
+    from pipeline.ingest.sources import Source, SourceOptions
 
 NAME = "ingest"
 HELP = "turn a source into WebDataset shards + Parquet index + manifest"
@@ -78,8 +78,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "a null or unknown label or split are quarantined with their reason.")
     tables.add_argument("--image-column", default="image", metavar="COLUMN",
                         help="column of image bytes (default: image)")
-    tables.add_argument("--label-column", default="label", metavar="COLUMN",
-                        help="column of labels, integers or strings (default: label)")
+    tables.add_argument("--label-column", default=None, metavar="COLUMN",
+                        help="column of labels, integers or strings (default: label, when the tables have it; "
+                             "else the data are unlabelled)")
     tables.add_argument("--split-column", default=None, metavar="COLUMN",
                         help="column naming each row's split (train, val, valid, validation, test)")
     tables.add_argument("--key-column", default=None, metavar="COLUMN",
@@ -99,8 +100,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "wds:PATTERN copies existing WebDataset shards (img2dataset, webdataset's ShardWriter): a brace pattern "
         "or glob of uncompressed .tar files, local or any fsspec URL, e.g. wds:'shards/{00000..00099}.tar'. "
         "The image is a sample's .jpg/.jpeg/.png/.webp member, stored byte for byte; its .json and .txt go "
-        "into the example's JSON member. A sample without an image or a label, a duplicate key, a member "
-        "that is not an image and every unsafe or cut member are quarantined with their reason.")
+        "into the example's JSON member. A sample without an image or (in labelled shards) a label, a duplicate "
+        "key, a member that is not an image and every unsafe or cut member are quarantined with their reason. "
+        "Shards where no sample has a .cls member are indexed unlabelled (see --unlabelled).")
     wds.add_argument("--label-field", default=None, metavar="NAME",
                      help="take the label from this field of each sample's .json member (default: the .cls member)")
     wds.add_argument("--class-names", type=name_list, default=None, metavar="A,B,...",
@@ -108,6 +110,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                           "may then also be written as a name. Default: datasets' ClassLabel names where a table "
                           "has them; else classes 0 .. N for the largest integer label N, or, when no label is an "
                           "integer, the distinct names sorted")
+    wds.add_argument("--unlabelled", action="store_true",
+                     help="wds:, parquet:, hf: read no labels even where there are some: images (with captions) "
+                          "without classes, as LAION or DataComp shards are. Without it, wds: shards where no "
+                          "sample has a .cls member (and no --label-field is given), and tables without a label "
+                          "column (and no --label-column), are unlabelled too. An unlabelled dataset can be "
+                          "scored with exact, phash, embed --model NAME|pixels and random, and selected with "
+                          "--dedup; training and the scorers that learn labels refuse it")
     wds.add_argument("--in-place", action="store_true",
                      help="wds: only: index the shards where they are instead of copying them; OUT gets only "
                           "index.parquet and manifest.json (the manifest's shard_root names the shards' folder), "
@@ -127,6 +136,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from pipeline.inspection.dataset import dataset_summary
     from pipeline.ray_runtime import describe_nodes
     from shards.errors import UsageError
+    from shards.manifest import is_labelled
 
     resize_mode, max_side = resize_options(args.resize_mode, args.max_side)
     encode = EncodeOptions(image_format=args.image_format, jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
@@ -153,14 +163,32 @@ def run(args: argparse.Namespace, console: Console) -> None:
         f"resumed {report.resumed_shards} finished shards" if report.resumed_shards else "written")
     console.print(f"{report.url}: {state}. inputs={accounting['inputs']} ok={accounting['ok']} "
                   f"quarantined={accounting['quarantined']} shards={len(report.manifest['shards'])}", soft_wrap=True)
+    if not is_labelled(report.manifest):
+        console.print(f"unlabelled: {unlabelled_why(source)}; onion train and the scores forgetting, loss and "
+                      "el2n need labels, the grouping scores and select --dedup do not", soft_wrap=True)
     if report.tasks_per_node:
         done = "indexed" if args.in_place else "written"
         console.print(f"shards {done} on {describe_nodes(report.tasks_per_node)}", soft_wrap=True)
+    if "img2dataset" in report.manifest:  # its own counts beside the inputs: URLs it attempted, failed...
+        from pipeline.ingest.sources.img2dataset import describe
+
+        console.print(describe(report.manifest["img2dataset"]), soft_wrap=True)
     if accounting["quarantined"]:
         reasons = dataset_summary(report.url)["quarantine_reasons"]
         console.print("quarantined: " + ", ".join(f"{count} {reason}" for reason, count in reasons.items()),
                       soft_wrap=True)
         console.print(f"every row with its reason: onion inspect {report.url}", soft_wrap=True)
+
+
+def unlabelled_why(source: Source) -> str:
+    """Why a source gave an unlabelled dataset, in the words of its options."""
+    if source.parameters.get("unlabelled"):
+        return "--unlabelled"
+    if source.spec.startswith("dataset:"):
+        return "the source dataset is unlabelled"
+    if source.spec.startswith("wds:"):
+        return "no sample has a .cls member (give --label-field NAME to read labels from each .json)"
+    return "the tables have no label column (give --label-column COLUMN)"
 
 
 def source_options(args: argparse.Namespace) -> SourceOptions:

@@ -53,15 +53,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, console: Console) -> None:
     from pipeline.cli.materialize import materialize_selection
     from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
-    from shards import location
+    from shards import location, read_manifest
+    from shards.manifest import is_labelled, require_labels
 
     dataset = location(args.dataset)
+    manifest = read_manifest(dataset)
+    if args.class_balanced:
+        require_labels(manifest, dataset.url, "--class-balanced (the same share of every class)")
     options = SelectOptions(args.keep, args.strategy, args.class_balanced, args.hard_cut, args.bins, args.seed,
                             args.dedup_rule)
     version, table = make_selection(dataset, SelectRequest(args.scores, options, args.dedup, args.round_number,
                                                            args.parent, args.remove_n))
     kept = sum(table["kept"].to_pylist())
+    use = (f"train on them with: onion train {dataset.url} --selection {version} --out RUN"
+           if is_labelled(manifest) else
+           f"their keys for your own loader: onion materialize {dataset.url} --selection {version} --keys PREFIX")
     console.print(f"{dataset.url}/selections/{version}.parquet: kept {kept} of {table.num_rows} train examples; "
-                  f"train on them with: onion train {dataset.url} --selection {version} --out RUN", soft_wrap=True)
+                  f"{use}", soft_wrap=True)
     if args.materialize:
         materialize_selection(args, version, console)

@@ -7,13 +7,15 @@ sha256 and its store's mtime/ETag when indexed; index rows point at the image me
 source tars (``shard``, ``image_offset``, ``image_size``) and record the name each image's own tar header
 holds (``member_name``), which the reader checks instead of onion's ``<key>.<ext>``.
 
-One Ray task per source shard reads it once, whole and sequentially: it hashes the file, walks its
-headers (:mod:`shards.tar_members`, nothing extracted), groups members into samples as the copy
-source does, hashes each image and reads its header (PIL opens it without decoding; ``check="decode"``
-decodes it too). Tasks are pure; the driver turns their samples into records with
+One Ray task per source shard reads it once, whole and sequentially (:class:`~shards.tar_members.HashedStream`):
+it hashes the file, walks its headers (:mod:`shards.tar_members`, nothing extracted), groups members
+into samples as the copy source does, hashes each image and reads its header (PIL opens it without
+decoding; ``check="decode"`` decodes it too). Tasks are pure; the driver turns their samples into records with
 :meth:`WebDatasetSource.records` (the same keys, labels and quarantine reasons as a copy of the same
 shards) and writes the index and the manifest at the end, so an interrupted run simply runs again.
-A task holds one shard in memory while it reads it.
+A task holds one image member in memory at a time (a member over ``MEMBER_LIMIT`` is never read: its
+sample is quarantined), so a shard of any size, or a 64 GiB member in it, takes no more; indexing time
+grows with the shards' real size, as each is hashed whole.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import io
 import json
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 
 import ray
 from PIL import Image, UnidentifiedImageError
@@ -40,14 +43,22 @@ from pipeline.ingest.job import (
     quarantined_row,
 )
 from pipeline.ingest.sources import Record, SourceError
-from pipeline.ingest.sources.webdataset import IMAGE_EXTENSIONS, Sample, WebDatasetSource, _is_metadata, group_samples
+from pipeline.ingest.sources.img2dataset import read_sidecars, sidecar_names
+from pipeline.ingest.sources.webdataset import (
+    IMAGE_EXTENSIONS,
+    Sample,
+    WebDatasetSource,
+    _is_metadata,
+    group_samples,
+    split_name,
+)
 from pipeline.ray_runtime import current_node, ensure_ray
 from shards import STATUS_OK, DatasetError, location, read_manifest
 from shards.decode import DecodeError, decode_pixels
 from shards.index import IN_PLACE_SCHEMA
 from shards.manifest import DatasetInfo, SourceShardEntry, file_stamp
 from shards.reader import TAR_HEADER, header_name
-from shards.tar_members import compression, walk_tar
+from shards.tar_members import STREAM_CHUNK, HashedStream, TarMember, compression, walk_tar
 from shards.urls import Location
 from shards.writer import commit_dataset
 
@@ -120,28 +131,50 @@ def image_facts(data: bytes, options: InPlaceOptions) -> tuple[str | None, int |
 
 
 def scan_shard(folder: Location, name: str, options: InPlaceOptions) -> ShardScan:
-    """Read one source shard once: its stamp, sha256, samples and the facts of each sample's image."""
-    stamp = file_stamp(folder.fs.info(folder.path(name)))
-    data = folder.read_bytes(name)
-    scan = ShardScan(name, len(data), hashlib.sha256(data).hexdigest(), stamp, node=current_node())
-    kind = compression(data[:8])
-    if kind:
-        scan.refused = WebDatasetSource._compressed_message(name, f"{kind}-compressed")
-        return scan
-    scan.samples = list(group_samples(walk_tar(io.BytesIO(data), len(data), read=_is_metadata)))
+    """Read one source shard once, front to back: its stamp, sha256, samples and the facts of each
+    sample's image (each image member is looked at as the stream passes it, one at a time: memory stays
+    bounded however large the shard or a member it holds)."""
+    info = folder.fs.info(folder.path(name))
+    scan = ShardScan(name, int(info["size"]), "", file_stamp(info), node=current_node())
+    headers: dict[int, str] = {}
+    facts: dict[int, ImageFacts] = {}
+
+    def header(start: int, data: bytes) -> None:
+        headers[start + TAR_HEADER] = header_name(data)
+
+    def image(offset: int, data: bytes) -> None:
+        ext, width, height, problem = image_facts(data, options)
+        facts[offset] = ImageFacts(hashlib.sha256(data).hexdigest(), headers.pop(offset, ""), ext, width, height,
+                                   problem)
+
+    def keeping_images(members: Iterator[TarMember]) -> Iterator[TarMember]:
+        for member in members:  # a sound image member: its header and data, once the stream reads them
+            if member.name is not None and member.problem is None and _is_image(member.name):
+                stream.keep(member.offset - TAR_HEADER, member.offset, header)
+                stream.keep(member.offset, member.offset + member.size, image)
+            yield member
+
+    remote = {} if folder.is_local else {"block_size": STREAM_CHUNK, "cache_type": "readahead"}
+    with folder.fs.open(folder.path(name), "rb", **remote) as handle:
+        stream = HashedStream(handle, scan.size)
+        kind = compression(stream.read(8))
+        if kind:
+            scan.refused = WebDatasetSource._compressed_message(name, f"{kind}-compressed")
+            return scan
+        scan.samples = list(group_samples(keeping_images(walk_tar(stream, scan.size, read=_is_metadata))))
+        scan.sha256 = stream.finish()
     for sample in scan.samples:
-        image = next((m for ext, m in sample.members.items() if ext in IMAGE_EXTENSIONS), None)
-        if sample.key is None or sample.problem or image is None:
+        member = next((m for ext, m in sample.members.items() if ext in IMAGE_EXTENSIONS), None)
+        if sample.key is None or sample.problem or member is None:
             continue  # the source's records() quarantines it with its reason
-        member = data[image.offset:image.offset + image.size]
-        ext, width, height, problem = image_facts(member, options)
         cls, meta = sample.members.get("cls"), sample.members.get("json")
-        scan.images[image.offset] = ImageFacts(hashlib.sha256(member).hexdigest(),
-                                               header_name(data[image.offset - TAR_HEADER:image.offset]),
-                                               ext, width, height, problem,
-                                               (cls.offset, cls.size) if cls else None,
-                                               (meta.offset, meta.size) if meta else None)
+        scan.images[member.offset] = replace(facts[member.offset], cls=(cls.offset, cls.size) if cls else None,
+                                             json=(meta.offset, meta.size) if meta else None)
     return scan
+
+
+def _is_image(name: str) -> bool:
+    return (split_name(name) or ("", ""))[1] in IMAGE_EXTENSIONS
 
 
 scan_shard_task = ray.remote(num_cpus=1, max_retries=3)(scan_shard)
@@ -163,11 +196,12 @@ def in_place_fingerprint(source: WebDatasetSource, options: InPlaceOptions) -> s
 def ok_row(record: Record, class_names: list[str], facts: ImageFacts) -> dict:
     shard, offset, size = record.locator
     cls, meta = facts.cls or (None, None), facts.json or (None, None)
+    original = record.original_size or (facts.width, facts.height)  # img2dataset's sidecar: before its resize
     return {**base_row(record, class_names), "status": STATUS_OK, "reason": None, "shard": shard,
             "image_ext": facts.ext, "image_offset": offset, "image_size": size, "sha256": facts.sha256,
             "cls_offset": cls[0], "cls_size": cls[1], "json_offset": meta[0], "json_size": meta[1],
-            "width": facts.width, "height": facts.height, "original_width": facts.width,
-            "original_height": facts.height, "member_name": facts.member_name}
+            "width": facts.width, "height": facts.height, "original_width": original[0],
+            "original_height": original[1], "member_name": facts.member_name}
 
 
 def shard_split(rows: list[dict]) -> str:
@@ -184,11 +218,13 @@ def ingest_in_place(source: WebDatasetSource, out: str, options: InPlaceOptions,
         raise DatasetError(f"{dataset.url}: memory:// lives inside one process and Ray workers cannot "
                            "write there; use a local path or an object store URL")
     identity = in_place_fingerprint(source, options)
-    # OUT may be the shards' own folder: then only onion's files are added beside them
-    beside = {name.split("/", 1)[0] for name, _ in source.shards} if dataset.root == source.folder.root else set()
+    # OUT may be the shards' own folder (img2dataset's sidecars beside them): then only onion's files are added
+    beside = ({part.split("/", 1)[0] for name, _ in source.shards for part in (name, *sidecar_names(name))}
+              if dataset.root == source.folder.root else set())
     if check_output(dataset, identity, source, options, allowed=beside):
         _clean_up(dataset)
         return IngestReport(dataset.url, read_manifest(dataset), 0, already_complete=True)
+    sidecars = read_sidecars(source.folder, [name for name, _ in source.shards])  # a bad one stops us before the scan
     claim_output(dataset, identity, source.spec)
     ensure_ray()
     pending = {scan_shard_task.remote(source.folder, name, options): name for name, _ in source.shards}
@@ -203,7 +239,7 @@ def ingest_in_place(source: WebDatasetSource, out: str, options: InPlaceOptions,
                 for task in pending:
                     ray.cancel(task)
                 raise SourceError(scans[name].refused)
-    records = source.records({name: scan.samples for name, scan in scans.items()})
+    records = source.records({name: scan.samples for name, scan in scans.items()}, sidecars)
     _check_keys(records)
     rows, by_shard = [], {name: [] for name, _ in source.shards}
     for record in records:
@@ -223,10 +259,11 @@ def ingest_in_place(source: WebDatasetSource, out: str, options: InPlaceOptions,
                for name, _ in source.shards]
     ok = sum(row["status"] == STATUS_OK for row in rows)
     manifest = commit_dataset(dataset, rows=rows, shards=entries, schema=IN_PLACE_SCHEMA, info=DatasetInfo(
-        class_names=source.class_names, source=source.spec, fingerprint=identity, command=command,
+        class_names=source.class_names, labelled=source.labelled, source=source.spec, fingerprint=identity,
+        command=command,
         extra={"accounting": {"inputs": len(records), "ok": ok, "quarantined": len(rows) - ok},
                "ingest": asdict(options), "source_parameters": source.parameters,
-               "shard_root": shard_root(source.folder)},
+               "shard_root": shard_root(source.folder), **source.manifest_extra},
     ))
     _clean_up(dataset)
     nodes = Counter(scan.node for scan in scans.values() if scan.node)

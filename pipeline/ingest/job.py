@@ -1,4 +1,5 @@
-"""``onion ingest``: a source becomes shards + index + manifest, one Ray task per output shard.
+"""``onion ingest``: a source becomes shards + index + manifest, one Ray task per output shard (or a
+few consecutive shards that share one large input unit, see :func:`plan_waves`).
 
 The plan (which example goes in which shard) is fixed before any work starts and depends only on
 the source and the options, so the output is byte-identical however often the job is killed and
@@ -11,6 +12,7 @@ import contextlib
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -27,6 +29,7 @@ from shards.urls import Location
 from shards.writer import commit_dataset, write_shard
 
 PARTS = "_parts"
+WAVE_BYTES = 512 << 20  # at most this many planned input bytes in one task that writes several shards
 PLAN_NAME = "_ingest.json"
 
 
@@ -52,33 +55,84 @@ class ShardResult:
     node: str = ""  # Ray node that wrote it ("" when a killed run had already finished it)
 
 
-def plan_shards(records: list[Record], options: IngestOptions) -> list[ShardPlan]:
+def plan_shards(records: list[Record], options: IngestOptions,
+                locality: Callable[[Record], object | None] | None = None) -> list[ShardPlan]:
     """Shuffle each split with the seed, then cut it into balanced shards.
 
     A split needs ``k`` shards to respect both the example and the planned-byte limit; examples
     are spread evenly over them (sizes differ by at most one, no tiny tail shard), and a shard
     still closes early when its planned bytes would pass the limit.
+
+    With ``locality`` (:meth:`Source.locality`: a Parquet row group), units are shuffled instead of
+    records (records within a unit too) and a shard takes whole units while they fit, so each unit
+    is read by one task: a table is read once, where a record shuffle would have every shard read a
+    share of almost every row group. A unit larger than a shard is cut over consecutive shards, which
+    :func:`plan_waves` gives to one task.
     """
     plans: list[ShardPlan] = []
     for split in sorted({r.split for r in records}):
         members = sorted((r for r in records if r.split == split), key=lambda r: r.key)
-        order = np.random.default_rng([options.seed, 7]).permutation(len(members))
-        total_bytes = sum(r.est_bytes for r in members)
-        shards = max(-(-len(members) // options.shard_size), -(-total_bytes // options.shard_bytes), 1)
-        groups: list[list[Record]] = [[]]
-        planned_bytes, remaining = 0, len(members)
-        target = -(-remaining // shards)
-        for i in order:
-            record = members[i]
-            if groups[-1] and (len(groups[-1]) >= target or planned_bytes + record.est_bytes > options.shard_bytes):
+        rng = np.random.default_rng([options.seed, 7])
+        if locality is None:
+            groups = _cut([[members[i]] for i in rng.permutation(len(members))], options)
+        else:
+            units: dict[object, list[Record]] = {}
+            for record in members:
+                units.setdefault(locality(record), []).append(record)
+            ordered = [units[unit] for unit in sorted(units, key=repr)]  # repr: units of any kind sort
+            groups = _cut([[unit[i] for i in rng.permutation(len(unit))]
+                           for unit in (ordered[j] for j in rng.permutation(len(ordered)))], options)
+        plans += [_shard_plan(split, number, group) for number, group in enumerate(groups)]
+    return plans
+
+
+def _cut(units: list[list[Record]], options: IngestOptions) -> list[list[Record]]:
+    """Consecutive units (single records when unplanned) into shards of about equal size: a shard
+    closes at the target count, or before a unit that would take it past ``shard_size`` or
+    ``shard_bytes``; a unit that alone passes a limit is split."""
+    total = sum(len(unit) for unit in units)
+    total_bytes = sum(r.est_bytes for unit in units for r in unit)
+    shards = max(-(-total // options.shard_size), -(-total_bytes // options.shard_bytes), 1)
+    groups: list[list[Record]] = [[]]
+    planned_bytes, remaining = 0, total
+    target = -(-remaining // shards)
+    for unit in units:
+        unit_bytes = sum(r.est_bytes for r in unit)
+        whole = len(unit) <= options.shard_size and unit_bytes <= options.shard_bytes
+        for record in unit:
+            full = len(groups[-1]) >= target or planned_bytes + record.est_bytes > options.shard_bytes
+            # a whole unit starts a new shard rather than straddle two (unless this one is still empty)
+            full = full or (whole and record is unit[0] and groups[-1] and (
+                len(groups[-1]) + len(unit) > options.shard_size or planned_bytes + unit_bytes > options.shard_bytes))
+            if groups[-1] and full:
                 remaining -= len(groups[-1])
                 target = -(-remaining // max(1, shards - len(groups)))  # spread what is left evenly
                 groups.append([])
                 planned_bytes = 0
             groups[-1].append(record)
             planned_bytes += record.est_bytes
-        plans += [_shard_plan(split, number, group) for number, group in enumerate(groups)]
-    return plans
+    return groups
+
+
+def plan_waves(plans: list[ShardPlan], locality: Callable[[Record], object | None] | None,
+               wave_bytes: int) -> list[list[ShardPlan]]:
+    """Plans grouped into the tasks that write them: one plan each, except consecutive plans that share
+    a unit (pieces of one large Parquet row group), which one task writes after reading the unit once
+    (up to ``wave_bytes`` of planned bytes a task)."""
+    waves: list[list[ShardPlan]] = []
+    last_units: set = set()
+    planned = 0
+    for plan in plans:
+        units = {locality(r) for r in plan.records} - {None} if locality else set()
+        size = sum(r.est_bytes for r in plan.records)
+        if waves and units & last_units and planned + size <= wave_bytes:
+            waves[-1].append(plan)
+            planned += size
+        else:
+            waves.append([plan])
+            planned = size
+        last_units = units
+    return waves
 
 
 def _shard_plan(split: str, number: int, records: list[Record]) -> ShardPlan:
@@ -112,13 +166,19 @@ def quarantined_row(record: Record, class_names: list[str], reason: str) -> dict
     return {**base_row(record, class_names), "status": STATUS_QUARANTINED, "reason": reason}
 
 
-def ingest_shard(source: Source, plan: ShardPlan, dataset_url: str, options: IngestOptions) -> ShardResult:
-    """Load, validate and encode every record of one shard, write the shard and its part."""
-    dataset = location(dataset_url)
+def ingest_wave(source: Source, plans: list[ShardPlan], dataset_url: str,
+                options: IngestOptions) -> list[ShardResult]:
+    """Write the shards of one task (see :func:`plan_waves`): their inputs fetched together, each shard
+    then written with its part."""
+    source.prefetch([record for plan in plans for record in plan.records if not record.quarantine])
+    return [write_planned_shard(source, plan, location(dataset_url), options) for plan in plans]
+
+
+def write_planned_shard(source: Source, plan: ShardPlan, dataset: Location, options: IngestOptions) -> ShardResult:
+    """Load (prefetched), validate and encode every record of one shard, write the shard and its part."""
     rows: list[dict] = []
     examples: list[ShardExample] = []
     encoded_rows: list[dict] = []
-    source.prefetch([record for record in plan.records if not record.quarantine])
     for record in plan.records:
         if record.quarantine:
             rows.append(quarantined_row(record, source.class_names, record.quarantine))
@@ -143,15 +203,16 @@ def ingest_shard(source: Source, plan: ShardPlan, dataset_url: str, options: Ing
     if examples:
         entry, spans = write_shard(dataset, plan.name, plan.split, examples)
         for row, span in zip(encoded_rows, spans):
-            row.update(image_offset=span.image.offset, image_size=span.image.size, cls_offset=span.cls.offset,
-                       cls_size=span.cls.size, json_offset=span.json.offset, json_size=span.json.size)
+            row.update(image_offset=span.image.offset, image_size=span.image.size,
+                       cls_offset=span.cls.offset if span.cls else None, cls_size=span.cls.size if span.cls else None,
+                       json_offset=span.json.offset, json_size=span.json.size)
     result = ShardResult(entry, rows + encoded_rows, current_node())
     dataset.child(PARTS).write_atomic(f"{plan.name}.json", json.dumps(
         {"entry": asdict(entry) if entry else None, "rows": result.rows}, sort_keys=True).encode())
     return result
 
 
-ingest_shard_task = ray.remote(num_cpus=1, max_retries=3)(ingest_shard)
+ingest_wave_task = ray.remote(num_cpus=1, max_retries=3)(ingest_wave)
 
 
 def finished_part(dataset: Location, plan: ShardPlan) -> ShardResult | None:
@@ -247,7 +308,8 @@ def ingest(
     """Run the whole ingest; Ray is started (see :func:`ensure_ray`) only once the output is known to be usable."""
     records = source.records()
     _check_keys(records)
-    plans = plan_shards(records, options)
+    locality = source.locality if type(source).locality is not Source.locality else None
+    plans = plan_shards(records, options, locality)
     identity = fingerprint(source, plans, options)
     dataset = location(out)
     if dataset.url.startswith("memory://"):
@@ -266,23 +328,26 @@ def ingest(
             results[plan.name] = done
     resumed = len(results)
     source_handle = ray.put(source)
-    pending = {ingest_shard_task.remote(source_handle, plan, dataset.url, options): plan
-               for plan in plans if plan.name not in results}
+    waves = plan_waves([plan for plan in plans if plan.name not in results], locality, WAVE_BYTES)
+    pending = {ingest_wave_task.remote(source_handle, wave, dataset.url, options): wave for wave in waves}
     with tqdm(total=len(records), unit="img", desc=f"ingest {source.spec}", disable=not progress) as bar:
         bar.update(sum(len(results[name].rows) for name in results))
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            plan = pending.pop(ready[0])
-            results[plan.name] = ray.get(ready[0])
-            bar.update(len(plan.records))
+            wave = pending.pop(ready[0])
+            for plan, result in zip(wave, ray.get(ready[0])):
+                results[plan.name] = result
+                bar.update(len(plan.records))
     rows = [row for plan in plans for row in results[plan.name].rows]
     _check_accounting(records, rows)
     entries = [results[p.name].entry for p in plans if results[p.name].entry is not None]
     ok = sum(r["status"] == STATUS_OK for r in rows)
     manifest = commit_dataset(dataset, rows=rows, shards=entries, info=DatasetInfo(
-        class_names=source.class_names, source=source.spec, fingerprint=identity, command=command,
+        class_names=source.class_names, labelled=source.labelled, source=source.spec, fingerprint=identity,
+        command=command,
         extra={"accounting": {"inputs": len(records), "ok": ok, "quarantined": len(rows) - ok},
-               "ingest": asdict(options), "source_parameters": source.parameters, **(extra_manifest or {})},
+               "ingest": asdict(options), "source_parameters": source.parameters, **source.manifest_extra,
+               **(extra_manifest or {})},
     ))
     _clean_up(dataset)
     nodes = Counter(result.node for result in results.values() if result.node)

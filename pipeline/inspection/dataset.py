@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shards import STATUS_QUARANTINED, location, read_index, read_manifest
+from shards.manifest import is_labelled
 
 QUARANTINE_ROWS_SHOWN = 20
 
@@ -20,7 +21,7 @@ def dataset_summary(url: str) -> dict:
     rows = index.to_pylist()
     per_class: dict[str, Counter] = {}
     for row in rows:
-        if row["status"] != STATUS_QUARANTINED:
+        if row["status"] != STATUS_QUARANTINED and row["class_name"] is not None:  # None: unlabelled
             per_class.setdefault(row["split"], Counter())[row["class_name"]] += 1
     quarantined = [{k: r[k] for k in ("key", "split", "source_ref", "reason")}
                    for r in rows if r["status"] == STATUS_QUARANTINED]
@@ -30,6 +31,7 @@ def dataset_summary(url: str) -> dict:
         "format_version": manifest["format_version"],
         "counts": manifest["counts"],
         "accounting": manifest.get("accounting"),
+        "labelled": is_labelled(manifest),
         "classes_by_split": {split: dict(sorted(c.items())) for split, c in sorted(per_class.items())},
         "quarantine_reasons": dict(Counter(_reason_kind(q["reason"]) for q in quarantined).most_common()),
         "quarantined": quarantined,
@@ -67,6 +69,8 @@ def render_summary(summary: dict, console: Console) -> None:
     for split in sorted(counts["by_split"]):
         splits.add_row(split, *(str(counts["by_split_status"].get(f"{split}/{s}", 0)) for s in statuses))
     console.print(splits)
+    if not summary["labelled"]:
+        console.print("Unlabelled: the examples carry no class (the index's label column is null)")
     classes = titled_table("Examples by class (status ok)")
     classes.add_column("class")
     split_names = list(summary["classes_by_split"])
@@ -75,7 +79,8 @@ def render_summary(summary: dict, console: Console) -> None:
     class_names = sorted({c for per in summary["classes_by_split"].values() for c in per}, key=str)
     for name in class_names:
         classes.add_row(str(name), *(str(summary["classes_by_split"][s].get(name, 0)) for s in split_names))
-    console.print(classes)
+    if summary["labelled"]:
+        console.print(classes)
     quarantined = summary["quarantined"]
     if quarantined:
         table = titled_table(f"Quarantined: {len(quarantined)} "

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from shards import UsageError, location, read_index
+from shards import UsageError, location, read_index, read_manifest
 from shards.index import parquet_names, read_parquet, table_to_parquet_bytes, usable_train
+from shards.manifest import require_labels
 from shards.urls import Location
 
 SCORES = "scores"
@@ -118,6 +119,7 @@ SCORERS: dict[str, Callable[[ScoreContext], pa.Table]] = {
     "phash": _phash,
     "embed": _embed,
 }
+LABEL_SCORERS = ("forgetting", "loss", "el2n")  # they read a classifier trained on the labels
 RAY_SCORERS = ("el2n", "exact", "phash", "embed")  # they run Ray tasks or actors over the shards
 
 # What dropping the lowest scores of a scorer removes, as written in a selection's reasons.
@@ -137,6 +139,9 @@ def scorer_of(scores: pa.Table) -> str:
 def compute_scores(name: str, context: ScoreContext) -> pa.Table:
     if name not in SCORERS:
         raise UsageError(f"unknown scorer {name!r} (known: {', '.join(SCORERS)})")
+    if name in LABEL_SCORERS:
+        require_labels(read_manifest(location(context.dataset)), context.dataset,
+                       f"the {name} score (how a classifier learns each example's label)")
     table = SCORERS[name](context)
     return table.replace_schema_metadata({b"onion": json.dumps({"scorer": name}).encode()})
 

@@ -13,7 +13,7 @@ class SourceOptions:
 
     val_fraction: float | None = None  # None: the source's own default
     image_column: str = "image"  # parquet:, hf: the column of image bytes
-    label_column: str = "label"
+    label_column: str | None = None  # None: "label" when the tables have that column, else unlabelled
     split_column: str | None = None
     key_column: str | None = None
     seed: int = 0
@@ -25,6 +25,7 @@ class SourceOptions:
     flip_rate: float = 0.05
     label_field: str | None = None  # wds: the .json field holding the label (default: the .cls member)
     class_names: tuple[str, ...] | None = None  # label i is class_names[i]; a label may also be given by name
+    unlabelled: bool = False  # wds:, parquet:, hf: read no labels (images with captions, no classes)
 
 
 def _digits(argument: str, options: SourceOptions) -> Source:
@@ -83,7 +84,7 @@ def _wds(argument: str, options: SourceOptions) -> Source:
     from pipeline.ingest.sources.webdataset import WebDatasetSource
 
     return WebDatasetSource(argument, label_field=options.label_field, class_names=options.class_names,
-                            val_fraction=options.val_fraction or 0.0)
+                            val_fraction=options.val_fraction or 0.0, unlabelled=options.unlabelled)
 
 
 # name -> (needs an argument after ':', factory)
@@ -98,6 +99,8 @@ SOURCES: dict[str, tuple[bool, Callable[[str, SourceOptions], Source]]] = {
     "dataset": (True, _dataset),
     "wds": (True, _wds),
 }
+
+UNLABELLED_SOURCES = ("wds", "parquet", "hf")  # the ones that can read images without classes
 
 
 def open_source(spec: str, options: SourceOptions | None = None) -> Source:
@@ -114,6 +117,9 @@ def open_source(spec: str, options: SourceOptions | None = None) -> Source:
             raise SourceError(foreign_shards_message(spec, tars))
         known = ", ".join(f"{n}:DIR" if needs else n for n, (needs, _) in SOURCES.items())
         raise SourceError(f"unknown source {spec!r} (known: {known}, or a path to an onion dataset)")
+    if options.unlabelled and name not in UNLABELLED_SOURCES:
+        raise SourceError(f"--unlabelled works with the sources {', '.join(f'{n}:' for n in UNLABELLED_SOURCES)}, "
+                          f"not {name}")
     needs_argument, factory = SOURCES[name]
     if needs_argument and not argument:
         raise SourceError(f"source {name!r} needs a location: {name}:DIR")

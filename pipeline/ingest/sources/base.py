@@ -48,6 +48,10 @@ class Source(ABC):
     spec: str
     class_names: list[str]
     parameters: dict = {}  # what else shapes the output (recorded in the manifest)
+    manifest_extra: dict = {}  # what records() found worth recording in the manifest (img2dataset's counts)
+    # False: the data carry no classes (LAION-style captions): every record's label is None, class_names is
+    # empty, and the dataset is written as unlabelled (see shards.manifest.is_labelled)
+    labelled: bool = True
 
     @abstractmethod
     def records(self) -> list[Record]:
@@ -56,6 +60,13 @@ class Source(ABC):
     @abstractmethod
     def load(self, record: Record) -> Raw:
         """Encoded file bytes or a uint8 pixel array (HxW or HxWx3); may raise :class:`Quarantine`."""
+
+    def locality(self, record: Record) -> object | None:
+        """What ``record`` is read with: records of one unit (a Parquet row group, whose image column is
+        read whole) are planned into as few shards as possible and each unit is read by one task, so a
+        table is read once, not once per output shard. None (the default): every record is read alone
+        (a file, a byte range), and the plan shuffles records freely."""
+        return None
 
     def prefetch(self, records: list[Record]) -> None:  # noqa: B027 - an optional hook, empty unless a source needs it
         """Called (in the Ray task) before ``records`` are loaded, so a remote source can fetch them in

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pipeline.ingest.sources.base import Record, Source, SourceError
 from shards import STATUS_OK, DatasetError, location, read_index, read_manifest
-from shards.manifest import shard_location
+from shards.manifest import is_labelled, shard_location
 from shards.reader import READ_CHUNK_BYTES
 from shards.urls import Location
 
@@ -25,6 +25,7 @@ class DatasetSource(Source):
         except DatasetError as error:
             raise SourceError(str(error)) from error
         self.class_names = list(manifest["class_names"])
+        self.labelled = is_labelled(manifest)
         self.shards_at = shard_location(self.dataset, manifest)  # shards indexed in place are elsewhere
         self._fetched: dict[str, bytes] = {}
 

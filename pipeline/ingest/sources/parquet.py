@@ -3,8 +3,9 @@
 
 Each row is one input: image bytes in a binary column or in the ``{"bytes", "path"}`` struct that
 ``datasets`` writes for its ``Image`` feature, a label (an integer, or a string mapped through the
-sorted class names; ``datasets``' ``ClassLabel`` names are read from the schema metadata), and a
-split from the file's name (``train-00000-of-00002.parquet``), a split column, or the key's hash.
+sorted class names; ``datasets``' ``ClassLabel`` names are read from the schema metadata; none when
+the tables have no ``label`` column and none is named, or with ``--unlabelled``), and a split from the
+file's name (``train-00000-of-00002.parquet``), a split column, or the key's hash.
 
 The driver reads only the files' footers and their small columns (label, split, key); the image
 column is read inside the Ray tasks, one row group (record batch) at a time, each read once per task.
@@ -42,6 +43,7 @@ from shards.urls import Location
 if TYPE_CHECKING:
     from pipeline.ingest.sources import SourceOptions
 
+DEFAULT_LABEL_COLUMN = "label"  # read when --label-column is not given and the tables have it
 GLOB_CHARACTERS = "*?["
 IGNORED_PREFIXES = (".", "_")  # in a folder walk: Spark's _SUCCESS/_temporary, hidden files (as pyarrow.dataset)
 SPLIT_IN_NAME = re.compile(r"(?<![a-z])(train|validation|valid|val|test)(?![a-z])")
@@ -170,26 +172,34 @@ class ParquetSource(Source):
     kind = "parquet"
     file_kind = "Parquet"
 
-    def __init__(self, url: str, *, image_column: str = "image", label_column: str = "label",
+    def __init__(self, url: str, *, image_column: str = "image", label_column: str | None = None,
                  class_names: str | Sequence[str] | None = None, split_column: str | None = None,
-                 key_column: str | None = None, val_fraction: float = 0.0) -> None:
+                 key_column: str | None = None, val_fraction: float = 0.0, unlabelled: bool = False) -> None:
         self.spec = f"{self.kind}:{url}"
+        if unlabelled and (label_column or class_names):
+            raise SourceError(f"{self.kind}: --unlabelled reads no labels: drop --label-column/--class-names, "
+                              "or --unlabelled")
+        # None until the first file is read: "label" when it has that column, else no labels (an unlabelled table)
         self.image_column, self.label_column = image_column, label_column
+        self.guess_label_column = label_column is None and not unlabelled
         self.split_column, self.key_column, self.val_fraction = split_column, key_column, val_fraction
         given = parse_class_names(class_names, self.kind)
         self.parameters = {"image_column": image_column, "label_column": label_column, "class_names": given,
-                           "split_column": split_column, "key_column": key_column, "val_fraction": val_fraction}
+                           "split_column": split_column, "key_column": key_column, "val_fraction": val_fraction,
+                           **({"unlabelled": True} if unlabelled else {})}
         self.folder, found = self._find_files(url)
         self._fetched: dict[str, bytes | Quarantine] = {}
         self.files, columns, table_names, label_kind = self._scan(found)
-        self.class_names = given or self._class_names(columns, table_names, label_kind, url)
+        self.labelled = self.label_column is not None
+        self.class_names = (given or self._class_names(columns, table_names, label_kind, url)) if self.labelled else []
         self._records: list[Record] | None = self._build_records(columns)
 
     @classmethod
     def from_options(cls, url: str, options: SourceOptions) -> ParquetSource:
         return cls(url, image_column=options.image_column, label_column=options.label_column,
                    class_names=options.class_names, split_column=options.split_column,
-                   key_column=options.key_column, val_fraction=options.val_fraction or 0.0)
+                   key_column=options.key_column, val_fraction=options.val_fraction or 0.0,
+                   unlabelled=options.unlabelled)
 
     def __getstate__(self) -> dict:
         """Ray ships the source to every task: the records and fetched images stay behind."""
@@ -251,15 +261,18 @@ class ParquetSource(Source):
         files, columns, kinds = [], [], {}
         table_names: list[str] | None = None
         names_from = ""
-        small = list(dict.fromkeys(c for c in (self.label_column, self.split_column, self.key_column) if c))
         for name, split in found:
             with self._open(name) as table:
+                if self.guess_label_column:
+                    self.guess_label_column = False
+                    self.label_column = DEFAULT_LABEL_COLUMN if DEFAULT_LABEL_COLUMN in table.schema.names else None
+                small = list(dict.fromkeys(c for c in (self.label_column, self.split_column, self.key_column) if c))
                 kinds[self._check_schema(name, table.schema)] = name
                 data = table.read(small)
                 columns.append({column: data.column(column).to_pylist() for column in small})
                 files.append(TableFile(name, split, tuple(table.group_rows), tuple(
                     table.group_bytes(g, self.image_column) for g in range(len(table.group_rows)))))
-                names = class_label_names(table.schema, self.label_column)
+                names = class_label_names(table.schema, self.label_column) if self.label_column else None
             if names is not None and table_names is not None and names != table_names:
                 raise SourceError(f"{self.kind}: {self._where(name)} and {self._where(names_from)} name different "
                                   f"classes for column {self.label_column!r}; give --class-names")
@@ -275,13 +288,16 @@ class ParquetSource(Source):
         for flag, column in (("--image-column", self.image_column), ("--label-column", self.label_column),
                              ("--split-column", self.split_column), ("--key-column", self.key_column)):
             if column and column not in schema.names:
-                raise SourceError(f"{self.kind}: {self._where(name)} has no column {column!r} ({flag}; its columns: "
-                                  f"{', '.join(schema.names)})")
+                unlabelled = " or --unlabelled" if flag == "--label-column" else ""
+                raise SourceError(f"{self.kind}: {self._where(name)} has no column {column!r} ({flag}{unlabelled}; its "
+                                  f"columns: {', '.join(schema.names)})")
         image = schema.field(self.image_column).type
         if not (_is_binary(image) or pa.types.is_struct(image) and image.get_field_index("bytes") >= 0
                 and _is_binary(image.field("bytes").type)):
             raise SourceError(f"{self.kind}: {self._where(name)}: column {self.image_column!r} holds {image}, not "
                               "image bytes (binary, or the {bytes, path} struct of datasets' Image feature)")
+        if self.label_column is None:
+            return "none"
         label = _value_type(schema.field(self.label_column).type)
         if not (pa.types.is_integer(label) or _is_text(label)):
             raise SourceError(f"{self.kind}: {self._where(name)}: column {self.label_column!r} holds {label}; labels "
@@ -315,7 +331,8 @@ class ParquetSource(Source):
                 for in_group in range(rows):
                     key, key_problem = self._key(f"{prefix}-{row:0{width}d}", values, row)
                     split, split_problem = self._split(file.split, values, row, key)
-                    label, label_problem = self._label(values[self.label_column][row], class_index)
+                    label, label_problem = (self._label(values[self.label_column][row], class_index)
+                                            if self.labelled else (None, None))
                     records.append(Record(
                         key=key, split=split, label=label, source_ref=f"{file.name}[{row}]",
                         est_bytes=size // max(rows, 1) + 1024, locator=(number, group, in_group),
@@ -357,6 +374,9 @@ class ParquetSource(Source):
         return list(self._records)
 
     # --- loading: the image column, by row group, in the Ray task ---------------------------------
+
+    def locality(self, record: Record) -> tuple[int, int]:
+        return record.locator[:2]  # (file, row group): its image column is read whole
 
     def prefetch(self, records: list[Record]) -> None:
         """Read each row group that ``records`` fall in once (only its image column), keeping their images."""

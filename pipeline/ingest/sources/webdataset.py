@@ -37,6 +37,7 @@ from pipeline.ingest.sources.base import (
     short_hash,
 )
 from pipeline.ingest.sources.dataset import read_members
+from pipeline.ingest.sources.img2dataset import Sidecar, SidecarRow, read_sidecars, sidecar_summary
 from shards.errors import UsageError
 from shards.patterns import expand_pattern
 from shards.tar_members import TarMember, compression, walk_tar
@@ -104,12 +105,18 @@ def group_samples(members: Iterable[TarMember]) -> Iterator[Sample]:
 
 class WebDatasetSource(Source):
     def __init__(self, pattern: str, *, label_field: str | None = None,
-                 class_names: tuple[str, ...] | list[str] | None = None, val_fraction: float = 0.0) -> None:
+                 class_names: tuple[str, ...] | list[str] | None = None, val_fraction: float = 0.0,
+                 unlabelled: bool = False) -> None:
         self.spec, self.pattern = f"wds:{pattern}", pattern
         self.label_field, self.val_fraction = label_field, val_fraction
         self.given_names = list(class_names) if class_names else None
         self.class_names = list(self.given_names or [])  # without --class-names: set by records()
-        self.parameters = {"label_field": label_field, "class_names": self.given_names, "val_fraction": val_fraction}
+        if unlabelled and (label_field or class_names):
+            raise SourceError("wds: --unlabelled reads no labels: drop --label-field/--class-names, or --unlabelled")
+        # unlabelled: --unlabelled, or (decided by records()) no sample has a .cls member and no --label-field
+        self.forced_unlabelled = unlabelled
+        self.parameters = {"label_field": label_field, "class_names": self.given_names, "val_fraction": val_fraction,
+                           **({"unlabelled": True} if unlabelled else {})}
         try:
             self.folder, self.shards = expand_pattern(pattern)
         except UsageError as error:
@@ -130,27 +137,39 @@ class WebDatasetSource(Source):
                 "byte range; a compressed tar has no member offsets, so it cannot be indexed in place "
                 "either); decompress them first (gunzip, zstd -d, ...), then ingest them, copied or --in-place")
 
-    def records(self, scanned: dict[str, list[Sample]] | None = None) -> list[Record]:
+    def records(self, scanned: dict[str, list[Sample]] | None = None,
+                sidecars: dict[str, Sidecar] | None = None) -> list[Record]:
         """One record per sample, in shard and member order (from ``scanned``, each shard's samples as
         :func:`group_samples` gives them, when the caller walked the shards itself: ``--in-place``).
         Quarantined, with the reason: a member that is unsafe (``..`` or absolute name, link, device) or
         cut short, the rest of a tar after a broken header, a duplicate key (the later one: ``duplicate
         key of <shard>``), a sample without an image or a label, a ``.json`` that is not JSON, a ``.txt``
-        that is not UTF-8, a label that is no class."""
+        that is not UTF-8, a label that is no class.
+        img2dataset's sidecars (``sidecars``, else read here) give samples their url, caption and
+        original size, and :attr:`manifest_extra` img2dataset's own counts (see :mod:`.img2dataset`)."""
+        matched = 0  # tar samples that found their sidecar row
         first_shard: dict[str, str] = {}  # source key -> the shard it was first seen in
         drafts: list[tuple[Record, tuple[int | str, str] | None]] = []  # labels wait for the class names
         pool = ThreadPoolExecutor(1 if self.folder.is_local else LISTING_THREADS)
         try:
-            listed = (pool.map(self._samples, self.shards) if scanned is None
-                      else [scanned[shard] for shard, _ in self.shards])
+            listed = list(pool.map(self._samples, self.shards) if scanned is None
+                          else [scanned[shard] for shard, _ in self.shards])
+            if sidecars is None:  # after the listing, so that a compressed tar is what is named first
+                sidecars = read_sidecars(self.folder, [shard for shard, _ in self.shards])
+            # LAION/DataComp-style shards (captions, no classes) are an unlabelled dataset, not all quarantined
+            self.labelled = not self.forced_unlabelled and (self.label_field is not None or any(
+                "cls" in sample.members for samples in listed for sample in samples))
             for (shard, _), samples in zip(self.shards, listed):
                 seen: Counter[str] = Counter()
-                drafts += [self._record(shard, sample, first_shard, seen) for sample in samples]
+                sidecar = sidecars.get(shard)
+                drafts += [self._record(shard, sample, first_shard, seen, sidecar) for sample in samples]
+                matched += sum(sidecar.row(sample.key) is not None for sample in samples) if sidecar else 0
         finally:
             pool.shutdown(cancel_futures=True)  # a refused shard stops the listing of the others
         if not drafts:
             raise SourceError(f"wds: the {len(self.shards)} shard(s) of {self.pattern!r} hold no members")
-        if self.given_names is None:
+        self.manifest_extra = {"img2dataset": sidecar_summary(sidecars, matched)} if sidecars else {}
+        if self.given_names is None and self.labelled:
             self.class_names = derived_class_names([raw[0] for _, raw in drafts if raw is not None])
         return [self._labelled(record, raw) for record, raw in drafts]
 
@@ -163,9 +182,10 @@ class WebDatasetSource(Source):
                 raise SourceError(self._compressed_message(shard, f"{kind}-compressed"))
             return list(group_samples(walk_tar(handle, size, read=_is_metadata)))
 
-    def _record(self, shard: str, sample: Sample, first_shard: dict[str, str],
-                seen: Counter[str]) -> tuple[Record, tuple[int | str, str] | None]:
-        """The sample's record, label still unset, and its label as given (with where it came from)."""
+    def _record(self, shard: str, sample: Sample, first_shard: dict[str, str], seen: Counter[str],
+                sidecar: Sidecar | None = None) -> tuple[Record, tuple[int | str, str] | None]:
+        """The sample's record, label still unset, and its label as given (with where it came from);
+        ``sidecar``: its shard's img2dataset sidecars, if any."""
         stem = safe_key_part(posixpath.basename(shard).removesuffix(".tar"), 20)
         if sample.key is None:  # the rest of a broken tar
             key = f"{stem}-rest-{short_hash(f'{shard}@{sample.offset}')}"
@@ -189,15 +209,20 @@ class WebDatasetSource(Source):
             extra, problem = _metadata(sample)
         if problem is None:
             raw, problem = self._raw_label(sample, extra)
+        row = sidecar.row(sample.key) if sidecar and problem is None else None  # img2dataset's own record
         sizes = sum(m.size for ext, m in sample.members.items() if ext in METADATA_EXTENSIONS)
         return Record(key=key, split=hash_split(key, self.val_fraction), label=None,
                       source_ref=printable(f"{shard}[{sample.key}]"),
-                      est_bytes=(image.size if image else 0) + sizes + 1024,
+                      est_bytes=(image.size if image and not problem else 0) + sizes + 1024,  # unread if quarantined
                       locator=None if problem else (shard, image.offset, image.size),
-                      quarantine=problem, extra={} if problem else extra), raw
+                      quarantine=problem, extra={} if problem else _with_sidecar(extra, row),
+                      original_size=row.original_size if row else None), raw
 
     def _raw_label(self, sample: Sample, extra: dict) -> tuple[tuple[int | str, str] | None, str | None]:
-        """``((label as given: an int or stripped text, where it came from), None)`` or ``(None, why not)``."""
+        """``((label as given: an int or stripped text, where it came from), None)`` or ``(None, why not)``;
+        ``(None, None)`` in an unlabelled dataset."""
+        if not self.labelled:
+            return None, None
         if self.label_field is not None:
             document = extra.get("source_json")
             if not isinstance(document, dict) or self.label_field not in document:
@@ -309,6 +334,15 @@ def _metadata(sample: Sample) -> tuple[dict, str | None]:
         except UnicodeDecodeError:
             return {}, "the .txt member is not UTF-8 text"
     return extra, None
+
+
+def _with_sidecar(extra: dict, row: SidecarRow | None) -> dict:
+    """``extra`` with img2dataset's ``url``, and its ``caption`` for a sample without a ``.txt``: the
+    member wins, as what the sample itself carries (img2dataset writes the same text to both)."""
+    if row is None:
+        return extra
+    return {**{name: value for name, value in (("url", row.url), ("caption", row.caption)) if value is not None},
+            **extra}
 
 
 def _not_json(constant: str) -> None:
