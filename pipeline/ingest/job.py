@@ -77,8 +77,9 @@ def plan_shards(records: list[Record], options: IngestOptions,
             groups = _cut([[members[i]] for i in rng.permutation(len(members))], options)
         else:
             units: dict[object, list[Record]] = {}
-            for record in members:
-                units.setdefault(locality(record), []).append(record)
+            for record in members:  # a record read with nothing else (quarantined: not read) is its own unit
+                unit = locality(record)
+                units.setdefault(("record", record.key) if unit is None else unit, []).append(record)
             ordered = [units[unit] for unit in sorted(units, key=repr)]  # repr: units of any kind sort
             groups = _cut([[unit[i] for i in rng.permutation(len(unit))]
                            for unit in (ordered[j] for j in rng.permutation(len(ordered)))], options)
@@ -328,7 +329,8 @@ def ingest(
             results[plan.name] = done
     resumed = len(results)
     source_handle = ray.put(source)
-    waves = plan_waves([plan for plan in plans if plan.name not in results], locality, WAVE_BYTES)
+    waves = plan_waves([plan for plan in plans if plan.name not in results],
+                       locality if source.reads_whole_units else None, WAVE_BYTES)
     pending = {ingest_wave_task.remote(source_handle, wave, dataset.url, options): wave for wave in waves}
     with tqdm(total=len(records), unit="img", desc=f"ingest {source.spec}", disable=not progress) as bar:
         bar.update(sum(len(results[name].rows) for name in results))

@@ -61,11 +61,15 @@ class Source(ABC):
     def load(self, record: Record) -> Raw:
         """Encoded file bytes or a uint8 pixel array (HxW or HxWx3); may raise :class:`Quarantine`."""
 
+    # True: a unit of :meth:`locality` is read whole even for one of its records (a Parquet row group), so
+    # the shards that share a unit are written by one task; False: records are read by exact byte range
+    reads_whole_units: bool = False
+
     def locality(self, record: Record) -> object | None:
-        """What ``record`` is read with: records of one unit (a Parquet row group, whose image column is
-        read whole) are planned into as few shards as possible and each unit is read by one task, so a
-        table is read once, not once per output shard. None (the default): every record is read alone
-        (a file, a byte range), and the plan shuffles records freely."""
+        """What ``record`` is best read with: the records of one unit (a Parquet row group, a source tar)
+        are planned into as few shards as possible, whole units shuffled instead of single records, so
+        each task reads a few units sequentially (a row group once, not once per output shard; a tar
+        as long ranges, not a request per image). None (the default): the record is its own unit."""
         return None
 
     def prefetch(self, records: list[Record]) -> None:  # noqa: B027 - an optional hook, empty unless a source needs it

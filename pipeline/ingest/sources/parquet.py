@@ -375,6 +375,8 @@ class ParquetSource(Source):
 
     # --- loading: the image column, by row group, in the Ray task ---------------------------------
 
+    reads_whole_units = True
+
     def locality(self, record: Record) -> tuple[int, int]:
         return record.locator[:2]  # (file, row group): its image column is read whole
 

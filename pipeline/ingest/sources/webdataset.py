@@ -271,6 +271,12 @@ class WebDatasetSource(Source):
             return None, f"label {shown} ({where}) {limit}"
         return number, None
 
+    def locality(self, record: Record) -> str | None:
+        """The source shard: a task copying whole source shards reads them as a few long ranges (on an
+        object store, a request per 4 MiB (``shards.reader.READ_CHUNK_BYTES``), not one per image as a
+        record shuffle needs)."""
+        return record.locator[0] if record.locator else None
+
     def prefetch(self, records: list[Record]) -> None:
         """Read the records' images as a few ranges of neighbouring members, concurrently."""
         self._fetched = read_members(self.folder, [record.locator + (record.key,) for record in records])
