@@ -3,7 +3,7 @@
 The pipeline decides who is kept; this module only stores and reads its decisions, so the
 reader (``ShardDataset(selection="v0003")``) and the trainer can use a selection without
 importing the pipeline. A version has one row per train-split example (``key, kept, reason,
-round, parent, ...``); the same rows are always the same version.
+round, parent, ...``); the same rows chosen by the same rule are always the same version.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from shards.urls import Location
 SELECTIONS = "selections"
 FINGERPRINTS = "fingerprints"  # selections/fingerprints/vNNNN.<sha256 of the rows>: empty markers
 VERSION = re.compile(r"v\d{4,}")
+RULE = b"rule"  # Parquet metadata: the rule random choices were made by (absent: the earlier, order-dependent one)
 
 
 @dataclass(frozen=True)
@@ -51,36 +52,52 @@ class SourceExamples:
 
 
 def selection_table(source: SourceExamples, kept: np.ndarray, reasons: np.ndarray, score: np.ndarray,
-                    round_number: int, parent: str | None, strategy: str) -> pa.Table:
-    """Rows for every source example; ``rank`` orders the scored ones from easiest (0)."""
+                    round_number: int, parent: str | None, strategy: str, rule: str | None = None) -> pa.Table:
+    """Rows for every source example; ``rank`` orders the scored ones from easiest (0). ``rule`` names how
+    random choices were made; it travels in the table's metadata to the stored version."""
     scored = ~np.isnan(score)
     order = np.lexsort((source.keys, np.where(scored, score, np.inf)))
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
-    return pa.table({
+    table = pa.table({
         "key": pa.array(source.keys.tolist(), pa.string()), "label": source.labels, "kept": kept,
         "score": pa.array(score, mask=~scored), "rank": pa.array(rank, mask=~scored),
         "reason": pa.array(reasons.tolist(), pa.string()), "round": np.full(len(kept), round_number, np.int32),
         "parent": pa.array([parent] * len(kept), pa.string()),
         "strategy": pa.array([strategy] * len(kept), pa.string()),
     })
+    return table.replace_schema_metadata({RULE: rule.encode()}) if rule else table
+
+
+def selection_rule(table: pa.Table) -> str | None:
+    """The rule a selection's random choices were made by (``key-hash-v1``), or None for the earlier one."""
+    rule = (table.schema.metadata or {}).get(RULE)
+    return rule.decode() if rule else None
 
 
 def fingerprint(table: pa.Table) -> str:
+    """The identity of a selection's rows; with a rule, of the rule too. Versions chosen by the earlier
+    rule keep their row-only fingerprints, so a selection made by another rule never resolves to one of
+    them just because the rows match: its version would say it was chosen by the earlier rule."""
     digest = hashlib.sha256()
     for column in ("key", "kept", "reason", "round", "parent"):
         digest.update(json.dumps(table[column].to_pylist()).encode())
+    rule = selection_rule(table)
+    if rule:
+        digest.update(f"rule={rule}".encode())
     return digest.hexdigest()
 
 
 def save_selection(dataset: Location, table: pa.Table, parameters: dict) -> str:
-    """Store ``table`` as the next version, or return the version that already holds the same rows.
+    """Store ``table`` as the next version, or return the version that already holds the same rows
+    (chosen by the same rule: see :func:`fingerprint`).
 
     Versions are created exclusively: when two jobs save at once, the second sees the first's
     version appear and takes the next number, so no version is ever overwritten."""
     folder = dataset.child(SELECTIONS)
     identity = fingerprint(table)
-    metadata = {b"fingerprint": identity.encode(), b"parameters": json.dumps(parameters, sort_keys=True).encode()}
+    metadata = {b"fingerprint": identity.encode(), b"parameters": json.dumps(parameters, sort_keys=True).encode(),
+                **({RULE: rule.encode()} if (rule := selection_rule(table)) else {})}
     data = table_to_parquet_bytes(table.replace_schema_metadata(metadata))
     while True:
         versions = selection_versions(dataset)

@@ -4,7 +4,9 @@ A selection has one row per train-split example of the source dataset: ``key, la
 score, rank, reason, round, parent, strategy``. Quarantined examples are rows too (never kept), so
 ``kept + dropped + quarantined`` always equals the source's train examples. Versions
 (``selections/v0001.parquet`` ...) are never rewritten: the same inputs and seed give the same
-rows, and asking again returns the version that already holds them.
+rows, and asking again returns the version that already holds them. Every random choice is made
+by the key-hash rule (:mod:`pipeline.curation.key_hash`): the same whatever the order of the rows or
+how they are split across workers.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.curation.key_hash import RULE, choose_at_random
 from pipeline.curation.scoring import drop_label
 from shards import UsageError
 from shards.selections import SourceExamples, read_selection, save_selection, selection_table
@@ -51,25 +54,25 @@ class SelectOptions:
 
 
 # A strategy returns the kept positions and one drop reason per dropped position, in position order.
-Strategy = Callable[[Candidates, int, np.random.Generator, SelectOptions], tuple[np.ndarray, np.ndarray]]
+# Its random choices (``options.seed``) go by the key-hash rule, never by the candidates' order.
+Strategy = Callable[[Candidates, int, SelectOptions], tuple[np.ndarray, np.ndarray]]
 
 
-def drop_easy(c: Candidates, keep: int, rng: np.random.Generator, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
+def drop_easy(c: Candidates, keep: int, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
     order = c.easiest_first()
     return order[len(order) - keep:], np.full(len(order) - keep, "easy", dtype=object)
 
 
-def drop_hard(c: Candidates, keep: int, rng: np.random.Generator, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
+def drop_hard(c: Candidates, keep: int, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
     order = c.easiest_first()
     return order[:keep], np.full(len(order) - keep, "hard", dtype=object)
 
 
-def random_keep(c: Candidates, keep: int, rng: np.random.Generator, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
-    order = rng.permutation(len(c.keys))
-    return order[:keep], np.full(len(order) - keep, "random", dtype=object)
+def random_keep(c: Candidates, keep: int, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
+    return choose_at_random(c.keys, keep, o.seed, "random"), np.full(len(c.keys) - keep, "random", dtype=object)
 
 
-def stratified(c: Candidates, keep: int, rng: np.random.Generator, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
+def stratified(c: Candidates, keep: int, o: SelectOptions) -> tuple[np.ndarray, np.ndarray]:
     """Coverage-centric (CCS, Zheng et al. 2023): cut the hardest, then sample evenly across score bins."""
     order = c.easiest_first()
     cut = min(int(round(o.hard_cut * len(order))), len(order) - keep)
@@ -82,12 +85,12 @@ def stratified(c: Candidates, keep: int, rng: np.random.Generator, o: SelectOpti
     budget = keep
     for rank, b in enumerate(sorted(range(o.bins), key=lambda b: (len(members[b]), b))):
         share = min(len(members[b]), budget // (o.bins - rank))
-        chosen.append(rng.permutation(members[b])[:share])
+        chosen.append(members[b][choose_at_random(c.keys[members[b]], share, o.seed, "stratified-bin")])
         budget -= share
     kept = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
     if budget:  # rounding left places: fill from the unchosen pool at random
         rest = np.setdiff1d(pool, kept)
-        kept = np.concatenate([kept, rng.permutation(rest)[:budget]])
+        kept = np.concatenate([kept, rest[choose_at_random(c.keys[rest], budget, o.seed, "stratified-fill")]])
     dropped_hard = set(order[len(order) - cut:].tolist())
     dropped = np.setdiff1d(order, kept)
     reasons = np.array(["hard-cut" if i in dropped_hard else "bin-sampled-out" for i in dropped], dtype=object)
@@ -103,7 +106,6 @@ def choose(c: Candidates, keep: int, options: SelectOptions) -> tuple[np.ndarray
     if options.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {options.strategy!r} (known: {', '.join(STRATEGIES)})")
     strategy = STRATEGIES[options.strategy]
-    rng = np.random.default_rng([options.seed, 13])
     groups = [np.arange(len(c.keys))]
     budgets = [keep]
     if options.class_balanced:
@@ -112,7 +114,7 @@ def choose(c: Candidates, keep: int, options: SelectOptions) -> tuple[np.ndarray
         budgets = largest_remainder(keep, [len(g) for g in groups])
     kept_parts, reasons = [], {}
     for group, budget in zip(groups, budgets):
-        kept, dropped_reasons = strategy(c.subset(group), budget, rng, options)
+        kept, dropped_reasons = strategy(c.subset(group), budget, options)
         kept_parts.append(group[kept])
         for position, reason in zip(np.setdiff1d(np.arange(len(group)), kept), dropped_reasons):
             reasons[int(group[position])] = reason
@@ -204,7 +206,7 @@ def select(source: SourceExamples, scores: pa.Table | None, options: SelectOptio
     score = np.full(len(source.keys), np.nan)
     score[usable] = candidates.score
     strategy = "+".join(["dedup"] * (groups is not None) + [options.strategy] * then_strategy)
-    return selection_table(source, kept, reasons, score, 0, None, strategy)
+    return selection_table(source, kept, reasons, score, 0, None, strategy, rule=RULE)
 
 
 DUPLICATE = "duplicate-of:"  # the reason prefix of a dedup drop; such examples never return in later rounds
@@ -226,14 +228,13 @@ def initial_round(source: SourceExamples, keep: float, seed: int, duplicates: di
     usable = np.flatnonzero(source.ok)
     duplicates = duplicates or {}
     unique = usable[~np.isin(usable, np.fromiter(duplicates, dtype=np.int64, count=len(duplicates)))]
-    order = np.random.default_rng([seed, 17]).permutation(unique)
     kept = np.zeros(len(source.keys), dtype=bool)
-    kept[order[: int(round(keep * len(usable)))]] = True
+    kept[unique[choose_at_random(source.keys[unique], int(round(keep * len(usable))), seed, "random-initial")]] = True
     reasons = np.where(kept, "kept", np.where(source.ok, "random-initial", "quarantined")).astype(object)
     for position, reason in duplicates.items():
         reasons[position] = reason
     strategy = "dedup+random-initial" if duplicates else "random-initial"
-    return selection_table(source, kept, reasons, np.full(len(kept), np.nan), 0, None, strategy)
+    return selection_table(source, kept, reasons, np.full(len(kept), np.nan), 0, None, strategy, rule=RULE)
 
 
 def next_round(source: SourceExamples, parent: pa.Table, parent_version: str, scores: pa.Table, remove_n: int,
@@ -258,14 +259,14 @@ def next_round(source: SourceExamples, parent: pa.Table, parent_version: str, sc
                          "in the dropped pool")
     candidates = candidates_with_scores(source, kept_positions, scores)
     dropped = kept_positions[candidates.easiest_first()[:remove_n]]
-    restored = np.random.default_rng([seed, 19, round_number]).permutation(pool)[:remove_n]
+    restored = pool[choose_at_random(source.keys[pool], remove_n, seed, f"restore@r{round_number}")]
     kept[dropped], kept[restored] = False, True
     reasons[dropped] = f"{label}@r{round_number}"
     reasons[restored] = f"restored@r{round_number}"
     score = np.full(len(kept), np.nan)
     all_scores = candidates_with_scores(source, np.arange(len(kept)), scores)
     score[:] = all_scores.score
-    return selection_table(source, kept, reasons, score, round_number, parent_version, "rounds")
+    return selection_table(source, kept, reasons, score, round_number, parent_version, "rounds", rule=RULE)
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,22 @@ from pipeline.curation.scoring import SCORES
 from shards import UsageError, location, read_index
 from shards.index import parquet_names, read_parquet
 from shards.reader import index_row
-from shards.selections import read_selection, selection_versions
+from shards.selections import read_selection, selection_rule, selection_versions
 from shards.urls import Location
 
 
 def class_names(dataset: Location) -> dict[int, str]:
     rows = read_index(dataset, columns=["label", "class_name"]).to_pylist()
     return {r["label"]: r["class_name"] for r in rows if r["label"] is not None}
+
+
+EARLIER_RULE = "chosen by the earlier (order-dependent) random rule"
+
+
+def rule_of(table: pa.Table) -> str:
+    """How a version's random choices were made: its recorded rule, or a word that it predates them (those
+    still read as before; only rerunning them today may choose otherwise)."""
+    return selection_rule(table) or EARLIER_RULE
 
 
 def selection_summary(url: str, version: str) -> dict:
@@ -42,7 +51,7 @@ def selection_summary(url: str, version: str) -> dict:
     return {
         "dataset": dataset.url, "selection": version, "strategy": rows[0]["strategy"] if rows else None,
         "round": rows[0]["round"] if rows else None, "parent": rows[0]["parent"] if rows else None,
-        "counts": dict(Counter(status)), "examples": len(rows),
+        "rule": rule_of(table), "counts": dict(Counter(status)), "examples": len(rows),
         "by_class": {name: dict(counts) for name, counts in sorted(per_class.items())},
         "by_reason": dict(Counter(r["reason"] for r in rows).most_common()),
         "score_quantiles": quantiles,
