@@ -1,0 +1,46 @@
+"""``benchmarks/scale.py --quick``: every step (one rank's reader in each mode, select, report, inspect --key) runs
+on both smoke sizes, and every figure it reports is a positive number."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+READER_MODES = {"import", "plain", "restrict", "restrict-none", "selection"}
+
+
+def numbers(value, path=""):
+    """Every number in a JSON value, with where it is (booleans are not figures)."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from numbers(item, f"{path}.{name}")
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            yield from numbers(item, f"{path}[{position}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, value
+
+
+@pytest.mark.slow  # about a minute on 2 cores: 16 fresh processes, most of them importing torch
+def test_quick_run_measures_every_step_with_positive_figures(tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["quick"] and (out / "results.md").read_text().startswith("# onion at scale")
+    assert [size["rows"] for size in report["sizes"]] == [20_000, 200_000]
+    for size in report["sizes"]:
+        assert size["shards"] == size["rows"] // 2000
+        assert set(size["reader"]) == READER_MODES
+        for step in [*size["reader"].values(), size["select"], size["report"], size["inspect_key_lookup"]]:
+            assert not step.get("timed_out") and step["seconds"] > 0 and step["peak_rss_mib"] > 0, step
+        for mode in READER_MODES - {"import"}:
+            assert size["reader"][mode]["to_first_batch_seconds"] > 0
+        assert set(size["bytes_per_example"]) == {"index", "index_unique_sha256", "scores_random", "manifest",
+                                                  "selection", "index_scores_selection"}
+        for where, value in numbers(size):
+            assert value > 0, f"{size['rows']} rows: {where} = {value}"
+    assert not list(out.glob("data-*")), "the synthetic datasets are deleted unless --keep-data"
