@@ -8,7 +8,10 @@ write anywhere; it is reported, as are links, devices, a member larger than any 
 file's real size and by ``HEADER_LIMIT``, never by what a header claims: a PAX or GNU long-name header
 "of 8 GiB" makes tarfile allocate at most 16 MiB, whether the file holds 10 KB or is a 64 GiB sparse
 file. Member data is skipped with a seek (on object stores, a ranged read) unless the caller asks for
-it. Directory members hold no data and are left out.
+it. Directory members hold no data and are left out. The common member (a regular file or directory
+under a valid USTAR/GNU header, optionally behind a PAX header of path, size and times) is parsed here,
+exactly as tarfile parses it, because tarfile's parse was most of a walk's time; anything else goes to
+tarfile (``tests/test_ingest_wds.py`` checks both give the same walk on every shape of tar).
 
 :class:`HashedStream` reads a whole file once, front to back in large reads, for a caller that must
 hash all of it anyway (indexing shards in place, verifying them): the walk's seeks read through, and
@@ -108,13 +111,15 @@ TAR_ERRORS = (tarfile.TarError, ValueError, UnicodeError, IndexError)
 
 
 def walk_tar(handle: BinaryIO, size: int, *, read: Callable[[str], bool] | None = None,
-             read_limit: int = READ_LIMIT, size_limit: int = MEMBER_LIMIT) -> Iterator[TarMember]:
+             read_limit: int = READ_LIMIT, size_limit: int = MEMBER_LIMIT,
+             parse_plain: bool = True) -> Iterator[TarMember]:
     """Every member of the tar in ``handle`` (``size`` bytes, seekable), in stored order. A member
     for which ``read(name)`` is true comes with its data when it is sound and at most ``read_limit``
     bytes; a member of more than ``size_limit`` bytes carries a problem (it is never read). The walk
     stops at the first member whose data runs past the end of the file (a truncated or lying tar:
     that member carries the problem) or with a ``name=None`` member where the headers stop making
-    sense; a tar that ends cleanly ends with its last member."""
+    sense; a tar that ends cleanly ends with its last member. ``parse_plain`` False leaves every
+    header to tarfile (the tests compare both ways)."""
     reader = BoundedReader(handle, size, max(read_limit, HEADER_LIMIT))
     reader.seek(0)
     try:
@@ -123,11 +128,20 @@ def walk_tar(handle: BinaryIO, size: int, *, read: Callable[[str], bool] | None 
         yield TarMember(None, 0, 0, f"not a tar file ({error})")
         return
     while True:
-        try:
-            info = tar.next()
-        except TAR_ERRORS as error:
-            yield TarMember(None, tar.offset, 0, f"tar headers broken at byte {tar.offset} ({error})")
-            return
+        plain = (_plain_member(reader, tar.offset) if parse_plain and tar.firstmember is None and not tar.pax_headers
+                 else None)
+        if plain is not None:  # the common member, parsed here: tarfile's own parse is most of a walk's time
+            name, data_offset, data_size, is_dir, next_offset = plain
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+            info.size, info.offset_data = data_size, data_offset
+            tar.offset = next_offset
+        else:
+            try:
+                info = tar.next()
+            except TAR_ERRORS as error:
+                yield TarMember(None, tar.offset, 0, f"tar headers broken at byte {tar.offset} ({error})")
+                return
         tar.members = []  # tarfile keeps every header it read; a shard may hold millions
         if info is None:
             break
@@ -157,6 +171,101 @@ def walk_tar(handle: BinaryIO, size: int, *, read: Callable[[str], bool] | None 
     end = _trailing_garbage(reader, tar.offset, size)
     if end:
         yield TarMember(None, tar.offset, 0, end)
+
+
+PAX_SIMPLE_KEYS = frozenset({"path", "size", "mtime", "atime", "ctime", "uid", "gid", "uname", "gname", "comment"})
+_PAX_RECORD = re.compile(rb"([1-9][0-9]*) ([^=\n]+)=")
+
+
+def _plain_member(reader: BoundedReader, offset: int) -> tuple[str, int, int, bool, int] | None:
+    """``(name, data offset, size, is a directory, next header's offset)`` of the member whose header
+    starts at ``offset``, parsed as tarfile parses it, when it is the common kind: a regular file or a
+    directory under a valid USTAR/GNU header, optionally after a PAX header that sets only its path,
+    size and times. None for anything else (links, devices, sparse and GNU long-name members, global
+    PAX headers, odd PAX records, a bad checksum, base-256 numbers, the end of the archive, a cut
+    header): tarfile reads those, so a hostile header meets the same checks as before."""
+    reader.seek(offset)
+    block = reader.read(tarfile.BLOCKSIZE)
+    pax: dict[str, str] = {}
+    if len(block) == tarfile.BLOCKSIZE and block[156:157] == tarfile.XHDTYPE:
+        size = _header_number(block, 124, 136)
+        if size is None or not _checksum_ok(block) or size > READ_LIMIT:
+            return None
+        records = reader.read(size)
+        pax = _pax_records(records) if len(records) == size else None
+        if pax is None:
+            return None
+        offset += tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        reader.seek(offset)
+        block = reader.read(tarfile.BLOCKSIZE)
+    kind = block[156:157] if len(block) == tarfile.BLOCKSIZE else b"?"
+    if kind not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE) or not _checksum_ok(block):
+        return None
+    size = _header_number(block, 124, 136)
+    if size is None:
+        return None
+    name, prefix = _text(block[0:100]), _text(block[345:500])
+    is_dir = kind == tarfile.DIRTYPE or (kind == tarfile.AREGTYPE and name.endswith("/"))
+    if is_dir:
+        name = name.rstrip("/")
+    if prefix:
+        name = f"{prefix}/{name}"
+    if "path" in pax:
+        name = pax["path"].rstrip("/")
+    if "size" in pax:
+        size = int(pax["size"])
+    data_offset = offset + tarfile.BLOCKSIZE
+    stored = 0 if is_dir else -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return name, data_offset, size, is_dir, data_offset + stored
+
+
+def _checksum_ok(block: bytes) -> bool:
+    """tarfile's test: the stored checksum is the byte sum with the checksum field as spaces, of
+    unsigned bytes (or, as some old tars wrote it, signed ones)."""
+    stored = _header_number(block, 148, 156)
+    rest = block[:148] + block[156:]
+    unsigned = 256 + sum(rest)
+    return stored is not None and (stored == unsigned or stored == unsigned - 256 * sum(b > 127 for b in rest))
+
+
+def _header_number(block: bytes, start: int, end: int) -> int | None:
+    """An octal number field; None for base-256 and anything odd (tarfile decides those)."""
+    field = block[start:end]
+    if field[:1] in (b"\x80", b"\xff"):
+        return None
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text or b"0", 8) if text.isascii() else None
+    except ValueError:
+        return None
+
+
+def _text(field: bytes) -> str:
+    """A name field as tarfile decodes it (UTF-8, undecodable bytes kept as surrogates)."""
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes) -> dict[str, str] | None:
+    """A PAX header's records when each is well formed, a simple key and valid UTF-8; else None."""
+    records: dict[str, str] = {}
+    position = 0
+    while position < len(data):
+        match = _PAX_RECORD.match(data, position)
+        if match is None:
+            return None if data[position:].strip(b"\0") else records
+        length, key = int(match.group(1)), match.group(2)
+        end = position + length
+        if end > len(data) or data[end - 1:end] != b"\n" or match.end() > end:
+            return None
+        try:
+            keyword, value = key.decode("ascii"), data[match.end():end - 1].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if keyword not in PAX_SIMPLE_KEYS or (keyword == "size" and not value.isdigit()):
+            return None
+        records[keyword] = value
+        position = end
+    return records
 
 
 def _trailing_garbage(reader: BoundedReader, offset: int, size: int) -> str | None:

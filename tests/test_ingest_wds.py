@@ -389,3 +389,55 @@ def test_shards_on_s3_ingest_as_local_ones(ray_local, zoo, tmp_path):
     remote, local = (files_of(tmp_path / name) for name in ("remote", "local"))
     assert remote.pop("manifest.json") != local.pop("manifest.json")  # the source's spec and the command differ
     assert remote == local  # shards and index byte for byte
+
+
+def tar_in_format(tar_format: int, members: list[tuple[str, bytes]], **pax: str) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1234567890.5  # a fractional mtime: a PAX record of its own
+            info.pax_headers = dict(pax)
+            info.type = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buffer.getvalue()
+
+
+def tar_shapes(zoo_folder) -> dict[str, bytes]:
+    """Tars of every shape the walk meets: webdataset's writer, each tarfile format, USTAR prefix names,
+    PAX long and non-ASCII names, directories, an old-style directory, signed checksums, every hostile
+    kind, the zoo's cut shard."""
+    long = "a.b/" + "c" * 120 + ".d/000001.jpg"
+    members = [("dir.v1/", b""), ("dir.v1/s0.jpg", photo(0)), ("dir.v1/s0.cls", b"1"), ("ünï/s1.png", photo(1, "PNG")),
+               (long, photo(2)), ("p" * 90 + "/" + "q" * 90 + ".jpg", photo(3)), ("s4.txt", b"")]
+    shapes = {"gnu": tar_in_format(tarfile.GNU_FORMAT, members), "pax": tar_in_format(tarfile.PAX_FORMAT, members),
+              "ustar": tar_in_format(tarfile.USTAR_FORMAT, [m for m in members if m[0] != long and "ü" not in m[0]])}
+    shapes["pax-comment-and-charset"] = tar_in_format(tarfile.PAX_FORMAT, members[:3], comment="hi",
+                                                      hdrcharset="BINARY")
+    old_dir = bytearray(tar_bytes([("olddir/", b""), ("olddir/x.jpg", photo(4))]))
+    old_dir[156:157] = b"\0"  # a v7 directory: a regular file whose name ends in "/"
+    old_dir[148:156] = b" " * 8
+    old_dir[148:156] = b"%06o\0 " % sum(old_dir[:512])
+    shapes["v7-directory"] = bytes(old_dir)
+    signed = bytearray(tar_bytes([("first.jpg", photo(4)), ("s\xe9.jpg", photo(5))]))
+    at = member_offset(bytes(signed), "s\xe9.jpg")  # a header byte > 127, its checksum summed as signed bytes
+    signed[at + 148:at + 156] = b" " * 8
+    header = signed[at:at + 512]
+    signed[at + 148:at + 156] = b"%06o\0 " % (sum(header) - 256 * sum(b > 127 for b in header))
+    shapes["signed-checksum"] = bytes(signed)
+    shapes.update({f"hostile-{kind}": hostile_tar(kind) for kind in HOSTILE})
+    shapes.update({path.name: path.read_bytes() for path in sorted(zoo_folder.glob("*.tar"))})
+    return shapes
+
+
+def test_the_plain_header_parse_walks_every_tar_as_tarfile_does(zoo):
+    """walk_tar parses plain headers itself (tarfile's parse was most of a walk's time) and leaves the rest to
+    tarfile: every member, offset, size, problem and break is what a walk by tarfile alone gives."""
+    shapes = tar_shapes(zoo)
+    assert len(shapes) > 15
+    for name, data in shapes.items():
+        walks = [list(walk_tar(io.BytesIO(data), len(data), read=lambda n: n.endswith((".cls", ".txt")),
+                               parse_plain=plain)) for plain in (True, False)]
+        assert walks[0] == walks[1], name
+    pax = [m.name for m in walk_tar(io.BytesIO(shapes["pax"]), len(shapes["pax"]))]
+    assert pax[:2] == ["dir.v1/s0.jpg", "dir.v1/s0.cls"] and any(name.startswith("a.b/") for name in pax)
