@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from shards.key_hash import key_draws
 from trainer.example_pruning import plan_epoch, prunes_epoch
 
 KEYS = np.array([f"k{i}" for i in range(8)], dtype=object)
@@ -14,7 +15,8 @@ def test_pruned_epoch_matches_a_hand_computation():
     assert plan.keys.tolist() == KEYS.tolist()  # sorted, whatever order came in
     assert plan.threshold == pytest.approx(np.nanmean(LOSSES))
     well_learned = [0, 1, 2, 3, 5]
-    left_out = np.random.default_rng([5, 23, 2]).permutation(well_learned)[:2].tolist()  # round(0.4 * 5) = 2
+    draws = key_draws(KEYS[well_learned], 5, "infobatch@e2")  # the key-hash rule, seed 5, epoch 2
+    left_out = sorted(np.array(well_learned)[np.argsort(draws)[:2]].tolist())  # round(0.4 * 5) = 2
     assert (~plan.kept).nonzero()[0].tolist() == sorted(left_out)
     expected = np.ones(8)
     expected[well_learned] = 1 / (1 - 0.4)

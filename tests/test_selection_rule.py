@@ -9,7 +9,6 @@ import pyarrow as pa
 import pytest
 
 from helpers import write_direct_dataset
-from pipeline.curation.key_hash import RULE, key_draws, smallest
 from pipeline.curation.selection import (
     Candidates,
     SelectOptions,
@@ -22,6 +21,7 @@ from pipeline.curation.selection import (
 from pipeline.inspection.selections import EARLIER_RULE, selection_summary
 from shards import location
 from shards.index import table_to_parquet_bytes
+from shards.key_hash import RULE, key_draws, smallest
 from shards.selections import fingerprint, read_selection, save_selection, selection_rule
 
 N = 300

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shards.key_hash import RULE, choose_at_random
 from shards.selections import SourceExamples, read_selection, save_selection, selection_table
 from shards.urls import Location
 from trainer.dynamics import read_dynamics
@@ -66,7 +67,9 @@ def plan_epoch(keys: np.ndarray, scores: np.ndarray, epoch: int, epochs: int, ra
     threshold = float(scores[presented].mean()) if presented.any() else math.nan
     if prunes_epoch(epoch, epochs, anneal) and presented.any():
         well_learned = np.flatnonzero(presented & (scores < threshold))
-        out = np.random.default_rng([seed, 23, epoch]).permutation(well_learned)[:round(ratio * len(well_learned))]
+        # the left-out share drawn by the key-hash rule: the same on any number of ranks or workers
+        out = well_learned[choose_at_random(keys[well_learned], round(ratio * len(well_learned)), seed,
+                                            f"infobatch@e{epoch}")]
         kept[out] = False
         weights[well_learned] = 1.0 / (1.0 - ratio)
         weights[out] = 0.0
@@ -104,7 +107,7 @@ def record_plan(dataset: Location, plan: EpochPlan, base: str | None, parameters
     reasons[at] = np.where(plan.kept, "kept", f"well-learned@e{plan.epoch}")
     score = np.full(len(source.keys), np.nan)
     score[at] = plan.scores
-    table = selection_table(source, kept, reasons, score, plan.epoch, base, STRATEGY)
+    table = selection_table(source, kept, reasons, score, plan.epoch, base, STRATEGY, rule=RULE)
     return save_selection(dataset, table, {**parameters, "epoch": plan.epoch, "threshold": plan.threshold})
 
 

@@ -5,7 +5,7 @@ score, rank, reason, round, parent, strategy``. Quarantined examples are rows to
 ``kept + dropped + quarantined`` always equals the source's train examples. Versions
 (``selections/v0001.parquet`` ...) are never rewritten: the same inputs and seed give the same
 rows, and asking again returns the version that already holds them. Every random choice is made
-by the key-hash rule (:mod:`pipeline.curation.key_hash`): the same whatever the order of the rows or
+by the key-hash rule (:mod:`shards.key_hash`): the same whatever the order of the rows or
 how they are split across workers.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.curation.key_hash import RULE, choose_at_random
 from pipeline.curation.scoring import drop_label
 from shards import UsageError
+from shards.key_hash import RULE, choose_at_random
 from shards.selections import SourceExamples, read_selection, save_selection, selection_table
 from shards.urls import Location
 
