@@ -34,12 +34,12 @@ from tqdm import tqdm
 from pipeline.ingest.encode import COLOUR_MODES, GREY_MODES, KEPT_FORMATS
 from pipeline.ingest.job import (
     IngestReport,
-    _check_accounting,
-    _check_keys,
-    _clean_up,
     base_row,
+    check_accounting,
+    check_keys,
     check_output,
     claim_output,
+    clean_up,
     quarantined_row,
 )
 from pipeline.ingest.sources import Record, SourceError
@@ -222,7 +222,7 @@ def ingest_in_place(source: WebDatasetSource, out: str, options: InPlaceOptions,
     beside = ({part.split("/", 1)[0] for name, _ in source.shards for part in (name, *sidecar_names(name))}
               if dataset.root == source.folder.root else set())
     if check_output(dataset, identity, source, options, allowed=beside):
-        _clean_up(dataset)
+        clean_up(dataset)
         return IngestReport(dataset.url, read_manifest(dataset), 0, already_complete=True)
     sidecars = read_sidecars(source.folder, [name for name, _ in source.shards])  # a bad one stops us before the scan
     claim_output(dataset, identity, source.spec)
@@ -240,7 +240,7 @@ def ingest_in_place(source: WebDatasetSource, out: str, options: InPlaceOptions,
                     ray.cancel(task)
                 raise SourceError(scans[name].refused)
     records = source.records({name: scan.samples for name, scan in scans.items()}, sidecars)
-    _check_keys(records)
+    check_keys(records)
     rows, by_shard = [], {name: [] for name, _ in source.shards}
     for record in records:
         if record.quarantine:
@@ -253,7 +253,7 @@ def ingest_in_place(source: WebDatasetSource, out: str, options: InPlaceOptions,
             continue
         rows.append(ok_row(record, source.class_names, facts))
         by_shard[shard].append(rows[-1])
-    _check_accounting(records, rows)
+    check_accounting(records, rows)
     entries = [SourceShardEntry(name=name, split=shard_split(by_shard[name]), examples=len(by_shard[name]),
                                 bytes=scans[name].size, sha256=scans[name].sha256, **scans[name].stamp)
                for name, _ in source.shards]
@@ -265,6 +265,6 @@ def ingest_in_place(source: WebDatasetSource, out: str, options: InPlaceOptions,
                "ingest": asdict(options), "source_parameters": source.parameters,
                "shard_root": shard_root(source.folder), **source.manifest_extra},
     ))
-    _clean_up(dataset)
+    clean_up(dataset)
     nodes = Counter(scan.node for scan in scans.values() if scan.node)
     return IngestReport(dataset.url, manifest, 0, already_complete=False, tasks_per_node=nodes)

@@ -308,7 +308,7 @@ def ingest(
 ) -> IngestReport:
     """Run the whole ingest; Ray is started (see :func:`ensure_ray`) only once the output is known to be usable."""
     records = source.records()
-    _check_keys(records)
+    check_keys(records)
     locality = source.locality if type(source).locality is not Source.locality else None
     plans = plan_shards(records, options, locality)
     identity = fingerprint(source, plans, options)
@@ -317,7 +317,7 @@ def ingest(
         raise DatasetError(f"{dataset.url}: memory:// lives inside one process and Ray workers cannot "
                            "write there; use a local path or an object store URL")
     if check_output(dataset, identity, source, options):
-        _clean_up(dataset)
+        clean_up(dataset)
         return IngestReport(dataset.url, read_manifest(dataset), 0, already_complete=True)
     claim_output(dataset, identity, source.spec)
     ensure_ray()
@@ -341,7 +341,7 @@ def ingest(
                 results[plan.name] = result
                 bar.update(len(plan.records))
     rows = [row for plan in plans for row in results[plan.name].rows]
-    _check_accounting(records, rows)
+    check_accounting(records, rows)
     entries = [results[p.name].entry for p in plans if results[p.name].entry is not None]
     ok = sum(r["status"] == STATUS_OK for r in rows)
     manifest = commit_dataset(dataset, rows=rows, shards=entries, info=DatasetInfo(
@@ -351,12 +351,12 @@ def ingest(
                "ingest": asdict(options), "source_parameters": source.parameters, **source.manifest_extra,
                **(extra_manifest or {})},
     ))
-    _clean_up(dataset)
+    clean_up(dataset)
     nodes = Counter(result.node for result in results.values() if result.node)
     return IngestReport(dataset.url, manifest, resumed, already_complete=False, tasks_per_node=nodes)
 
 
-def _check_keys(records: list[Record]) -> None:
+def check_keys(records: list[Record]) -> None:
     seen: set[str] = set()
     for record in records:
         check_key(record.key)
@@ -365,12 +365,12 @@ def _check_keys(records: list[Record]) -> None:
         seen.add(record.key)
 
 
-def _check_accounting(records: list[Record], rows: list[dict]) -> None:
+def check_accounting(records: list[Record], rows: list[dict]) -> None:
     if sorted(r.key for r in records) != sorted(row["key"] for row in rows):
         raise RuntimeError(f"accounting broken: {len(records)} inputs but {len(rows)} index rows")
 
 
-def _clean_up(dataset: Location) -> None:
+def clean_up(dataset: Location) -> None:
     """Remove a finished ingest's bookkeeping. A twin job writing the same dataset may still be adding
     to it (and cleans up after itself when it finishes), so a removal that races with it, a folder
     refilled or a file already gone, is not an error: what is left is bookkeeping no reader opens."""
