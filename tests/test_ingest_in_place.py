@@ -11,10 +11,12 @@ import pytest
 from torch.utils.data import DataLoader
 
 from helpers import files_of, onion
+from pipeline.curation.selection import SelectOptions, SourceExamples, select
 from pipeline.ingest.in_place import InPlaceOptions, ingest_in_place
 from pipeline.ingest.sources import SourceError, SourceOptions, open_source
 from shards import DatasetDamaged, ShardDataset, location, read_example, read_index, read_manifest
 from shards.reader import header_problem
+from shards.selections import save_selection
 from shards.tar_members import walk_tar
 from shards.verify import verify_dataset
 from test_ingest_wds import EXPECTED, TINY, ZOO, photo, run_ingest, tar_bytes, zoo  # noqa: F401 - zoo is a fixture
@@ -104,14 +106,21 @@ def test_readers_see_what_they_see_in_a_copy(indexed):
         assert read_example(str(out), key).image == read_example(str(copy), key).image
 
 
-def test_exactly_once_over_two_ranks_and_two_workers(indexed):
+@pytest.mark.parametrize("selected", [False, True], ids=["whole split", "a selection"])
+def test_exactly_once_over_two_ranks_and_two_workers(indexed, selected):
     _, _, out, _ = indexed
-    everything = set(ShardDataset(str(out)).keys())
+    dataset = location(str(out))
+    selection = None
+    if selected:  # a random 60% of the train split, stored as a selection version of the in-place dataset
+        table = select(SourceExamples.of(dataset), None, SelectOptions(keep=0.6, strategy="random", seed=1))
+        selection = save_selection(dataset, table, {"test": "in place"})
+    everything = set(ShardDataset(str(out), selection=selection).keys())
+    assert 0 < len(everything) < len(ShardDataset(str(out)).keys()) if selected else everything
     per_rank = []
     for rank in (0, 1):
-        dataset = ShardDataset(str(out), rank=rank, world_size=2, seed=3, buffer_size=4)
-        per_rank.append([key for _, _, key in DataLoader(dataset, batch_size=None, num_workers=2)])
-        assert len(per_rank[-1]) == len(dataset)
+        reader = ShardDataset(str(out), rank=rank, world_size=2, seed=3, buffer_size=4, selection=selection)
+        per_rank.append([key for _, _, key in DataLoader(reader, batch_size=None, num_workers=2)])
+        assert len(per_rank[-1]) == len(reader)
     assert not set(per_rank[0]) & set(per_rank[1]) and sorted(per_rank[0] + per_rank[1]) == sorted(everything)
 
 
