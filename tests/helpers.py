@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import struct
 import subprocess
@@ -144,3 +145,12 @@ class RunsCode:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+def run_quick_benchmark(script: str, out: Path, timeout: int) -> dict:
+    """``python benchmarks/<script> --quick --out OUT`` (it must exit 0); its ``results.json``."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=timeout, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())

@@ -1,15 +1,12 @@
 """``benchmarks/in_place.py --quick``: every arm of the in-place vs copy benchmark runs end to end and
 reports positive figures, and the two datasets it reads keep the very same examples."""
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_quick_benchmark
 from shards import STATUS_OK, location, read_index
 
-ROOT = Path(__file__).resolve().parent.parent
 INDEXING_ARMS = {"local": ["read once (cat)", "in place", "copy", "in place, --check decode"],
                  "s3": ["read once (s3fs)", "in place", "copy"]}
 READING = ["in place", "copy"]
@@ -23,10 +20,7 @@ def kept_keys(path: Path) -> set[str]:
 @pytest.mark.slow  # about 40 s on 2 cores: a moto server, Ray, two training runs
 def test_quick_run_measures_every_arm_on_the_same_examples(tmp_path):
     out = tmp_path / "bench"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "in_place.py"), "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((out / "results.json").read_text())
+    report = run_quick_benchmark("in_place.py", out, timeout=300)
     assert report["quick"] and report["data"] == {"tars": 4, "examples": 32, "bytes": report["data"]["bytes"]}
     for store, arms in INDEXING_ARMS.items():
         assert list(report["indexing"][store]) == arms

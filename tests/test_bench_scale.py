@@ -1,13 +1,10 @@
 """``benchmarks/scale.py --quick``: every step (one rank's reader in each mode, select, report, inspect --key) runs
 on both smoke sizes, and every figure it reports is a positive number."""
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import run_quick_benchmark
+
 READER_MODES = {"import", "plain", "restrict", "restrict-none", "selection"}
 
 
@@ -26,10 +23,7 @@ def numbers(value, path=""):
 @pytest.mark.slow  # about a minute on 2 cores: 16 fresh processes, most of them importing torch
 def test_quick_run_measures_every_step_with_positive_figures(tmp_path):
     out = tmp_path / "bench"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((out / "results.json").read_text())
+    report = run_quick_benchmark("scale.py", out, timeout=600)
     assert report["quick"] and (out / "results.md").read_text().startswith("# onion at scale")
     assert [size["rows"] for size in report["sizes"]] == [20_000, 200_000]
     for size in report["sizes"]:
