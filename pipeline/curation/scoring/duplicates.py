@@ -33,6 +33,7 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from pipeline.curation.scoring.shard_tasks import shard_index_rows, train_shards
+from pipeline.fan_out import fan_out
 from pipeline.ray_runtime import cluster_cpus, current_node, describe_nodes, ensure_ray
 from shards import ShardDataset, UsageError
 
@@ -92,7 +93,7 @@ def perceptual_hash(pixels: np.ndarray) -> bytes:
 
 
 @ray.remote(num_cpus=1, max_retries=2)
-def hash_shard(dataset_url: str, shard: str, rows: pa.Table, kind: str) -> tuple[list[str], list, str]:
+def hash_shard(dataset_url: str, shard: str, rows: pa.Table | None, kind: str) -> tuple[list[str], list, str]:
     keys, hashes = [], []
     hasher = exact_digest if kind == "exact" else perceptual_hash
     for image, _, key in ShardDataset(dataset_url, "train", shuffle=False, shards=[shard], index=rows):
@@ -106,18 +107,15 @@ def hash_train_split(dataset_url: str, kind: str, progress: bool = True) -> tupl
     shards = train_shards(dataset_url)
     ensure_ray()
     rows = shard_index_rows(dataset_url, shards)
-    pending = [hash_shard.remote(dataset_url, shard, rows[shard], kind) for shard in shards]
     keys: list[str] = []
     hashes: list = []
     nodes: Counter = Counter()
-    with tqdm(total=len(shards), unit="shard", desc=kind, disable=not progress) as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            shard_keys, shard_hashes, node = ray.get(done[0])
-            keys.extend(shard_keys)
-            hashes.extend(shard_hashes)
-            nodes[node] += 1
-            bar.update()
+    for _, (shard_keys, shard_hashes, node) in fan_out(
+            shards, lambda shard: hash_shard.remote(dataset_url, shard, rows[shard], kind), desc=kind,
+            progress=progress):
+        keys.extend(shard_keys)
+        hashes.extend(shard_hashes)
+        nodes[node] += 1
     if progress:
         tqdm.write(f"{kind}: {len(shards)} shards hashed on {describe_nodes(nodes)}", file=sys.stderr)
     order = np.argsort(np.array(keys, dtype=object), kind="stable")

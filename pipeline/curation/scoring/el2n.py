@@ -16,12 +16,12 @@ import pyarrow as pa
 import ray
 import timm
 import torch
-from ray.util import ActorPool
 from safetensors.torch import load as load_safetensors
 from tqdm import tqdm
 
 from pipeline.curation.scoring.shard_tasks import shard_index_rows
-from pipeline.ray_runtime import cluster_cpus, current_node, describe_nodes, ensure_ray
+from pipeline.fan_out import fan_out_to_actors
+from pipeline.ray_runtime import current_node, describe_nodes, ensure_ray
 from shards import ShardDataset, UsageError, location
 from trainer.augment import ImageTransform
 from trainer.checkpoint import CHECKPOINTS, MODEL_FILE, MODEL_JSON
@@ -80,7 +80,7 @@ class EL2NScorer:
 
     @torch.no_grad()
     def score_shard(self, dataset_url: str, split: str, shard: str,
-                    rows: pa.Table) -> tuple[list[str], np.ndarray, str]:
+                    rows: pa.Table | None) -> tuple[list[str], np.ndarray, str]:
         keys: list[str] = []
         scores: list[np.ndarray] = []
         data = ShardDataset(dataset_url, split, shuffle=False, batch_size=BATCH, channels=3, shards=[shard],
@@ -99,17 +99,15 @@ def el2n(dataset_url: str, split: str, shards: list[str], run_url: str, actors: 
     """EL2N of every example in ``shards``; ``actors`` scorers (default: one per CPU of the Ray cluster)."""
     folders = checkpoint_folders(run_url)
     ensure_ray()
-    count = max(1, min(actors or cluster_cpus(), len(shards)))
     transform = run_evaluation_transform(run_url, dataset_url)
-    pool = ActorPool([EL2NScorer.remote(run_url, folders, transform) for _ in range(count)])
     keys: list[str] = []
     values: list[np.ndarray] = []
     index_rows = shard_index_rows(dataset_url, shards)
-    jobs = pool.map_unordered(
-        lambda actor, shard: actor.score_shard.remote(dataset_url, split, shard, index_rows[shard]), shards)
     nodes: Counter = Counter()
-    for shard_keys, shard_scores, node in tqdm(jobs, total=len(shards), unit="shard", desc="el2n",
-                                               disable=not progress):
+    for _, (shard_keys, shard_scores, node) in fan_out_to_actors(
+            shards, lambda: EL2NScorer.remote(run_url, folders, transform),
+            lambda actor, shard: actor.score_shard.remote(dataset_url, split, shard, index_rows[shard]),
+            actors=actors, desc="el2n", progress=progress):
         keys.extend(shard_keys)
         values.append(shard_scores)
         nodes[node] += 1

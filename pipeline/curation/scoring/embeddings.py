@@ -31,14 +31,14 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from ray.util import ActorPool
 from safetensors import SafetensorError
 from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
 from pipeline.curation.scoring.duplicates import canonical_translation, grey, grouping_table
 from pipeline.curation.scoring.shard_tasks import shard_index_rows, train_shards
-from pipeline.ray_runtime import cluster_cpus, current_node, describe_nodes, ensure_ray
+from pipeline.fan_out import fan_out_to_actors
+from pipeline.ray_runtime import current_node, describe_nodes, ensure_ray
 from shards import ShardDataset, UsageError, location
 
 PIXELS = "pixels"  # the built-in feature "model": shift-normalised pixels
@@ -164,7 +164,8 @@ class Embedder:
         torch.set_num_threads(1)
         self.features = feature_function(source, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
-    def embed_shard(self, dataset_url: str, shard: str, index_rows: pa.Table) -> tuple[list[str], np.ndarray, str]:
+    def embed_shard(self, dataset_url: str, shard: str,
+                    index_rows: pa.Table | None) -> tuple[list[str], np.ndarray, str]:
         keys: list[str] = []
         images: list[torch.Tensor] = []
         rows: list[np.ndarray] = []
@@ -187,16 +188,14 @@ def embed_train_split(dataset_url: str, source: FeatureSource, actors: int | Non
     if not shards:
         return np.zeros(0, dtype=object), np.zeros((0, 1), np.float32)
     ensure_ray()
-    count = max(1, min(actors or cluster_cpus(), len(shards)))
-    pool = ActorPool([Embedder.remote(source) for _ in range(count)])
     index_rows = shard_index_rows(dataset_url, shards)
-    jobs = pool.map_unordered(lambda actor, shard: actor.embed_shard.remote(dataset_url, shard, index_rows[shard]),
-                              shards)
     keys: list[str] = []
     rows: list[np.ndarray] = []
     nodes: Counter = Counter()
-    for shard_keys, shard_rows, node in tqdm(jobs, total=len(shards), unit="shard", desc="embed",
-                                             disable=not progress):
+    for _, (shard_keys, shard_rows, node) in fan_out_to_actors(
+            shards, lambda: Embedder.remote(source),
+            lambda actor, shard: actor.embed_shard.remote(dataset_url, shard, index_rows[shard]),
+            actors=actors, desc="embed", progress=progress):
         keys.extend(shard_keys)
         if len(shard_keys):
             rows.append(shard_rows)
