@@ -278,10 +278,14 @@ def index_bytes(folder: Path, in_place: Path, copy: Path) -> dict:
     wids = {"wids_version": 1, "shardlist": [{"url": p.name, "nsamples": samples_in(p), "filesize": p.stat().st_size}
                                              for p in tars(folder)]}
     return {"examples": examples,
-            "in place: index.parquet": (in_place / "index.parquet").stat().st_size / examples,
+            "in place: index parts": folder_bytes(in_place / "index") / examples,
             "in place: manifest.json": (in_place / "manifest.json").stat().st_size / examples,
-            "copy: index.parquet": (copy / "index.parquet").stat().st_size / examples,
+            "copy: index parts": folder_bytes(copy / "index") / examples,
             "wids descriptor (JSON)": len(json.dumps(wids).encode()) / examples}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.iterdir())
 
 
 def samples_in(path: Path) -> int:

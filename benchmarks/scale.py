@@ -118,19 +118,26 @@ def template_images(count: int) -> list[bytes]:
     return images
 
 
-def build_dataset(path: Path, rows: int, out: Path) -> dict:
+def build_dataset(path: Path, rows: int) -> dict:
     """Write the synthetic dataset of ``rows`` examples at ``path``; return what was written."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from pipeline.curation.scoring import write_scores
-    from shards.index import INDEX_NAME, INDEX_SCHEMA
-    from shards.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, library_versions, manifest_bytes
+    from shards.index import INDEX_SCHEMA, read_index, table_to_parquet_bytes
+    from shards.manifest import (
+        FORMAT_NAME,
+        FORMAT_VERSION,
+        MANIFEST_NAME,
+        index_entry,
+        library_versions,
+        manifest_bytes,
+    )
     from shards.partition import epoch_segments
     from shards.tarwriter import ShardExample, build_shard
     from shards.urls import location
+    from shards.writer import write_index_part
 
     started = time.perf_counter()
     if path.exists():
@@ -185,8 +192,9 @@ def build_dataset(path: Path, rows: int, out: Path) -> dict:
     class_array = pa.array(class_names, pa.string())
     sha_array = pa.array(image_sha, pa.string())
     constant = {text: pa.array([text], pa.string()) for text in ("train", "ok", "png")}
-    writer = pq.ParquetWriter(path / INDEX_NAME, INDEX_SCHEMA, compression="zstd")
-    honest = pq.ParquetWriter(out / f"index-unique-sha256-{rows}.parquet", INDEX_SCHEMA, compression="zstd")
+    dataset = location(str(path))
+    # the index parts (one per shard, as an ingest writes them), and their size with a unique sha256 per row
+    parts, honest_bytes = [], 0
     by_class = np.bincount(labels, minlength=CLASSES)
     for first_shard in range(0, shard_count, CHUNK_SHARDS):
         first = first_shard * SHARD_SIZE
@@ -216,27 +224,27 @@ def build_dataset(path: Path, rows: int, out: Path) -> dict:
             "planted": pa.nulls(count, pa.string()),
         }
         table = pa.table(columns, schema=INDEX_SCHEMA)
-        writer.write_table(table)
         unique = np.frombuffer(os.urandom(32 * count), np.uint8).reshape(count, 32)
         hexed = np.frombuffer(b"0123456789abcdef", np.uint8)[np.stack([unique >> 4, unique & 15], 2).reshape(count, 64)]
-        honest.write_table(table.set_column(table.schema.get_field_index("sha256"), "sha256", fixed_strings(hexed)))
-    writer.close()
-    honest.close()
-    index_data = (path / INDEX_NAME).read_bytes()
+        honest = table.set_column(table.schema.get_field_index("sha256"), "sha256", fixed_strings(hexed))
+        for start in range(0, count, SHARD_SIZE):
+            number = (first + start) // SHARD_SIZE
+            parts.append(write_index_part(dataset, names[number].removesuffix(".tar") + ".parquet",
+                                          table.slice(start, SHARD_SIZE))[0])
+            honest_bytes += len(table_to_parquet_bytes(honest.slice(start, SHARD_SIZE)))
     manifest = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "source": "synthetic:benchmarks/scale.py",
         "fingerprint": f"bench-scale-{rows}", "class_names": class_names,
         "counts": {"total": rows, "by_status": {"ok": rows}, "by_split": {"train": rows},
                    "by_class": dict(sorted((class_names[c], int(n)) for c, n in enumerate(by_class) if n)),
                    "by_split_status": {"train/ok": rows}},
-        "index": {"name": INDEX_NAME, "rows": rows, "sha256": hashlib.sha256(index_data).hexdigest()},
+        "index": index_entry(parts),
         "shards": [{"name": name, "split": "train", "examples": counts[name], **entries[name]} for name in names],
         "command": ["benchmarks/scale.py", "--rows", str(rows)], "versions": library_versions(),
     }
-    del index_data
     (path / MANIFEST_NAME).write_bytes(manifest_bytes(manifest))
     # scores/random.parquet exactly as ``onion score DATASET random`` writes it (keys sorted, seed 0)
-    keys = pq.read_table(path / INDEX_NAME, columns=["key"])["key"].combine_chunks()
+    keys = read_index(dataset, ["key"], manifest=manifest)["key"].combine_chunks()
     scores = pa.table({"key": keys, "score": np.random.default_rng([0, 11]).random(rows),
                        "tiebreak": np.zeros(rows)})
     write_scores(location(str(path)), "random", scores.replace_schema_metadata(
@@ -244,6 +252,7 @@ def build_dataset(path: Path, rows: int, out: Path) -> dict:
     middle = keys[rows // 2].as_py()
     return {"rows": rows, "shards": shard_count, "real_shards": len(real) + 1, "real_shard_bytes": real_bytes,
             "rank0_shards": len(real), "build_seconds": round(time.perf_counter() - started, 1),
+            "index_parts": len(parts), "index_unique_sha256_bytes": honest_bytes,
             "inspect_key": middle}
 
 
@@ -378,7 +387,7 @@ def measure_size(rows: int, out: Path, timeout: float, keep_data: bool) -> dict:
     logs = out / f"logs-{rows}"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"[{rows}] building the synthetic dataset", flush=True)
-    built = build_dataset(work / "dataset", rows, out)
+    built = build_dataset(work / "dataset", rows)
     dataset = work / "dataset"
     print(f"[{rows}] built in {built['build_seconds']} s; onion select", flush=True)
     figures: dict = {**built}
@@ -397,8 +406,8 @@ def measure_size(rows: int, out: Path, timeout: float, keep_data: bool) -> dict:
     print(f"[{rows}] onion inspect --key", flush=True)
     figures["inspect_key_lookup"] = run_measured([*ONION, "inspect", str(dataset), "--key", built["inspect_key"]],
                                                  logs / "inspect.log", timeout)
-    honest = out / f"index-unique-sha256-{rows}.parquet"
-    sizes = {"index": file_bytes(dataset / "index.parquet"), "index_unique_sha256": file_bytes(honest),
+    sizes = {"index": sum(file_bytes(part) for part in (dataset / "index").iterdir()),
+             "index_unique_sha256": built["index_unique_sha256_bytes"],
              "scores_random": file_bytes(dataset / "scores" / "random.parquet"),
              "manifest": file_bytes(dataset / "manifest.json")}
     if selection.exists():
@@ -409,7 +418,6 @@ def measure_size(rows: int, out: Path, timeout: float, keep_data: bool) -> dict:
         per["index_scores_selection"] = round((sizes["index_unique_sha256"] + sizes["scores_random"]
                                                + sizes["selection"]) / rows, 2)
     figures["bytes_per_example"] = per
-    honest.unlink()
     if not keep_data:
         shutil.rmtree(work)
     return figures

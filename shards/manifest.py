@@ -14,7 +14,7 @@ from importlib import metadata
 import pyarrow as pa
 
 from shards.errors import DatasetError
-from shards.index import INDEX_NAME
+from shards.index import INDEX_FOLDER, INDEX_LAYOUT, INDEX_NAME, IndexPart
 from shards.urls import TEMP_MARKER, Location, location
 
 MANIFEST_NAME = "manifest.json"
@@ -60,8 +60,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+COUNT_KINDS = ("by_status", "by_split", "by_class", "by_split_status")
+
+
 def count_rows(index: pa.Table) -> dict:
-    """Counts per status, split, class and split/status, from the index."""
+    """Counts per status, split, class and split/status, from the index (or one part of it)."""
     rows = index.select(["split", "status", "class_name"]).to_pylist()
     by_split_status = Counter(f"{r['split']}/{r['status']}" for r in rows)
     return {
@@ -72,6 +75,16 @@ def count_rows(index: pa.Table) -> dict:
                                         if r["status"] == "ok" and r["class_name"] is not None).items())),
         "by_split_status": dict(sorted(by_split_status.items())),
     }
+
+
+def sum_counts(counts: list[dict]) -> dict:
+    """The counts of several parts together, as :func:`count_rows` gives them for the whole."""
+    totals = {kind: Counter() for kind in COUNT_KINDS}
+    for part in counts:
+        for kind in COUNT_KINDS:
+            totals[kind].update(part[kind])
+    return {"total": sum(part["total"] for part in counts),
+            **{kind: dict(sorted(totals[kind].items())) for kind in COUNT_KINDS}}
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,15 @@ class DatasetInfo:
     labelled: bool = True  # False: no example has a label (written as "labelled": false)
 
 
-def build_manifest(*, index: pa.Table, index_sha256: str, shards: list[ShardEntry], info: DatasetInfo) -> dict:
+def index_entry(parts: list[IndexPart]) -> dict:
+    """The manifest's ``index``: the partitioned layout and every part."""
+    return {"layout": INDEX_LAYOUT, "folder": INDEX_FOLDER, "rows": sum(part.rows for part in parts),
+            "parts": [part.entry() for part in parts]}
+
+
+def build_manifest(*, parts: list[tuple[IndexPart, dict]], shards: list[ShardEntry], info: DatasetInfo) -> dict:
+    """The manifest of a dataset whose index is ``parts`` (each with its :func:`count_rows`)."""
+    ordered = sorted(parts, key=lambda p: p[0].name)
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -94,8 +115,8 @@ def build_manifest(*, index: pa.Table, index_sha256: str, shards: list[ShardEntr
         "fingerprint": info.fingerprint,
         "class_names": info.class_names,
         **({} if info.labelled else {"labelled": False}),
-        "counts": count_rows(index),
-        "index": {"name": "index.parquet", "rows": len(index), "sha256": index_sha256},
+        "counts": sum_counts([counts for _, counts in ordered]),
+        "index": index_entry([part for part, _ in ordered]),
         "shards": [vars(shard) for shard in sorted(shards, key=lambda s: s.name)],
         "command": info.command,
         "versions": library_versions(),
@@ -109,13 +130,14 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 def is_ingest_output(name: str) -> bool:
     """Shards, the index, and an ingest's bookkeeping (names starting with ``_``) or temporaries."""
-    return name.endswith(".tar") or name in (INDEX_NAME, MANIFEST_NAME) or name.startswith("_") or TEMP_MARKER in name
+    return (name.endswith(".tar") or name in (INDEX_NAME, INDEX_FOLDER, MANIFEST_NAME) or name.startswith("_")
+            or TEMP_MARKER in name)
 
 
 def is_ingest_bookkeeping(name: str) -> bool:
     """What only onion writes next to its shards: the index, an ingest's claim and parts (``_``
     names), temporaries. A folder of .tar files without any of these is not an onion ingest."""
-    return name in (INDEX_NAME, MANIFEST_NAME) or name.startswith("_") or TEMP_MARKER in name
+    return name in (INDEX_NAME, INDEX_FOLDER, MANIFEST_NAME) or name.startswith("_") or TEMP_MARKER in name
 
 
 def foreign_shards(names: list[str]) -> list[str]:

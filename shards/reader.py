@@ -32,7 +32,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.decode import DecodeError, decode_pixels
 from shards.errors import DatasetDamaged, DatasetError, UnknownKey
-from shards.index import MEMBER_NAME, STATUS_OK, read_index
+from shards.index import (
+    INDEX_FOLDER,
+    MEMBER_NAME,
+    STATUS_OK,
+    find_rows,
+    index_parts,
+    parts_of_shards,
+    read_index,
+)
 from shards.manifest import read_manifest, shard_location
 from shards.partition import Segment, epoch_segments, rank_size
 from shards.selections import kept_keys
@@ -63,6 +71,26 @@ class ShardRows:
     sizes: np.ndarray
     sha256: pa.Array
     member_names: pa.Array | None = None  # the name each image's tar header holds, for shards indexed in place
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def chosen(self, keep: np.ndarray) -> ShardRows:
+        """The rows where ``keep`` (one bool per row) is true."""
+        if keep.all():
+            return self
+        at = pa.array(np.flatnonzero(keep))
+        return ShardRows(keys=self.keys.take(at), labels=self.labels[keep], offsets=self.offsets[keep],
+                         sizes=self.sizes[keep], sha256=self.sha256.take(at),
+                         member_names=None if self.member_names is None else self.member_names.take(at))
+
+    @classmethod
+    def of(cls, table: pa.Table) -> ShardRows:
+        """One shard's rows (``READ_COLUMNS``), already in stored order."""
+        return cls(keys=table["key"].combine_chunks(), labels=table["label"].fill_null(UNLABELLED).to_numpy(),
+                   offsets=table["image_offset"].to_numpy(), sizes=table["image_size"].to_numpy(),
+                   sha256=table["sha256"].combine_chunks(),
+                   member_names=table[MEMBER_NAME].combine_chunks() if MEMBER_NAME in table.column_names else None)
 
 
 def distributed_rank_and_size() -> tuple[int, int]:
@@ -102,6 +130,13 @@ class ShardDataset(IterableDataset):
             when the caller already has them: a driver that reads the index once and hands each
             task its shard's rows spares every task reading the whole index (at a million
             examples in 100 shards, that was most of the scoring time).
+
+    Memory: with a partitioned index (every dataset an onion of this version wrote) and no
+    ``selection`` or ``index``, the reader holds only per-shard counts (from the manifest) and the
+    rows of the shards it is reading in the current epoch, read from those shards' index parts when
+    first needed (only the columns it uses); what it holds does not grow with the dataset, except
+    ``restrict``'s flags (one byte per example, allocated up front so that persistent DataLoader
+    workers see them). ``keys()`` and ``restrict(keys)`` read the whole split's keys when called.
     """
 
     def __init__(
@@ -147,20 +182,50 @@ class ShardDataset(IterableDataset):
         self._position = torch.zeros(3, dtype=torch.int64).share_memory_()
         self.shard_sha256 = {s["name"]: s["sha256"] for s in self.manifest["shards"]}
         self.max_gap = READ_GAP_BYTES["local" if self.shards_at.is_local else "remote"]
-        self.all_rows = self._load_rows(selection, index)
+        # lazy: rows are read per shard from the index parts when an epoch needs them (see Memory above)
+        self.lazy = index is None and selection is None and index_parts(self.manifest) is not None
+        self.all_rows = {} if self.lazy else self._load_rows(selection, index)
+        # usable examples per shard of the split (selection applied), in stored (name) order
+        self.all_counts = (self._manifest_counts() if self.lazy
+                           else {name: len(rows) for name, rows in self.all_rows.items()})
         if shards is not None:
-            unknown = set(shards) - set(self.all_rows)
+            unknown = set(shards) - set(self.all_counts)
             if unknown:
                 raise DatasetError(f"{self.dataset.url}: no shard {sorted(unknown)[0]!r} in split {split!r}")
-            self.all_rows = {name: self.all_rows[name] for name in shards}
-        # restrict()'s choice: one flag per example of all_rows, in keys() order
-        self._restriction = torch.ones(sum(len(rows.labels) for rows in self.all_rows.values()),
-                                       dtype=torch.bool).share_memory_()
-        self._restricted: tuple[int, dict[str, ShardRows]] = (0, self.all_rows)  # (generation, rows), per process
+            self.all_counts = {name: self.all_counts[name] for name in sorted(shards)}
+            self.all_rows = {name: rows for name, rows in self.all_rows.items() if name in self.all_counts}
+        self._flag_start = dict(zip(self.all_counts, np.r_[0, np.cumsum(list(self.all_counts.values()))].tolist()))
+        # restrict()'s choice: one flag per example, in keys() order (shards by name, rows in stored order)
+        self._restriction = torch.ones(sum(self.all_counts.values()), dtype=torch.bool).share_memory_()
+        # per process: (generation, examples per shard this epoch, the rows of shards read so far this epoch)
+        self._restricted: tuple[int, dict[str, int], dict[str, ShardRows]] = (0, dict(self.all_counts), {})
+
+    def _manifest_counts(self) -> dict[str, int]:
+        """Usable examples of the split per shard, as the index parts' manifest entries give them."""
+        counts: dict[str, int] = {}
+        for part in index_parts(self.manifest) or []:
+            for shard, by_split in part.examples.items():
+                if by_split.get(self.split):
+                    counts[shard] = counts.get(shard, 0) + by_split[self.split]
+        if not counts and self.split not in self.manifest["counts"]["by_split"]:
+            known = ", ".join(self.manifest["counts"]["by_split"]) or "none"
+            raise DatasetError(f"{self.dataset.url}: no split {self.split!r} (splits: {known})")
+        return dict(sorted(counts.items()))
+
+    def _load_shard(self, shard: str) -> ShardRows:
+        """One shard's rows of the split, read from its index part alone (lazy mode)."""
+        table = read_index(self.dataset, READ_COLUMNS + ["split", "status"], manifest=self.manifest, shards=[shard])
+        rows = self._shard_tables(table).get(shard)
+        if rows is None or len(rows) != self.all_counts[shard]:
+            parts = ", ".join(f"{INDEX_FOLDER}/{part.name}"
+                              for part in parts_of_shards(index_parts(self.manifest) or [], [shard]))
+            raise DatasetDamaged(f"{self.dataset.url}/{parts}: holds {0 if rows is None else len(rows)} usable "
+                                 f"{self.split} rows of {shard}, the manifest says {self.all_counts[shard]}")
+        return rows
 
     def _load_rows(self, selection: Selection | None, index: pa.Table | None) -> dict[str, ShardRows]:
         if index is None:
-            index = read_index(self.dataset, columns=READ_COLUMNS + ["split", "status"])
+            index = read_index(self.dataset, columns=READ_COLUMNS + ["split", "status"], manifest=self.manifest)
         mask = pc.and_(pc.equal(index["split"], self.split), pc.equal(index["status"], STATUS_OK))
         table = index.filter(mask).select([name for name in READ_COLUMNS if name in index.column_names])
         if len(table) == 0 and self.split not in self.manifest["counts"]["by_split"]:
@@ -168,22 +233,19 @@ class ShardDataset(IterableDataset):
             raise DatasetError(f"{self.dataset.url}: no split {self.split!r} (splits: {known})")
         if selection is not None:
             table = table.filter(pc.is_in(table["key"], value_set=self._selected_keys(selection, table["key"])))
+        return self._shard_tables(table)
+
+    def _shard_tables(self, table: pa.Table) -> dict[str, ShardRows]:
+        """Usable rows of the split, by shard (in name order), each in stored order."""
+        if "split" in table.column_names:
+            table = table.filter(pc.and_(pc.equal(table["split"], self.split), pc.equal(table["status"], STATUS_OK)))
         table = table.sort_by([("shard", "ascending"), ("image_offset", "ascending")])
         rows: dict[str, ShardRows] = {}
         shard_column = table["shard"].to_numpy(zero_copy_only=False)
         boundaries = np.flatnonzero(shard_column[1:] != shard_column[:-1]) + 1
         for start, stop in zip(np.r_[0, boundaries], np.r_[boundaries, len(table)]):
-            if start == stop:
-                continue
-            part = table.slice(start, stop - start)
-            rows[str(shard_column[start])] = ShardRows(
-                keys=part["key"].combine_chunks(),
-                labels=part["label"].fill_null(UNLABELLED).to_numpy(),
-                offsets=part["image_offset"].to_numpy(),
-                sizes=part["image_size"].to_numpy(),
-                sha256=part["sha256"].combine_chunks(),
-                member_names=part[MEMBER_NAME].combine_chunks() if MEMBER_NAME in part.column_names else None,
-            )
+            if start < stop:
+                rows[str(shard_column[start])] = ShardRows.of(table.slice(start, stop - start))
         return rows
 
     def _selected_keys(self, selection: Selection, split_keys: pa.ChunkedArray) -> pa.Array:
@@ -212,35 +274,39 @@ class ShardDataset(IterableDataset):
         but persistent DataLoader workers keep running: the choice reaches them through shared memory.
         ``selection`` takes the forms the constructor's does; every key must be one of ``keys()``.
         """
-        every = pa.array(self.keys(), pa.string())
         if selection is None:
-            chosen = np.ones(len(every), dtype=bool)
+            self._restriction.fill_(True)
         else:
+            every = pa.array(self.keys(), pa.string())
             chosen = pc.is_in(every, value_set=self._selected_keys(selection, every)).to_numpy(zero_copy_only=False)
-        self._restriction.copy_(torch.from_numpy(chosen))
+            self._restriction.copy_(torch.from_numpy(chosen))
         self._position[2] += 1
+
+    def _epoch_counts(self) -> dict[str, int]:
+        """Examples per shard an epoch reads: ``all_counts`` less what ``restrict`` left out (empty shards dropped)."""
+        generation = int(self._position[2])
+        if self._restricted[0] != generation:
+            chosen = self._restriction.numpy()
+            counts = {name: int(chosen[self._flag_start[name]:self._flag_start[name] + count].sum())
+                      for name, count in self.all_counts.items()}
+            self._restricted = (generation, {name: count for name, count in counts.items() if count}, {})
+        return self._restricted[1]
+
+    def _rows_of(self, shard: str) -> ShardRows:
+        """The rows of ``shard`` this epoch reads (restriction applied), read from its index part when lazy."""
+        rows = self._restricted[2].get(shard)
+        if rows is None:
+            whole = self.all_rows[shard] if shard in self.all_rows else self._load_shard(shard)
+            start = self._flag_start[shard]
+            rows = whole.chosen(self._restriction.numpy()[start:start + len(whole)])
+            self._restricted[2][shard] = rows
+        return rows
 
     @property
     def shard_rows(self) -> dict[str, ShardRows]:
-        """The rows an epoch reads, by shard: ``all_rows`` less what ``restrict`` left out (empty shards dropped)."""
-        generation = int(self._position[2])
-        if self._restricted[0] != generation:
-            chosen, rows, start = self._restriction.numpy(), {}, 0
-            for name, part in self.all_rows.items():
-                stop = start + len(part.labels)
-                keep = chosen[start:stop]
-                start = stop
-                if keep.all():
-                    rows[name] = part
-                elif keep.any():
-                    at = pa.array(np.flatnonzero(keep))
-                    rows[name] = ShardRows(keys=part.keys.take(at), labels=part.labels[keep],
-                                           offsets=part.offsets[keep], sizes=part.sizes[keep],
-                                           sha256=part.sha256.take(at),
-                                           member_names=None if part.member_names is None
-                                           else part.member_names.take(at))
-            self._restricted = (generation, rows)
-        return self._restricted[1]
+        """The rows an epoch reads, by shard: all rows less what ``restrict`` left out (empty shards dropped).
+        With a partitioned index this reads every shard's part: the reader itself reads only its own."""
+        return {name: self._rows_of(name) for name in self._epoch_counts()}
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Choose the epoch whose order to produce (call before iterating, as with DistributedSampler).
@@ -264,10 +330,17 @@ class ShardDataset(IterableDataset):
     @property
     def total_examples(self) -> int:
         """Examples an epoch reads (the split, selection and restriction), over all ranks."""
-        return sum(len(rows.labels) for rows in self.shard_rows.values())
+        return sum(self._epoch_counts().values())
 
     def keys(self) -> np.ndarray:
-        """Every key the split (or selection) holds, over all ranks, in stored order (``restrict`` aside)."""
+        """Every key the split (or selection) holds, over all ranks, in stored order (``restrict`` aside).
+        Sized by the whole split: with a partitioned index it reads the key column of every part."""
+        if self.lazy:
+            table = read_index(self.dataset, ["key", "shard", "image_offset", "split", "status"],
+                               manifest=self.manifest, shards=list(self.all_counts))
+            table = table.filter(pc.and_(pc.equal(table["split"], self.split), pc.equal(table["status"], STATUS_OK)))
+            return table.sort_by([("shard", "ascending"), ("image_offset", "ascending")])["key"].to_numpy(
+                zero_copy_only=False)
         parts = [rows.keys.to_numpy(zero_copy_only=False) for rows in self.all_rows.values()]
         return np.concatenate(parts) if parts else np.array([], dtype=object)
 
@@ -276,9 +349,8 @@ class ShardDataset(IterableDataset):
         return rank_size(self.total_examples, self.rank, self.world_size)
 
     def segments(self, worker: int = 0, num_workers: int = 1) -> list[Segment]:
-        counts = {name: len(rows.labels) for name, rows in self.shard_rows.items()}
         return epoch_segments(
-            counts, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
+            self._epoch_counts(), seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
             world_size=self.world_size, worker=worker, num_workers=num_workers,
         )
 
@@ -287,7 +359,12 @@ class ShardDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # A resumed DataLoader asks worker 0 first, so worker 0 takes the part whose batch is next.
         part = (worker + self.start_batch) % num_workers
-        encoded = self._encoded(self.segments(part, num_workers))
+        segments = self.segments(part, num_workers)
+        reading = {segment.shard for segment in segments}
+        loaded = self._restricted[2]
+        for shard in [name for name in loaded if name not in reading]:  # an earlier epoch's: not needed again
+            del loaded[shard]
+        encoded = self._encoded(segments)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, part])
             encoded = shuffle_buffer(encoded, self.buffer_size, rng)
@@ -319,12 +396,11 @@ class ShardDataset(IterableDataset):
     def _encoded(self, segments: list[Segment]) -> Iterator[tuple[memoryview, int, str, str]]:
         """Encoded samples of the segments, read in ranged chunks of bounded size."""
         limit = math.inf if self.verify == "shards" else READ_CHUNK_BYTES  # whole-shard check: one chunk
-        chunks = [(segment.shard, lo, hi) for segment in segments
-                  for lo, hi in chunk_bounds(self.shard_rows[segment.shard].offsets,
-                                             self.shard_rows[segment.shard].sizes,
-                                             segment.start, segment.stop, limit, self.max_gap)]
-        for (shard, lo, hi), data in zip(chunks, self._read_ahead(chunks)):
-            rows = self.shard_rows[shard]
+        chunks = ((segment.shard, lo, hi) for segment in segments  # a shard's rows are read when reached
+                  for lo, hi in chunk_bounds(self._rows_of(segment.shard).offsets, self._rows_of(segment.shard).sizes,
+                                             segment.start, segment.stop, limit, self.max_gap))
+        for (shard, lo, hi), data in self._read_ahead(chunks):
+            rows = self._rows_of(shard)
             base = self._chunk_start(rows, lo)
             view = memoryview(data)  # samples are views into the chunk: no per-sample copy
             keys = rows.keys.slice(lo, hi - lo).to_pylist()
@@ -339,19 +415,20 @@ class ShardDataset(IterableDataset):
                 self._check_members(shard, members, headers, keys, rows.sha256.slice(lo, hi - lo).to_pylist(), names)
             yield from zip(members, labels, keys, repeat(shard))
 
-    def _read_ahead(self, chunks: list[tuple[str, int, int]]) -> Iterator[bytes]:
-        """The chunks' bytes in order, with up to READ_AHEAD further reads already in flight."""
+    def _read_ahead(self, chunks: Iterable[tuple[str, int, int]]) -> Iterator[tuple[tuple[str, int, int], bytes]]:
+        """Each chunk with its bytes, in order, with up to READ_AHEAD further reads already in flight."""
         with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="onion-read") as pool:
             pending: deque = deque()
             for chunk in chunks:
-                pending.append(pool.submit(self._read_chunk, *chunk))
+                pending.append((chunk, pool.submit(self._read_chunk, *chunk, self._rows_of(chunk[0]))))
                 if len(pending) > READ_AHEAD:
-                    yield pending.popleft().result()
+                    chunk, future = pending.popleft()
+                    yield chunk, future.result()
             while pending:
-                yield pending.popleft().result()
+                chunk, future = pending.popleft()
+                yield chunk, future.result()
 
-    def _read_chunk(self, shard: str, lo: int, hi: int) -> bytes:
-        rows = self.shard_rows[shard]
+    def _read_chunk(self, shard: str, lo: int, hi: int, rows: ShardRows) -> bytes:
         base, end = self._chunk_start(rows, lo), int(rows.offsets[hi - 1] + rows.sizes[hi - 1])
         try:
             data = (self._verified_shard(shard)[base:end] if self.verify == "shards"
@@ -502,10 +579,9 @@ class Example:
 
 
 def index_row(dataset: Location, key: str) -> dict:
-    """The index row of ``key`` in a complete dataset (an :class:`UnknownKey` error if there is none)."""
-    read_manifest(dataset)
-    index = read_index(dataset)
-    rows = index.filter(pc.equal(index["key"], key)).to_pylist()
+    """The index row of ``key`` in a complete dataset (an :class:`UnknownKey` error if there is none), found
+    part by part: never the whole index in memory."""
+    rows = find_rows(dataset, pc.field("key") == key, read_manifest(dataset)).to_pylist()
     if not rows:
         raise UnknownKey(f"{dataset.url}: no example with key {key!r}")
     return rows[0]

@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from shards.manifest import DatasetInfo
+from shards.index import INDEX_FOLDER, INDEX_NAME, read_index, rows_to_table, table_to_parquet_bytes
+from shards.manifest import MANIFEST_NAME, DatasetInfo
 from shards.tarwriter import ShardExample
 from shards.urls import location
-from shards.writer import commit_dataset, write_shard
+from shards.writer import commit_dataset, write_index_by_shard, write_shard
 from trainer.config import TrainConfig
 
 # ``onion`` as a user runs it, from this interpreter (not relying on the console script being on PATH).
@@ -122,7 +123,7 @@ def write_direct_dataset(url: str, shard_sizes: list[int], split: str = "train",
                          "json_offset": span.json.offset, "json_size": span.json.size,
                          "sha256": hashlib.sha256(example.image).hexdigest(),
                          "width": 8, "height": 8, "source_ref": f"test[{example.key}]"})
-    commit_dataset(dataset, rows=rows, shards=entries,
+    commit_dataset(dataset, parts=write_index_by_shard(dataset, rows_to_table(rows)), shards=entries,
                    info=DatasetInfo(class_names=["0", "1", "2"], source="test", fingerprint="test", command=["test"]))
     return truth
 
@@ -154,3 +155,21 @@ def run_quick_benchmark(script: str, out: Path, timeout: int) -> dict:
                             capture_output=True, text=True, timeout=timeout, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
+
+
+def as_single_file_index(url: str) -> None:
+    """Rewrite a dataset's index as an earlier onion wrote it: one ``index.parquet`` (sorted by key) that the
+    manifest names, no ``index/`` parts. What ``onion upgrade`` reads."""
+    dataset = location(url)
+    manifest = json.loads(dataset.read_bytes(MANIFEST_NAME))
+    data = table_to_parquet_bytes(read_index(dataset, manifest=manifest))
+    dataset.write_atomic(INDEX_NAME, data)
+    manifest["index"] = {"name": INDEX_NAME, "rows": manifest["index"]["rows"],
+                         "sha256": hashlib.sha256(data).hexdigest()}
+    dataset.write_atomic(MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    dataset.remove(INDEX_FOLDER, recursive=True)
+
+
+def top_level(names) -> list[str]:
+    """Sorted distinct names with the index parts (``index/part-000000.parquet`` ...) shown as one ``index/``."""
+    return sorted({"index/" if name.startswith("index/") else name for name in names})

@@ -35,7 +35,7 @@ from shards import read_example
 root, count = sys.argv[1], int(sys.argv[2])
 seen = sum(1 for _ in wds.WebDataset(root + "/train-{000000..000002}.tar", shardshuffle=False).decode("pil"))
 assert seen == count, seen
-rows = duckdb.sql(f"select class_name, count(*) from '{root}/index.parquet' group by 1").fetchall()
+rows = duckdb.sql(f"select class_name, count(*) from '{root}/index/*.parquet' group by 1").fetchall()
 assert sum(n for _, n in rows) == count
 assert read_example(root, "ex-00123").image.startswith(b"\\x89PNG")
 """

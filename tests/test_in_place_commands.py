@@ -131,5 +131,5 @@ def test_score_select_inspect_report_and_verify_work_in_place(datasets, tmp_path
     onion_ok("report", out, "--out", tmp_path / "page", timeout=180)
     thumbnails = list((tmp_path / "page" / "thumbs").glob("*.png"))
     assert (tmp_path / "page" / "index.html").exists() and len(thumbnails) == 14  # OUT holds no shards to read
-    assert sorted(p.name for p in out.iterdir()) == ["index.parquet", "manifest.json", "scores", "selections"]
+    assert sorted(p.name for p in out.iterdir()) == ["index", "manifest.json", "scores", "selections"]
     assert files_of(source) == before

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from helpers import files_of, onion
+from helpers import as_single_file_index, files_of, onion
 from photos import KINDS, crops, photo_bytes, photo_folder, sample_photos
 from pipeline.ingest.encode import EncodeOptions
 from pipeline.ingest.job import IngestOptions, ingest
@@ -209,8 +209,12 @@ def test_reshard_keeps_original_sizes_and_old_indexes_read(ray_local, folder, tm
 
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "small", old)
+    as_single_file_index(str(old))  # an earlier onion's layout, without the columns added since
     table = pq.read_table(old / "index.parquet").drop_columns(["original_width", "original_height"])
     pq.write_table(table, old / "index.parquet")
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["index"]["sha256"] = hashlib.sha256((old / "index.parquet").read_bytes()).hexdigest()
+    (old / "manifest.json").write_text(json.dumps(manifest))
     index = read_index(location(str(old)), columns=["key", "original_width"])
     assert index.column_names == ["key", "original_width"] and index["original_width"].null_count == len(index)
     whole = read_index(location(str(old)))

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 from torch.utils.data import DataLoader
 
-from helpers import files_of, onion
+from helpers import files_of, onion, top_level
 from pipeline.curation.selection import SelectOptions, SourceExamples, select
 from pipeline.ingest.in_place import InPlaceOptions, ingest_in_place
 from pipeline.ingest.sources import SourceError, SourceOptions, open_source
@@ -66,7 +66,7 @@ def indexed(ray_local, zoo, tmp_path_factory):  # noqa: F811
 def test_index_points_at_the_source_members_and_writes_nothing_there(indexed):
     source, before, out, _ = indexed
     assert files_of(source) == before
-    assert sorted(files_of(out)) == ["index.parquet", "manifest.json"]
+    assert top_level(files_of(out)) == ["index/", "manifest.json"]
     manifest = read_manifest(location(str(out)))
     assert manifest["shard_root"] == str(source)
     accounting = manifest["accounting"]
@@ -141,7 +141,7 @@ def test_header_check_compares_the_indexed_member_name():
 def test_verify_passes_then_names_a_changed_source_shard(ray_local, zoo, tmp_path):  # noqa: F811
     source = make_source(tmp_path / "source", zoo)
     index_in_place(f"{source}/*.tar", source)  # OUT is the shards' own folder: only onion's files added
-    assert set(files_of(source)) == {p.name for p in source.glob("*.tar")} | {"index.parquet", "manifest.json"}
+    assert top_level(files_of(source)) == sorted({p.name for p in source.glob("*.tar")} | {"index/", "manifest.json"})
     checked, problems = verify_dataset(str(source))
     assert (checked, problems) == (6, [])  # captions, .txt and .json members are not complained about
     row = next(r for r in read_index(location(str(source))).to_pylist()

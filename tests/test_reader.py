@@ -106,9 +106,9 @@ def test_stock_webdataset_reads_our_shards(tmp_path):
 def test_duckdb_queries_the_index(tmp_path):
     url = tmp_path / "ds"
     truth = write_direct_dataset(str(url), UNEVEN)
-    rows = duckdb.sql(f"select shard, count(*) n from '{url}/index.parquet' group by shard order by shard").fetchall()
+    rows = duckdb.sql(f"select shard, count(*) n from '{url}/index/*.parquet' group by shard order by shard").fetchall()
     assert [n for _, n in rows] == UNEVEN
-    labels = duckdb.sql(f"select key, label from '{url}/index.parquet'").fetchall()
+    labels = duckdb.sql(f"select key, label from '{url}/index/*.parquet'").fetchall()
     assert dict(labels) == {k: v[0] for k, v in truth.items()}
 
 

@@ -303,8 +303,9 @@ def test_missing_or_damaged_dataset_gives_one_line_and_no_site(curated, tmp_path
     line = one_line_error(onion("report", copy, "--out", out), 1)
     assert row["key"] in line and row["shard"] in line
     assert files_of(out) == before  # the earlier report is untouched
-    (copy / "index.parquet").write_bytes(b"PAR1 not really")
-    assert "index.parquet" in one_line_error(onion("report", copy, "--out", out), 1)
+    part = sorted((copy / "index").iterdir())[0]
+    part.write_bytes(b"PAR1 not really")
+    assert f"index/{part.name}" in one_line_error(onion("report", copy, "--out", out), 1)
     assert files_of(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["copy", "site"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")

@@ -12,12 +12,24 @@ import sys
 
 from rich.console import Console
 
-from pipeline.cli import bench, curate, ingest, inspect, materialize, report, score, select, train, verify
+from pipeline.cli import (
+    bench,
+    curate,
+    ingest,
+    inspect,
+    materialize,
+    report,
+    score,
+    select,
+    train,
+    upgrade,
+    verify,
+)
 from pipeline.cli.common import OnionArgumentParser, package_version
 from shards import location
 from shards.errors import EXIT_FAILURE, OnionError
 
-COMMANDS = (ingest, train, score, select, materialize, curate, inspect, report, verify, bench)
+COMMANDS = (ingest, train, score, select, materialize, curate, inspect, report, verify, upgrade, bench)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import ray
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
+from pipeline.fan_out import fan_out
 from pipeline.ingest.encode import COLOUR_MODES, GREY_MODES, KEPT_FORMATS
 from pipeline.ingest.job import (
     IngestReport,
@@ -55,12 +55,12 @@ from pipeline.ingest.sources.webdataset import (
 from pipeline.ray_runtime import current_node, ensure_ray
 from shards import STATUS_OK, DatasetError, location, read_manifest
 from shards.decode import DecodeError, decode_pixels
-from shards.index import IN_PLACE_SCHEMA
+from shards.index import IN_PLACE_SCHEMA, INDEX_LAYOUT, part_name
 from shards.manifest import DatasetInfo, SourceShardEntry, file_stamp
 from shards.reader import TAR_HEADER, header_name
 from shards.tar_members import STREAM_CHUNK, HashedStream, TarMember, compression, walk_tar
 from shards.urls import Location
-from shards.writer import commit_dataset
+from shards.writer import commit_dataset, write_index_part
 
 CHECKS = ("header", "decode")
 
@@ -189,7 +189,7 @@ def in_place_fingerprint(source: WebDatasetSource, options: InPlaceOptions) -> s
     """Identity of the output before any shard is read: the source folder, its shards' names and sizes,
     and every setting. (A shard changed in place at the same size is what ``onion verify`` finds.)"""
     return hashlib.sha256(json.dumps({
-        "in_place": True, "shard_root": shard_root(source.folder), "shards": source.shards,
+        "in_place": True, "index": INDEX_LAYOUT, "shard_root": shard_root(source.folder), "shards": source.shards,
         "parameters": source.parameters, "options": asdict(options)}, sort_keys=True).encode()).hexdigest()
 
 
@@ -227,38 +227,36 @@ def ingest_in_place(source: WebDatasetSource, out: str, options: InPlaceOptions,
     sidecars = read_sidecars(source.folder, [name for name, _ in source.shards])  # a bad one stops us before the scan
     claim_output(dataset, identity, source.spec)
     ensure_ray()
-    pending = {scan_shard_task.remote(source.folder, name, options): name for name, _ in source.shards}
     scans: dict[str, ShardScan] = {}
-    with tqdm(total=len(pending), unit="shard", desc=f"index {source.spec}", disable=not progress) as bar:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            name = pending.pop(ready[0])
-            scans[name] = ray.get(ready[0])
-            bar.update(1)
-            if scans[name].refused:
-                for task in pending:
-                    ray.cancel(task)
-                raise SourceError(scans[name].refused)
+    for name, scan in fan_out([name for name, _ in source.shards],
+                              lambda name: scan_shard_task.remote(source.folder, name, options),
+                              desc=f"index {source.spec}", progress=progress):
+        if scan.refused:  # leaving the loop cancels the shards still being read
+            raise SourceError(scan.refused)
+        scans[name] = scan
     records = source.records({name: scan.samples for name, scan in scans.items()}, sidecars)
     check_keys(records)
     rows, by_shard = [], {name: [] for name, _ in source.shards}
+    part_rows: dict[str | None, list[dict]] = {name: [] for name, _ in source.shards}  # None: no source shard
     for record in records:
+        shard = record.locator[0] if record.locator else None
         if record.quarantine:
             rows.append(quarantined_row(record, source.class_names, record.quarantine))
-            continue
-        shard, offset, _ = record.locator
-        facts = scans[shard].images[offset]
-        if facts.problem:
-            rows.append(quarantined_row(record, source.class_names, facts.problem))
-            continue
-        rows.append(ok_row(record, source.class_names, facts))
-        by_shard[shard].append(rows[-1])
+        elif scans[shard].images[record.locator[1]].problem:
+            rows.append(quarantined_row(record, source.class_names, scans[shard].images[record.locator[1]].problem))
+        else:
+            rows.append(ok_row(record, source.class_names, scans[shard].images[record.locator[1]]))
+            by_shard[shard].append(rows[-1])
+        part_rows.setdefault(shard, []).append(rows[-1])
     check_accounting(records, rows)
     entries = [SourceShardEntry(name=name, split=shard_split(by_shard[name]), examples=len(by_shard[name]),
                                 bytes=scans[name].size, sha256=scans[name].sha256, **scans[name].stamp)
                for name, _ in source.shards]
     ok = sum(row["status"] == STATUS_OK for row in rows)
-    manifest = commit_dataset(dataset, rows=rows, shards=entries, schema=IN_PLACE_SCHEMA, info=DatasetInfo(
+    # one index part per source shard (its inputs that no shard holds, if any, in a last part)
+    parts = [write_index_part(dataset, part_name(number), part, IN_PLACE_SCHEMA)
+             for number, part in enumerate(part_rows.values()) if part]
+    manifest = commit_dataset(dataset, parts=parts, shards=entries, info=DatasetInfo(
         class_names=source.class_names, labelled=source.labelled, source=source.spec, fingerprint=identity,
         command=command,
         extra={"accounting": {"inputs": len(records), "ok": ok, "quarantined": len(rows) - ok},

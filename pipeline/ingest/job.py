@@ -3,8 +3,10 @@ few consecutive shards that share one large input unit, see :func:`plan_waves`).
 
 The plan (which example goes in which shard) is fixed before any work starts and depends only on
 the source and the options, so the output is byte-identical however often the job is killed and
-re-run. Each task writes its shard atomically, then a small ``_parts/<shard>.json`` with its
-index rows; a re-run skips shards whose part exists. The manifest is written last.
+re-run. Each task writes its shard atomically, then its part of the index (``index/<shard>.parquet``,
+every input of the shard, quarantined ones included), then a small ``_parts/<shard>.json`` that
+records both; a re-run skips shards whose record exists. The driver never holds index rows, only
+each part's counts; the manifest, listing every part, is written last.
 """
 from __future__ import annotations
 
@@ -17,16 +19,17 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import ray
-from tqdm import tqdm
 
+from pipeline.fan_out import fan_out
 from pipeline.ingest.encode import EncodeOptions, encode_example
 from pipeline.ingest.sources import Quarantine, Record, Source, SourceError
 from pipeline.ray_runtime import current_node, ensure_ray
 from shards import STATUS_OK, STATUS_QUARANTINED, DatasetError, location, read_manifest
+from shards.index import INDEX_FOLDER, INDEX_LAYOUT, IndexPart
 from shards.manifest import MANIFEST_NAME, DatasetInfo, ShardEntry, foreign_shards, foreign_shards_message
 from shards.tarwriter import ShardExample, check_key
 from shards.urls import Location
-from shards.writer import commit_dataset, write_shard
+from shards.writer import commit_dataset, write_index_part, write_shard
 
 PARTS = "_parts"
 WAVE_BYTES = 512 << 20  # at most this many planned input bytes in one task that writes several shards
@@ -50,8 +53,9 @@ class ShardPlan:
 
 @dataclass
 class ShardResult:
-    entry: ShardEntry | None
-    rows: list[dict]
+    entry: ShardEntry | None  # None when every input of the shard was quarantined (no tar is written)
+    part: IndexPart  # its index rows, written by the task
+    counts: dict  # the part's row counts (shards.manifest.count_rows)
     node: str = ""  # Ray node that wrote it ("" when a killed run had already finished it)
 
 
@@ -147,7 +151,7 @@ def fingerprint(source: Source, plans: list[ShardPlan], options: IngestOptions) 
     directory, or a copied dataset, still matches its earlier output.
     """
     digest = hashlib.sha256()
-    digest.update(json.dumps({"parameters": source.parameters,
+    digest.update(json.dumps({"index": INDEX_LAYOUT, "parameters": source.parameters,
                               "classes": source.class_names, "options": asdict(options)}, sort_keys=True).encode())
     for plan in plans:
         for r in plan.records:
@@ -207,10 +211,17 @@ def write_planned_shard(source: Source, plan: ShardPlan, dataset: Location, opti
             row.update(image_offset=span.image.offset, image_size=span.image.size,
                        cls_offset=span.cls.offset if span.cls else None, cls_size=span.cls.size if span.cls else None,
                        json_offset=span.json.offset, json_size=span.json.size)
-    result = ShardResult(entry, rows + encoded_rows, current_node())
+    index_rows = rows + encoded_rows
+    check_accounting(list(plan.records), index_rows)
+    part, counts = write_index_part(dataset, index_part_name(plan), index_rows)
     dataset.child(PARTS).write_atomic(f"{plan.name}.json", json.dumps(
-        {"entry": asdict(entry) if entry else None, "rows": result.rows}, sort_keys=True).encode())
-    return result
+        {"entry": asdict(entry) if entry else None, "part": part.entry(), "counts": counts}, sort_keys=True).encode())
+    return ShardResult(entry, part, counts, current_node())
+
+
+def index_part_name(plan: ShardPlan) -> str:
+    """The index part of a planned shard: ``train-000003.tar``'s rows are ``index/train-000003.parquet``."""
+    return plan.name.removesuffix(".tar") + ".parquet"
 
 
 ingest_wave_task = ray.remote(num_cpus=1, max_retries=3)(ingest_wave)
@@ -222,10 +233,15 @@ def finished_part(dataset: Location, plan: ShardPlan) -> ShardResult | None:
     if not parts.exists(f"{plan.name}.json"):
         return None
     stored = json.loads(parts.read_bytes(f"{plan.name}.json"))
+    if "part" not in stored:  # written by an earlier onion, which kept the rows there
+        return None
     entry = ShardEntry(**stored["entry"]) if stored["entry"] else None
+    part = IndexPart.of_entry(stored["part"])
     if entry and (not dataset.exists(entry.name) or dataset.size(entry.name) != entry.bytes):
         return None
-    return ShardResult(entry, stored["rows"])
+    if not dataset.exists(INDEX_FOLDER, part.name):
+        return None
+    return ShardResult(entry, part, stored["counts"])
 
 
 @dataclass(frozen=True)
@@ -331,23 +347,23 @@ def ingest(
     source_handle = ray.put(source)
     waves = plan_waves([plan for plan in plans if plan.name not in results],
                        locality if source.reads_whole_units else None, WAVE_BYTES)
-    pending = {ingest_wave_task.remote(source_handle, wave, dataset.url, options): wave for wave in waves}
-    with tqdm(total=len(records), unit="img", desc=f"ingest {source.spec}", disable=not progress) as bar:
-        bar.update(sum(len(results[name].rows) for name in results))
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            wave = pending.pop(ready[0])
-            for plan, result in zip(wave, ray.get(ready[0])):
-                results[plan.name] = result
-                bar.update(len(plan.records))
-    rows = [row for plan in plans for row in results[plan.name].rows]
-    check_accounting(records, rows)
+    for wave, written in fan_out(
+            waves, lambda wave: ingest_wave_task.remote(source_handle, wave, dataset.url, options),
+            desc=f"ingest {source.spec}", unit="img", progress=progress,
+            weight=lambda wave: sum(len(plan.records) for plan in wave),
+            initial=sum(results[name].part.rows for name in results),
+            label=lambda wave: ", ".join(plan.name for plan in wave)):
+        results.update({plan.name: result for plan, result in zip(wave, written)})
+    parts = [(results[plan.name].part, results[plan.name].counts) for plan in plans]
+    indexed = sum(part.rows for part, _ in parts)
+    if indexed != len(records):
+        raise RuntimeError(f"accounting broken: {len(records)} inputs but {indexed} index rows")
     entries = [results[p.name].entry for p in plans if results[p.name].entry is not None]
-    ok = sum(r["status"] == STATUS_OK for r in rows)
-    manifest = commit_dataset(dataset, rows=rows, shards=entries, info=DatasetInfo(
+    ok = sum(counts["by_status"].get(STATUS_OK, 0) for _, counts in parts)
+    manifest = commit_dataset(dataset, parts=parts, shards=entries, info=DatasetInfo(
         class_names=source.class_names, labelled=source.labelled, source=source.spec, fingerprint=identity,
         command=command,
-        extra={"accounting": {"inputs": len(records), "ok": ok, "quarantined": len(rows) - ok},
+        extra={"accounting": {"inputs": len(records), "ok": ok, "quarantined": indexed - ok},
                "ingest": asdict(options), "source_parameters": source.parameters, **source.manifest_extra,
                **(extra_manifest or {})},
     ))
@@ -366,6 +382,7 @@ def check_keys(records: list[Record]) -> None:
 
 
 def check_accounting(records: list[Record], rows: list[dict]) -> None:
+    """Every input has exactly one index row (kept or quarantined): nothing is dropped silently."""
     if sorted(r.key for r in records) != sorted(row["key"] for row in rows):
         raise RuntimeError(f"accounting broken: {len(records)} inputs but {len(rows)} index rows")
 

@@ -8,16 +8,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.curation.scoring import SCORES
-from shards import UsageError, location, read_index
-from shards.index import parquet_names, read_parquet
+from shards import UsageError, location
+from shards.index import matching_rows, parquet_names
+from shards.manifest import read_manifest
 from shards.reader import index_row
-from shards.selections import read_selection, selection_rule, selection_versions
+from shards.selections import SELECTIONS, read_selection, selection_rule, selection_versions
 from shards.urls import Location
 
 
 def class_names(dataset: Location) -> dict[int, str]:
-    rows = read_index(dataset, columns=["label", "class_name"]).to_pylist()
-    return {r["label"]: r["class_name"] for r in rows if r["label"] is not None}
+    """Label -> class name, from the manifest (a label is the position of its class there)."""
+    return dict(enumerate(read_manifest(dataset)["class_names"]))
 
 
 EARLIER_RULE = "chosen by the earlier (order-dependent) random rule"
@@ -62,9 +63,9 @@ def selection_summary(url: str, version: str) -> dict:
 def key_lineage(dataset: Location, key: str) -> list[dict]:
     """Every selection's decision about ``key``, oldest first, with the score it was given."""
     lineage = []
+    folder = dataset.child(SELECTIONS)
     for version in selection_versions(dataset):
-        table = read_selection(dataset, version)
-        match = table.filter(pc.equal(table["key"], key)).to_pylist()
+        match = matching_rows(folder, version, pc.field("key") == key).to_pylist()
         if match:
             row = match[0]
             lineage.append({"version": version, "round": row["round"], "parent": row["parent"], "kept": row["kept"],
@@ -76,8 +77,7 @@ def key_scores(dataset: Location, key: str) -> dict[str, float]:
     folder = dataset.child(SCORES)
     found = {}
     for name in parquet_names(folder):
-        table = read_parquet(folder, name, columns=["key", "score"])
-        match = table.filter(pc.equal(table["key"], key)).to_pylist()
+        match = matching_rows(folder, name, pc.field("key") == key, columns=["key", "score"]).to_pylist()
         if match:
             found[name] = match[0]["score"]
     return found
@@ -93,16 +93,15 @@ def key_groups(dataset: Location, key: str) -> list[dict]:
     folder = dataset.child(SCORES)
     found = []
     for name in parquet_names(folder):
-        table = read_parquet(folder, name)
-        if "group" not in table.column_names:
+        match = matching_rows(folder, name, pc.field("key") == key).to_pylist()
+        if match and "group" not in match[0]:
             continue
-        match = table.filter(pc.equal(table["key"], key)).to_pylist()
         if not match:
             continue
-        members = table.filter(pc.equal(table["group"], match[0]["group"])).select(["key", "distance"])
+        members = matching_rows(folder, name, pc.field("group") == match[0]["group"], columns=["key", "distance"])
         for member in sorted(members.to_pylist(), key=lambda m: (m["distance"], m["key"])):
             found.append({"scores": name, "member": member["key"], "distance_to_representative": member["distance"],
-                          "unit": distance_unit(table), "representative": member["key"] == match[0]["representative"],
+                          "unit": distance_unit(members), "representative": member["key"] == match[0]["representative"],
                           "this": member["key"] == key})
     return found
 

@@ -1,7 +1,9 @@
 """``onion inspect --sql``: DuckDB over a dataset's index, scores and selections.
 
 Tables: ``index``; ``scores_<name>`` for each score file; ``selections`` (every version, with a
-``version`` column). They are loaded through fsspec, so object-store datasets work too.
+``version`` column). They are loaded through fsspec, so object-store datasets work too. ``index`` is
+a ``pyarrow.dataset`` over the index parts, which DuckDB scans lazily (projection and filters pushed
+down), so a query over a large index does not load it whole.
 """
 from __future__ import annotations
 
@@ -9,15 +11,15 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.curation.scoring import SCORES
-from shards import UsageError, location, read_index
-from shards.index import parquet_names, read_parquet
+from shards import UsageError, location
+from shards.index import index_dataset, parquet_names, read_parquet
 from shards.selections import read_selection, selection_versions
 
 
 def query(url: str, sql: str) -> pa.Table:
     dataset = location(url)
     connection = duckdb.connect()
-    tables = {"index": read_index(dataset)}
+    tables = {"index": index_dataset(dataset)}
     scores = dataset.child(SCORES)
     for name in parquet_names(scores):
         tables[f"scores_{name.replace('-', '_')}"] = read_parquet(scores, name)

@@ -78,7 +78,7 @@ class Examples:
 
     @classmethod
     def of(cls, dataset: Location) -> Examples:
-        with readable(f"{dataset.url}/index.parquet"):
+        with readable(f"{dataset.url} index"):
             index = read_index(dataset, columns=INDEX_COLUMNS).sort_by("key")
         split_codes = pc.dictionary_encode(index["split"]).combine_chunks()
         shard_codes = pc.dictionary_encode(index["shard"]).combine_chunks()

@@ -1,0 +1,128 @@
+"""The partitioned index: a reader opens only the index parts of the shards it reads, exact-once and
+mid-epoch resume hold over ranks and workers, a missing or changed part is named, and a dataset an
+earlier onion wrote (one ``index.parquet``) still reads and is upgraded by ``onion upgrade``."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from torch.utils.data import DataLoader
+
+import shards.index
+from helpers import as_single_file_index, files_of, onion, write_direct_dataset
+from shards import DatasetDamaged, ShardDataset, location, read_index, read_manifest
+from shards.index import index_parts
+
+SHARDS = [7, 5, 9, 6, 8, 4, 7, 5]  # uneven, so pieces start and stop inside shards
+RANKS, WORKERS = 2, 2
+
+
+@pytest.fixture
+def opened(tmp_path, monkeypatch) -> Path:
+    """A log of every index part read, by any process (DataLoader workers are forked after the patch)."""
+    log = tmp_path / "opened.log"
+    log.touch()
+    original = shards.index.read_part_bytes
+
+    def logged(dataset, part):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} {part.name}\n")
+        return original(dataset, part)
+
+    monkeypatch.setattr(shards.index, "read_part_bytes", logged)
+    return log
+
+
+def part_of_shard(url: str) -> dict[str, str]:
+    return {shard: part.name for part in index_parts(read_manifest(location(url))) for shard in part.shards}
+
+
+def test_each_reader_opens_only_the_parts_of_the_shards_it_reads(tmp_path, opened):
+    url = str(tmp_path / "ds")
+    truth = write_direct_dataset(url, SHARDS)
+    part_of = part_of_shard(url)
+    assert len(part_of) == len(SHARDS) and len(set(part_of.values())) == len(SHARDS)
+    changed = False
+    for epoch in (0, 1):
+        keys: list[str] = []
+        for rank in range(RANKS):
+            opened.write_text("")
+            dataset = ShardDataset(url, seed=5, rank=rank, world_size=RANKS)
+            assert opened.read_text() == ""  # the counts come from the manifest: nothing read yet
+            dataset.set_epoch(epoch)
+            keys += [key for _, _, key in DataLoader(dataset, batch_size=None, num_workers=WORKERS)]
+            expected = {part_of[segment.shard] for worker in range(WORKERS)
+                        for segment in dataset.segments(worker, WORKERS)}
+            reads = Counter(opened.read_text().split("\n")[:-1])
+            assert {line.split()[1] for line in reads} == expected
+            assert len(expected) < len(SHARDS) and max(reads.values()) == 1  # each worker reads a part once
+            first = {part_of[segment.shard] for segment in ShardDataset(url, seed=5, rank=rank, world_size=RANKS)
+                     .segments(0, WORKERS)}
+            changed |= epoch == 1 and first != {part_of[s.shard] for s in dataset.segments(0, WORKERS)}
+        assert sorted(keys) == sorted(truth)  # exactly once over 2 ranks x 2 workers
+    assert changed  # the shard order reshuffles per epoch, and the parts a worker opens with it
+
+
+def test_resume_mid_epoch_over_ranks_and_workers(tmp_path):
+    url = str(tmp_path / "ds")
+    write_direct_dataset(url, SHARDS)
+    for rank in range(RANKS):
+        dataset = ShardDataset(url, seed=1, rank=rank, world_size=RANKS, batch_size=4)
+        dataset.set_epoch(2)
+        whole = [list(keys) for *_, keys in DataLoader(dataset, batch_size=None, num_workers=WORKERS)]
+        dataset.set_epoch(2, start_batch=3)
+        resumed = [list(keys) for *_, keys in DataLoader(dataset, batch_size=None, num_workers=WORKERS)]
+        assert resumed == whole[3:] and len(whole) > 4
+
+
+def test_a_missing_or_changed_part_is_named(tmp_path):
+    url = str(tmp_path / "ds")
+    write_direct_dataset(url, SHARDS)
+    dataset = ShardDataset(url, shuffle=False)
+    first = part_of_shard(url)[dataset.segments()[0].shard]
+    path = tmp_path / "ds" / "index" / first
+    data = path.read_bytes()
+    path.unlink()
+    with pytest.raises(DatasetDamaged, match=rf"ds/index/{first}: missing \(the manifest lists it"):
+        next(iter(ShardDataset(url, shuffle=False)))
+    path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    with pytest.raises(DatasetDamaged, match=rf"ds/index/{first}: sha256 .* does not match the manifest"):
+        next(iter(ShardDataset(url, shuffle=False)))
+    with pytest.raises(DatasetDamaged, match=rf"index/{first}"):
+        read_index(location(url))
+
+
+def samples(url: str) -> list[tuple]:
+    out = []
+    for rank in range(RANKS):
+        dataset = ShardDataset(url, seed=2, rank=rank, world_size=RANKS)
+        dataset.set_epoch(1)
+        out += [(key, label, image.sum().item()) for image, label, key in dataset]
+    return out
+
+
+def test_an_earlier_single_file_index_reads_and_is_upgraded(tmp_path):
+    url, old = str(tmp_path / "ds"), tmp_path / "old"
+    write_direct_dataset(url, SHARDS)
+    shutil.copytree(url, old)
+    as_single_file_index(str(old))
+    assert not (old / "index").exists() and (old / "index.parquet").exists()
+    assert samples(str(old)) == samples(url)
+    assert read_index(location(str(old))).equals(read_index(location(url)))
+    assert onion("inspect", old).returncode == 0
+
+    result = onion("upgrade", old)
+    assert result.returncode == 0, result.stderr
+    assert f"rewrote its index as {len(SHARDS)} index parts, {sum(SHARDS)} rows" in result.stdout
+    assert not (old / "index.parquet").exists()
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert manifest["index"]["layout"] == "parts" and manifest["upgraded_from"]["index"]["name"] == "index.parquet"
+    assert {name: data for name, data in files_of(old).items() if name.startswith("index/")} == {
+        name: data for name, data in files_of(Path(url)).items() if name.startswith("index/")}
+    assert samples(str(old)) == samples(url)
+    again = onion("upgrade", old)
+    assert again.returncode == 0 and "already in this onion's format" in again.stdout
