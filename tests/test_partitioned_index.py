@@ -9,13 +9,18 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from torch.utils.data import DataLoader
 
 import shards.index
-from helpers import as_single_file_index, files_of, onion, write_direct_dataset
+from helpers import as_single_file_index, files_of, onion, png_bytes, random_pixels, write_direct_dataset
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.ingest.sources import SourceOptions, open_source
 from shards import DatasetDamaged, ShardDataset, location, read_index, read_manifest
 from shards.index import index_parts
+from shards.manifest import count_rows
 
 SHARDS = [7, 5, 9, 6, 8, 4, 7, 5]  # uneven, so pieces start and stop inside shards
 RANKS, WORKERS = 2, 2
@@ -126,3 +131,32 @@ def test_an_earlier_single_file_index_reads_and_is_upgraded(tmp_path):
     assert samples(str(old)) == samples(url)
     again = onion("upgrade", old)
     assert again.returncode == 0 and "already in this onion's format" in again.stdout
+
+
+def test_ingest_tasks_write_one_part_per_planned_shard_and_the_manifest_sums_them(ray_local, tmp_path):
+    rng = np.random.default_rng(3)
+    for cls in ("a", "b"):
+        (tmp_path / "f" / cls).mkdir(parents=True)
+        for i in range(7):
+            (tmp_path / "f" / cls / f"{i}.png").write_bytes(png_bytes(random_pixels(rng, 8)))
+    (tmp_path / "f" / "b" / "broken.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "f" / "b" / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    ingest(open_source(f"imagefolder:{tmp_path / 'f'}", SourceOptions(val_fraction=0.25)), str(out),
+           IngestOptions(shard_size=3), command=["test"], progress=False)
+    manifest = read_manifest(location(str(out)))
+    parts = index_parts(manifest)
+    shards_written = {entry["name"] for entry in manifest["shards"]}
+    # a part for every planned shard, named after it, even one whose inputs were all quarantined
+    assert [part.name for part in parts] == sorted(p.name for p in (out / "index").iterdir())
+    assert {shard for part in parts for shard in part.shards} == shards_written
+    assert all(part.name == f"{shard.removesuffix('.tar')}.parquet" for part in parts for shard in part.shards)
+    whole = read_index(location(str(out)))
+    assert manifest["counts"] == count_rows(whole)  # the driver summed the parts' counts, never read the rows
+    assert sum(part.rows for part in parts) == manifest["index"]["rows"] == len(whole) == 16
+    assert manifest["accounting"] == {"inputs": 16, "ok": 14, "quarantined": 2}
+    for part in parts:  # each part's usable examples per shard and split, as the reader cuts epochs by
+        rows = pq.read_table(out / "index" / part.name).to_pylist()
+        usable = Counter((row["shard"], row["split"]) for row in rows if row["status"] == "ok")
+        assert {(shard, split): n for shard, splits in part.examples.items() for split, n in splits.items()} == usable
+    assert whole["key"].to_pylist() == sorted(whole["key"].to_pylist())
