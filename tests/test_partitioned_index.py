@@ -18,7 +18,7 @@ import shards.index
 from helpers import as_single_file_index, files_of, onion, png_bytes, random_pixels, write_direct_dataset
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
-from shards import DatasetDamaged, ShardDataset, location, read_index, read_manifest
+from shards import DatasetDamaged, DatasetError, ShardDataset, location, read_index, read_manifest
 from shards.index import index_parts
 from shards.manifest import count_rows
 
@@ -160,3 +160,15 @@ def test_ingest_tasks_write_one_part_per_planned_shard_and_the_manifest_sums_the
         usable = Counter((row["shard"], row["split"]) for row in rows if row["status"] == "ok")
         assert {(shard, split): n for shard, splits in part.examples.items() for split, n in splits.items()} == usable
     assert whole["key"].to_pylist() == sorted(whole["key"].to_pylist())
+
+
+def test_ingesting_again_onto_an_earlier_single_file_index_says_to_upgrade(ray_local, tmp_path):
+    out = tmp_path / "d"
+    options = IngestOptions(shard_size=600)
+    ingest(open_source("digits"), str(out), options, command=["test"], progress=False)
+    as_single_file_index(str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["fingerprint"] = "an earlier onion's"  # its fingerprint did not cover the index layout
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=r"its index is an earlier onion's single index.parquet \(onion upgrade"):
+        ingest(open_source("digits"), str(out), options, command=["test"], progress=False)

@@ -25,7 +25,7 @@ from pipeline.ingest.encode import EncodeOptions, encode_example
 from pipeline.ingest.sources import Quarantine, Record, Source, SourceError
 from pipeline.ray_runtime import current_node, ensure_ray
 from shards import STATUS_OK, STATUS_QUARANTINED, DatasetError, location, read_manifest
-from shards.index import INDEX_FOLDER, INDEX_LAYOUT, IndexPart
+from shards.index import INDEX_FOLDER, INDEX_LAYOUT, IndexPart, index_parts
 from shards.manifest import MANIFEST_NAME, DatasetInfo, ShardEntry, foreign_shards, foreign_shards_message
 from shards.tarwriter import ShardExample, check_key
 from shards.urls import Location
@@ -281,6 +281,8 @@ def check_output(dataset: Location, print_fingerprint: str, source: Source, opti
         changed = [f"{name} {then.get(name, '(not recorded)')!r} -> {value!r}" for name, value in sorted(now.items())
                    if then.get(name, "(not recorded)") != value]
         why = (f"other settings ({', '.join(changed)})" if changed else
+               "the same settings, but its index is an earlier onion's single index.parquet (onion upgrade "
+               f"{dataset.url} rewrites it as parts)" if index_parts(manifest) is None else
                "the same settings, but its files differ from the source's now or were written in an earlier "
                "onion's format")
         raise DatasetError(f"{dataset.url} already holds {source.spec} ingested with {why}: it is usable as it "
