@@ -2,12 +2,13 @@
 
 Rows of quarantined examples carry the reason and the source reference but no shard.
 
-The index is **partitioned**: ``index/part-NNNNNN.parquet``, one part per shard (rows sorted by key),
-each written by the task that wrote or indexed the shard, and listed in the manifest with its row
-count, sha256 and the shard(s) it covers (a part with no shard holds only quarantined rows). A
-reader that is assigned a few shards opens only their parts, so nothing it holds is sized by the
-dataset. Datasets written before hold one ``index.parquet``; every function here reads both
-layouts, and ``onion convert-index DATASET`` rewrites the old one as parts.
+The index is **partitioned**: one Parquet part per shard under ``index/`` (``index/train-000003.parquet``
+beside ``train-000003.tar``; ``index/part-000003.parquet`` for tars indexed in place), rows sorted by
+key, each written by the task that wrote or indexed the shard, and listed in the manifest with its
+row count, sha256, the shard(s) it covers (a part with no shard holds only quarantined rows) and
+their usable examples per split. A reader that is assigned a few shards opens only their parts, so
+nothing it holds is sized by the dataset. Datasets written before hold one ``index.parquet``; every
+function here reads both layouts, and ``onion upgrade DATASET`` rewrites the old one as parts.
 """
 from __future__ import annotations
 
@@ -143,10 +144,6 @@ def index_parts(manifest: dict) -> list[IndexPart] | None:
     if index.get("layout") != INDEX_LAYOUT:
         return None
     return [IndexPart.of_entry(entry) for entry in index["parts"]]
-
-
-def is_partitioned(manifest: dict) -> bool:
-    return index_parts(manifest) is not None
 
 
 def read_part_bytes(dataset: Location, part: IndexPart) -> bytes:
