@@ -240,12 +240,11 @@ def ingest_in_place(source: WebDatasetSource, out: str, options: InPlaceOptions,
     part_rows: dict[str | None, list[dict]] = {name: [] for name, _ in source.shards}  # None: no source shard
     for record in records:
         shard = record.locator[0] if record.locator else None
-        if record.quarantine:
-            rows.append(quarantined_row(record, source.class_names, record.quarantine))
-        elif scans[shard].images[record.locator[1]].problem:
-            rows.append(quarantined_row(record, source.class_names, scans[shard].images[record.locator[1]].problem))
+        facts = None if record.quarantine else scans[shard].images[record.locator[1]]
+        if facts is None or facts.problem:
+            rows.append(quarantined_row(record, source.class_names, record.quarantine or facts.problem))
         else:
-            rows.append(ok_row(record, source.class_names, scans[shard].images[record.locator[1]]))
+            rows.append(ok_row(record, source.class_names, facts))
             by_shard[shard].append(rows[-1])
         part_rows.setdefault(shard, []).append(rows[-1])
     check_accounting(records, rows)
