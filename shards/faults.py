@@ -28,6 +28,14 @@ Environment (all unset in normal use: then :func:`boundary` costs one dict looku
     another boundary, and Ray gets no chance to retry the task. Start the command in a session of
     its own (``setsid``, ``start_new_session=True``). In a terminal's session (one with a
     controlling terminal, which holds the shell) only the caller's process group is killed.
+``ONION_FAULT_MATCH=TEXT``
+    only boundaries whose line (``<pid> <kind> <path>``) contains TEXT are numbered: ``ONION_FAULT_AT=1``
+    with ``ONION_FAULT_MATCH="rename /run/metrics.csv"`` is "right after the first metrics row".
+``ONION_FAULT_SIGNAL=INT``
+    at boundary N, press Ctrl-C instead of cutting the power: SIGINT to the session leader's process
+    group, the group a terminal would signal (the caller's own group in a terminal's session). The
+    Ctrl-C test uses it so the interruption lands at a chosen point of a job that is under way,
+    whatever the machine's load, instead of at a wall-clock time the job may already have passed.
 """
 from __future__ import annotations
 
@@ -37,6 +45,8 @@ import signal
 
 COUNTER = "ONION_FAULT_COUNTER"
 FAULT_AT = "ONION_FAULT_AT"
+MATCH = "ONION_FAULT_MATCH"
+SIGNAL = "ONION_FAULT_SIGNAL"
 
 
 def boundary(kind: str, path: str) -> None:
@@ -50,18 +60,37 @@ def _reached(counter: str, kind: str, path: str) -> None:
     fd = os.open(counter, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        seen = 0
-        while chunk := os.read(fd, 1 << 16):
-            seen += chunk.count(b"\n")
-        os.write(fd, f"{os.getpid()} {kind} {path}\n".encode())
-        if seen + 1 == int(os.environ.get(FAULT_AT) or 0):
-            _power_cut()
+        match = os.environ.get(MATCH, "").encode()  # b"" is in every line: then every boundary counts
+        line = f"{os.getpid()} {kind} {path}\n".encode()
+        seen = sum(match in earlier for earlier in _read_all(fd).splitlines())
+        os.write(fd, line)
+        if match in line and seen + 1 == int(os.environ.get(FAULT_AT) or 0):
+            if os.environ.get(SIGNAL, "KILL").upper().removeprefix("SIG") == "INT":
+                _ctrl_c()
+            else:
+                _power_cut()
     finally:
         os.close(fd)
 
 
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _in_terminal_session() -> bool:
+    """True in a terminal's session (or without /proc to tell): signal only the caller's own group."""
+    return not os.path.isdir("/proc") or _stat(os.getpid())[4] != "0"
+
+
+def _ctrl_c() -> None:
+    os.killpg(os.getpgid(0) if _in_terminal_session() else os.getsid(0), signal.SIGINT)
+
+
 def _power_cut() -> None:
-    if not os.path.isdir("/proc") or _stat(os.getpid())[4] != "0":  # no /proc, or a terminal's session
+    if _in_terminal_session():
         os.killpg(os.getpgid(0), signal.SIGKILL)
     kill_session(os.getsid(0))
     os.kill(os.getpid(), signal.SIGKILL)

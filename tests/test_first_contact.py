@@ -3,7 +3,6 @@ does not lock its output, Ctrl-C, inspecting a key, a fast ``--help``."""
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -73,33 +72,34 @@ def test_a_failed_curate_does_not_lock_its_output(digits, tmp_path):
     assert resumed.returncode == 2 and "curation run" in resumed.stderr and "onion curate" in resumed.stderr
 
 
-def children_of(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+def session_members(session: int) -> list[int]:
+    """Live processes of ``session`` (the command's own and every process it started, Ray's included)."""
+    alive = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getsid(process.pid) == session and process.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(process.pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return alive
 
 
-def interrupt(command: list[str], ready: Path, timeout: float = 300) -> tuple[subprocess.Popen, str, set[int]]:
-    """Start ``command``, wait until ``ready`` exists (the job is under way), then Ctrl-C its process
-    group as a terminal would; returns the process, its stderr and the pids of its descendants."""
+def interrupt(command: list[str], at: str, counter: Path) -> tuple[subprocess.Popen, str]:
+    """Run ``command`` in a session of its own and press Ctrl-C (SIGINT to its process group, as a terminal
+    would) right after the first write boundary whose line contains ``at`` (see shards.faults): the job
+    is under way there by construction, whatever the machine's load."""
+    environment = {**os.environ, "ONION_FAULT_COUNTER": str(counter), "ONION_FAULT_MATCH": at,
+                   "ONION_FAULT_AT": "1", "ONION_FAULT_SIGNAL": "INT"}
     process = subprocess.Popen([*ONION, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while not ready.exists():
-        assert process.poll() is None, f"finished before it could be interrupted: {process.stderr.read()[-2000:]}"
-        assert time.monotonic() < deadline, f"{ready} never appeared"
-        time.sleep(0.05)
-    descendants = {child.pid for child in children_of(process.pid)}
-    os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    return process, stderr, descendants
+                               start_new_session=True, env=environment)
+    _, stderr = process.communicate(timeout=600)
+    return process, stderr
 
 
-def assert_no_survivors(pids: set[int]) -> None:
+def assert_no_survivors(session: int) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        alive = session_members(session)
         if not alive:
             return
         time.sleep(0.2)
@@ -110,22 +110,24 @@ def assert_no_survivors(pids: set[int]) -> None:
 @pytest.mark.parametrize("job", ["ingest", "train", "curate"])
 def test_ctrl_c_ends_with_one_line_and_130_and_the_same_command_completes(digits, tmp_path, job):
     out = tmp_path / "out"
-    commands = {
+    commands = {  # (command, the write boundary right after which Ctrl-C is pressed)
         "ingest": (["ingest", "synthetic", out, "--count", "3000", "--image-size", "16", "--shard-size", "50",
-                    "--ray-cpus", "1"], out / "_parts"),
-        "train": (["train", digits, "--out", out, *TINY[:1], "3", *TINY[2:]], out / "metrics.csv"),
+                    "--ray-cpus", "1"], f"rename {out}/_parts/"),
+        "train": (["train", digits, "--out", out, *TINY[:1], "3", *TINY[2:]], f"rename {out}/metrics.csv"),
         "curate": (["curate", digits, "--out", out, "--rounds", "2", "--round-epochs", "2", "--remove-n", "50",
-                    *TINY[2:], "--ray-cpus", "1"], out / "metrics.csv"),
+                    *TINY[2:], "--ray-cpus", "1"], f"rename {out}/metrics.csv"),
     }
-    command, ready = commands[job]
-    process, stderr, descendants = interrupt([str(part) for part in command], ready)
+    command, at = commands[job]
+    counter = tmp_path / "boundaries"
+    process, stderr = interrupt([str(part) for part in command], at, counter)
+    assert any(at in line for line in counter.read_text().splitlines()), "the Ctrl-C point was never reached"
     # progress bars (and per-epoch lines) may precede it; the interruption itself is one line
     lines = [line for line in stderr.strip().splitlines()
              if not re.search(r"\d+%\||: epoch \d+/\d+ ", line) and line.strip()]
     assert process.returncode == 130, stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith(f"onion {job}: interrupted;"), stderr[-3000:]
     assert "Traceback" not in stderr
-    assert_no_survivors(descendants | {process.pid})
+    assert_no_survivors(process.pid)
     if job == "ingest":
         assert not (out / "manifest.json").exists()  # nothing partial looks complete
     again = ["train", "--resume", out] if job == "train" else command

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from rich.console import Console
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args, console)
     except KeyboardInterrupt:
+        # Exiting now: a second Ctrl-C (or one still pending) must not turn this clean exit into a traceback
+        # or a death by signal while the interpreter shuts down.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.stderr.write(f"onion {args.command}: interrupted; {how_to_continue(args)}\n")
         return EXIT_INTERRUPTED
     except OnionError as error:
