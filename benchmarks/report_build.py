@@ -39,7 +39,7 @@ def make_dataset(root: Path, count: int) -> str:
     write_scores(dataset, "exact", compute_scores("exact", ScoreContext(url, progress=False)))
     write_scores(dataset, "random", compute_scores("random", ScoreContext(url)))
     make_selection(dataset, SelectRequest(dedup="exact", options=SelectOptions(keep=0.8, strategy="random")))
-    first, _ = make_selection(dataset, SelectRequest(round_number=0, options=SelectOptions(keep=0.8)))
+    first = make_selection(dataset, SelectRequest(round_number=0, options=SelectOptions(keep=0.8))).version
     make_selection(dataset, SelectRequest(scores="random", round_number=1, parent=first, remove_n=count // 20))
     return url
 

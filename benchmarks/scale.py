@@ -259,7 +259,8 @@ def build_dataset(path: Path, rows: int) -> dict:
 # ---------------------------------------------------------------- measuring a fresh process
 
 def run_measured(command: list[str], log: Path, timeout: float) -> dict:
-    """Run ``command`` in a new process group; its wall clock and its own peak RSS, stopped after ``timeout`` s.
+    """Run ``command`` in a new process group; its wall clock and its own peak RSS, stopped after ``timeout`` s;
+    also the largest RSS any one process of its tree (Ray's actors included) had when sampled every 0.5 s.
 
     The peak comes from ``/usr/bin/time``, which forks the command from its own small process: a process
     started straight from this one by Python (vfork, then exec) would inherit this process's high-water
@@ -287,7 +288,8 @@ def run_measured(command: list[str], log: Path, timeout: float) -> dict:
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {process.returncode}; see {log}:\n{log.read_text()[-3000:]}")
     peak_kib = int(figures.read_text().split()[-1])
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(peak_kib / 1024, 1)}
+    return {"seconds": round(seconds, 2), "peak_rss_mib": round(peak_kib / 1024, 1),
+            "largest_process_rss_mib": round(sampled / MiB, 1)}
 
 
 # Where /usr/bin/time is missing: a bare interpreter that forks the command and writes its ru_maxrss (KiB).
@@ -382,7 +384,7 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def measure_size(rows: int, out: Path, timeout: float, keep_data: bool) -> dict:
+def measure_size(rows: int, out: Path, timeout: float, keep_data: bool, skip: frozenset[str] = frozenset()) -> dict:
     work = out / f"data-{rows}"
     logs = out / f"logs-{rows}"
     logs.mkdir(parents=True, exist_ok=True)
@@ -393,25 +395,30 @@ def measure_size(rows: int, out: Path, timeout: float, keep_data: bool) -> dict:
     figures: dict = {**built}
     figures["select"] = run_measured([*ONION, "select", str(dataset), "--scores", "random", "--keep", str(KEEP)],
                                      logs / "select.log", timeout)
-    selection = dataset / "selections" / "v0001.parquet"
+    # the version's file: one Parquet (single-file index) or a JSON listing its parts (partitioned)
+    stored = [dataset / "selections" / f"v0001{suffix}" for suffix in (".json", ".parquet")]
+    selection = next((path for path in stored if path.exists()), stored[1])
     figures["reader"] = {}
     for mode in READER_MODES:
-        if mode == "selection" and not selection.exists():
+        if mode in skip or (mode == "selection" and not selection.exists()):
             continue
         print(f"[{rows}] reader {mode}", flush=True)
         figures["reader"][mode] = measure_reader(mode, dataset, logs, timeout)
-    print(f"[{rows}] onion report", flush=True)
-    figures["report"] = run_measured([*ONION, "report", str(dataset), "--out", str(work / "report")],
-                                     logs / "report.log", timeout)
-    print(f"[{rows}] onion inspect --key", flush=True)
-    figures["inspect_key_lookup"] = run_measured([*ONION, "inspect", str(dataset), "--key", built["inspect_key"]],
-                                                 logs / "inspect.log", timeout)
+    if "report" not in skip:
+        print(f"[{rows}] onion report", flush=True)
+        figures["report"] = run_measured([*ONION, "report", str(dataset), "--out", str(work / "report")],
+                                         logs / "report.log", timeout)
+    if "inspect" not in skip:
+        print(f"[{rows}] onion inspect --key", flush=True)
+        figures["inspect_key_lookup"] = run_measured([*ONION, "inspect", str(dataset), "--key", built["inspect_key"]],
+                                                     logs / "inspect.log", timeout)
     sizes = {"index": sum(file_bytes(part) for part in (dataset / "index").iterdir()),
              "index_unique_sha256": built["index_unique_sha256_bytes"],
              "scores_random": file_bytes(dataset / "scores" / "random.parquet"),
              "manifest": file_bytes(dataset / "manifest.json")}
     if selection.exists():
-        sizes["selection"] = file_bytes(selection)
+        parts = dataset / "selections" / "parts"
+        sizes["selection"] = file_bytes(selection) + sum(file_bytes(f) for f in parts.rglob("*") if f.is_file())
     figures["bytes"] = sizes
     per = {name: round(size / rows, 2) for name, size in sizes.items()}
     if selection.exists():
@@ -447,7 +454,8 @@ def render(report: dict) -> str:
         "and imports included. Reader: rank 0 of 64, "
         "no DataLoader, `verify=\"members\"`, up to its first batch of 64 images.", "",
         "| rows | shards | reader plain: s / peak MiB | reader restrict (per-epoch pruning) | reader restrict(None) "
-        "| reader selection=v0001 | select --keep 0.8: s / peak MiB | report: s / peak MiB "
+        "| reader selection=v0001 | select --keep 0.8: s / driver peak MiB (largest process, sampled) "
+        "| report: s / peak MiB "
         "| inspect --key: s / peak MiB "
         "| bytes/example index (unique sha256) + scores + selection |",
         "|---:|---:|---|---|---|---|---|---|---|---|",
@@ -455,16 +463,20 @@ def render(report: dict) -> str:
     for size in report["sizes"]:
         reader = size["reader"]
 
-        def pair(step: dict | None) -> str:
+        def pair(step: dict | None, largest: bool = False) -> str:
             if step is None:
                 return "-"
-            return f"{cell(step, 'seconds')} / {cell(step, 'peak_rss_mib')}"
+            shown = f"{cell(step, 'seconds')} / {cell(step, 'peak_rss_mib')}"
+            if largest and step.get("largest_process_rss_mib"):  # the select's Ray actors
+                shown += f" ({mib(step['largest_process_rss_mib'])})"
+            return shown
 
         per = size["bytes_per_example"]
         lines.append(
             f"| {size['rows']:,} | {size['shards']:,} | {pair(reader.get('plain'))} | {pair(reader.get('restrict'))} "
-            f"| {pair(reader.get('restrict-none'))} | {pair(reader.get('selection'))} | {pair(size['select'])} "
-            f"| {pair(size['report'])} | {pair(size['inspect_key_lookup'])} "
+            f"| {pair(reader.get('restrict-none'))} | {pair(reader.get('selection'))} "
+            f"| {pair(size['select'], largest=True)} "
+            f"| {pair(size.get('report'))} | {pair(size.get('inspect_key_lookup'))} "
             f"| {per['index_unique_sha256']} + {per['scores_random']} + {per.get('selection', '-')} "
             f"= {per.get('index_scores_selection', '-')} |")
     lines += ["", "Reader phases (MiB; RSS now / peak so far):", "",
@@ -483,7 +495,7 @@ def render(report: dict) -> str:
                 f"| {mib(step.get('rss_at_first_batch_mib'))} / {mib(step.get('peak_at_first_batch_mib'))} "
                 f"| {step.get('examples_this_rank', '-')} |")
     lines += ["", "Bytes on disk per example:", "", "| rows | index.parquet (as built) | index, unique sha256 "
-              "| scores/random.parquet | selections/v0001.parquet | manifest.json |", "|---:|---:|---:|---:|---:|---:|"]
+              "| scores/random.parquet | selection v0001 | manifest.json |", "|---:|---:|---:|---:|---:|---:|"]
     for size in report["sizes"]:
         per = size["bytes_per_example"]
         lines.append(f"| {size['rows']:,} | {per['index']} | {per['index_unique_sha256']} | {per['scores_random']} "
@@ -505,11 +517,18 @@ def main() -> None:
     parser.add_argument("--step-timeout", type=float, default=600,
                         help="seconds after which a measured step is stopped and reported as 'over' (default 600)")
     parser.add_argument("--keep-data", action="store_true", help="keep the synthetic datasets (default: deleted)")
+    parser.add_argument("--skip", default="", metavar="STEPS",
+                        help="steps to leave out, comma-separated: report, inspect, and the reader modes "
+                             f"({', '.join(m for m in READER_MODES if m != 'selection')}); select always runs")
     parser.add_argument("--reader-child", nargs=2, metavar=("MODE", "DATASET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reader_child:
         reader_child(*args.reader_child)
         return
+    skip = frozenset(filter(None, args.skip.split(",")))
+    unknown = skip - {"report", "inspect", *READER_MODES} | ({"selection"} & skip)
+    if unknown:
+        parser.error(f"--skip: unknown step(s) {', '.join(sorted(unknown))}")
     sizes = [20_000, 200_000] if args.quick else [int(text) for text in args.rows.split(",")]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -518,7 +537,7 @@ def main() -> None:
               "quick": args.quick, "world_size": WORLD_SIZE, "shard_size": SHARD_SIZE, "batch": BATCH, "keep": KEEP,
               "load_before": [round(x, 2) for x in os.getloadavg()], "sizes": []}
     for rows in sizes:
-        report["sizes"].append(measure_size(rows, out, args.step_timeout, args.keep_data))
+        report["sizes"].append(measure_size(rows, out, args.step_timeout, args.keep_data, skip))
         # written after every size, so a long run shows its finished sizes
         report["load_after"] = [round(x, 2) for x in os.getloadavg()]
         (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")

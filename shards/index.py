@@ -232,6 +232,11 @@ def find_rows(dataset: Location, condition: pc.Expression, manifest: dict) -> pa
         _empty(None, dataset)
 
 
+def read_index_part(dataset: Location, part: IndexPart, columns: list[str] | None = None) -> pa.Table:
+    """One part of a partitioned index (quarantined rows included), checked against the manifest."""
+    return with_added_columns(_read_part(dataset, part, columns, (*ADDED_COLUMNS, MEMBER_NAME)), columns)
+
+
 def _read_part(dataset: Location, part: IndexPart, columns: list[str] | None,
                optional: tuple[str, ...]) -> pa.Table:
     try:

@@ -43,7 +43,7 @@ from shards.index import (
 )
 from shards.manifest import read_manifest, shard_location
 from shards.partition import Segment, epoch_segments, rank_size
-from shards.selections import kept_keys
+from shards.selections import VERSION, kept_keys, partitioned_version, read_selection_part
 from shards.urls import Location, location
 
 READ_CHUNK_BYTES = 4 << 20  # one ranged read covers at most this many bytes
@@ -59,6 +59,15 @@ VERIFY_MODES = ("members", "shards", "none")
 
 Sample = tuple[torch.Tensor, int, str]
 Selection = str | pa.Table | pa.Array | pa.ChunkedArray | np.ndarray | Iterable[str]
+
+
+@dataclass(frozen=True)
+class SelectionParts:
+    """A partitioned selection version as the reader uses it: its JSON and its part of each shard."""
+
+    version: str
+    layout: dict
+    by_shard: dict[str, dict]  # shard -> its part's entry in the version's JSON
 
 
 @dataclass
@@ -131,10 +140,12 @@ class ShardDataset(IterableDataset):
             task its shard's rows spares every task reading the whole index (at a million
             examples in 100 shards, that was most of the scoring time).
 
-    Memory: with a partitioned index (every dataset an onion of this version wrote) and no
-    ``selection`` or ``index``, the reader holds only per-shard counts (from the manifest) and the
-    rows of the shards it is reading in the current epoch, read from those shards' index parts when
-    first needed (only the columns it uses); what it holds does not grow with the dataset, except
+    Memory: with a partitioned index (every dataset an onion of this version wrote), no ``index`` and
+    either no ``selection`` or a partitioned selection version (what ``onion select`` writes on such a
+    dataset), the reader holds only per-shard counts (from the manifest, or the selection's JSON) and the
+    rows of the shards it is reading in the current epoch, read from those shards' index parts (and
+    selection parts) when first needed (only the columns it uses); what it holds does not grow with the
+    dataset, except
     ``restrict``'s flags (one byte per example, allocated up front so that persistent DataLoader
     workers see them). ``keys()`` and ``restrict(keys)`` read the whole split's keys when called.
     """
@@ -182,8 +193,11 @@ class ShardDataset(IterableDataset):
         self._position = torch.zeros(3, dtype=torch.int64).share_memory_()
         self.shard_sha256 = {s["name"]: s["sha256"] for s in self.manifest["shards"]}
         self.max_gap = READ_GAP_BYTES["local" if self.shards_at.is_local else "remote"]
+        # a partitioned selection version, by shard: read per shard with the index parts (see Memory above)
+        self.selection_parts = self._selection_parts(selection) if index is None else None
         # lazy: rows are read per shard from the index parts when an epoch needs them (see Memory above)
-        self.lazy = index is None and selection is None and index_parts(self.manifest) is not None
+        self.lazy = (index is None and index_parts(self.manifest) is not None
+                     and (selection is None or self.selection_parts is not None))
         self.all_rows = {} if self.lazy else self._load_rows(selection, index)
         # usable examples per shard of the split (selection applied), in stored (name) order
         self.all_counts = (self._manifest_counts() if self.lazy
@@ -200,8 +214,25 @@ class ShardDataset(IterableDataset):
         # per process: (generation, examples per shard this epoch, the rows of shards read so far this epoch)
         self._restricted: tuple[int, dict[str, int], dict[str, ShardRows]] = (0, dict(self.all_counts), {})
 
+    def _selection_parts(self, selection: Selection | None) -> SelectionParts | None:
+        """For a partitioned selection version (see shards.selections) over a partitioned index, whose parts
+        each hold one shard: its part of each shard. None otherwise (the selection is then read whole)."""
+        parts = index_parts(self.manifest)
+        if not isinstance(selection, str) or parts is None or self.split != "train":
+            return None
+        layout = partitioned_version(self.dataset, selection) if VERSION.fullmatch(selection) else None
+        if layout is None or any(len(part.shards) > 1 for part in parts):
+            return None
+        shard_of = {part.name: part.shards[0] for part in parts if part.shards}
+        return SelectionParts(selection, layout, {shard_of[entry["name"]]: entry for entry in layout["parts"]
+                                                  if entry["name"] in shard_of})
+
     def _manifest_counts(self) -> dict[str, int]:
-        """Usable examples of the split per shard, as the index parts' manifest entries give them."""
+        """Usable examples of the split per shard, as the index parts' manifest entries give them (with a
+        partitioned selection: the examples it keeps per shard, as its parts' entries give them)."""
+        if self.selection_parts is not None:
+            return {shard: entry["kept"] for shard, entry in sorted(self.selection_parts.by_shard.items())
+                    if entry["kept"]}
         counts: dict[str, int] = {}
         for part in index_parts(self.manifest) or []:
             for shard, by_split in part.examples.items():
@@ -215,13 +246,25 @@ class ShardDataset(IterableDataset):
     def _load_shard(self, shard: str) -> ShardRows:
         """One shard's rows of the split, read from its index part alone (lazy mode)."""
         table = read_index(self.dataset, READ_COLUMNS + ["split", "status"], manifest=self.manifest, shards=[shard])
-        rows = self._shard_tables(table).get(shard)
+        table = self._shard_tables(table).get(shard)
+        if self.selection_parts is not None and table is not None:
+            table = self._selected(shard, table)
+        rows = ShardRows.of(table) if table is not None and len(table) else None
         if rows is None or len(rows) != self.all_counts[shard]:
             parts = ", ".join(f"{INDEX_FOLDER}/{part.name}"
                               for part in parts_of_shards(index_parts(self.manifest) or [], [shard]))
+            says = (f"selection {self.selection_parts.version} keeps {self.all_counts[shard]}"
+                    if self.selection_parts is not None else f"the manifest says {self.all_counts[shard]}")
             raise DatasetDamaged(f"{self.dataset.url}/{parts}: holds {0 if rows is None else len(rows)} usable "
-                                 f"{self.split} rows of {shard}, the manifest says {self.all_counts[shard]}")
+                                 f"{self.split} rows of {shard}, {says}")
         return rows
+
+    def _selected(self, shard: str, table: pa.Table) -> pa.Table:
+        """The rows of ``shard`` its part of the partitioned selection keeps, each checked to be usable."""
+        chosen = self.selection_parts
+        part = read_selection_part(self.dataset, chosen.version, chosen.by_shard[shard], chosen.layout,
+                                   ["key", "kept"])
+        return table.filter(pc.is_in(table["key"], value_set=self._selected_keys(part, table["key"])))
 
     def _load_rows(self, selection: Selection | None, index: pa.Table | None) -> dict[str, ShardRows]:
         if index is None:
@@ -233,19 +276,23 @@ class ShardDataset(IterableDataset):
             raise DatasetError(f"{self.dataset.url}: no split {self.split!r} (splits: {known})")
         if selection is not None:
             table = table.filter(pc.is_in(table["key"], value_set=self._selected_keys(selection, table["key"])))
-        return self._shard_tables(table)
+        return self._shard_rows(table)
 
-    def _shard_tables(self, table: pa.Table) -> dict[str, ShardRows]:
+    def _shard_rows(self, table: pa.Table) -> dict[str, ShardRows]:
         """Usable rows of the split, by shard (in name order), each in stored order."""
+        return {shard: ShardRows.of(rows) for shard, rows in self._shard_tables(table).items()}
+
+    def _shard_tables(self, table: pa.Table) -> dict[str, pa.Table]:
+        """Usable rows of the split, by shard (in name order), each in stored order, as tables."""
         if "split" in table.column_names:
             table = table.filter(pc.and_(pc.equal(table["split"], self.split), pc.equal(table["status"], STATUS_OK)))
         table = table.sort_by([("shard", "ascending"), ("image_offset", "ascending")])
-        rows: dict[str, ShardRows] = {}
+        rows: dict[str, pa.Table] = {}
         shard_column = table["shard"].to_numpy(zero_copy_only=False)
         boundaries = np.flatnonzero(shard_column[1:] != shard_column[:-1]) + 1
         for start, stop in zip(np.r_[0, boundaries], np.r_[boundaries, len(table)]):
             if start < stop:
-                rows[str(shard_column[start])] = ShardRows.of(table.slice(start, stop - start))
+                rows[str(shard_column[start])] = table.slice(start, stop - start)
         return rows
 
     def _selected_keys(self, selection: Selection, split_keys: pa.ChunkedArray) -> pa.Array:
@@ -335,6 +382,9 @@ class ShardDataset(IterableDataset):
     def keys(self) -> np.ndarray:
         """Every key the split (or selection) holds, over all ranks, in stored order (``restrict`` aside).
         Sized by the whole split: with a partitioned index it reads the key column of every part."""
+        if self.lazy and self.selection_parts is not None:
+            parts = [self._load_shard(shard).keys.to_numpy(zero_copy_only=False) for shard in self.all_counts]
+            return np.concatenate(parts) if parts else np.array([], dtype=object)
         if self.lazy:
             table = read_index(self.dataset, ["key", "shard", "image_offset", "split", "status"],
                                manifest=self.manifest, shards=list(self.all_counts))

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -35,6 +36,13 @@ ONION = [sys.executable, "-m", "pipeline"]
 def onion(*args: object, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """``onion ARGS`` in a subprocess, its output captured as text; the exit status is left to the caller."""
     return subprocess.run([*ONION, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def printed_version(output: str) -> str:
+    """The selection version ``onion select`` printed (``.../selections/v0003.json: kept ...``)."""
+    found = re.search(r"selections/(v\d{4,})\.(?:parquet|json)", output)
+    assert found, f"no selection version in: {output[-500:]}"
+    return found.group(1)
 
 
 def onion_ok(*args: object, **kwargs) -> subprocess.CompletedProcess:

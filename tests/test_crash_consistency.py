@@ -81,7 +81,7 @@ JOBS = [
     # whole folders, so a re-run that wrote a second file (a v0003 selection, say) is caught too
     Job("score", ["score", "@data", "el2n", "--run", "@run", "--ray-cpus", "2"], "data/scores"),
     Job("select", ["select", "@data", "--strategy", "drop-easy", "--scores", "el2n-base", "--keep", "0.5",
-                   "--seed", "3"], "data/selections"),
+                   "--seed", "3", "--ray-cpus", "2"], "data/selections"),  # a partitioned dataset: Ray actors
     Job("materialize", ["materialize", "@data", "--selection", "v0001", "--ray-cpus", "2"], "data/kept/v0001"),
     Job("train", ["train", "@data", "--out", "@out", "--epochs", "2", "--checkpoint-every", "30", *TINY], "out",
         resume=["train", "--resume", "@out"], resume_when="out/config.json"),

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from helpers import kill_first_process_running
+from helpers import kill_first_process_running, printed_version
 from pipeline.curation.materialize import kept_url, materialize
 from pipeline.curation.scoring import ScoreContext, compute_scores, read_scores, write_scores
 from pipeline.curation.selection import SelectOptions, SourceExamples, initial_round, select
@@ -145,10 +145,10 @@ def test_rounds_and_inspection_from_the_command_line(curated, capsys, tmp_path):
     dataset, run = curated
     onion_main(capsys, "score", dataset, "forgetting", "--run", run)
     first = onion_main(capsys, "select", dataset, "--round", "0", "--keep", "0.8", "--seed", "7")
-    v0 = first.split("selections/")[1].split(".parquet")[0]
+    v0 = printed_version(first)
     second = onion_main(capsys, "select", dataset, "--round", "1", "--parent", v0, "--remove-n", "50",
                         "--scores", "forgetting")
-    v1 = second.split("selections/")[1].split(".parquet")[0]
+    v1 = printed_version(second)
     summary = json.loads(onion_main(capsys, "inspect", dataset, "--selection", v1, "--format", "json"))
     assert summary["by_reason"]["unforgettable@r1"] == 50 and summary["by_reason"]["restored@r1"] == 50
     assert summary["counts"]["kept"] == sum(c.get("kept", 0) for c in summary["by_class"].values())

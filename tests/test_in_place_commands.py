@@ -13,7 +13,7 @@ from PIL import Image
 from helpers import files_of, onion_ok
 from pipeline.curation.materialize import kept_keys_by_shard
 from shards import ShardDataset, location, read_example, read_index, read_manifest
-from shards.selections import kept_keys
+from shards.selections import kept_keys, read_selection
 from test_ingest_in_place import index_in_place, make_source
 from test_ingest_wds import photo, run_ingest, tar_bytes, zoo  # noqa: F401 - zoo is a fixture
 
@@ -118,7 +118,7 @@ def test_score_select_inspect_report_and_verify_work_in_place(datasets, tmp_path
     onion_ok("score", out, "random", timeout=120)
     result = onion_ok("select", out, "--dedup", "exact", "--scores", "random", "--keep", "0.9", timeout=120)
     version = result.stdout.split("selections/")[1][:5]
-    selection = pq.read_table(out / "selections" / f"{version}.parquet").to_pylist()
+    selection = read_selection(location(str(out)), version).to_pylist()
     keys = {row["source_ref"]: row["key"] for row in ok_rows(out)}
     reasons = {row["key"]: row["reason"] for row in selection}
     for ref in ("s0000", "s0001"):  # d000N holds s000N's image again: dropped as its copy

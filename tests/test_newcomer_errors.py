@@ -28,6 +28,7 @@ from pipeline.ingest.sources import SourceError, open_source
 from pipeline.inspection.plots import histogram_figure
 from pipeline.report.gather import read_run
 from shards import DatasetError, UsageError, location, read_manifest
+from shards.selections import read_selection
 from trainer.config import TrainConfig
 from trainer.errors import RunError
 from trainer.model import check_model
@@ -195,11 +196,13 @@ def rounds(tmp_path_factory):
     url = str(tmp_path_factory.mktemp("rounds") / "data")
     write_direct_dataset(url, [40, 40])
     dataset = location(url)
-    first, initial = make_selection(dataset, SelectRequest(round_number=0, options=SelectOptions(keep=0.5, seed=1)))
+    first = make_selection(dataset, SelectRequest(round_number=0, options=SelectOptions(keep=0.5, seed=1))).version
+    initial = read_selection(dataset, first)
     trained = initial.filter(initial["kept"])["key"]
     scores = compute_scores("random", ScoreContext(url, seed=3))
     write_scores(dataset, "trained", scores.filter(pc.is_in(scores["key"], trained)))
-    second, table = make_selection(dataset, SelectRequest(scores="trained", round_number=1, parent=first, remove_n=5))
+    second = make_selection(dataset, SelectRequest(scores="trained", round_number=1, parent=first, remove_n=5)).version
+    table = read_selection(dataset, second)
     return url, second, table
 
 

@@ -104,7 +104,7 @@ def test_ingest_to_s3_equals_local_ingest(s3, clean_flow, digits):
 
 def test_whole_flow_runs_on_s3(s3, clean_flow):
     names = set(clean_flow)
-    assert {"digits/selections/v0001.parquet", "digits/kept/v0001/manifest.json", "run/summary.json",
+    assert {"digits/selections/v0001.json", "digits/kept/v0001/manifest.json", "run/summary.json",
             "run/metrics.csv", "run/checkpoints/latest.json"} <= names
     kept = read_index(location(f"s3://{BUCKET}/clean/digits/kept/v0001"))
     train_keys = sorted(kept.filter(pc.equal(kept["split"], "train"))["key"].to_pylist())

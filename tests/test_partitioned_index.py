@@ -15,12 +15,14 @@ import pytest
 from torch.utils.data import DataLoader
 
 import shards.index
+import shards.reader
 from helpers import as_single_file_index, files_of, onion, png_bytes, random_pixels, write_direct_dataset
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
 from shards import DatasetDamaged, DatasetError, ShardDataset, location, read_index, read_manifest
 from shards.index import index_parts
 from shards.manifest import count_rows
+from shards.selections import read_selection
 
 SHARDS = [7, 5, 9, 6, 8, 4, 7, 5]  # uneven, so pieces start and stop inside shards
 RANKS, WORKERS = 2, 2
@@ -39,6 +41,14 @@ def opened(tmp_path, monkeypatch) -> Path:
         return original(dataset, part)
 
     monkeypatch.setattr(shards.index, "read_part_bytes", logged)
+    selection_part = shards.reader.read_selection_part
+
+    def logged_selection(dataset, version, entry, layout, columns=None):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} selections/{entry['name']}\n")
+        return selection_part(dataset, version, entry, layout, columns)
+
+    monkeypatch.setattr(shards.reader, "read_selection_part", logged_selection)
     return log
 
 
@@ -70,6 +80,31 @@ def test_each_reader_opens_only_the_parts_of_the_shards_it_reads(tmp_path, opene
             changed |= epoch == 1 and first != {part_of[s.shard] for s in dataset.segments(0, WORKERS)}
         assert sorted(keys) == sorted(truth)  # exactly once over 2 ranks x 2 workers
     assert changed  # the shard order reshuffles per epoch, and the parts a worker opens with it
+
+
+def test_a_reader_of_a_partitioned_selection_opens_only_its_shards_parts_of_both(ray_local, tmp_path, opened):
+    from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
+
+    url = str(tmp_path / "ds")
+    write_direct_dataset(url, SHARDS)
+    version = make_selection(location(url), SelectRequest(options=SelectOptions(keep=0.5, strategy="random")),
+                             workers=2).version
+    chosen = read_selection(location(url), version)
+    kept = sorted(chosen.filter(chosen["kept"])["key"].to_pylist())
+    part_of = part_of_shard(url)
+    keys: list[str] = []
+    for rank in range(RANKS):
+        opened.write_text("")
+        dataset = ShardDataset(url, seed=5, rank=rank, world_size=RANKS, selection=version)
+        assert opened.read_text() == ""  # counts from the selection's JSON: no part read yet
+        keys += [key for _, _, key in DataLoader(dataset, batch_size=None, num_workers=WORKERS)]
+        expected = {part_of[segment.shard] for worker in range(WORKERS)
+                    for segment in dataset.segments(worker, WORKERS)}
+        reads = Counter(line.split()[1] for line in opened.read_text().split("\n")[:-1])
+        assert set(reads) == expected | {f"selections/{name}" for name in expected}
+        assert len(expected) < len(SHARDS)
+    assert sorted(keys) == kept  # the kept examples, each exactly once over 2 ranks x 2 workers
+    assert len(kept) == round(0.5 * sum(SHARDS))
 
 
 def test_resume_mid_epoch_over_ranks_and_workers(tmp_path):

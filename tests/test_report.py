@@ -95,7 +95,7 @@ def curated(ray_local, tmp_path_factory):
     write_scores(dataset, "exact", compute_scores("exact", ScoreContext(url, progress=False)))
     write_scores(dataset, "random", compute_scores("random", ScoreContext(url, seed=3)))
     make_selection(dataset, SelectRequest(dedup="exact", options=SelectOptions(keep=0.8, strategy="random")))
-    first, _ = make_selection(dataset, SelectRequest(round_number=0, options=SelectOptions(keep=0.8, seed=1)))
+    first = make_selection(dataset, SelectRequest(round_number=0, options=SelectOptions(keep=0.8, seed=1))).version
     make_selection(dataset, SelectRequest(scores="random", round_number=1, parent=first, remove_n=40))
     run = root / "run"
     run.mkdir()

@@ -13,6 +13,7 @@ from helpers import files_of, onion, onion_ok
 from pipeline.curation.materialize import kept_url
 from pipeline.ingest.sources import SourceError, SourceOptions, open_source
 from shards import ShardDataset, location, read_example, read_index, read_manifest
+from shards.selections import read_selection
 from test_ingest_wds import photo, tar_bytes, zoo  # noqa: F401 - zoo is a fixture
 
 CAPTIONS = ["a temple", "a flower", "the temple again", "a third view", "a fourth view", "a fifth view"]
@@ -105,7 +106,7 @@ def test_grouping_scores_dedup_and_report_work(ingested, laion, tmp_path):
     result = onion_ok("select", in_place, "--dedup", "exact", timeout=120)
     assert f"onion materialize {in_place} --selection" in result.stdout  # not "onion train"
     version = result.stdout.split("selections/")[1][:5]
-    selection = {row["key"]: row for row in pq.read_table(in_place / "selections" / f"{version}.parquet").to_pylist()}
+    selection = {row["key"]: row for row in read_selection(location(str(in_place)), version).to_pylist()}
     kept = [selection[key]["kept"] for key in sorted(copies)]
     assert kept == [True, False] and selection[max(copies)]["reason"] == f"duplicate-of:{min(copies)}"
     assert sum(row["kept"] for row in selection.values()) == 4

@@ -5,7 +5,7 @@ import argparse
 
 from rich.console import Console
 
-from pipeline.cli.common import add_ray_options, fraction, keep_share, non_negative_int, positive_int
+from pipeline.cli.common import add_ray_options, fraction, keep_share, non_negative_int, positive_int, start_ray
 
 NAME = "select"
 HELP = "choose the surviving train examples (writes DATASET/selections/vNNNN.parquet)"
@@ -54,6 +54,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from pipeline.cli.materialize import materialize_selection
     from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
     from shards import location, read_manifest
+    from shards.index import index_parts
     from shards.manifest import is_labelled, require_labels
 
     dataset = location(args.dataset)
@@ -62,13 +63,15 @@ def run(args: argparse.Namespace, console: Console) -> None:
         require_labels(manifest, dataset.url, "--class-balanced (the same share of every class)")
     options = SelectOptions(args.keep, args.strategy, args.class_balanced, args.hard_cut, args.bins, args.seed,
                             args.dedup_rule)
-    version, table = make_selection(dataset, SelectRequest(args.scores, options, args.dedup, args.round_number,
-                                                           args.parent, args.remove_n))
-    kept = sum(table["kept"].to_pylist())
+    if index_parts(manifest) is not None:  # decided on Ray actors (see pipeline.curation.partitioned_selection)
+        start_ray(args)
+    made = make_selection(dataset, SelectRequest(args.scores, options, args.dedup, args.round_number,
+                                                 args.parent, args.remove_n))
+    version = made.version
     use = (f"train on them with: onion train {dataset.url} --selection {version} --out RUN"
            if is_labelled(manifest) else
            f"their keys for your own loader: onion materialize {dataset.url} --selection {version} --keys PREFIX")
-    console.print(f"{dataset.url}/selections/{version}.parquet: kept {kept} of {table.num_rows} train examples; "
+    console.print(f"{dataset.url}/selections/{made.file}: kept {made.kept} of {made.rows} train examples; "
                   f"{use}", soft_wrap=True)
     if args.materialize:
         materialize_selection(args, version, console)

@@ -57,6 +57,7 @@ EASY, HARD, RANDOM, HARD_CUT, SAMPLED_OUT = "easy", "hard", "random", "hard-cut"
 
 PartSource = pa.Table | Callable[[], pa.Table]  # a part, or a picklable reader the owning actor calls
 WritePart = Callable[[int, pa.Table], object]  # (part number, its decided rows) -> anything picklable
+ReadParts = Callable[[list[int]], list[pa.Table]]  # part numbers -> their tables, run by the owning actor
 Order = tuple  # ("easiest",) or ("draw", seed, purpose)
 Pivot = tuple  # the composite key of one element: (field values..., key)
 EASIEST: Order = ("easiest",)
@@ -151,6 +152,10 @@ class PartsWorker:
         self.key_rank = np.empty(len(order), np.int64)  # the composite keys' last field, as a number
         self.key_rank[order] = np.arange(len(order))
         return len(self.keys)
+
+    def load_with(self, numbers: list[int], reader: ReadParts) -> int:
+        """Parts ``numbers`` as ``reader`` reads them, all in one call (one pass over shared inputs)."""
+        return self.load(numbers, reader(numbers))
 
     # -- one selection ------------------------------------------------------------------------------
 
@@ -306,12 +311,12 @@ class PartsWorker:
         return None
 
     def write(self, write_part: WritePart) -> list[tuple[int, object, int, int, int]]:
-        """Each part's rows (``key, kept, reason, score``, by key) to ``write_part``; with the part's totals."""
+        """Each part's rows (``key, label, kept, reason, score``, by key) to ``write_part``; with the part's totals."""
         done = []
         for number, start, end in zip(self.numbers, self.bounds[:-1], self.bounds[1:]):
             score = self.out_score[start:end]
             table = pa.table({"key": self.key_column.slice(start, end - start).combine_chunks(),
-                              "kept": self.kept[start:end],
+                              "label": self.labels[start:end], "kept": self.kept[start:end],
                               "reason": pa.array(self.reason[start:end].tolist(), pa.string()),
                               "score": pa.array(score, pa.float64(), mask=np.isnan(score))})
             kept, ok = int(self.kept[start:end].sum()), int(self.ok[start:end].sum())
@@ -420,6 +425,13 @@ class SelectionWorkers:
         w = len(self.actors)
         ray.get([a.load.remote(list(range(i, len(parts), w)), list(parts[i::w])) for i, a in enumerate(self.actors)])
         self.parts = len(parts)
+
+    def load_with(self, reader: ReadParts, count: int) -> None:
+        """Parts ``0..count-1``, part ``i`` on actor ``i % workers``, each actor reading all of its own with one
+        call of ``reader`` (which can then read an input the parts share, such as a scores file, once)."""
+        w = len(self.actors)
+        ray.get([a.load_with.remote(list(range(i, count, w)), reader) for i, a in enumerate(self.actors)])
+        self.parts = count
 
     # -- the three selections ------------------------------------------------------------------------
 
@@ -546,6 +558,11 @@ class SelectionWorkers:
             if not searches:
                 return [r["then"] for r in self._call("step", messages, then)]
             per_actor = [r["groups"] for r in self._call("step", messages, None)]
+
+    def write(self, write_part: WritePart) -> DistributedResult:
+        """The last selection's parts to ``write_part`` again (the actors keep its decisions until the next one)."""
+        self._trace = []
+        return self._write(write_part)
 
     def _write(self, write_part: WritePart) -> DistributedResult:
         done = sorted((row for rows in ray.get([a.write.remote(write_part) for a in self.actors]) for row in rows),

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from pipeline.curation.scoring import drop_label
 from shards import UsageError
 from shards.key_hash import RULE, choose_at_random
-from shards.selections import SourceExamples, read_selection, save_selection, selection_table
+from shards.selections import SourceExamples, read_selection, require_version, save_selection, selection_table
 from shards.urls import Location
 
 
@@ -270,6 +270,16 @@ def next_round(source: SourceExamples, parent: pa.Table, parent_version: str, sc
 
 
 @dataclass(frozen=True)
+class Made:
+    """What a selection job made: its version, how many train examples it keeps, of how many rows."""
+
+    version: str
+    kept: int
+    rows: int
+    file: str  # the version's file under selections/: vNNNN.parquet, or vNNNN.json listing its parts
+
+
+@dataclass(frozen=True)
 class SelectRequest:
     """What ``onion select`` asks for: a strategy over scores, or one round of the paper's schedule."""
 
@@ -292,36 +302,64 @@ def read_grouping(dataset: Location, name: str) -> pa.Table:
     return groups
 
 
-def make_selection(dataset: Location, request: SelectRequest) -> tuple[str, pa.Table]:
-    """Compute and store the selection ``request`` describes; returns its version and rows."""
+def make_selection(dataset: Location, request: SelectRequest, workers: int | None = None) -> Made:
+    """Compute and store the selection ``request`` describes; returns its version and counts.
+
+    On a dataset with a partitioned index it is decided on Ray actors and stored part by part
+    (:mod:`pipeline.curation.partitioned_selection`): the same decisions as here, for any ``workers``."""
+    from pipeline.curation.partitioned_selection import select_partitioned
     from pipeline.curation.scoring import read_scores, scorer_of
     from pipeline.curation.scoring.dynamics_scores import require_signal
+    from shards.index import index_parts
+    from shards.manifest import read_manifest
 
-    source = SourceExamples.of(dataset)
-    scores = read_scores(dataset, request.scores) if request.scores else None
-    if scores is not None and scorer_of(scores) == "forgetting":
-        require_signal(scores, f"scores/{request.scores}")
     options = request.options
     if request.dedup and request.round_number not in (None, 0):
         raise UsageError("--dedup goes with a one-shot selection or round 0; later rounds keep round 0's "
                          "duplicates dropped (they never return from the pool)")
-    groups = read_grouping(dataset, request.dedup) if request.dedup else None
+    if request.scores:
+        scores = read_scores(dataset, request.scores, columns=[])  # exists? which scorer? (no rows read)
+        if scorer_of(scores) == "forgetting":
+            require_signal(read_scores(dataset, request.scores, columns=["presentations"]), f"scores/{request.scores}")
     if request.round_number is None:
-        then_strategy = scores is not None or options.strategy == "random"
-        if not then_strategy and groups is None:
+        then_strategy = request.scores is not None or options.strategy == "random"
+        if not then_strategy and not request.dedup:
             raise UsageError(f"strategy {options.strategy} needs --scores NAME")
-        table = select(source, scores, options, groups, then_strategy)
         parameters: dict = {"strategy": vars(options), "scores": request.scores, "dedup": request.dedup}
+        strategy = "+".join(["dedup"] * bool(request.dedup) + [options.strategy] * then_strategy)
     elif request.round_number == 0:
-        duplicates = duplicate_drops(source, groups, options.dedup_rule) if groups is not None else None
-        table = initial_round(source, options.keep, options.seed, duplicates)
         parameters = {"round": 0, "keep": options.keep, "seed": options.seed,
                       **({"dedup": request.dedup, "dedup_rule": options.dedup_rule} if request.dedup else {})}
+        strategy = "dedup+random-initial" if request.dedup else "random-initial"
     else:
-        if not (request.parent and request.remove_n and scores is not None):
+        if not (request.parent and request.remove_n and request.scores):
             raise UsageError("rounds >= 1 need --parent vNNNN, --remove-n N and --scores NAME")
-        table = next_round(source, read_selection(dataset, request.parent), request.parent, scores,
-                           request.remove_n, request.round_number, options.seed)
         parameters = {"round": request.round_number, "parent": request.parent, "remove_n": request.remove_n,
                       "scores": request.scores, "seed": options.seed}
-    return save_selection(dataset, table, parameters), table
+        strategy = "rounds"
+        require_version(dataset, request.parent)
+    if request.dedup and request.round_number == 0 and options.dedup_rule == "highest-score":
+        raise UsageError("--dedup-rule highest-score needs scores; the rounds dedup before any score exists")
+    parts = index_parts(read_manifest(dataset))
+    if parts is not None:
+        return select_partitioned(dataset, parts, request, parameters, strategy, workers)
+    table = _select_in_one_process(dataset, request)
+    version = save_selection(dataset, table, parameters)
+    return Made(version, int(pc.sum(table["kept"]).as_py() or 0), table.num_rows, f"{version}.parquet")
+
+
+def _select_in_one_process(dataset: Location, request: SelectRequest) -> pa.Table:
+    """The rows of ``request``'s selection over a single-file index, decided in this process."""
+    from pipeline.curation.scoring import read_scores
+
+    source = SourceExamples.of(dataset)
+    scores = read_scores(dataset, request.scores) if request.scores else None
+    options = request.options
+    groups = read_grouping(dataset, request.dedup) if request.dedup else None
+    if request.round_number is None:
+        return select(source, scores, options, groups, scores is not None or options.strategy == "random")
+    if request.round_number == 0:
+        duplicates = duplicate_drops(source, groups, options.dedup_rule) if groups is not None else None
+        return initial_round(source, options.keep, options.seed, duplicates)
+    return next_round(source, read_selection(dataset, request.parent), request.parent, scores,
+                      request.remove_n, request.round_number, options.seed)

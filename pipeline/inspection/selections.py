@@ -12,7 +12,7 @@ from shards import UsageError, location
 from shards.index import matching_rows, parquet_names
 from shards.manifest import read_manifest
 from shards.reader import index_row
-from shards.selections import SELECTIONS, read_selection, selection_rule, selection_versions
+from shards.selections import read_selection, selection_row, selection_rule, selection_versions
 from shards.urls import Location
 
 
@@ -63,11 +63,9 @@ def selection_summary(url: str, version: str) -> dict:
 def key_lineage(dataset: Location, key: str) -> list[dict]:
     """Every selection's decision about ``key``, oldest first, with the score it was given."""
     lineage = []
-    folder = dataset.child(SELECTIONS)
     for version in selection_versions(dataset):
-        match = matching_rows(folder, version, pc.field("key") == key).to_pylist()
-        if match:
-            row = match[0]
+        row = selection_row(dataset, version, key)
+        if row:
             lineage.append({"version": version, "round": row["round"], "parent": row["parent"], "kept": row["kept"],
                             "score": row["score"], "rank": row["rank"], "reason": row["reason"]})
     return lineage

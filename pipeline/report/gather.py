@@ -170,7 +170,7 @@ class Version:
 
 def encode_version(examples: Examples, dataset: Location, version: str, with_scores: bool,
                    scores: ScoreArrays) -> Version:
-    with readable(f"{dataset.url}/selections/{version}.parquet"):
+    with readable(f"{dataset.url}/selections/{version}"):  # vNNNN.parquet, or vNNNN.json and its parts
         table = read_selection(dataset, version, columns=["key", "kept", "score", "reason", "round", "parent",
                                                           "strategy"])
     positions = examples.positions(table["key"], f"selections/{version}")

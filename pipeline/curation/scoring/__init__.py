@@ -151,10 +151,11 @@ def write_scores(dataset: Location, name: str, table: pa.Table) -> str:
     return f"{dataset.url}/{SCORES}/{name}.parquet"
 
 
-def read_scores(dataset: Location, name: str) -> pa.Table:
+def read_scores(dataset: Location, name: str, columns: list[str] | None = None) -> pa.Table:
+    """``scores/<name>.parquet`` (``columns=[]``: no column, only its row count and metadata)."""
     scores = dataset.child(SCORES)
     if not scores.exists(f"{name}.parquet"):
         known = ", ".join(parquet_names(scores)) or "none yet"
         raise UsageError(f"{dataset.url}: no scores/{name}.parquet (scores: {known}; "
                          f"make one with: onion score {dataset.url} SCORER ...)")
-    return read_parquet(scores, name)
+    return read_parquet(scores, name, columns)

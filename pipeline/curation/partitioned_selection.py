@@ -1,0 +1,150 @@
+"""``onion select`` on a dataset with a partitioned index: decided on Ray actors, stored part by part.
+
+The driver holds the manifest, the duplicate groups (``--dedup``: sized by the duplicates) and the
+engine's per-group counts; never a row per example. Each actor (:class:`PartReader`) reads its index
+parts' train rows, the scores of its keys in one scan of the scores table, and, for a later round,
+its parts of the parent selection. The decisions are those of :mod:`pipeline.curation.selection`
+(:mod:`pipeline.curation.distributed_selection` shows why) and are stored as a partitioned version
+(:mod:`shards.selections`): first each actor returns its parts' digests, so a selection that already
+exists is found without writing anything; else each actor writes its parts and the driver commits the
+version's JSON.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.curation.distributed_selection import SelectionWorkers
+from pipeline.curation.scoring import SCORES, drop_label, read_scores
+from pipeline.curation.selection import Made, SelectRequest, read_grouping
+from shards import UsageError
+from shards.index import STATUS_OK, IndexPart, matching_rows, read_index_part
+from shards.key_hash import RULE
+from shards.selections import (
+    commit_partitioned_selection,
+    part_digest,
+    partitioned_version,
+    parts_fingerprint,
+    read_selection,
+    read_selection_part,
+    selection_part_table,
+    stored_version,
+    write_selection_part,
+)
+from shards.urls import Location, location
+
+
+@dataclass(frozen=True)
+class PartReader:
+    """Reads an actor's parts: ``key, label, ok, score, tiebreak`` (and the parent's ``parent_kept,
+    parent_reason``) of each index part's train rows, by key. Picklable: it runs in the actor."""
+
+    dataset: str
+    parts: tuple[IndexPart, ...]
+    scores: str | None = None
+    parent: str | None = None
+
+    def __call__(self, numbers: list[int]) -> list[pa.Table]:
+        dataset = location(self.dataset)
+        rows = [self._train_rows(dataset, self.parts[n]) for n in numbers]
+        if self.scores:
+            rows = self._with_scores(dataset, rows)
+        else:
+            rows = [r.append_column("score", pa.nulls(r.num_rows, pa.float64()))
+                    .append_column("tiebreak", pa.nulls(r.num_rows, pa.float64())) for r in rows]
+        if self.parent:
+            rows = [self._with_parent(dataset, self.parts[n], r) for n, r in zip(numbers, rows)]
+        return rows
+
+    @staticmethod
+    def _train_rows(dataset: Location, part: IndexPart) -> pa.Table:
+        index = read_index_part(dataset, part, ["key", "label", "split", "status"])
+        train = index.filter(pc.equal(index["split"], "train")).sort_by("key")
+        return pa.table({"key": train["key"], "label": train["label"].cast(pa.int64()).fill_null(-1),
+                         "ok": pc.equal(train["status"], STATUS_OK)})
+
+    def _with_scores(self, dataset: Location, rows: list[pa.Table]) -> list[pa.Table]:
+        """One scan of the scores table for all of this actor's keys, then each part's scores by key."""
+        keys = pa.concat_arrays([r["key"].combine_chunks() for r in rows]) if rows else pa.array([], pa.string())
+        scores = matching_rows(dataset.child(SCORES), self.scores, pc.field("key").isin(keys),
+                               columns=["key", "score", "tiebreak"])
+        out = []
+        for r in rows:
+            at = pc.index_in(r["key"], value_set=scores["key"])
+            out.append(r.append_column("score", pc.take(scores["score"], at).cast(pa.float64()))
+                       .append_column("tiebreak", pc.take(scores["tiebreak"], at).cast(pa.float64())))
+        return out
+
+    def _with_parent(self, dataset: Location, part: IndexPart, rows: pa.Table) -> pa.Table:
+        layout = partitioned_version(dataset, self.parent)
+        if layout is not None:
+            entry = next((e for e in layout["parts"] if e["name"] == part.name), None)
+            if entry is None:
+                raise UsageError(f"{self.parent} does not cover this dataset's train examples "
+                                 f"(it has no part {part.name})")
+            parent = read_selection_part(dataset, self.parent, entry, layout, ["key", "kept", "reason"])
+        else:  # a single-file parent: its rows of this part's keys
+            whole = read_selection(dataset, self.parent, ["key", "kept", "reason"])
+            parent = whole.filter(pc.is_in(whole["key"], value_set=rows["key"]))
+        parent = parent.sort_by("key")
+        if parent["key"].to_pylist() != rows["key"].to_pylist():
+            raise UsageError(f"{self.parent} does not cover this dataset's train examples")
+        return rows.append_column("parent_kept", parent["kept"]).append_column("parent_reason", parent["reason"])
+
+
+@dataclass(frozen=True)
+class DigestPart:
+    def __call__(self, number: int, decided: pa.Table) -> str:
+        return part_digest(decided)
+
+
+@dataclass(frozen=True)
+class WritePart:
+    dataset: str
+    identity: str
+    names: tuple[str, ...]
+    round_number: int
+    parent: str | None
+    strategy: str
+
+    def __call__(self, number: int, decided: pa.Table) -> dict:
+        table = selection_part_table(decided, self.round_number, self.parent, self.strategy)
+        return write_selection_part(location(self.dataset), self.identity, self.names[number], table)
+
+
+def select_partitioned(dataset: Location, parts: list[IndexPart], request: SelectRequest, parameters: dict,
+                       strategy: str, workers: int | None = None) -> Made:
+    """The selection ``request`` (already checked by ``make_selection``) over ``parts``, stored as a
+    partitioned version described by ``parameters`` and ``strategy``."""
+    options = request.options
+    groups = read_grouping(dataset, request.dedup) if request.dedup else None
+    round_number = request.round_number or 0
+    parent = request.parent if round_number >= 1 else None
+    reader = PartReader(dataset.url, tuple(parts), request.scores, parent)
+    with SelectionWorkers(workers or default_workers(len(parts))) as pool:
+        pool.load_with(reader, len(parts))
+        if request.round_number is None:
+            then_strategy = request.scores is not None or options.strategy == "random"
+            digests = pool.select(options, DigestPart(), groups, then_strategy)
+        elif request.round_number == 0:
+            digests = pool.initial_round(options.keep, options.seed, DigestPart(), groups, options.dedup_rule)
+        else:
+            label = drop_label(read_scores(dataset, request.scores, columns=[]))
+            digests = pool.next_round(request.remove_n, request.round_number, options.seed, label, DigestPart())
+        identity = parts_fingerprint(list(digests.written), round_number, parent, RULE)
+        version = stored_version(dataset, identity)
+        if version is None:
+            writer = WritePart(dataset.url, identity, tuple(p.name for p in parts), round_number, parent, strategy)
+            version = commit_partitioned_selection(dataset, identity, pool.write(writer).written, parameters, RULE)
+    return Made(version, digests.kept, digests.kept + digests.dropped + digests.quarantined, f"{version}.json")
+
+
+def default_workers(parts: int) -> int:
+    """One actor per CPU of the Ray cluster, at most one per part (the decisions do not depend on it)."""
+    from pipeline.ray_runtime import cluster_cpus, ensure_ray
+
+    ensure_ray()
+    return max(1, min(parts, cluster_cpus()))
+
