@@ -70,11 +70,13 @@ class PartReader:
         keys = pa.concat_arrays([r["key"].combine_chunks() for r in rows]) if rows else pa.array([], pa.string())
         scores = matching_rows(dataset.child(SCORES), self.scores, pc.field("key").isin(keys),
                                columns=["key", "score", "tiebreak"])
-        out = []
+        at = pc.index_in(keys, value_set=scores["key"])  # one hash table for all parts, not one per part
+        score, tiebreak = (pc.take(scores[name], at).cast(pa.float64()) for name in ("score", "tiebreak"))
+        out, start = [], 0
         for r in rows:
-            at = pc.index_in(r["key"], value_set=scores["key"])
-            out.append(r.append_column("score", pc.take(scores["score"], at).cast(pa.float64()))
-                       .append_column("tiebreak", pc.take(scores["tiebreak"], at).cast(pa.float64())))
+            out.append(r.append_column("score", score.slice(start, r.num_rows))
+                       .append_column("tiebreak", tiebreak.slice(start, r.num_rows)))
+            start += r.num_rows
         return out
 
     def _with_parent(self, dataset: Location, part: IndexPart, rows: pa.Table) -> pa.Table:
