@@ -13,8 +13,8 @@ real images; only those shards' tar header names differ from their keys, which n
 here reads). Because those rows repeat the template's 2000 sha256 values, the dataset's own
 index compresses better than a real one: the bytes per example are therefore also measured on
 the same index with a unique random sha256 per row (``index_unique_sha256``), the figure to quote.
-``scores/random.parquet`` is written in the format ``onion score DATASET random`` writes (same
-seed, same columns and metadata).
+``scores/random`` is written as ``onion score DATASET random`` writes it (same seed, same columns
+and metadata; one part per index part, through the same ``write_scores``).
 
 Then, each in a fresh process whose peak RSS ``/usr/bin/time`` reads (that process alone, not this driver):
 
@@ -27,7 +27,7 @@ Then, each in a fresh process whose peak RSS ``/usr/bin/time`` reads (that proce
 * ``onion select DATASET --scores random --keep 0.8`` (drop-easy);
 * ``onion report DATASET --out DIR`` (stopped after ``--step-timeout`` seconds);
 * ``onion inspect DATASET --key KEY``;
-* bytes on disk per example of ``index.parquet``, ``scores/random.parquet`` and the selection.
+* bytes on disk per example of the index, ``scores/random`` and the selection (each with its parts).
 
 ``results.md`` and ``results.json`` go to ``--out``, with the load average before and after (other
 jobs on the machine slow every figure down).
@@ -384,6 +384,15 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
+def stored_bytes(folder: Path, name: str) -> int:
+    """Bytes of a stored table: ``name.parquet``, or ``name.json`` and the parts it lists."""
+    if (folder / f"{name}.parquet").exists():
+        return file_bytes(folder / f"{name}.parquet")
+    layout = json.loads((folder / f"{name}.json").read_text())
+    return file_bytes(folder / f"{name}.json") + sum(file_bytes(folder / layout["folder"] / part["name"])
+                                                    for part in layout["parts"])
+
+
 def measure_size(rows: int, out: Path, timeout: float, keep_data: bool, skip: frozenset[str] = frozenset()) -> dict:
     work = out / f"data-{rows}"
     logs = out / f"logs-{rows}"
@@ -414,11 +423,10 @@ def measure_size(rows: int, out: Path, timeout: float, keep_data: bool, skip: fr
                                                      logs / "inspect.log", timeout)
     sizes = {"index": sum(file_bytes(part) for part in (dataset / "index").iterdir()),
              "index_unique_sha256": built["index_unique_sha256_bytes"],
-             "scores_random": file_bytes(dataset / "scores" / "random.parquet"),
+             "scores_random": stored_bytes(dataset / "scores", "random"),
              "manifest": file_bytes(dataset / "manifest.json")}
     if selection.exists():
-        parts = dataset / "selections" / "parts"
-        sizes["selection"] = file_bytes(selection) + sum(file_bytes(f) for f in parts.rglob("*") if f.is_file())
+        sizes["selection"] = stored_bytes(dataset / "selections", "v0001")
     figures["bytes"] = sizes
     per = {name: round(size / rows, 2) for name, size in sizes.items()}
     if selection.exists():
@@ -495,7 +503,7 @@ def render(report: dict) -> str:
                 f"| {mib(step.get('rss_at_first_batch_mib'))} / {mib(step.get('peak_at_first_batch_mib'))} "
                 f"| {step.get('examples_this_rank', '-')} |")
     lines += ["", "Bytes on disk per example:", "", "| rows | index.parquet (as built) | index, unique sha256 "
-              "| scores/random.parquet | selection v0001 | manifest.json |", "|---:|---:|---:|---:|---:|---:|"]
+              "| scores/random | selection v0001 | manifest.json |", "|---:|---:|---:|---:|---:|---:|"]
     for size in report["sizes"]:
         per = size["bytes_per_example"]
         lines.append(f"| {size['rows']:,} | {per['index']} | {per['index_unique_sha256']} | {per['scores_random']} "

@@ -33,6 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.curation.scoring import read_scores, write_scores
 from pipeline.curation.selection import SourceExamples, initial_round
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
@@ -100,7 +101,10 @@ def base(ray_local, tmp_path_factory):
     save_selection(location(str(data)), initial_round(SourceExamples.of(location(str(data))), 0.8, 0), {"test": True})
     subprocess.run([*ONION, "score", str(data), "el2n", "--run", str(run), "--ray-cpus", "2"], check=True,
                    capture_output=True, timeout=300)
-    os.rename(data / "scores" / "el2n.parquet", data / "scores" / "el2n-base.parquet")
+    scores = location(str(data))  # the scores under another name, so the score job writes a new one
+    write_scores(scores, "el2n-base", read_scores(scores, "el2n"))
+    shutil.rmtree(data / "scores" / "parts" / "el2n")
+    (data / "scores" / "el2n.json").unlink()
     return root
 
 

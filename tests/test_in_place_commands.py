@@ -12,6 +12,7 @@ from PIL import Image
 
 from helpers import files_of, onion_ok
 from pipeline.curation.materialize import kept_keys_by_shard
+from pipeline.curation.scoring import read_scores
 from shards import ShardDataset, location, read_example, read_index, read_manifest
 from shards.selections import kept_keys, read_selection
 from test_ingest_in_place import index_in_place, make_source
@@ -111,8 +112,8 @@ def test_score_select_inspect_report_and_verify_work_in_place(datasets, tmp_path
     for scorer in ("phash", "exact"):
         onion_ok("score", out, scorer, "--ray-cpus", "1", timeout=180)
     onion_ok("score", copy, "phash", "--ray-cpus", "1", timeout=180)
-    in_place = pq.read_table(out / "scores" / "phash.parquet").sort_by("key")
-    assert in_place.equals(pq.read_table(copy / "scores" / "phash.parquet").sort_by("key"))
+    in_place = read_scores(location(str(out)), "phash")
+    assert in_place.equals(read_scores(location(str(copy)), "phash"))
     assert in_place.num_rows == 14 - sum(row["split"] == "val" for row in ok_rows(out))
 
     onion_ok("score", out, "random", timeout=120)

@@ -2,7 +2,8 @@
 
 The decisions must be those of the single-process functions (``select``, ``initial_round``,
 ``next_round``) on the same rows, whatever the number of actors, and the stored bytes the same.
-The dataset has quarantined examples, exact duplicates across shards and scores with many ties."""
+The dataset has quarantined examples, exact duplicates across shards and scores with many ties,
+stored one part per index part as ``onion score`` stores them."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +13,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -180,3 +182,34 @@ def test_quarantined_rows_are_accounted_in_every_part(dataset):
     assert made.kept + sum(r not in ("kept", "quarantined") for r in reasons) + quarantined == made.rows
     assert pc.sum(table["kept"]).as_py() == made.kept
 
+
+
+def test_scores_are_stored_per_index_part_and_an_earlier_single_file_still_selects(dataset, tmp_path):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns("selections"))
+    data = location(str(copy))
+    layout = json.loads((copy / "scores" / "tied.json").read_text())
+    scored = read_scores(data, "tied")
+    assert sum(entry["rows"] for entry in layout["parts"]) == layout["rows"] == scored.num_rows
+    assert {entry["name"] for entry in layout["parts"]} <= {part.name for part in index_parts(read_manifest(data))}
+    for entry in layout["parts"]:  # each part holds exactly the scored keys of its index part, by key
+        part = pq.read_table(copy / "scores" / layout["folder"] / entry["name"])
+        index = pq.read_table(copy / "index" / entry["name"], columns=["key"])
+        assert part["key"].to_pylist() == sorted(part["key"].to_pylist())
+        assert set(part["key"].to_pylist()) <= set(index["key"].to_pylist())
+    partitioned = make_selection(data, REQUESTS["drop-easy"], workers=2)
+    # the same scores as one file (as an earlier onion wrote them): the actors scan it, the same decisions
+    shutil.rmtree(copy / "scores" / "parts")
+    (copy / "scores" / "tied.json").unlink()
+    pq.write_table(scored, copy / "scores" / "tied.parquet")
+    assert make_selection(data, REQUESTS["drop-easy"], workers=3).version == partitioned.version
+    # scoring again writes parts in place of the single file, and drops the parts it replaces
+    write_scores(data, "tied", scored.slice(0, 20))
+    assert not (copy / "scores" / "tied.parquet").exists()
+    write_scores(data, "tied", scored)
+    assert len(list((copy / "scores" / "parts" / "tied").iterdir())) == 1
+    assert read_scores(data, "tied").equals(scored)
+    entry = json.loads((copy / "scores" / "tied.json").read_text())["parts"][0]
+    (copy / "scores" / json.loads((copy / "scores" / "tied.json").read_text())["folder"] / entry["name"]).unlink()
+    with pytest.raises(DatasetDamaged, match=f"{entry['name']}: missing \\(scores/tied.json lists it"):
+        read_scores(data, "tied")

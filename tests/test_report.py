@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from helpers import files_of, onion, png_bytes, random_pixels, write_direct_dataset
-from pipeline.curation.scoring import ScoreContext, compute_scores, write_scores
+from pipeline.curation.scoring import ScoreContext, compute_scores, read_scores, write_scores
 from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
@@ -30,7 +30,6 @@ from pipeline.inspection.selections import describe_key, selection_diff
 from pipeline.report import ReportOptions, build_report
 from pipeline.report.thumbnails import ThumbnailLimits
 from shards import location, read_index
-from shards.index import read_parquet
 from shards.selections import read_selection
 
 CHROMIUM = "/usr/bin/chromium"
@@ -178,7 +177,7 @@ def test_the_page_shows_what_the_parquet_files_hold(curated, browser):
     assert page.js("() => Number(document.getElementById('diff-back').dataset.total)") == len(diff["newly_kept"]) == 40
 
     page.tab("duplicates")
-    table = read_parquet(location(url).child("scores"), "exact")
+    table = read_scores(location(url), "exact")
     copies = table.filter(pc.greater(table["group_size"], 1))
     sizes = page.js("() => [...document.querySelectorAll('.group')].map((g) => Number(g.dataset.size))")
     assert sizes == sorted(sizes, reverse=True) and len(sizes) == len(set(copies["group"].to_pylist()))

@@ -11,6 +11,7 @@ import webdataset as wds
 
 from helpers import files_of, onion, onion_ok
 from pipeline.curation.materialize import kept_url
+from pipeline.curation.scoring import read_scores
 from pipeline.ingest.sources import SourceError, SourceOptions, open_source
 from shards import ShardDataset, location, read_example, read_index, read_manifest
 from shards.selections import read_selection
@@ -97,7 +98,7 @@ def test_grouping_scores_dedup_and_report_work(ingested, laion, tmp_path):
         for scorer in ("exact", "phash"):
             onion_ok("score", dataset, scorer, "--ray-cpus", "1", timeout=180)
     index = {row["source_ref"]: row["key"] for row in read_index(location(str(in_place))).to_pylist()}
-    exact = pq.read_table(in_place / "scores" / "exact.parquet").to_pylist()
+    exact = read_scores(location(str(in_place)), "exact").to_pylist()
     groups = {}
     for row in exact:
         groups.setdefault(row["group"], set()).add(row["key"])

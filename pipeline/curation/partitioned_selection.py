@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from pipeline.curation.distributed_selection import SelectionWorkers
 from pipeline.curation.scoring import SCORES, drop_label, read_scores
+from pipeline.curation.scoring.stored import read_scores_part, scores_layout
 from pipeline.curation.selection import Made, SelectRequest, read_grouping
 from shards import UsageError
 from shards.index import STATUS_OK, IndexPart, matching_rows, read_index_part
@@ -50,7 +51,7 @@ class PartReader:
         dataset = location(self.dataset)
         rows = [self._train_rows(dataset, self.parts[n]) for n in numbers]
         if self.scores:
-            rows = self._with_scores(dataset, rows)
+            rows = self._with_scores(dataset, numbers, rows)
         else:
             rows = [r.append_column("score", pa.nulls(r.num_rows, pa.float64()))
                     .append_column("tiebreak", pa.nulls(r.num_rows, pa.float64())) for r in rows]
@@ -65,11 +66,21 @@ class PartReader:
         return pa.table({"key": train["key"], "label": train["label"].cast(pa.int64()).fill_null(-1),
                          "ok": pc.equal(train["status"], STATUS_OK)})
 
-    def _with_scores(self, dataset: Location, rows: list[pa.Table]) -> list[pa.Table]:
-        """One scan of the scores table for all of this actor's keys, then each part's scores by key."""
+    def _with_scores(self, dataset: Location, numbers: list[int], rows: list[pa.Table]) -> list[pa.Table]:
+        """This actor's parts' scores: the scores' own parts of the same index parts when they are partitioned,
+        else one scan of the scores file for all of its keys; then each part's scores by key."""
         keys = pa.concat_arrays([r["key"].combine_chunks() for r in rows]) if rows else pa.array([], pa.string())
-        scores = matching_rows(dataset.child(SCORES), self.scores, pc.field("key").isin(keys),
-                               columns=["key", "score", "tiebreak"])
+        columns = ["key", "score", "tiebreak"]
+        layout = scores_layout(dataset, self.scores)
+        if layout is not None:
+            entries = {entry["name"]: entry for entry in layout["parts"]}
+            held = [read_scores_part(dataset, self.scores, layout, entries[self.parts[n].name], columns)
+                    for n in numbers if self.parts[n].name in entries]
+            scores = pa.concat_tables(held) if held else pa.table({c: pa.array([], pa.float64()) for c in columns})
+            scores = scores.cast(pa.schema([("key", pa.string()), ("score", pa.float64()),
+                                            ("tiebreak", pa.float64())]))
+        else:
+            scores = matching_rows(dataset.child(SCORES), self.scores, pc.field("key").isin(keys), columns=columns)
         at = pc.index_in(keys, value_set=scores["key"])  # one hash table for all parts, not one per part
         score, tiebreak = (pc.take(scores[name], at).cast(pa.float64()) for name in ("score", "tiebreak"))
         out, start = [], 0

@@ -7,9 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.curation.scoring import SCORES
+from pipeline.curation.scoring.stored import matching_score_rows, score_names
 from shards import UsageError, location
-from shards.index import matching_rows, parquet_names
 from shards.manifest import read_manifest
 from shards.reader import index_row
 from shards.selections import read_selection, selection_row, selection_rule, selection_versions
@@ -72,10 +71,9 @@ def key_lineage(dataset: Location, key: str) -> list[dict]:
 
 
 def key_scores(dataset: Location, key: str) -> dict[str, float]:
-    folder = dataset.child(SCORES)
     found = {}
-    for name in parquet_names(folder):
-        match = matching_rows(folder, name, pc.field("key") == key, columns=["key", "score"]).to_pylist()
+    for name in score_names(dataset):
+        match = matching_score_rows(dataset, name, pc.field("key") == key, columns=["key", "score"]).to_pylist()
         if match:
             found[name] = match[0]["score"]
     return found
@@ -88,15 +86,15 @@ def distance_unit(scores: pa.Table) -> str:
 
 def key_groups(dataset: Location, key: str) -> list[dict]:
     """``key``'s duplicate group in each grouping score table (exact, phash, embed), members nearest first."""
-    folder = dataset.child(SCORES)
     found = []
-    for name in parquet_names(folder):
-        match = matching_rows(folder, name, pc.field("key") == key).to_pylist()
+    for name in score_names(dataset):
+        match = matching_score_rows(dataset, name, pc.field("key") == key).to_pylist()
         if match and "group" not in match[0]:
             continue
         if not match:
             continue
-        members = matching_rows(folder, name, pc.field("group") == match[0]["group"], columns=["key", "distance"])
+        members = matching_score_rows(dataset, name, pc.field("group") == match[0]["group"],
+                                      columns=["key", "distance"])
         for member in sorted(members.to_pylist(), key=lambda m: (m["distance"], m["key"])):
             found.append({"scores": name, "member": member["key"], "distance_to_representative": member["distance"],
                           "unit": distance_unit(members), "representative": member["key"] == match[0]["representative"],

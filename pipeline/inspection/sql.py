@@ -10,9 +10,9 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from pipeline.curation.scoring import SCORES
+from pipeline.curation.scoring.stored import read_scores, score_names
 from shards import UsageError, location
-from shards.index import index_dataset, parquet_names, read_parquet
+from shards.index import index_dataset
 from shards.selections import read_selection, selection_versions
 
 
@@ -20,9 +20,8 @@ def query(url: str, sql: str) -> pa.Table:
     dataset = location(url)
     connection = duckdb.connect()
     tables = {"index": index_dataset(dataset)}
-    scores = dataset.child(SCORES)
-    for name in parquet_names(scores):
-        tables[f"scores_{name.replace('-', '_')}"] = read_parquet(scores, name)
+    for name in score_names(dataset):
+        tables[f"scores_{name.replace('-', '_')}"] = read_scores(dataset, name)
     selections = [_with_version(read_selection(dataset, v), v) for v in selection_versions(dataset)]
     if selections:
         tables["selections"] = pa.concat_tables(selections)

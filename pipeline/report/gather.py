@@ -24,11 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.curation.scoring import SCORES, scorer_of
+from pipeline.curation.scoring import SCORES, read_scores, score_names, scorer_of
 from pipeline.inspection.dataset import dataset_summary
 from pipeline.inspection.selections import distance_unit, ranked_groups, selection_summary
 from shards import STATUS_OK, DatasetDamaged, UsageError, location, read_index, read_manifest
-from shards.index import parquet_names, read_parquet
 from shards.selections import read_selection, selection_parameters, selection_versions
 from shards.urls import Location
 
@@ -227,13 +226,12 @@ class Scorer:
 
 
 def read_scorers(examples: Examples, dataset: Location, arrays: ScoreArrays) -> list[Scorer]:
-    folder = dataset.child(SCORES)
     scorers = []
-    for name in parquet_names(folder):
-        with readable(f"{dataset.url}/{SCORES}/{name}.parquet"):
-            table = read_parquet(folder, name)
+    for name in score_names(dataset):
+        with readable(f"{dataset.url}/{SCORES}/{name}"):  # name.parquet, or name.json and its parts
+            table = read_scores(dataset, name)
         if "key" not in table.column_names or "score" not in table.column_names:
-            raise DatasetDamaged(f"{dataset.url}/{SCORES}/{name}.parquet: no key and score columns")
+            raise DatasetDamaged(f"{dataset.url}/{SCORES}/{name}: no key and score columns")
         positions = examples.positions(table["key"], f"{SCORES}/{name}")
         meta = {"name": name, "scorer": scorer_of(table) or name, "examples": table.num_rows,
                 "ref": arrays.add(aligned(examples, positions, table["score"])),

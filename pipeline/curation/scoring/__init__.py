@@ -1,4 +1,4 @@
-"""Scorers: how hard or useful each training example is, written to ``DATASET/scores/<name>.parquet``.
+"""Scorers: how hard or useful each training example is, written to ``DATASET/scores/<name>`` (see stored.py).
 
 A registry, not an if-chain: add a function taking a :class:`ScoreContext` and returning a table
 with at least ``key``, ``score`` (higher = harder / more worth keeping) and ``tiebreak`` (orders
@@ -16,12 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from pipeline.curation.scoring.stored import (  # noqa: F401 - re-exported: where scores are stored
+    SCORES,
+    matching_score_rows,
+    read_scores,
+    score_names,
+    write_scores,
+)
 from shards import UsageError, location, read_index, read_manifest
-from shards.index import parquet_names, read_parquet, table_to_parquet_bytes, usable_train
+from shards.index import usable_train
 from shards.manifest import require_labels
-from shards.urls import Location
-
-SCORES = "scores"
 
 
 @dataclass(frozen=True)
@@ -146,16 +150,3 @@ def compute_scores(name: str, context: ScoreContext) -> pa.Table:
     return table.replace_schema_metadata({b"onion": json.dumps({"scorer": name}).encode()})
 
 
-def write_scores(dataset: Location, name: str, table: pa.Table) -> str:
-    dataset.child(SCORES).write_atomic(f"{name}.parquet", table_to_parquet_bytes(table))
-    return f"{dataset.url}/{SCORES}/{name}.parquet"
-
-
-def read_scores(dataset: Location, name: str, columns: list[str] | None = None) -> pa.Table:
-    """``scores/<name>.parquet`` (``columns=[]``: no column, only its row count and metadata)."""
-    scores = dataset.child(SCORES)
-    if not scores.exists(f"{name}.parquet"):
-        known = ", ".join(parquet_names(scores)) or "none yet"
-        raise UsageError(f"{dataset.url}: no scores/{name}.parquet (scores: {known}; "
-                         f"make one with: onion score {dataset.url} SCORER ...)")
-    return read_parquet(scores, name, columns)
