@@ -159,6 +159,19 @@ def read_part_bytes(dataset: Location, part: IndexPart) -> bytes:
     return data
 
 
+def read_listed_part(folder: Location, entry: dict, listed_by: str) -> bytes:
+    """The bytes of a part that a listing (``listed_by``: a selection version, a scores JSON) names with its
+    rows and sha256: a missing or changed part is an error naming it."""
+    where = f"{folder.url}/{entry['name']}"
+    try:
+        data = folder.read_bytes(entry["name"])
+    except FileNotFoundError as error:
+        raise DatasetDamaged(f"{where}: missing ({listed_by} lists it, with {entry['rows']} rows)") from error
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise DatasetDamaged(f"{where}: sha256 does not match {listed_by}: the part is corrupt or was replaced")
+    return data
+
+
 def parts_of_shards(parts: list[IndexPart], shards: Iterable[str]) -> list[IndexPart]:
     """The parts holding the rows of ``shards`` (each once, in the manifest's order)."""
     wanted = set(shards)

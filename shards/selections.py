@@ -26,12 +26,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shards.errors import DatasetDamaged, UsageError
+from shards.errors import UsageError
 from shards.index import (
     STATUS_OK,
     matching_rows,
     parquet_bytes_to_table,
     read_index,
+    read_listed_part,
     read_parquet,
     table_to_parquet_bytes,
 )
@@ -192,14 +193,7 @@ def partitioned_version(dataset: Location, version: str) -> dict | None:
 def read_selection_part(dataset: Location, version: str, entry: dict, layout: dict,
                         columns: list[str] | None = None) -> pa.Table:
     """One part of a partitioned version, checked against its sha256: a missing or changed part is named."""
-    where = f"{dataset.url}/{SELECTIONS}/{layout['folder']}/{entry['name']}"
-    try:
-        data = dataset.read_bytes(SELECTIONS, *layout["folder"].split("/"), entry["name"])
-    except FileNotFoundError as error:
-        raise DatasetDamaged(f"{where}: missing (selection {version} lists it, with {entry['rows']} rows)") from error
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise DatasetDamaged(f"{where}: sha256 does not match selection {version}'s: the part is corrupt or was "
-                             "replaced")
+    data = read_listed_part(dataset.child(SELECTIONS, *layout["folder"].split("/")), entry, f"selection {version}")
     return parquet_bytes_to_table(data, columns=columns)
 
 

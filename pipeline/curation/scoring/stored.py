@@ -22,13 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shards import UsageError
-from shards.errors import DatasetDamaged
 from shards.index import (
     IndexPart,
     index_parts,
     matching_rows,
     parquet_bytes_to_table,
     read_index_part,
+    read_listed_part,
     read_parquet,
     table_to_parquet_bytes,
 )
@@ -124,13 +124,7 @@ def read_scores(dataset: Location, name: str, columns: list[str] | None = None) 
 def read_scores_part(dataset: Location, name: str, layout: dict, entry: dict,
                      columns: list[str] | None = None) -> pa.Table:
     """One part of partitioned scores, checked against its sha256: a missing or changed part is named."""
-    where = f"{dataset.url}/{SCORES}/{layout['folder']}/{entry['name']}"
-    try:
-        data = dataset.read_bytes(SCORES, *layout["folder"].split("/"), entry["name"])
-    except FileNotFoundError as error:
-        raise DatasetDamaged(f"{where}: missing (scores/{name}.json lists it, with {entry['rows']} rows)") from error
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise DatasetDamaged(f"{where}: sha256 does not match scores/{name}.json: the part is corrupt or was replaced")
+    data = read_listed_part(dataset.child(SCORES, *layout["folder"].split("/")), entry, f"scores/{name}.json")
     return parquet_bytes_to_table(data, columns=columns)
 
 
