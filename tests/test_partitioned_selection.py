@@ -213,3 +213,14 @@ def test_scores_are_stored_per_index_part_and_an_earlier_single_file_still_selec
     (copy / "scores" / json.loads((copy / "scores" / "tied.json").read_text())["folder"] / entry["name"]).unlink()
     with pytest.raises(DatasetDamaged, match=f"{entry['name']}: missing \\(scores/tied.json lists it"):
         read_scores(data, "tied")
+
+
+def test_the_driver_reads_only_the_copies_of_a_grouping_table(dataset):
+    from pipeline.curation.selection import read_grouping
+
+    data = location(dataset)
+    whole = read_scores(data, "exact")
+    copies = read_grouping(data, "exact", only_copies=True)
+    assert 0 < copies.num_rows < whole.num_rows
+    expected = whole.filter(pc.greater(whole["group_size"], 1)).sort_by("key")
+    assert copies.sort_by("key").to_pylist() == expected.to_pylist()

@@ -132,7 +132,7 @@ def select_partitioned(dataset: Location, parts: list[IndexPart], request: Selec
     """The selection ``request`` (already checked by ``make_selection``) over ``parts``, stored as a
     partitioned version described by ``parameters`` and ``strategy``."""
     options = request.options
-    groups = read_grouping(dataset, request.dedup) if request.dedup else None
+    groups = read_grouping(dataset, request.dedup, only_copies=True) if request.dedup else None
     round_number = request.round_number or 0
     parent = request.parent if round_number >= 1 else None
     reader = PartReader(dataset.url, tuple(parts), request.scores, parent)

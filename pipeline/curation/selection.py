@@ -291,11 +291,23 @@ class SelectRequest:
     remove_n: int | None = None  # examples swapped this round (rounds >= 1)
 
 
-def read_grouping(dataset: Location, name: str) -> pa.Table:
-    """``scores/<name>`` when it holds duplicate groups; a usage error naming the grouping scorers otherwise."""
-    from pipeline.curation.scoring import read_scores
+def read_grouping(dataset: Location, name: str, only_copies: bool = False) -> pa.Table:
+    """``scores/<name>`` when it holds duplicate groups; a usage error naming the grouping scorers otherwise.
 
-    groups = read_scores(dataset, name)
+    ``only_copies``: only the rows of groups of two or more (a dedup decides nothing about the others),
+    read part by part when the scores are partitioned, so the caller never holds a row per example."""
+    from pipeline.curation.scoring import matching_score_rows, read_scores
+    from pipeline.curation.scoring.stored import read_scores_part, scores_layout
+
+    layout = scores_layout(dataset, name) if only_copies else None
+    if layout is None or not layout["parts"]:
+        groups = read_scores(dataset, name)
+    else:
+        first = read_scores_part(dataset, name, layout, layout["parts"][0])  # one part, for the columns
+        groups = (matching_score_rows(dataset, name, pc.field("group_size") > 1)
+                  if "group_size" in first.column_names else read_scores(dataset, name))
+        if not groups.column_names:  # no group of two or more: the columns, without rows
+            groups = first.slice(0, 0)
     if "group" not in groups.column_names:
         raise UsageError(f"--dedup {name}: scores/{name} holds no groups "
                          "(make them with onion score DATASET exact, phash or embed)")
