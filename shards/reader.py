@@ -142,12 +142,12 @@ class ShardDataset(IterableDataset):
 
     Memory: with a partitioned index (every dataset an onion of this version wrote), no ``index`` and
     either no ``selection`` or a partitioned selection version (what ``onion select`` writes on such a
-    dataset), the reader holds only per-shard counts (from the manifest, or the selection's JSON) and the
-    rows of the shards it is reading in the current epoch, read from those shards' index parts (and
-    selection parts) when first needed (only the columns it uses); what it holds does not grow with the
-    dataset, except
-    ``restrict``'s flags (one byte per example, allocated up front so that persistent DataLoader
-    workers see them). ``keys()`` and ``restrict(keys)`` read the whole split's keys when called.
+    dataset), the reader holds only per-shard counts (from the manifest, or the selection's JSON) and
+    the rows of the shards it is reading in the current epoch, read from those shards' index parts
+    (and selection parts) when first needed (only the columns it uses); what it holds does not grow
+    with the dataset, except ``restrict``'s flags (one byte per example, allocated up front so that
+    persistent DataLoader workers see them). ``keys()`` and ``restrict(keys)`` read the whole split's
+    keys when called.
     """
 
     def __init__(
