@@ -224,3 +224,19 @@ def test_the_driver_reads_only_the_copies_of_a_grouping_table(dataset):
     assert 0 < copies.num_rows < whole.num_rows
     expected = whole.filter(pc.greater(whole["group_size"], 1)).sort_by("key")
     assert copies.sort_by("key").to_pylist() == expected.to_pylist()
+
+
+def test_a_later_round_from_a_single_file_parent_decides_as_one_process_does(dataset, tmp_path):
+    from shards.selections import save_selection
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns("selections"))
+    data = location(str(copy))
+    first = SelectRequest(None, SelectOptions(keep=0.6, seed=6), round_number=0)
+    parent = save_selection(data, single_process(str(copy), first), {"round": 0})  # one file, as curate writes
+    assert (copy / "selections" / f"{parent}.parquet").exists()
+    later = SelectRequest("tied", SelectOptions(seed=6), round_number=1, parent=parent, remove_n=7)
+    made = make_selection(data, later, workers=2)
+    assert partitioned_version(data, made.version) is not None
+    assert read_selection(data, made.version).select(COLUMNS).to_pylist() == \
+        single_process(str(copy), later).select(COLUMNS).to_pylist()

@@ -2,8 +2,9 @@
 
 The driver holds the manifest, the duplicate groups (``--dedup``: sized by the duplicates) and the
 engine's per-group counts; never a row per example. Each actor (:class:`PartReader`) reads its index
-parts' train rows, the scores of its keys in one scan of the scores table, and, for a later round,
-its parts of the parent selection. The decisions are those of :mod:`pipeline.curation.selection`
+parts' train rows, the same parts of the scores (or, for scores stored as one file, that file once,
+filtered to its keys) and, for a later round, the same parts of the parent selection (or the parent's
+one file, once). The decisions are those of :mod:`pipeline.curation.selection`
 (:mod:`pipeline.curation.distributed_selection` shows why) and are stored as a partitioned version
 (:mod:`shards.selections`): first each actor returns its parts' digests, so a selection that already
 exists is found without writing anything; else each actor writes its parts and the driver commits the
@@ -56,7 +57,9 @@ class PartReader:
             rows = [r.append_column("score", pa.nulls(r.num_rows, pa.float64()))
                     .append_column("tiebreak", pa.nulls(r.num_rows, pa.float64())) for r in rows]
         if self.parent:
-            rows = [self._with_parent(dataset, self.parts[n], r) for n, r in zip(numbers, rows)]
+            layout = partitioned_version(dataset, self.parent)
+            whole = None if layout is not None else read_selection(dataset, self.parent, ["key", "kept", "reason"])
+            rows = [self._with_parent(dataset, self.parts[n], r, layout, whole) for n, r in zip(numbers, rows)]
         return rows
 
     @staticmethod
@@ -90,16 +93,16 @@ class PartReader:
             start += r.num_rows
         return out
 
-    def _with_parent(self, dataset: Location, part: IndexPart, rows: pa.Table) -> pa.Table:
-        layout = partitioned_version(dataset, self.parent)
+    def _with_parent(self, dataset: Location, part: IndexPart, rows: pa.Table, layout: dict | None,
+                     whole: pa.Table | None) -> pa.Table:
+        """``rows`` with the parent's decisions: its part of ``part`` (``layout``), or its ``whole`` file's rows."""
         if layout is not None:
             entry = next((e for e in layout["parts"] if e["name"] == part.name), None)
             if entry is None:
                 raise UsageError(f"{self.parent} does not cover this dataset's train examples "
                                  f"(it has no part {part.name})")
             parent = read_selection_part(dataset, self.parent, entry, layout, ["key", "kept", "reason"])
-        else:  # a single-file parent: its rows of this part's keys
-            whole = read_selection(dataset, self.parent, ["key", "kept", "reason"])
+        else:  # a single-file parent (a curation round's, say): its rows of this part's keys
             parent = whole.filter(pc.is_in(whole["key"], value_set=rows["key"]))
         parent = parent.sort_by("key")
         if parent["key"].to_pylist() != rows["key"].to_pylist():
