@@ -36,6 +36,9 @@ Environment (all unset in normal use: then :func:`boundary` costs one dict looku
     group, the group a terminal would signal (the caller's own group in a terminal's session). The
     Ctrl-C test uses it so the interruption lands at a chosen point of a job that is under way,
     whatever the machine's load, instead of at a wall-clock time the job may already have passed.
+    ``ONION_FAULT_SIGNAL=STOP`` pauses the process that reached boundary N (SIGSTOP to itself, once
+    the lock is released) until someone sends it SIGCONT: the twin-ingest test lets another job run
+    to its end in that pause.
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ def boundary(kind: str, path: str) -> None:
 
 def _reached(counter: str, kind: str, path: str) -> None:
     fd = os.open(counter, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    pause = False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         match = os.environ.get(MATCH, "").encode()  # b"" is in every line: then every boundary counts
@@ -65,12 +69,17 @@ def _reached(counter: str, kind: str, path: str) -> None:
         seen = sum(match in earlier for earlier in _read_all(fd).splitlines())
         os.write(fd, line)
         if match in line and seen + 1 == int(os.environ.get(FAULT_AT) or 0):
-            if os.environ.get(SIGNAL, "KILL").upper().removeprefix("SIG") == "INT":
+            chosen = os.environ.get(SIGNAL, "KILL").upper().removeprefix("SIG")
+            if chosen == "INT":
                 _ctrl_c()
+            elif chosen == "STOP":
+                pause = True
             else:
                 _power_cut()
     finally:
         os.close(fd)
+    if pause:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _read_all(fd: int) -> bytes:

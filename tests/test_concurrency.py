@@ -1,10 +1,14 @@
 """Two jobs racing for one output location: exactly one owns it, the other stops with a clear error
 before writing anything, and the output is never a mix of the two."""
+import os
+import signal
 import subprocess
+import time
 
 import pytest
 
 from helpers import ONION, files_of, onion_ok
+from shards.urls import is_temporary
 from shards.verify import verify_dataset
 
 pytestmark = pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
@@ -41,8 +45,52 @@ def test_two_different_ingests_into_one_output(tmp_path):
 def test_two_identical_ingests_agree(tmp_path):
     out = tmp_path / "out"
     results = race(*[["ingest", "synthetic", str(out), *SYNTHETIC]] * 2)
-    assert [result.returncode for result in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    assert [result.returncode for result in results] == [0, 0], "\n---\n".join(r.stderr[-3000:] for r in results)
     assert verify_dataset(str(out))[1] == []
+
+
+@pytest.mark.parametrize("pause_after", ["link OUT/_ingest.json", "temp OUT/_parts/"],
+                         ids=["claimed", "writing-a-part"])
+def test_a_twin_that_finishes_first_completes_the_other(tmp_path, pause_after):
+    """The same ingest twice on one output, the second paused right after a chosen write (in the driver
+    when it has claimed the output; in a Ray worker with a shard's record in a temporary under _parts/)
+    while the first runs to its end and removes its bookkeeping (_parts/ with that temporary): the paused
+    one, continued, ends well too, and leaves the same dataset."""
+    out, counter = tmp_path / "out", tmp_path / "boundaries"
+    command = [*ONION, "ingest", "synthetic", str(out), *SYNTHETIC]
+    paused = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True,
+                              env={**os.environ, "ONION_FAULT_COUNTER": str(counter), "ONION_FAULT_AT": "1",
+                                   "ONION_FAULT_SIGNAL": "STOP",
+                                   "ONION_FAULT_MATCH": pause_after.replace("OUT", str(out))})
+    try:
+        pid = wait_for_pause(counter, pause_after.replace("OUT", str(out)), paused)
+        onion_ok("ingest", "synthetic", out, *SYNTHETIC, timeout=600)
+        # the paused job's temporary aside
+        finished = {name: data for name, data in files_of(out).items() if not is_temporary(name)}
+        os.kill(pid, signal.SIGCONT)
+        stdout, stderr = paused.communicate(timeout=600)
+    finally:
+        if paused.poll() is None:
+            os.killpg(paused.pid, signal.SIGKILL)
+    assert paused.returncode == 0, stderr[-3000:]
+    assert verify_dataset(str(out))[1] == []
+    assert files_of(out) == finished  # the twin's dataset, unchanged by the one that came second
+
+
+def wait_for_pause(counter, match: str, process: subprocess.Popen, timeout: float = 600) -> int:
+    """The process that reached the first boundary matching ``match``, once it is stopped there (state T)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        lines = [line for line in (counter.read_text() if counter.exists() else "").splitlines() if match in line]
+        if lines:
+            pid = int(lines[0].split()[0])
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "T":
+                    return pid
+        time.sleep(0.05)
+    raise AssertionError(f"the ingest did not reach {counter} within {timeout} s")
 
 
 def test_two_trainings_into_one_run_directory(tmp_path):

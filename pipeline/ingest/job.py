@@ -334,6 +334,31 @@ def ingest(
     if dataset.url.startswith("memory://"):
         raise DatasetError(f"{dataset.url}: memory:// lives inside one process and Ray workers cannot "
                            "write there; use a local path or an object store URL")
+    try:
+        return _write_dataset(dataset, identity, source, records, plans, locality, options, command, progress,
+                              extra_manifest)
+    except Exception:
+        # A twin job (the same command on the same output) may finish first and remove its bookkeeping (the
+        # plan, _parts/) while this one still reads or writes there. Its dataset is the one this job would
+        # have written, byte for byte, so that ends this job too; any other failure is this job's own.
+        if not holds_dataset(dataset, identity):
+            raise
+        clean_up(dataset)
+        return IngestReport(dataset.url, read_manifest(dataset), 0, already_complete=True)
+
+
+def holds_dataset(dataset: Location, identity: str) -> bool:
+    """Whether ``dataset`` is complete with the dataset whose fingerprint is ``identity``."""
+    try:
+        return dataset.exists(MANIFEST_NAME) and read_manifest(dataset).get("fingerprint") == identity
+    except Exception:  # noqa: BLE001 - asked after a failure: an unreadable output is simply not complete
+        return False
+
+
+def _write_dataset(dataset: Location, identity: str, source: Source, records: list[Record], plans: list[ShardPlan],
+                   locality: object, options: IngestOptions, command: list[str], progress: bool,
+                   extra_manifest: dict | None) -> IngestReport:
+    """Check and claim the output, write the shards not already written, and commit the manifest."""
     if check_output(dataset, identity, source, options):
         clean_up(dataset)
         return IngestReport(dataset.url, read_manifest(dataset), 0, already_complete=True)
