@@ -147,7 +147,7 @@ class ShardDataset(IterableDataset):
     (and selection parts) when first needed (only the columns it uses); what it holds does not grow
     with the dataset, except ``restrict``'s flags (one byte per example, allocated up front so that
     persistent DataLoader workers see them). ``keys()`` and ``restrict(keys)`` read the whole split's
-    keys when called.
+    keys when called; ``restrict(version)`` with a partitioned version reads it per shard.
     """
 
     def __init__(
@@ -187,10 +187,12 @@ class ShardDataset(IterableDataset):
         default_rank, default_world = distributed_rank_and_size()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
-        # (epoch, start_batch, restriction generation) in shared memory: persistent DataLoader workers
-        # see set_epoch's and restrict's values when the next epoch's iteration starts, without being
-        # re-created (re-creating them costs a fraction of a second per epoch: 20% of a short one).
-        self._position = torch.zeros(3, dtype=torch.int64).share_memory_()
+        # (epoch, start_batch, restriction generation, restriction version number or 0) in shared memory:
+        # persistent DataLoader workers see set_epoch's and restrict's values when the next epoch's
+        # iteration starts, without being re-created (re-creating them costs a fraction of a second per
+        # epoch: 20% of a short one).
+        self._position = torch.zeros(4, dtype=torch.int64).share_memory_()
+        self._restriction_parts: SelectionParts | None = None  # this process's copy of restrict()'s version
         self.shard_sha256 = {s["name"]: s["sha256"] for s in self.manifest["shards"]}
         self.max_gap = READ_GAP_BYTES["local" if self.shards_at.is_local else "remote"]
         # a partitioned selection version, by shard: read per shard with the index parts (see Memory above)
@@ -243,25 +245,29 @@ class ShardDataset(IterableDataset):
             raise DatasetError(f"{self.dataset.url}: no split {self.split!r} (splits: {known})")
         return dict(sorted(counts.items()))
 
-    def _load_shard(self, shard: str) -> ShardRows:
-        """One shard's rows of the split, read from its index part alone (lazy mode)."""
+    def _load_shard(self, shard: str, restriction: SelectionParts | None = None) -> ShardRows:
+        """One shard's rows of the split, read from its index part alone (lazy mode): those the
+        constructor's selection keeps, and of them those ``restriction`` (restrict()'s version) keeps."""
         table = read_index(self.dataset, READ_COLUMNS + ["split", "status"], manifest=self.manifest, shards=[shard])
         table = self._shard_tables(table).get(shard)
-        if self.selection_parts is not None and table is not None:
-            table = self._selected(shard, table)
+        for chosen in (self.selection_parts, restriction):
+            if chosen is not None and table is not None:
+                table = self._selected(chosen, shard, table)
         rows = ShardRows.of(table) if table is not None and len(table) else None
-        if rows is None or len(rows) != self.all_counts[shard]:
+        last = restriction or self.selection_parts
+        expected = last.by_shard[shard]["kept"] if last is not None else self.all_counts[shard]
+        if rows is None or len(rows) != expected:
             parts = ", ".join(f"{INDEX_FOLDER}/{part.name}"
                               for part in parts_of_shards(index_parts(self.manifest) or [], [shard]))
-            says = (f"selection {self.selection_parts.version} keeps {self.all_counts[shard]}"
-                    if self.selection_parts is not None else f"the manifest says {self.all_counts[shard]}")
+            says = (f"selection {last.version} keeps {expected}" if last is not None
+                    else f"the manifest says {expected}")
             raise DatasetDamaged(f"{self.dataset.url}/{parts}: holds {0 if rows is None else len(rows)} usable "
                                  f"{self.split} rows of {shard}, {says}")
         return rows
 
-    def _selected(self, shard: str, table: pa.Table) -> pa.Table:
-        """The rows of ``shard`` its part of the partitioned selection keeps, each checked to be usable."""
-        chosen = self.selection_parts
+    def _selected(self, chosen: SelectionParts, shard: str, table: pa.Table) -> pa.Table:
+        """The rows of ``shard`` that its part of the partitioned selection ``chosen`` keeps, each checked to
+        be one of ``table``'s (usable rows of the split, and of the constructor's selection)."""
         part = read_selection_part(self.dataset, chosen.version, chosen.by_shard[shard], chosen.layout,
                                    ["key", "kept"])
         return table.filter(pc.is_in(table["key"], value_set=self._selected_keys(part, table["key"])))
@@ -320,8 +326,14 @@ class ShardDataset(IterableDataset):
         The order of an epoch is exactly that of a new dataset made with ``selection=`` the same keys,
         but persistent DataLoader workers keep running: the choice reaches them through shared memory.
         ``selection`` takes the forms the constructor's does; every key must be one of ``keys()``.
+        A partitioned selection version (over a partitioned index with one shard per part) is read per
+        shard, like the constructor's: its JSON gives the counts, and each shard's part is read only
+        when that shard is (no key list of the whole split is made).
         """
-        if selection is None:
+        version = self._selection_parts(selection) if self.lazy else None
+        self._restriction_parts = version
+        self._position[3] = int(version.version[1:]) if version is not None else 0
+        if version is not None or selection is None:
             self._restriction.fill_(True)
         else:
             every = pa.array(self.keys(), pa.string())
@@ -333,21 +345,42 @@ class ShardDataset(IterableDataset):
         """Examples per shard an epoch reads: ``all_counts`` less what ``restrict`` left out (empty shards dropped)."""
         generation = int(self._position[2])
         if self._restricted[0] != generation:
-            chosen = self._restriction.numpy()
-            counts = {name: int(chosen[self._flag_start[name]:self._flag_start[name] + count].sum())
-                      for name, count in self.all_counts.items()}
+            version = self._restricted_version()
+            if version is not None:
+                missing = [name for name in self.all_counts if name not in version.by_shard]
+                if missing:
+                    raise DatasetDamaged(f"{self.dataset.url}/selections/{version.version}.json: no part for shard "
+                                         f"{missing[0]} (of {len(missing)} shard(s) without one)")
+                counts = {name: int(version.by_shard[name]["kept"]) for name in self.all_counts}
+            else:
+                chosen = self._restriction.numpy()
+                counts = {name: int(chosen[self._flag_start[name]:self._flag_start[name] + count].sum())
+                          for name, count in self.all_counts.items()}
             self._restricted = (generation, {name: count for name, count in counts.items() if count}, {})
         return self._restricted[1]
 
     def _rows_of(self, shard: str) -> ShardRows:
         """The rows of ``shard`` this epoch reads (restriction applied), read from its index part when lazy."""
         rows = self._restricted[2].get(shard)
+        version = self._restricted_version()
+        if rows is None and version is not None:
+            rows = self._restricted[2][shard] = self._load_shard(shard, version)
         if rows is None:
             whole = self.all_rows[shard] if shard in self.all_rows else self._load_shard(shard)
             start = self._flag_start[shard]
             rows = whole.chosen(self._restriction.numpy()[start:start + len(whole)])
             self._restricted[2][shard] = rows
         return rows
+
+    def _restricted_version(self) -> SelectionParts | None:
+        """restrict()'s partitioned version, as this process knows it (a persistent DataLoader worker learns
+        the version's number through shared memory and reads its JSON itself); None without one."""
+        number = int(self._position[3])
+        if not number:
+            return None
+        if self._restriction_parts is None or int(self._restriction_parts.version[1:]) != number:
+            self._restriction_parts = self._selection_parts(f"v{number:04d}")
+        return self._restriction_parts
 
     @property
     def shard_rows(self) -> dict[str, ShardRows]:

@@ -29,9 +29,11 @@ import pyarrow.compute as pc
 from shards.errors import UsageError
 from shards.index import (
     STATUS_OK,
+    IndexPart,
     matching_rows,
     parquet_bytes_to_table,
     read_index,
+    read_index_part,
     read_listed_part,
     read_parquet,
     table_to_parquet_bytes,
@@ -166,6 +168,31 @@ def write_selection_part(dataset: Location, identity: str, name: str, table: pa.
     dataset.child(SELECTIONS, PARTS, identity).write_atomic(name, data)
     return {"name": name, "rows": table.num_rows, "kept": int(pc.sum(table["kept"]).as_py() or 0),
             "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def train_rows_of_part(dataset: Location, part: IndexPart) -> pa.Table:
+    """``key, label, ok`` of one index part's train rows, by key: what a version's part accounts for."""
+    index = read_index_part(dataset, part, ["key", "label", "split", "status"])
+    train = index.filter(pc.equal(index["split"], "train")).sort_by("key")
+    return pa.table({"key": train["key"], "label": train["label"].cast(pa.int64()).fill_null(-1),
+                     "ok": pc.equal(train["status"], STATUS_OK)})
+
+
+def with_parent_decisions(dataset: Location, parent: str, part: IndexPart, rows: pa.Table, layout: dict | None,
+                          whole: pa.Table | None) -> pa.Table:
+    """``rows`` (one part's, by key) with ``parent``'s ``parent_kept, parent_reason``: its part of ``part``
+    (``layout``: a partitioned parent), or those of its ``whole`` rows (a parent stored as one file)."""
+    if layout is not None:
+        entry = next((e for e in layout["parts"] if e["name"] == part.name), None)
+        if entry is None:
+            raise UsageError(f"{parent} does not cover this dataset's train examples (it has no part {part.name})")
+        decided = read_selection_part(dataset, parent, entry, layout, ["key", "kept", "reason"])
+    else:  # a single-file parent (a curation round's, say): its rows of this part's keys
+        decided = whole.filter(pc.is_in(whole["key"], value_set=rows["key"]))
+    decided = decided.sort_by("key")
+    if decided["key"].to_pylist() != rows["key"].to_pylist():
+        raise UsageError(f"{parent} does not cover this dataset's train examples")
+    return rows.append_column("parent_kept", decided["kept"]).append_column("parent_reason", decided["reason"])
 
 
 def stored_version(dataset: Location, identity: str) -> str | None:

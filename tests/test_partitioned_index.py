@@ -107,6 +107,61 @@ def test_a_reader_of_a_partitioned_selection_opens_only_its_shards_parts_of_both
     assert len(kept) == round(0.5 * sum(SHARDS))
 
 
+def test_restricting_to_a_partitioned_version_reads_it_per_shard_in_persistent_workers(ray_local, tmp_path,
+                                                                                        opened):
+    """restrict(version) of a partitioned version, as per-epoch pruning hands it over: running DataLoader
+    workers switch to it, read only their shards' parts of it, and give exactly the order of a reader
+    made with that selection; restrict(None) goes back to every example."""
+    from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
+
+    url = str(tmp_path / "ds")
+    truth = write_direct_dataset(url, SHARDS)
+    version = make_selection(location(url), SelectRequest(options=SelectOptions(keep=0.5, strategy="random")),
+                             workers=2).version
+    chosen = read_selection(location(url), version)
+    kept = sorted(chosen.filter(chosen["kept"])["key"].to_pylist())
+    part_of = part_of_shard(url)
+    restricted: list[str] = []
+    unrestricted: list[str] = []
+    for rank in range(RANKS):
+        dataset = ShardDataset(url, seed=5, rank=rank, world_size=RANKS)
+        loader = DataLoader(dataset, batch_size=None, num_workers=WORKERS, persistent_workers=True)
+        dataset.set_epoch(0)
+        assert len([key for _, _, key in loader]) == len(dataset)  # the workers run, unrestricted
+        opened.write_text("")
+        dataset.restrict(version)
+        dataset.set_epoch(1)
+        got = [key for _, _, key in loader]
+        expected = {part_of[segment.shard] for worker in range(WORKERS)
+                    for segment in dataset.segments(worker, WORKERS)}
+        reads = {line.split()[1] for line in opened.read_text().split("\n")[:-1]}
+        assert reads == expected | {f"selections/{name}" for name in expected} and len(expected) < len(SHARDS)
+        made_with = ShardDataset(url, seed=5, rank=rank, world_size=RANKS, selection=version)
+        made_with.set_epoch(1)
+        assert got == [key for _, _, key in DataLoader(made_with, batch_size=None, num_workers=WORKERS)]
+        assert len(got) == len(dataset) == len(made_with)
+        restricted += got
+        dataset.restrict(None)
+        dataset.set_epoch(2)
+        unrestricted += [key for _, _, key in loader]
+    assert sorted(restricted) == kept and sorted(unrestricted) == sorted(truth)  # each exactly once
+
+
+def test_restricting_to_a_version_beyond_the_readers_own_selection_is_an_error(ray_local, tmp_path):
+    from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
+
+    url = str(tmp_path / "ds")
+    write_direct_dataset(url, SHARDS)
+    first, other = (make_selection(location(url), SelectRequest(options=SelectOptions(
+        keep=0.5, strategy="random", seed=seed)), workers=1).version for seed in (1, 2))
+    dataset = ShardDataset(url, seed=5, selection=first)
+    dataset.restrict(first)  # a version within its own selection (here: the same one) reads as that
+    assert sorted(key for _, _, key in dataset) == sorted(key for _, _, key in ShardDataset(url, selection=first))
+    dataset.restrict(other)
+    with pytest.raises(DatasetError, match="not usable examples"):
+        list(dataset)
+
+
 def test_resume_mid_epoch_over_ranks_and_workers(tmp_path):
     url = str(tmp_path / "ds")
     write_direct_dataset(url, SHARDS)

@@ -21,8 +21,7 @@ from pipeline.curation.distributed_selection import SelectionWorkers
 from pipeline.curation.scoring import SCORES, drop_label, read_scores
 from pipeline.curation.scoring.stored import read_scores_part, scores_layout
 from pipeline.curation.selection import Made, SelectRequest, read_grouping
-from shards import UsageError
-from shards.index import STATUS_OK, IndexPart, matching_rows, read_index_part
+from shards.index import IndexPart, matching_rows
 from shards.key_hash import RULE
 from shards.selections import (
     commit_partitioned_selection,
@@ -30,9 +29,10 @@ from shards.selections import (
     partitioned_version,
     parts_fingerprint,
     read_selection,
-    read_selection_part,
     selection_part_table,
     stored_version,
+    train_rows_of_part,
+    with_parent_decisions,
     write_selection_part,
 )
 from shards.urls import Location, location
@@ -50,7 +50,7 @@ class PartReader:
 
     def __call__(self, numbers: list[int]) -> list[pa.Table]:
         dataset = location(self.dataset)
-        rows = [self._train_rows(dataset, self.parts[n]) for n in numbers]
+        rows = [train_rows_of_part(dataset, self.parts[n]) for n in numbers]
         if self.scores:
             rows = self._with_scores(dataset, numbers, rows)
         else:
@@ -59,15 +59,9 @@ class PartReader:
         if self.parent:
             layout = partitioned_version(dataset, self.parent)
             whole = None if layout is not None else read_selection(dataset, self.parent, ["key", "kept", "reason"])
-            rows = [self._with_parent(dataset, self.parts[n], r, layout, whole) for n, r in zip(numbers, rows)]
+            rows = [with_parent_decisions(dataset, self.parent, self.parts[n], r, layout, whole)
+                    for n, r in zip(numbers, rows)]
         return rows
-
-    @staticmethod
-    def _train_rows(dataset: Location, part: IndexPart) -> pa.Table:
-        index = read_index_part(dataset, part, ["key", "label", "split", "status"])
-        train = index.filter(pc.equal(index["split"], "train")).sort_by("key")
-        return pa.table({"key": train["key"], "label": train["label"].cast(pa.int64()).fill_null(-1),
-                         "ok": pc.equal(train["status"], STATUS_OK)})
 
     def _with_scores(self, dataset: Location, numbers: list[int], rows: list[pa.Table]) -> list[pa.Table]:
         """This actor's parts' scores: the scores' own parts of the same index parts when they are partitioned,
@@ -92,23 +86,6 @@ class PartReader:
                        .append_column("tiebreak", tiebreak.slice(start, r.num_rows)))
             start += r.num_rows
         return out
-
-    def _with_parent(self, dataset: Location, part: IndexPart, rows: pa.Table, layout: dict | None,
-                     whole: pa.Table | None) -> pa.Table:
-        """``rows`` with the parent's decisions: its part of ``part`` (``layout``), or its ``whole`` file's rows."""
-        if layout is not None:
-            entry = next((e for e in layout["parts"] if e["name"] == part.name), None)
-            if entry is None:
-                raise UsageError(f"{self.parent} does not cover this dataset's train examples "
-                                 f"(it has no part {part.name})")
-            parent = read_selection_part(dataset, self.parent, entry, layout, ["key", "kept", "reason"])
-        else:  # a single-file parent (a curation round's, say): its rows of this part's keys
-            parent = whole.filter(pc.is_in(whole["key"], value_set=rows["key"]))
-        parent = parent.sort_by("key")
-        if parent["key"].to_pylist() != rows["key"].to_pylist():
-            raise UsageError(f"{self.parent} does not cover this dataset's train examples")
-        return rows.append_column("parent_kept", parent["kept"]).append_column("parent_reason", parent["reason"])
-
 
 @dataclass(frozen=True)
 class DigestPart:
