@@ -56,7 +56,8 @@ BATCH = 64
 KEEP = 0.8
 IMAGE_SIDE = 32
 CHUNK_SHARDS = 500  # shards per piece of the index built and written at a time (10^6 rows)
-READER_MODES = ("import", "plain", "restrict", "restrict-none", "selection")
+READER_MODES = ("import", "plain", "restrict", "prune", "restrict-none", "selection")
+PRUNE_RATIO = 0.5  # --prune-ratio of the planned epoch (onion train's default)
 ONION = [sys.executable, "-m", "pipeline"]
 MiB = 1 << 20
 
@@ -256,6 +257,70 @@ def build_dataset(path: Path, rows: int) -> dict:
             "inspect_key": middle}
 
 
+def write_dynamics(run: Path, rows: int) -> None:
+    """Epoch 0's training dynamics as 64 ranks write them (a part each: key, epoch, step, loss), for the
+    ``prune`` reader mode to plan epoch 1 from."""
+    import numpy as np
+    import pyarrow as pa
+
+    from shards.index import table_to_parquet_bytes
+    from trainer.dynamics import DYNAMICS, part_name
+
+    folder = run / DYNAMICS
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([rows, 13])
+    bounds = np.linspace(0, rows, WORLD_SIZE + 1).astype(np.int64)
+    for rank, (first, stop) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        row = np.arange(first, stop, dtype=np.int64)
+        table = pa.table({"key": example_keys(first, stop - first, row // SHARD_SIZE),
+                          "epoch": pa.array(np.zeros(stop - first, np.int32)),
+                          "step": pa.array((row - first) // BATCH), "loss": pa.array(rng.gamma(2.0, 0.5, stop - first)
+                                                                                     .astype(np.float32))})
+        (folder / part_name(rank, 0)).write_bytes(table_to_parquet_bytes(table))
+
+
+def file_gather(folder: Path, rank: int, world_size: int):
+    """An all-gather through files in ``folder`` (each round a subfolder): lets the measured rank 0 plan
+    with 63 ranks that run in another process (:func:`planner_helper`), whose memory is not measured."""
+    import itertools
+    import pickle
+
+    rounds = itertools.count()
+
+    def gather(value: object) -> list:
+        where = folder / f"{next(rounds):04d}"
+        where.mkdir(parents=True, exist_ok=True)
+        temporary = where / f".{rank}.tmp"
+        temporary.write_bytes(pickle.dumps(value))
+        temporary.rename(where / f"{rank}.pkl")
+        paths = [where / f"{r}.pkl" for r in range(world_size)]
+        while not all(path.exists() for path in paths):
+            time.sleep(0.005)
+        return [pickle.loads(path.read_bytes()) for path in paths]
+
+    return gather
+
+
+def plan_as_rank(rank: int, dataset: str, run: str, exchange: Path):
+    """Plan epoch 1 of a pruned run (``--prune-ratio 0.5``) as ``rank`` of 64."""
+    from shards.urls import location
+    from trainer.epoch_planner import Collective, plan_epoch_in_parts
+
+    collective = Collective(rank, WORLD_SIZE, file_gather(exchange, rank, WORLD_SIZE))
+    return plan_epoch_in_parts(location(dataset), location(run), None, 1, PRUNE_RATIO, 0, collective,
+                               {"strategy": "infobatch", "benchmark": "scale"})
+
+
+def planner_helper(dataset: str, run: str, exchange: str) -> None:
+    """Ranks 1 to 63 of the planned epoch, one thread each (started beside the measured rank 0)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(WORLD_SIZE - 1) as pool:
+        planned = list(pool.map(lambda rank: plan_as_rank(rank, dataset, run, Path(exchange)), range(1, WORLD_SIZE)))
+    print(json.dumps({"version": planned[-1].version, "kept": planned[-1].kept, "left_out": planned[-1].left_out}),
+          flush=True)
+
+
 # ---------------------------------------------------------------- measuring a fresh process
 
 def run_measured(command: list[str], log: Path, timeout: float) -> dict:
@@ -331,7 +396,9 @@ def peak_mib() -> float:
 
 
 def reader_child(mode: str, dataset: str) -> None:
-    """One rank's reader up to its first batch; prints phase figures as JSON on stdout's last line."""
+    """One rank's reader up to its first batch; prints phase figures as JSON on stdout's last line. In
+    ``prune`` mode the rank first plans its share of epoch 1 (see :func:`plan_as_rank`) with the run in
+    ``DATASET/../run`` and the exchange folder ``DATASET/../exchange``."""
     started = time.perf_counter()
     import numpy as np
     import pyarrow as pa
@@ -352,6 +419,15 @@ def reader_child(mode: str, dataset: str) -> None:
         keys = keys[np.argsort(keys, kind="stable")]
         kept = np.random.default_rng([0, 23, 1]).random(len(keys)) < KEEP
         data.restrict(keys[kept])
+    elif mode == "prune":  # as onion train --example-strategy infobatch plans an epoch now: its parts only
+        from trainer.epoch_planner import loss_weights
+
+        planned = plan_as_rank(0, dataset, str(Path(dataset).parent / "run"), Path(dataset).parent / "exchange")
+        figures.update(plan_seconds=time.perf_counter() - started, peak_after_plan_mib=peak_mib(),
+                       left_out=planned.left_out)
+        data.restrict(planned.version)  # read in epoch 0's shard order: the shards rank 0 reads then are real
+        weights = loss_weights(data.dataset, planned, {s.shard for s in data.segments()}, PRUNE_RATIO)
+        figures.update(weighted_examples_this_rank=len(weights))
     elif mode == "restrict-none":  # what onion train does once for every run (no pruning)
         data.restrict(None)
     figures.update(rss_after_restrict_mib=rss_mib(), peak_after_restrict_mib=peak_mib())
@@ -370,9 +446,20 @@ def finish(figures: dict) -> None:
     os._exit(0)
 
 
-def measure_reader(mode: str, dataset: Path, logs: Path, timeout: float) -> dict:
+def measure_reader(mode: str, dataset: Path, logs: Path, timeout: float, rows: int) -> dict:
     log = logs / f"reader-{mode}.log"
-    result = run_measured([sys.executable, __file__, "--reader-child", mode, str(dataset)], log, timeout)
+    helper = None
+    if mode == "prune":  # ranks 1..63 plan beside the measured rank 0, in a process of their own
+        write_dynamics(dataset.parent / "run", rows)
+        shutil.rmtree(dataset.parent / "exchange", ignore_errors=True)
+        helper = subprocess.Popen([sys.executable, __file__, "--planner-helper", str(dataset),
+                                   str(dataset.parent / "run"), str(dataset.parent / "exchange")],
+                                  stdout=open(logs / "planner-helper.log", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        result = run_measured([sys.executable, __file__, "--reader-child", mode, str(dataset)], log, timeout)
+    finally:
+        if helper is not None and helper.wait(timeout=timeout) != 0:
+            raise RuntimeError(f"the planner helper exited {helper.returncode}: see {logs / 'planner-helper.log'}")
     if not result.get("timed_out"):
         result.update(json.loads(log.read_text().strip().splitlines()[-1]))
     return result
@@ -412,7 +499,7 @@ def measure_size(rows: int, out: Path, timeout: float, keep_data: bool, skip: fr
         if mode in skip or (mode == "selection" and not selection.exists()):
             continue
         print(f"[{rows}] reader {mode}", flush=True)
-        figures["reader"][mode] = measure_reader(mode, dataset, logs, timeout)
+        figures["reader"][mode] = measure_reader(mode, dataset, logs, timeout, rows)
     if "report" not in skip:
         print(f"[{rows}] onion report", flush=True)
         figures["report"] = run_measured([*ONION, "report", str(dataset), "--out", str(work / "report")],
@@ -461,12 +548,13 @@ def render(report: dict) -> str:
         "Peak RSS is each fresh process's own (`/usr/bin/time`), in MiB; seconds are wall clock, interpreter start "
         "and imports included. Reader: rank 0 of 64, "
         "no DataLoader, `verify=\"members\"`, up to its first batch of 64 images.", "",
-        "| rows | shards | reader plain: s / peak MiB | reader restrict (per-epoch pruning) | reader restrict(None) "
+        "| rows | shards | reader plain: s / peak MiB | reader restrict(keys) (per-epoch pruning before) "
+        "| reader prune (per-epoch pruning: plan its parts, restrict(version)) | reader restrict(None) "
         "| reader selection=v0001 | select --keep 0.8: s / driver peak MiB (largest process, sampled) "
         "| report: s / peak MiB "
         "| inspect --key: s / peak MiB "
         "| bytes/example index (unique sha256) + scores + selection |",
-        "|---:|---:|---|---|---|---|---|---|---|---|",
+        "|---:|---:|---|---|---|---|---|---|---|---|---|",
     ]
     for size in report["sizes"]:
         reader = size["reader"]
@@ -482,6 +570,7 @@ def render(report: dict) -> str:
         per = size["bytes_per_example"]
         lines.append(
             f"| {size['rows']:,} | {size['shards']:,} | {pair(reader.get('plain'))} | {pair(reader.get('restrict'))} "
+            f"| {pair(reader.get('prune'))} "
             f"| {pair(reader.get('restrict-none'))} | {pair(reader.get('selection'))} "
             f"| {pair(size['select'], largest=True)} "
             f"| {pair(size.get('report'))} | {pair(size.get('inspect_key_lookup'))} "
@@ -529,9 +618,13 @@ def main() -> None:
                         help="steps to leave out, comma-separated: report, inspect, and the reader modes "
                              f"({', '.join(m for m in READER_MODES if m != 'selection')}); select always runs")
     parser.add_argument("--reader-child", nargs=2, metavar=("MODE", "DATASET"), help=argparse.SUPPRESS)
+    parser.add_argument("--planner-helper", nargs=3, metavar=("DATASET", "RUN", "EXCHANGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reader_child:
         reader_child(*args.reader_child)
+        return
+    if args.planner_helper:
+        planner_helper(*args.planner_helper)
         return
     skip = frozenset(filter(None, args.skip.split(",")))
     unknown = skip - {"report", "inspect", *READER_MODES} | ({"selection"} & skip)

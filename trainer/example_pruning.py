@@ -16,18 +16,28 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from shards.key_hash import RULE, choose_at_random
 from shards.selections import SourceExamples, read_selection, save_selection, selection_table
 from shards.urls import Location
-from trainer.dynamics import read_dynamics
+from trainer.dynamics import latest_losses_of
 
 STRATEGY = "infobatch"
 EPOCH_SELECTIONS = "example_selections.json"  # in the run folder: which selection version each epoch used
+
+
+@dataclass(frozen=True)
+class PlannedEpoch:
+    """An epoch's decision as stored: its selection version and what it kept and left out."""
+
+    version: str
+    kept: int
+    left_out: int
+    threshold: float  # the mean latest loss: below it is well-learned
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,7 @@ def plan_epoch(keys: np.ndarray, scores: np.ndarray, epoch: int, epochs: int, ra
     kept = np.ones(len(keys), dtype=bool)
     weights = np.ones(len(keys))
     presented = ~np.isnan(scores)
-    threshold = float(scores[presented].mean()) if presented.any() else math.nan
+    threshold = exact_mean([(exact_sum(scores[presented]), int(presented.sum()))])
     if prunes_epoch(epoch, epochs, anneal) and presented.any():
         well_learned = np.flatnonzero(presented & (scores < threshold))
         # the left-out share drawn by the key-hash rule: the same on any number of ranks or workers
@@ -78,18 +88,34 @@ def plan_epoch(keys: np.ndarray, scores: np.ndarray, epoch: int, epochs: int, ra
 
 def latest_losses(run: Location, keys: np.ndarray, before_epoch: int) -> np.ndarray:
     """Each key's loss at its latest presentation before ``before_epoch`` (NaN if never presented)."""
-    dynamics = read_dynamics(run, columns=["key", "epoch", "step", "loss"])
-    scores = np.full(len(keys), np.nan)
-    if dynamics.num_rows == 0:
-        return scores
-    rows = dynamics.filter(pc.less(dynamics["epoch"], before_epoch)).select(["key", "step", "loss"])
-    rows = rows.sort_by([("key", "ascending"), ("step", "descending")])
-    row_keys = rows["key"].to_numpy(zero_copy_only=False)
-    if len(row_keys) == 0:
-        return scores
-    first = np.r_[True, row_keys[1:] != row_keys[:-1]]  # each key's latest row
-    latest = dict(zip(row_keys[first].tolist(), rows["loss"].to_numpy()[first].tolist()))
-    return np.array([latest.get(key, np.nan) for key in keys.tolist()], dtype=np.float64)
+    return latest_losses_of(run, keys, before_epoch)
+
+
+def exact_sum(values: np.ndarray) -> Fraction | None:
+    """The exact sum of float64 ``values`` as a rational number (None when one is infinite): the sums of
+    disjoint pieces add up to the whole's exactly, whatever the split, which float sums would not."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.isinf(values).any():
+        return None
+    mantissa, exponent = np.frexp(values)
+    units = (mantissa * 2.0**53).astype(np.int64)  # exact: a float64 mantissa has 53 bits
+    high, low = units >> 26, units & ((1 << 26) - 1)  # sums of 27-bit halves fit int64 for 2^36 values
+    total = Fraction(0)
+    for power in np.unique(exponent).tolist():
+        at = exponent == power
+        total += Fraction((int(high[at].sum()) << 26) + int(low[at].sum())) * Fraction(2) ** (power - 53)
+    return total
+
+
+def exact_mean(pieces: list[tuple[Fraction | None, int]]) -> float:
+    """The mean of values given as ``(exact_sum, count)`` pieces, correctly rounded: the same whatever the
+    pieces (NaN for no value, infinite when a piece holds an infinite value)."""
+    count = sum(n for _, n in pieces)
+    if not count:
+        return math.nan
+    if any(total is None for total, n in pieces if n):
+        return math.inf
+    return float(sum((total for total, n in pieces if n), Fraction(0)) / count)
 
 
 def record_plan(dataset: Location, plan: EpochPlan, base: str | None, parameters: dict) -> str:
@@ -111,11 +137,11 @@ def record_plan(dataset: Location, plan: EpochPlan, base: str | None, parameters
     return save_selection(dataset, table, {**parameters, "epoch": plan.epoch, "threshold": plan.threshold})
 
 
-def record_epoch(run: Location, plan: EpochPlan, version: str) -> None:
+def record_epoch(run: Location, epoch: int, planned: PlannedEpoch) -> None:
     """Note in the run folder which version the epoch trained on and what it left out."""
     record = json.loads(run.read_bytes(EPOCH_SELECTIONS)) if run.exists(EPOCH_SELECTIONS) else {}
-    record[str(plan.epoch)] = {"version": version, "kept": int(plan.kept.sum()), "left_out": int((~plan.kept).sum()),
-                               "threshold": plan.threshold}
+    record[str(epoch)] = {"version": planned.version, "kept": planned.kept, "left_out": planned.left_out,
+                          "threshold": planned.threshold}
     run.write_atomic(EPOCH_SELECTIONS, json.dumps(dict(sorted(record.items(), key=lambda i: int(i[0]))),
                                                   indent=2).encode())
 

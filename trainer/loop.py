@@ -36,8 +36,16 @@ from trainer.compile import compiled, compiled_graphs
 from trainer.config import TrainConfig
 from trainer.dynamics import DynamicsRecorder
 from trainer.ema import SparseModelEma
+from trainer.epoch_planner import (
+    Collective,
+    loss_weights,
+    plan_epoch_in_parts,
+    plans_in_parts,
+    torch_collective,
+)
 from trainer.example_pruning import (
     STRATEGY,
+    PlannedEpoch,
     kept_keys_of,
     latest_losses,
     plan_epoch,
@@ -171,16 +179,27 @@ class Trainer:
         if not prunes_epoch(epoch, epochs, config.prune_anneal):
             self._restrict_train_data(None)
             return
-        keys = self.train_data.keys()
-        plan = plan_epoch(keys, latest_losses(self.run, keys, epoch), epoch, epochs, config.prune_ratio,
-                          config.prune_anneal, config.seed)
+        dataset = location(self.data_url)
+        parameters = {"strategy": STRATEGY, "run": config.out, "ratio": config.prune_ratio,
+                      "anneal": config.prune_anneal, "seed": config.seed}
+        if plans_in_parts(dataset):  # each rank plans some index parts: nothing sized by the whole dataset
+            collective = (torch_collective(self.rank, self.world_size) if self.world_size > 1 else Collective())
+            planned = plan_epoch_in_parts(dataset, self.run, self.data_selection, epoch, config.prune_ratio,
+                                          config.seed, collective, parameters)
+            self._restrict_train_data(planned.version)
+            self.train_data.set_epoch(epoch, start_batch=self.position.batch)  # as _train_epoch will: its shards
+            reading = {segment.shard for segment in self.train_data.segments()}
+            self.example_weights = loss_weights(dataset, planned, reading, config.prune_ratio)
+        else:  # an index stored as one file (an earlier onion's dataset): planned in one process
+            keys = self.train_data.keys()
+            plan = plan_epoch(keys, latest_losses(self.run, keys, epoch), epoch, epochs, config.prune_ratio,
+                              config.prune_anneal, config.seed)
+            version = record_plan(dataset, plan, self.data_selection, parameters) if self.is_main else ""
+            planned = PlannedEpoch(version, int(plan.kept.sum()), int((~plan.kept).sum()), plan.threshold)
+            self.example_weights = plan.weight_of()
+            self._restrict_train_data(kept_keys_of(plan))
         if self.is_main:
-            version = record_plan(location(self.data_url), plan, self.data_selection,
-                                  {"strategy": STRATEGY, "run": config.out, "ratio": config.prune_ratio,
-                                   "anneal": config.prune_anneal, "seed": config.seed})
-            record_epoch(self.run, plan, version)
-        self.example_weights = plan.weight_of()
-        self._restrict_train_data(kept_keys_of(plan))
+            record_epoch(self.run, epoch, planned)
 
     @property
     def is_main(self) -> bool:
