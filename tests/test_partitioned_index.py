@@ -82,15 +82,21 @@ def test_each_reader_opens_only_the_parts_of_the_shards_it_reads(tmp_path, opene
     assert changed  # the shard order reshuffles per epoch, and the parts a worker opens with it
 
 
-def test_a_reader_of_a_partitioned_selection_opens_only_its_shards_parts_of_both(ray_local, tmp_path, opened):
+def random_half(url: str, seed: int = 0, workers: int = 2) -> tuple[str, list[str]]:
+    """A partitioned selection version of half the examples at random (as ``onion select`` writes it on a
+    partitioned index), and its kept keys, sorted."""
     from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
 
+    version = make_selection(location(url), SelectRequest(options=SelectOptions(keep=0.5, strategy="random",
+                                                                                seed=seed)), workers=workers).version
+    chosen = read_selection(location(url), version)
+    return version, sorted(chosen.filter(chosen["kept"])["key"].to_pylist())
+
+
+def test_a_reader_of_a_partitioned_selection_opens_only_its_shards_parts_of_both(ray_local, tmp_path, opened):
     url = str(tmp_path / "ds")
     write_direct_dataset(url, SHARDS)
-    version = make_selection(location(url), SelectRequest(options=SelectOptions(keep=0.5, strategy="random")),
-                             workers=2).version
-    chosen = read_selection(location(url), version)
-    kept = sorted(chosen.filter(chosen["kept"])["key"].to_pylist())
+    version, kept = random_half(url)
     part_of = part_of_shard(url)
     keys: list[str] = []
     for rank in range(RANKS):
@@ -112,14 +118,9 @@ def test_restricting_to_a_partitioned_version_reads_it_per_shard_in_persistent_w
     """restrict(version) of a partitioned version, as per-epoch pruning hands it over: running DataLoader
     workers switch to it, read only their shards' parts of it, and give exactly the order of a reader
     made with that selection; restrict(None) goes back to every example."""
-    from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
-
     url = str(tmp_path / "ds")
     truth = write_direct_dataset(url, SHARDS)
-    version = make_selection(location(url), SelectRequest(options=SelectOptions(keep=0.5, strategy="random")),
-                             workers=2).version
-    chosen = read_selection(location(url), version)
-    kept = sorted(chosen.filter(chosen["kept"])["key"].to_pylist())
+    version, kept = random_half(url)
     part_of = part_of_shard(url)
     restricted: list[str] = []
     unrestricted: list[str] = []
@@ -148,12 +149,9 @@ def test_restricting_to_a_partitioned_version_reads_it_per_shard_in_persistent_w
 
 
 def test_restricting_to_a_version_beyond_the_readers_own_selection_is_an_error(ray_local, tmp_path):
-    from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
-
     url = str(tmp_path / "ds")
     write_direct_dataset(url, SHARDS)
-    first, other = (make_selection(location(url), SelectRequest(options=SelectOptions(
-        keep=0.5, strategy="random", seed=seed)), workers=1).version for seed in (1, 2))
+    first, other = (random_half(url, seed, workers=1)[0] for seed in (1, 2))
     dataset = ShardDataset(url, seed=5, selection=first)
     dataset.restrict(first)  # a version within its own selection (here: the same one) reads as that
     assert sorted(key for _, _, key in dataset) == sorted(key for _, _, key in ShardDataset(url, selection=first))
