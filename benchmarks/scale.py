@@ -279,26 +279,42 @@ def write_dynamics(run: Path, rows: int) -> None:
         (folder / part_name(rank, 0)).write_bytes(table_to_parquet_bytes(table))
 
 
-def file_gather(folder: Path, rank: int, world_size: int):
-    """An all-gather through files in ``folder`` (each round a subfolder): lets the measured rank 0 plan
-    with 63 ranks that run in another process (:func:`planner_helper`), whose memory is not measured."""
-    import itertools
-    import pickle
+class FileExchange:
+    """An all-gather and an all-reduce through files in ``folder`` (each round a subfolder): lets the
+    measured rank 0 plan with 63 ranks that run in another process (:func:`planner_helper`), whose
+    memory is not measured. The sum reads the ranks' arrays one at a time, as an all-reduce holds one."""
 
-    rounds = itertools.count()
+    def __init__(self, folder: Path, rank: int, world_size: int):
+        import itertools
 
-    def gather(value: object) -> list:
-        where = folder / f"{next(rounds):04d}"
+        self.folder, self.rank, self.world_size, self.rounds = folder, rank, world_size, itertools.count()
+
+    def _post(self, value: object) -> list[Path]:
+        import pickle
+
+        where = self.folder / f"{next(self.rounds):04d}"
         where.mkdir(parents=True, exist_ok=True)
-        temporary = where / f".{rank}.tmp"
+        temporary = where / f".{self.rank}.tmp"
         temporary.write_bytes(pickle.dumps(value))
-        temporary.rename(where / f"{rank}.pkl")
-        paths = [where / f"{r}.pkl" for r in range(world_size)]
+        temporary.rename(where / f"{self.rank}.pkl")
+        paths = [where / f"{r}.pkl" for r in range(self.world_size)]
         while not all(path.exists() for path in paths):
             time.sleep(0.005)
-        return [pickle.loads(path.read_bytes()) for path in paths]
+        return paths
 
-    return gather
+    def gather(self, value: object) -> list:
+        import pickle
+
+        return [pickle.loads(path.read_bytes()) for path in self._post(value)]
+
+    def sum(self, counts):
+        import pickle
+
+        total = None
+        for path in self._post(counts):
+            value = pickle.loads(path.read_bytes())
+            total = value if total is None else total + value
+        return total
 
 
 def plan_as_rank(rank: int, dataset: str, run: str, exchange: Path):
@@ -306,7 +322,8 @@ def plan_as_rank(rank: int, dataset: str, run: str, exchange: Path):
     from shards.urls import location
     from trainer.epoch_planner import Collective, plan_epoch_in_parts
 
-    collective = Collective(rank, WORLD_SIZE, file_gather(exchange, rank, WORLD_SIZE))
+    files = FileExchange(exchange, rank, WORLD_SIZE)
+    collective = Collective(rank, WORLD_SIZE, files.gather, files.sum)
     return plan_epoch_in_parts(location(dataset), location(run), None, 1, PRUNE_RATIO, 0, collective,
                                {"strategy": "infobatch", "benchmark": "scale"})
 

@@ -153,10 +153,10 @@ def test_kth_smallest_matches_the_key_hash_rule_with_collisions():
         for world_size in (1, 2, 4):
             pieces = [np.arange(rank, 300, world_size) for rank in range(world_size)]
             bounds = threaded(world_size, lambda c, pieces=pieces, k=k: kth_smallest(
-                draws[pieces[c.rank]], keys[pieces[c.rank]], k, c))
+                draws[pieces[c.rank]], pa.array(keys[pieces[c.rank]].tolist()), k, c))
             draw, key = bounds[0]
             assert set(keys[(draws < draw) | ((draws == draw) & (keys <= key))].tolist()) == chosen
-    assert kth_smallest(draws, keys, 0, Collective()) is None
+    assert kth_smallest(draws, pa.array(keys.tolist()), 0, Collective()) is None
 
 
 def test_the_exact_mean_does_not_depend_on_how_the_values_are_split():

@@ -79,7 +79,7 @@ def single_process(dataset, request: SelectRequest) -> pa.Table:
     groups = read_scores(data, request.dedup) if request.dedup else None
     o = request.options
     if request.round_number is None:
-        return select(source, scores, o, groups, scores is not None or o.strategy == "random")
+        return select(source, scores, o, groups, request.then_strategy)
     if request.round_number == 0:
         return initial_round(source, o.keep, o.seed,
                              duplicate_drops(source, groups, o.dedup_rule) if groups is not None else None)

@@ -81,11 +81,11 @@ def read_dynamics(run: Location, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def latest_losses_of(run: Location, keys: np.ndarray, before_epoch: int) -> np.ndarray:
+def latest_losses_of(run: Location, keys: np.ndarray | pa.Array, before_epoch: int) -> np.ndarray:
     """Each of ``keys``' loss at its latest presentation before ``before_epoch`` (NaN if never presented),
     read one dynamics part at a time: what is held is sized by ``keys`` and one part."""
     folder = run.child(DYNAMICS)
-    wanted = pa.array(np.asarray(keys, dtype=object).tolist(), pa.string())
+    wanted = keys if isinstance(keys, pa.Array) else pa.array(np.asarray(keys, dtype=object).tolist(), pa.string())
     latest_step = np.full(len(wanted), -1, np.int64)
     latest_loss = np.full(len(wanted), np.nan)
     for name in parquet_names(folder):

@@ -48,6 +48,7 @@ from trainer.dynamics import latest_losses_of
 from trainer.example_pruning import STRATEGY, PlannedEpoch, exact_mean, exact_sum
 
 HISTOGRAM_BITS = 16
+DRAW_BATCH = 65536  # keys hashed at a time (each becomes a Python string while it is hashed)
 
 
 @dataclass(frozen=True)
@@ -101,23 +102,26 @@ def plan_epoch_in_parts(dataset: Location, run: Location, base: str | None, epoc
     parts = index_parts(read_manifest(dataset)) or []
     mine = parts[collective.rank::collective.world_size]
     rows = _candidates(dataset, mine, base)
-    keys = np.concatenate([r["key"].to_numpy(zero_copy_only=False) for r in rows]) if rows else np.array([], object)
+    # keys stay Arrow strings: no Python object per key is held (the draws make theirs one part at a time)
+    keys = pa.concat_arrays([r["key"].combine_chunks() for r in rows]) if rows else pa.array([], pa.string())
     candidate = np.concatenate([r["candidate"].to_numpy(zero_copy_only=False) for r in rows]) if rows \
         else np.array([], bool)
-    losses = latest_losses_of(run, keys[candidate], epoch)
+    losses = latest_losses_of(run, keys.filter(pa.array(candidate)), epoch)
     scores = np.full(len(keys), np.nan)
     scores[candidate] = losses
     presented = ~np.isnan(scores)
     threshold = exact_mean(collective.all_gather((exact_sum(scores[presented]), int(presented.sum()))))
     well_learned = presented & (scores < threshold)
     n_well = sum(collective.all_gather(int(well_learned.sum())))
-    draws = key_draws(keys[well_learned], seed, f"infobatch@e{epoch}")
-    boundary = kth_smallest(draws, keys[well_learned], round(ratio * n_well), collective)
+    well_keys = keys.filter(pa.array(well_learned))
+    draws = np.concatenate([key_draws(well_keys.slice(start, DRAW_BATCH), seed, f"infobatch@e{epoch}")
+                            for start in range(0, len(well_keys), DRAW_BATCH)] or [np.array([], np.uint64)])
+    boundary = kth_smallest(draws, well_keys, round(ratio * n_well), collective)
     out = np.zeros(len(keys), bool)
     if boundary is not None:
         draw, key = boundary
-        chosen_keys = keys[well_learned]
-        out[np.flatnonzero(well_learned)] = (draws < draw) | ((draws == draw) & (chosen_keys <= key))
+        at_most = pc.less_equal(well_keys, key).to_numpy(zero_copy_only=False)
+        out[np.flatnonzero(well_learned)] = (draws < draw) | ((draws == draw) & at_most)
     tables, start = [], 0
     for part_rows in rows:
         stop = start + part_rows.num_rows
@@ -193,7 +197,7 @@ def _decided(rows: pa.Table, scores: np.ndarray, out: np.ndarray, epoch: int, ba
     return selection_part_table(decided, epoch, base, STRATEGY)
 
 
-def kth_smallest(draws: np.ndarray, keys: np.ndarray, k: int, collective: Collective) -> tuple[int, str] | None:
+def kth_smallest(draws: np.ndarray, keys: pa.Array, k: int, collective: Collective) -> tuple[int, str] | None:
     """The ``k``-th smallest ``(draw, key)`` over every rank's pairs (None when ``k`` is 0): ``(draw, key) <=``
     it are the ``k`` chosen at random by the key-hash rule (:func:`shards.key_hash.smallest`)."""
     if k <= 0:
@@ -208,5 +212,6 @@ def kth_smallest(draws: np.ndarray, keys: np.ndarray, k: int, collective: Collec
         below += int(cumulative[digit - 1]) if digit else 0
         prefix = (prefix << HISTOGRAM_BITS) | digit
         inside[np.flatnonzero(inside)] = digits == digit
-    tied = sorted(key for per_rank in collective.all_gather(sorted(keys[inside].tolist())) for key in per_rank)
+    mine = sorted(keys.filter(pa.array(inside)).to_pylist())
+    tied = sorted(key for per_rank in collective.all_gather(mine) for key in per_rank)
     return prefix, tied[k - below - 1]

@@ -119,8 +119,7 @@ def select_partitioned(dataset: Location, parts: list[IndexPart], request: Selec
     with SelectionWorkers(workers or default_workers(len(parts))) as pool:
         pool.load_with(reader, len(parts))
         if request.round_number is None:
-            then_strategy = request.scores is not None or options.strategy == "random"
-            digests = pool.select(options, DigestPart(), groups, then_strategy)
+            digests = pool.select(options, DigestPart(), groups, request.then_strategy)
         elif request.round_number == 0:
             digests = pool.initial_round(options.keep, options.seed, DigestPart(), groups, options.dedup_rule)
         else:

@@ -290,6 +290,11 @@ class SelectRequest:
     parent: str | None = None  # the previous round's version (rounds >= 1)
     remove_n: int | None = None  # examples swapped this round (rounds >= 1)
 
+    @property
+    def then_strategy(self) -> bool:
+        """Whether a one-shot selection runs its strategy (after any dedup): it needs scores, but random."""
+        return self.scores is not None or self.options.strategy == "random"
+
 
 def read_grouping(dataset: Location, name: str, only_copies: bool = False) -> pa.Table:
     """``scores/<name>`` when it holds duplicate groups; a usage error naming the grouping scorers otherwise.
@@ -334,11 +339,10 @@ def make_selection(dataset: Location, request: SelectRequest, workers: int | Non
         if scorer_of(scores) == "forgetting":
             require_signal(read_scores(dataset, request.scores, columns=["presentations"]), f"scores/{request.scores}")
     if request.round_number is None:
-        then_strategy = request.scores is not None or options.strategy == "random"
-        if not then_strategy and not request.dedup:
+        if not request.then_strategy and not request.dedup:
             raise UsageError(f"strategy {options.strategy} needs --scores NAME")
         parameters: dict = {"strategy": vars(options), "scores": request.scores, "dedup": request.dedup}
-        strategy = "+".join(["dedup"] * bool(request.dedup) + [options.strategy] * then_strategy)
+        strategy = "+".join(["dedup"] * bool(request.dedup) + [options.strategy] * request.then_strategy)
     elif request.round_number == 0:
         parameters = {"round": 0, "keep": options.keep, "seed": options.seed,
                       **({"dedup": request.dedup, "dedup_rule": options.dedup_rule} if request.dedup else {})}
@@ -369,7 +373,7 @@ def _select_in_one_process(dataset: Location, request: SelectRequest) -> pa.Tabl
     options = request.options
     groups = read_grouping(dataset, request.dedup) if request.dedup else None
     if request.round_number is None:
-        return select(source, scores, options, groups, scores is not None or options.strategy == "random")
+        return select(source, scores, options, groups, request.then_strategy)
     if request.round_number == 0:
         duplicates = duplicate_drops(source, groups, options.dedup_rule) if groups is not None else None
         return initial_round(source, options.keep, options.seed, duplicates)
