@@ -19,9 +19,9 @@ from shards import location, read_index
 from shards.index import table_to_parquet_bytes
 from shards.key_hash import smallest
 from shards.selections import SourceExamples, read_selection, save_selection, selection_table
-from trainer.dynamics import DYNAMICS, part_name
+from trainer.dynamics import DYNAMICS, latest_losses, part_name
 from trainer.epoch_planner import Collective, kth_smallest, loss_weights, plan_epoch_in_parts, plans_in_parts
-from trainer.example_pruning import EpochPlan, exact_mean, exact_sum, latest_losses, plan_epoch, record_plan
+from trainer.example_pruning import EpochPlan, exact_mean, exact_sum, plan_epoch, record_plan
 
 DECISIONS = ["key", "label", "kept", "score", "reason", "round", "parent", "strategy"]
 EPOCH, EPOCHS, RATIO, SEED = 2, 8, 0.4, 7
@@ -169,3 +169,5 @@ def test_the_exact_mean_does_not_depend_on_how_the_values_are_split():
         assert exact_mean([(exact_sum(p), len(p)) for p in split]) == whole
     assert exact_mean([(exact_sum(np.array([1.0, np.inf])), 2), (exact_sum(values), len(values))]) == np.inf
     assert np.isnan(exact_mean([(exact_sum(np.array([])), 0)]))
+    with pytest.raises(ValueError, match="NaN"):
+        exact_sum(np.array([1.0, np.nan]))

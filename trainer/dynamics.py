@@ -81,7 +81,7 @@ def read_dynamics(run: Location, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def latest_losses_of(run: Location, keys: np.ndarray | pa.Array, before_epoch: int) -> np.ndarray:
+def latest_losses(run: Location, keys: np.ndarray | pa.Array, before_epoch: int) -> np.ndarray:
     """Each of ``keys``' loss at its latest presentation before ``before_epoch`` (NaN if never presented),
     read one dynamics part at a time: what is held is sized by ``keys`` and one part."""
     folder = run.child(DYNAMICS)

@@ -44,7 +44,7 @@ from shards.selections import (
     write_selection_part,
 )
 from shards.urls import Location
-from trainer.dynamics import latest_losses_of
+from trainer.dynamics import latest_losses
 from trainer.example_pruning import STRATEGY, PlannedEpoch, exact_mean, exact_sum
 
 HISTOGRAM_BITS = 16
@@ -106,7 +106,7 @@ def plan_epoch_in_parts(dataset: Location, run: Location, base: str | None, epoc
     keys = pa.concat_arrays([r["key"].combine_chunks() for r in rows]) if rows else pa.array([], pa.string())
     candidate = np.concatenate([r["candidate"].to_numpy(zero_copy_only=False) for r in rows]) if rows \
         else np.array([], bool)
-    losses = latest_losses_of(run, keys.filter(pa.array(candidate)), epoch)
+    losses = latest_losses(run, keys.filter(pa.array(candidate)), epoch)
     scores = np.full(len(keys), np.nan)
     scores[candidate] = losses
     presented = ~np.isnan(scores)

@@ -10,6 +10,10 @@ epoch (no scores yet) and the last ``anneal`` share of epochs train on every exa
 Each pruned epoch's decision is stored as a selection version of the dataset (``reason``
 ``well-learned@eN`` for who sat out, ``score`` the loss it was judged by), so ``onion inspect
 --key`` and ``--diff`` explain who was left out when and why, like any other selection.
+
+This module is the rule, decided in one process over every key (:func:`plan_epoch`); a dataset whose
+index is in parts is planned by :mod:`trainer.epoch_planner`, part by part across the ranks, with
+exactly the same decisions (the mean by :func:`exact_sum`, which any split of the losses agrees on).
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ import pyarrow as pa
 from shards.key_hash import RULE, choose_at_random
 from shards.selections import SourceExamples, read_selection, save_selection, selection_table
 from shards.urls import Location
-from trainer.dynamics import latest_losses_of
 
 STRATEGY = "infobatch"
 EPOCH_SELECTIONS = "example_selections.json"  # in the run folder: which selection version each epoch used
@@ -86,15 +89,12 @@ def plan_epoch(keys: np.ndarray, scores: np.ndarray, epoch: int, epochs: int, ra
     return EpochPlan(epoch, keys, kept, weights, scores, threshold)
 
 
-def latest_losses(run: Location, keys: np.ndarray, before_epoch: int) -> np.ndarray:
-    """Each key's loss at its latest presentation before ``before_epoch`` (NaN if never presented)."""
-    return latest_losses_of(run, keys, before_epoch)
-
-
 def exact_sum(values: np.ndarray) -> Fraction | None:
     """The exact sum of float64 ``values`` as a rational number (None when one is infinite): the sums of
     disjoint pieces add up to the whole's exactly, whatever the split, which float sums would not."""
     values = np.asarray(values, dtype=np.float64)
+    if np.isnan(values).any():
+        raise ValueError("exact_sum: a NaN has no sum (leave out the examples never presented)")
     if np.isinf(values).any():
         return None
     mantissa, exponent = np.frexp(values)

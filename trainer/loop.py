@@ -34,7 +34,7 @@ from trainer.checkpoint import (
 )
 from trainer.compile import compiled, compiled_graphs
 from trainer.config import TrainConfig
-from trainer.dynamics import DynamicsRecorder
+from trainer.dynamics import DynamicsRecorder, latest_losses
 from trainer.ema import SparseModelEma
 from trainer.epoch_planner import (
     Collective,
@@ -47,7 +47,6 @@ from trainer.example_pruning import (
     STRATEGY,
     PlannedEpoch,
     kept_keys_of,
-    latest_losses,
     plan_epoch,
     prunes_epoch,
     record_epoch,
