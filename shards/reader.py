@@ -43,6 +43,7 @@ from shards.index import (
 )
 from shards.manifest import read_manifest, shard_location
 from shards.partition import Segment, epoch_segments, rank_size
+from shards.restriction import SharedFlags
 from shards.selections import VERSION, kept_keys, partitioned_version, read_selection_part
 from shards.urls import Location, location
 
@@ -144,10 +145,10 @@ class ShardDataset(IterableDataset):
     either no ``selection`` or a partitioned selection version (what ``onion select`` writes on such a
     dataset), the reader holds only per-shard counts (from the manifest, or the selection's JSON) and
     the rows of the shards it is reading in the current epoch, read from those shards' index parts
-    (and selection parts) when first needed (only the columns it uses); what it holds does not grow
-    with the dataset, except ``restrict``'s flags (one byte per example, allocated up front so that
-    persistent DataLoader workers see them). ``keys()`` and ``restrict(keys)`` read the whole split's
-    keys when called; ``restrict(version)`` with a partitioned version reads it per shard.
+    (and selection parts) when first needed (only the columns it uses); beyond the per-shard counts,
+    what it holds does not grow with the dataset. ``keys()`` and ``restrict(keys)`` read the whole
+    split's keys when called (and ``restrict(keys)`` then shares one bit per example with the workers:
+    see :mod:`shards.restriction`); ``restrict(version)`` with a partitioned version reads it per shard.
     """
 
     def __init__(
@@ -211,8 +212,9 @@ class ShardDataset(IterableDataset):
             self.all_counts = {name: self.all_counts[name] for name in sorted(shards)}
             self.all_rows = {name: rows for name, rows in self.all_rows.items() if name in self.all_counts}
         self._flag_start = dict(zip(self.all_counts, np.r_[0, np.cumsum(list(self.all_counts.values()))].tolist()))
-        # restrict()'s choice: one flag per example, in keys() order (shards by name, rows in stored order)
-        self._restriction = torch.ones(sum(self.all_counts.values()), dtype=torch.bool).share_memory_()
+        # restrict(keys)'s choice: one flag per example in keys() order (shards by name, rows in stored order),
+        # in a file made when it is called (see shards.restriction), so nothing per example is allocated before
+        self._flags = SharedFlags()
         # per process: (generation, examples per shard this epoch, the rows of shards read so far this epoch)
         self._restricted: tuple[int, dict[str, int], dict[str, ShardRows]] = (0, dict(self.all_counts), {})
 
@@ -334,11 +336,11 @@ class ShardDataset(IterableDataset):
         self._restriction_parts = version
         self._position[3] = int(version.version[1:]) if version is not None else 0
         if version is not None or selection is None:
-            self._restriction.fill_(True)
+            self._flags.set(None)
         else:
             every = pa.array(self.keys(), pa.string())
-            chosen = pc.is_in(every, value_set=self._selected_keys(selection, every)).to_numpy(zero_copy_only=False)
-            self._restriction.copy_(torch.from_numpy(chosen))
+            self._flags.set(pc.is_in(every, value_set=self._selected_keys(selection, every))
+                            .to_numpy(zero_copy_only=False))
         self._position[2] += 1
 
     def _epoch_counts(self) -> dict[str, int]:
@@ -352,10 +354,11 @@ class ShardDataset(IterableDataset):
                     raise DatasetDamaged(f"{self.dataset.url}/selections/{version.version}.json: no part for shard "
                                          f"{missing[0]} (of {len(missing)} shard(s) without one)")
                 counts = {name: int(version.by_shard[name]["kept"]) for name in self.all_counts}
-            else:
-                chosen = self._restriction.numpy()
+            elif (chosen := self._restriction_flags()) is not None:
                 counts = {name: int(chosen[self._flag_start[name]:self._flag_start[name] + count].sum())
                           for name, count in self.all_counts.items()}
+            else:
+                counts = dict(self.all_counts)
             self._restricted = (generation, {name: count for name, count in counts.items() if count}, {})
         return self._restricted[1]
 
@@ -367,10 +370,14 @@ class ShardDataset(IterableDataset):
             rows = self._restricted[2][shard] = self._load_shard(shard, version)
         if rows is None:
             whole = self.all_rows[shard] if shard in self.all_rows else self._load_shard(shard)
-            start = self._flag_start[shard]
-            rows = whole.chosen(self._restriction.numpy()[start:start + len(whole)])
+            start, chosen = self._flag_start[shard], self._restriction_flags()
+            rows = whole if chosen is None else whole.chosen(chosen[start:start + len(whole)])
             self._restricted[2][shard] = rows
         return rows
+
+    def _restriction_flags(self) -> np.ndarray | None:
+        """restrict(keys)'s flags over keys() (None: no such restriction)."""
+        return self._flags.get(sum(self.all_counts.values()))
 
     def _restricted_version(self) -> SelectionParts | None:
         """restrict()'s partitioned version, as this process knows it (a persistent DataLoader worker learns

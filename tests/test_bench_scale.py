@@ -1,11 +1,12 @@
-"""``benchmarks/scale.py --quick``: every step (one rank's reader in each mode, select, report, inspect --key) runs
-on both smoke sizes, and every figure it reports is a positive number."""
+"""``benchmarks/scale.py --quick``: every step (one rank's reader in each mode, per-epoch pruning's planning
+among them, select, report, inspect --key) runs on both smoke sizes, and every figure it reports is a
+positive number."""
 
 import pytest
 
 from helpers import run_quick_benchmark
 
-READER_MODES = {"import", "plain", "restrict", "restrict-none", "selection"}
+READER_MODES = {"import", "plain", "restrict", "prune", "restrict-none", "selection"}
 
 
 def numbers(value, path=""):
@@ -33,6 +34,10 @@ def test_quick_run_measures_every_step_with_positive_figures(tmp_path):
             assert not step.get("timed_out") and step["seconds"] > 0 and step["peak_rss_mib"] > 0, step
         for mode in READER_MODES - {"import"}:
             assert size["reader"][mode]["to_first_batch_seconds"] > 0
+        # rank 0 planned its share of a pruned epoch with 63 ranks beside it, and left some out
+        prune = size["reader"]["prune"]
+        assert prune["plan_seconds"] > 0 and 0 < prune["left_out"] < size["rows"]
+        assert prune["examples_this_rank"] < size["reader"]["plain"]["examples_this_rank"]
         assert set(size["bytes_per_example"]) == {"index", "index_unique_sha256", "scores_random", "manifest",
                                                   "selection", "index_scores_selection"}
         assert size["index_parts"] == size["shards"]

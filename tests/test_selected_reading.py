@@ -144,6 +144,39 @@ def test_restricting_keeps_the_workers_and_reads_what_a_new_selection_would(tmp_
         del loader
 
 
+def test_restricting_allocates_nothing_before_and_workers_never_remove_the_flags(tmp_path, monkeypatch):
+    """restrict(keys)'s flags are one file, made when it is called (nothing per example before), read by
+    workers that come and go (new ones each epoch without persistent_workers), replaced by the next
+    restrict, and removed by restrict(None) and with the reader."""
+    import gc
+
+    import shards.restriction
+
+    folder = tmp_path / "shm"
+    folder.mkdir()
+    monkeypatch.setattr(shards.restriction, "FOLDER", str(folder))
+    url = str(tmp_path / "ds")
+    keys = sorted(write_direct_dataset(url, UNEVEN))
+    dataset = ShardDataset(url, seed=3, batch_size=4)
+    assert list(folder.iterdir()) == []
+    dataset.restrict(keys[:20])
+    first = list(folder.iterdir())
+    assert len(first) == 1 and first[0].stat().st_size == -(-len(keys) // 8)  # one bit per example
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        seen = [key for *_, batch in DataLoader(dataset, batch_size=None, num_workers=2) for key in batch]
+        assert sorted(seen) == keys[:20] and list(folder.iterdir()) == first  # the exited workers left it
+    dataset.restrict(keys[5:9])
+    assert len(list(folder.iterdir())) == 1 and list(folder.iterdir()) != first
+    assert sorted(key for *_, batch in dataset for key in batch) == keys[5:9]
+    dataset.restrict(None)
+    assert list(folder.iterdir()) == [] and len(dataset) == len(keys)
+    dataset.restrict(keys[:3])
+    del dataset
+    gc.collect()
+    assert list(folder.iterdir()) == []
+
+
 def test_restricting_to_a_key_outside_the_dataset_is_named(tmp_path):
     url = str(tmp_path / "ds")
     keys = sorted(write_direct_dataset(url, UNEVEN))
