@@ -217,6 +217,19 @@ def partitioned_version(dataset: Location, version: str) -> dict | None:
     return json.loads(folder.read_bytes(f"{version}.json"))
 
 
+def unlisted_part_folders(dataset: Location) -> list[str]:
+    """``selections/parts/<fingerprint>`` folders that no version's JSON lists: left by a select or a
+    planned epoch that was killed before its commit (a re-run with the same inputs reuses its folder;
+    with other inputs it stays). Nothing reads them; they are safe to delete."""
+    listed = set()
+    for version in selection_versions(dataset):
+        layout = partitioned_version(dataset, version)
+        if layout is not None:
+            listed.add(layout["folder"])
+    found = dataset.child(SELECTIONS, PARTS).list_names()
+    return [f"{SELECTIONS}/{PARTS}/{name}" for name in sorted(found) if f"{PARTS}/{name}" not in listed]
+
+
 def read_selection_part(dataset: Location, version: str, entry: dict, layout: dict,
                         columns: list[str] | None = None) -> pa.Table:
     """One part of a partitioned version, checked against its sha256: a missing or changed part is named."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from helpers import files_of, onion_ok
+from helpers import files_of, onion, onion_ok
 from pipeline.curation.scoring import ScoreContext, compute_scores, read_scores, write_scores
 from pipeline.curation.selection import (
     SelectOptions,
@@ -240,3 +241,28 @@ def test_a_later_round_from_a_single_file_parent_decides_as_one_process_does(dat
     assert partitioned_version(data, made.version) is not None
     assert read_selection(data, made.version).select(COLUMNS).to_pylist() == \
         single_process(str(copy), later).select(COLUMNS).to_pylist()
+
+
+def test_verify_names_a_parts_folder_that_no_version_lists(dataset, tmp_path):
+    """A select killed after writing a part but before its JSON leaves a folder no version lists: the
+    same select run again reuses it, and ``onion verify`` names the one a select of other inputs left."""
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns("selections"))
+    select = ["select", copy, "--strategy", "random", "--keep", "0.5", "--ray-cpus", "1"]
+
+    def killed_after_its_first_part(seed: int) -> None:
+        fault = {"ONION_FAULT_COUNTER": str(tmp_path / f"boundaries-{seed}"), "ONION_FAULT_AT": "1",
+                 "ONION_FAULT_MATCH": f"rename {copy}/selections/parts/"}
+        result = onion(*select, "--seed", seed, env={**os.environ, **fault}, start_new_session=True, timeout=300)
+        assert result.returncode == -9, result.stderr[-2000:]
+
+    killed_after_its_first_part(1)
+    onion_ok(*select, "--seed", 1, timeout=300)  # the same inputs: the same folder, now listed
+    assert onion_ok("verify", copy, timeout=120).stdout.count("no version lists") == 0
+    killed_after_its_first_part(2)
+    left = [name for name in (copy / "selections" / "parts").iterdir()
+            if name.name not in (copy / "selections" / "v0001.json").read_text()]
+    assert len(left) == 1
+    said = onion_ok("verify", copy, timeout=120).stdout
+    assert "1 selection parts folder(s) that no version lists" in said
+    assert f"selections/parts/{left[0].name}" in said
