@@ -63,6 +63,14 @@ class Collective:
     def all_gather(self, value: object) -> list:
         return [value] if self.world_size == 1 else self.gather(value)
 
+    def all_gather_parts(self, items: list, parts: int) -> list:
+        """Every rank's ``items`` for its parts (rank r holds parts r, r + world, ...), in part order."""
+        order = [number for rank in range(self.world_size) for number in range(rank, parts, self.world_size)]
+        placed: list = [None] * parts
+        for number, item in zip(order, [item for per_rank in self.all_gather(items) for item in per_rank]):
+            placed[number] = item
+        return placed
+
     def all_sum(self, counts: np.ndarray) -> np.ndarray:
         """The element-wise sum of every rank's int64 ``counts`` (a histogram: one of it held, not one per rank)."""
         if self.world_size == 1:
@@ -127,12 +135,10 @@ def plan_epoch_in_parts(dataset: Location, run: Location, base: str | None, epoc
         stop = start + part_rows.num_rows
         tables.append(_decided(part_rows, scores[start:stop], out[start:stop], epoch, base))
         start = stop
-    digests = [digest for per_rank in collective.all_gather([part_digest(t) for t in tables])
-               for digest in per_rank]
-    identity = parts_fingerprint(_in_part_order(digests, len(parts), collective.world_size), epoch, base, RULE)
+    digests = collective.all_gather_parts([part_digest(t) for t in tables], len(parts))
+    identity = parts_fingerprint(digests, epoch, base, RULE)
     written = [write_selection_part(dataset, identity, part.name, table) for part, table in zip(mine, tables)]
-    entries = _in_part_order([entry for per_rank in collective.all_gather(written) for entry in per_rank],
-                             len(parts), collective.world_size)
+    entries = collective.all_gather_parts(written, len(parts))
     version = collective.all_gather(
         commit_partitioned_selection(dataset, identity, entries, {**parameters, "epoch": epoch,
                                                                   "threshold": threshold}, RULE)
@@ -153,15 +159,6 @@ def loss_weights(dataset: Location, planned: PlannedEpoch, shards: set[str], rat
             heavy = rows.filter(pc.and_(rows["kept"], pc.less(rows["score"], planned.threshold)))
             weights.update(dict.fromkeys(heavy["key"].to_pylist(), 1.0 / (1.0 - ratio)))
     return weights
-
-
-def _in_part_order(items: list, parts: int, world_size: int) -> list:
-    """Items gathered rank by rank (rank r holds parts r, r + world, ...) back in part order."""
-    order = [number for rank in range(world_size) for number in range(rank, parts, world_size)]
-    placed: list = [None] * parts
-    for number, item in zip(order, items):
-        placed[number] = item
-    return placed
 
 
 def _candidates(dataset: Location, parts: list[IndexPart], base: str | None) -> list[pa.Table]:
