@@ -75,6 +75,22 @@ def _task_failed(desc: str, label: str, item: object, error: ray.exceptions.RayE
         return TaskFailed(message, item, cause)
 
 
+_interrupted = False
+
+
+def note_interruption() -> None:
+    """The process is ending on a Ctrl-C: calls still running are left to Ray's shutdown, not cancelled.
+
+    The Ctrl-C reached the workers too, so their calls are ending on their own; cancelling one while its
+    reply arrives is a race inside Ray in which the core worker aborts the whole process (``Check failed:
+    ... Tried to complete task that was not pending``, ray-project/ray#54527), turning the clean exit 130
+    into a crash. The CLI calls this when a Ctrl-C reaches it, since a loop left by the interruption may
+    only be closed (and reach its cancelling ``finally``) afterwards.
+    """
+    global _interrupted
+    _interrupted = True
+
+
 def fan_out(items: Sequence[Item], submit: Callable[[Item], ray.ObjectRef], *, desc: str, unit: str = "shard",
             progress: bool = True, weight: Callable[[Item], int] | None = None, initial: int = 0,
             label: Callable[[Item], str] = str, max_in_flight: int | None = None) -> Iterator[tuple[Item, Any]]:
@@ -138,6 +154,10 @@ def _stream(items: Sequence[Item], slots: list[Slot], call: Callable[[Slot, Item
                 submit_more()  # before handing the result over: the cluster works while the caller does
                 bar.update(weigh(item))
                 yield item, result
+        except KeyboardInterrupt:
+            note_interruption()
+            raise
         finally:  # a failure, or a caller that stopped early: no one will take what still runs
-            for ref in running:
-                ray.cancel(ref)
+            if not _interrupted:
+                for ref in running:
+                    ray.cancel(ref)

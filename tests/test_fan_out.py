@@ -118,6 +118,43 @@ def test_leaving_the_loop_early_submits_nothing_more_and_cancels_what_runs(ray_l
             ray.get(refs[item], timeout=60)
 
 
+@pytest.mark.parametrize("where", ["in the loop's body", "while waiting for results"])
+def test_a_ctrl_c_leaves_what_runs_to_rays_shutdown_instead_of_cancelling_it(ray_local, monkeypatch, where):
+    """Cancelling while the Ctrl-C also ends the workers' calls races their replies inside Ray (a core
+    worker abort instead of exit 130): after a Ctrl-C, nothing is cancelled, whether it was raised in the
+    caller's body (the CLI notes it before the loop is closed) or inside the loop itself."""
+    monkeypatch.setattr(fan_out_module, "_interrupted", False)
+    ledger = Ledger.remote([0, 1, 2])
+    refs = {}
+
+    def submit(item: int) -> ray.ObjectRef:
+        ray.get(ledger.submitted.remote(item))
+        refs[item] = square.remote(item, ledger)
+        return refs[item]
+
+    def pressed(*args, **kwargs) -> None:
+        raise KeyboardInterrupt
+
+    if where == "while waiting for results":
+        monkeypatch.setattr(fan_out_module.ray, "wait", pressed)
+    loop = fan_out(list(range(10)), submit, desc="square", progress=False, max_in_flight=2)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in loop:
+            raise KeyboardInterrupt
+    if where == "in the loop's body":
+        fan_out_module.note_interruption()  # what the CLI's main does when the Ctrl-C reaches it
+    loop.close()
+    monkeypatch.undo()  # ray.wait back, for the test's own gets
+    running = [1, 2] if where == "in the loop's body" else [0, 1]  # item 0 had its result handed over
+    turn, results = 0, []  # the ledger's turn: still item 0's
+    for item in running:  # each call's turn comes only after the one before it has finished
+        while turn < item:
+            ray.get(ledger.advance.remote())
+            turn += 1
+        results.append(ray.get(refs[item], timeout=60))  # a cancelled call raises TaskCancelledError here
+    assert results == [item * item for item in running]
+
+
 def test_the_bar_counts_weights_from_what_was_done_before(ray_local, monkeypatch):
     bars = []
 

@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         # Exiting now: a second Ctrl-C (or one still pending) must not turn this clean exit into a traceback
         # or a death by signal while the interpreter shuts down.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if "pipeline.fan_out" in sys.modules:  # a Ray loop may still close: it must leave its calls to shutdown
+            sys.modules["pipeline.fan_out"].note_interruption()
         sys.stderr.write(f"onion {args.command}: interrupted; {how_to_continue(args)}\n")
         return EXIT_INTERRUPTED
     except OnionError as error:
