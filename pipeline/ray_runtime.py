@@ -35,6 +35,13 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def default_workers(parts: int) -> int:
+    """Actors for work split by index part: one per CPU of the Ray cluster, at most one per part (what
+    they compute never depends on how many there are)."""
+    ensure_ray()
+    return max(1, min(parts, cluster_cpus()))
+
+
 def current_node() -> str:
     """Short id of the Ray node running the caller (inside a task or actor)."""
     return ray.get_runtime_context().get_node_id()[:8]

@@ -45,8 +45,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from pipeline.curation.scoring import ScoreContext, compute_scores, write_scores
-    from shards import UsageError, location
+    from pipeline.curation.scoring import ScoreContext, scored_on_ray, store_scores
+    from shards import UsageError
 
     if args.first_epoch is not None and args.last_epoch is not None and args.first_epoch > args.last_epoch:
         raise UsageError(f"--first-epoch {args.first_epoch} is after --last-epoch {args.last_epoch}")
@@ -54,12 +54,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
         uses = ("scores with the model --run trained (its checkpoints)" if args.scorer == "el2n"
                 else "uses no model")
         raise UsageError(f"--model and --weights choose embed's features; {args.scorer} {uses}")
-    from pipeline.curation.scoring import RAY_SCORERS
-
-    if args.scorer in RAY_SCORERS:
+    if scored_on_ray(args.scorer, args.dataset):
         start_ray(args)
     context = ScoreContext(args.dataset, args.run, args.first_epoch, args.last_epoch, args.seed, radius=args.radius,
                            model=args.model, weights=args.weights, threshold=args.threshold)
-    table = compute_scores(args.scorer, context)
-    path = write_scores(location(args.dataset), args.scorer, table)
-    console.print(f"{path}: {table.num_rows} examples scored", soft_wrap=True)
+    path, rows = store_scores(args.scorer, context)
+    console.print(f"{path}: {rows} examples scored", soft_wrap=True)

@@ -21,6 +21,7 @@ from pipeline.curation.distributed_selection import SelectionWorkers
 from pipeline.curation.scoring import SCORES, drop_label, read_scores
 from pipeline.curation.scoring.stored import read_scores_part, scores_layout
 from pipeline.curation.selection import Made, SelectRequest, read_grouping
+from pipeline.ray_runtime import default_workers
 from shards.index import IndexPart, matching_rows
 from shards.key_hash import RULE
 from shards.selections import (
@@ -131,12 +132,3 @@ def select_partitioned(dataset: Location, parts: list[IndexPart], request: Selec
             writer = WritePart(dataset.url, identity, tuple(p.name for p in parts), round_number, parent, strategy)
             version = commit_partitioned_selection(dataset, identity, pool.write(writer).written, parameters, RULE)
     return Made(version, digests.kept, digests.kept + digests.dropped + digests.quarantined, f"{version}.json")
-
-
-def default_workers(parts: int) -> int:
-    """One actor per CPU of the Ray cluster, at most one per part (the decisions do not depend on it)."""
-    from pipeline.ray_runtime import cluster_cpus, ensure_ray
-
-    ensure_ray()
-    return max(1, min(parts, cluster_cpus()))
-

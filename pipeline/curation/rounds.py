@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.curation.materialize import kept_url, materialize
-from pipeline.curation.scoring import ScoreContext, compute_scores, read_scores, write_scores
+from pipeline.curation.scoring import ScoreContext, read_scores, store_scores
 from pipeline.curation.scoring.dynamics_scores import MIN_PRESENTATIONS
 from pipeline.curation.selection import (
     DEDUP_RULES,
@@ -154,9 +154,9 @@ def _curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, record: d
         else:
             context = ScoreContext(dataset_url, config.out, first_epoch=(round_number - 1) * plan.round_epochs,
                                    last_epoch=round_number * plan.round_epochs - 1, seed=plan.seed, progress=progress)
-            scores = compute_scores(plan.scorer, context)
             name = scores_name(plan, config.out, round_number)
-            write_scores(dataset, name, scores)
+            store_scores(plan.scorer, context, stored_as=name)
+            scores = read_scores(dataset, name)
             parent = read_selection(dataset, versions[-1])
             remove_n = plan.remove_n or max(1, int(0.1 * sum(parent["kept"].to_pylist())))
             table = next_round(source, parent, versions[-1], scores, remove_n, round_number, plan.seed)

@@ -21,10 +21,11 @@ from pipeline.curation.scoring.stored import (  # noqa: F401 - re-exported: wher
     matching_score_rows,
     read_scores,
     score_names,
+    scorer_metadata,
     write_scores,
 )
 from shards import UsageError, location, read_index, read_manifest
-from shards.index import usable_train
+from shards.index import index_parts, usable_train
 from shards.manifest import require_labels
 
 
@@ -46,16 +47,24 @@ class ScoreContext:
         index = read_index(location(self.dataset), columns=["key", "split", "status"])
         return usable_train(index)["key"].to_pylist()
 
+    def dynamics_files(self) -> list[str]:
+        """The run's dynamics files (names), or an error saying why there are none."""
+        from shards.index import parquet_names
+        from trainer.dynamics import DYNAMICS
+
+        if not self.run:
+            raise UsageError("this scorer reads a training run's dynamics: give --run RUN")
+        names = parquet_names(location(self.run).child(DYNAMICS))
+        if not names:
+            raise UsageError(f"{self.run}: no dynamics/*.parquet (train with dynamics recording on)")
+        return names
+
     def dynamics(self) -> pa.Table:
         from pipeline.curation.scoring.dynamics_scores import window_rows
         from trainer.dynamics import read_dynamics
 
-        if not self.run:
-            raise UsageError("this scorer reads a training run's dynamics: give --run RUN")
-        table = read_dynamics(location(self.run))
-        if table.num_rows == 0:
-            raise UsageError(f"{self.run}: no dynamics/*.parquet (train with dynamics recording on)")
-        return window_rows(table, self.first_epoch, self.last_epoch)
+        self.dynamics_files()
+        return window_rows(read_dynamics(location(self.run)), self.first_epoch, self.last_epoch)
 
     def window(self) -> str:
         first = "start" if self.first_epoch is None else f"epoch {self.first_epoch}"
@@ -141,12 +150,44 @@ def scorer_of(scores: pa.Table) -> str:
 
 
 def compute_scores(name: str, context: ScoreContext) -> pa.Table:
+    """Scorer ``name``'s table, computed in this process (its Ray scorers gather their results here)."""
+    _check_scorer(name, context)
+    table = SCORERS[name](context)
+    return table.replace_schema_metadata(scorer_metadata(name))
+
+
+def _check_scorer(name: str, context: ScoreContext) -> None:
     if name not in SCORERS:
         raise UsageError(f"unknown scorer {name!r} (known: {', '.join(SCORERS)})")
     if name in LABEL_SCORERS:
         require_labels(read_manifest(location(context.dataset)), context.dataset,
                        f"the {name} score (how a classifier learns each example's label)")
-    table = SCORERS[name](context)
-    return table.replace_schema_metadata({b"onion": json.dumps({"scorer": name}).encode()})
 
 
+def scored_on_ray(name: str, dataset: str) -> bool:
+    """Whether :func:`store_scores` runs Ray tasks or actors for scorer ``name`` on ``dataset``."""
+    from pipeline.curation.scoring.dynamics_parts import PARTITIONED_SCORERS
+
+    partitioned = name in PARTITIONED_SCORERS and index_parts(read_manifest(location(dataset))) is not None
+    return name in RAY_SCORERS or partitioned
+
+
+def store_scores(name: str, context: ScoreContext, stored_as: str | None = None) -> tuple[str, int]:
+    """Score with ``name`` and store the result as ``scores/<stored_as or name>``; ``(where, rows scored)``.
+
+    On a dataset with a partitioned index, forgetting and loss are computed part by part on Ray actors
+    (:mod:`~pipeline.curation.scoring.dynamics_parts`: no process holds the whole dynamics or score
+    table); the stored bytes are those of the table computed here, which every other case stores.
+    """
+    from pipeline.curation.scoring.dynamics_parts import PARTITIONED_SCORERS, score_parts
+
+    dataset = location(context.dataset)
+    parts = index_parts(read_manifest(dataset))
+    if name in PARTITIONED_SCORERS and parts is not None:
+        _check_scorer(name, context)
+        context.dynamics_files()  # the same errors as one process gives: no run, no dynamics
+        window = (context.first_epoch, context.last_epoch)
+        return score_parts(name, stored_as or name, context.dataset, context.run, window, context.window(), parts,
+                           context.actors, context.progress)
+    table = compute_scores(name, context)
+    return write_scores(dataset, stored_as or name, table), table.num_rows

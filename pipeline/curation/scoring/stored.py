@@ -40,6 +40,11 @@ PARTS = "parts"  # scores/parts/<name>/<fingerprint>/: the parts of partitioned 
 METADATA = b"onion"  # the table metadata that names the scorer (kept in the JSON too)
 
 
+def scorer_metadata(scorer: str) -> dict[bytes, bytes]:
+    """The table metadata naming the scorer (what a drop is called depends on it, never on the file's name)."""
+    return {METADATA: json.dumps({"scorer": scorer}).encode()}
+
+
 def score_names(dataset: Location) -> list[str]:
     """The stored score tables, either layout, sorted."""
     names = (name.rsplit(".", 1) for name in dataset.child(SCORES).list_names() if "." in name)
@@ -57,14 +62,34 @@ def write_scores(dataset: Location, name: str, table: pa.Table) -> str:
     written = [(part.name, table_to_parquet_bytes(rows)) for part, rows in _by_index_part(dataset, parts, table)]
     if not written and parts:  # nothing scored: one empty part keeps the table's columns
         written = [(parts[0].name, table_to_parquet_bytes(table))]
-    identity = hashlib.sha256("\n".join(hashlib.sha256(data).hexdigest() for _, data in written).encode()).hexdigest()
-    generation = folder.child(PARTS, name, identity)
+    entries = [score_part_entry(part_name, data) for part_name, data in written]
+    identity = scores_identity(entries)
     for part_name, data in written:
-        generation.write_atomic(part_name, data)
-    layout = {"layout": PARTS, "folder": f"{PARTS}/{name}/{identity}", "rows": table.num_rows,
-              "metadata": (table.schema.metadata or {}).get(METADATA, b"{}").decode(),
-              "parts": [{"name": part_name, "rows": _rows(data), "sha256": hashlib.sha256(data).hexdigest()}
-                        for part_name, data in written]}
+        write_score_part(dataset, name, identity, part_name, data)
+    return commit_scores(dataset, name, identity, entries, (table.schema.metadata or {}).get(METADATA, b"{}"))
+
+
+def score_part_entry(part_name: str, data: bytes) -> dict:
+    """How the JSON lists one part: its index part's name, rows and checksum."""
+    return {"name": part_name, "rows": _rows(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def scores_identity(entries: list[dict]) -> str:
+    """The parts folder's name: the checksum of the parts' checksums (the same values, the same name)."""
+    return hashlib.sha256("\n".join(entry["sha256"] for entry in entries).encode()).hexdigest()
+
+
+def write_score_part(dataset: Location, name: str, identity: str, part_name: str, data: bytes) -> None:
+    """One part, written before the JSON that lists it (by whichever process computed it)."""
+    dataset.child(SCORES, PARTS, name, identity).write_atomic(part_name, data)
+
+
+def commit_scores(dataset: Location, name: str, identity: str, entries: list[dict], metadata: bytes) -> str:
+    """Point ``scores/<name>.json`` at the parts already written under ``identity`` (the commit), then
+    remove what it replaced. Returns the JSON's URL."""
+    folder = dataset.child(SCORES)
+    layout = {"layout": PARTS, "folder": f"{PARTS}/{name}/{identity}", "rows": sum(entry["rows"] for entry in entries),
+              "metadata": metadata.decode(), "parts": entries}
     folder.write_atomic(f"{name}.json", json.dumps(layout, indent=1, sort_keys=True).encode())
     if folder.exists(f"{name}.parquet"):  # an earlier onion's single file of the same name: replaced
         folder.remove(f"{name}.parquet")

@@ -1,0 +1,132 @@
+"""Forgetting and loss scores of a dataset with a partitioned index, on Ray actors, stored part by part.
+
+No process holds the whole dynamics, the whole index or the whole score table. Actor ``w`` of ``W``
+owns the index parts ``w::W``: it reads their usable train keys, then the run's dynamics one file at a
+time (in the single-process order), keeping only the rows of its keys, and counts each example with
+the functions of :mod:`pipeline.curation.scoring.dynamics_scores`. A key's numbers depend only on its
+own rows, so they are the single-process numbers exactly. The one window-wide number, forgetting's P
+(the most presentations any example had), and the signal check's median come to the driver as a
+histogram of presentation counts (one integer per possible count). The actors then score with P,
+return their parts' checksums (the parts folder is named by them), write their parts, and the driver
+commits ``scores/<name>.json``: the same bytes :func:`~pipeline.curation.scoring.stored.write_scores`
+writes for the table computed in one process, for any number of actors.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from pipeline.curation.scoring.dynamics_scores import (
+    forgetting_stats,
+    forgetting_table,
+    mean_loss,
+    presentation_counts,
+    require_counts_signal,
+    window_rows,
+)
+from pipeline.curation.scoring.stored import (
+    METADATA,
+    commit_scores,
+    score_part_entry,
+    scorer_metadata,
+    scores_identity,
+    write_score_part,
+)
+from pipeline.fan_out import fan_out
+from pipeline.ray_runtime import default_workers
+from shards.index import IndexPart, parquet_names, read_index_part, read_parquet, table_to_parquet_bytes, usable_train
+from shards.urls import location
+from trainer.dynamics import DYNAMICS
+
+PARTITIONED_SCORERS = ("forgetting", "loss")  # scored per part here; the others compute one table
+
+
+# No CPU reserved, so any --actors count starts (reserving one each would leave actors beyond the
+# cluster's CPUs waiting forever); SPREAD places them over the nodes, as the work is the reading.
+@ray.remote(num_cpus=0, scheduling_strategy="SPREAD")
+class DynamicsPartsScorer:
+    """The scores of some index parts' train examples, from a run's dynamics."""
+
+    def __init__(self, scorer: str, dataset: str, run: str, window: tuple[int | None, int | None],
+                 parts: list[tuple[int, IndexPart]]) -> None:
+        self.scorer, self.dataset, self.run, self.window, self.parts = scorer, dataset, run, window, parts
+        self.keys: list[pa.Array] = []
+        self.stats = None
+        self.written: list[tuple[int, str, bytes]] = []
+
+    def count(self) -> np.ndarray:
+        """Read this actor's keys and their presentations; the examples' presentation counts."""
+        dataset = location(self.dataset)
+        self.keys = [usable_train(read_index_part(dataset, part, ["key", "split", "status"]))["key"].combine_chunks()
+                     for _, part in self.parts]
+        keys = pa.concat_arrays(self.keys) if self.keys else pa.array([], pa.string())
+        rows = self._rows_of(keys)
+        if self.scorer == "loss":
+            self.stats = mean_loss(keys.to_pylist(), rows)
+            return presentation_counts(self.stats["presentations"].to_numpy())
+        self.stats = forgetting_stats(keys.to_pylist(), rows)
+        return presentation_counts(self.stats.presentations)
+
+    def _rows_of(self, keys: pa.Array) -> pa.Table:
+        """The window's dynamics rows of ``keys``, one file at a time, in the files' order."""
+        folder = location(self.run).child(DYNAMICS)
+        kept = []
+        for name in parquet_names(folder):
+            rows = window_rows(read_parquet(folder, name), *self.window)
+            kept.append(rows.filter(pc.is_in(rows["key"], value_set=keys)))
+        return pa.concat_tables(kept)
+
+    def encode(self, longest: int, keep_empty: bool) -> list[tuple[int, dict]]:
+        """Score with the window's P and serialise each part that holds scored keys (with ``keep_empty``,
+        nothing was scored anywhere: the first part, empty, keeps the columns); ``(part number, entry)``."""
+        table = self.stats if self.scorer == "loss" else forgetting_table(self.stats, longest)
+        table = table.replace_schema_metadata(scorer_metadata(self.scorer))
+        self.stats = None
+        # each key's part, in key order (the table's order: Arrow's UTF-8 byte order is Python's str order)
+        part_of = np.concatenate([np.full(len(keys), at, np.int64) for at, keys in enumerate(self.keys)] or
+                                 [np.zeros(0, np.int64)])
+        in_key_order = pc.sort_indices(pa.concat_arrays(self.keys) if self.keys else pa.array([], pa.string()))
+        part_of = part_of[in_key_order.to_numpy()]
+        by_part = np.argsort(part_of, kind="stable")
+        bounds = np.searchsorted(part_of[by_part], np.arange(len(self.parts) + 1))
+        self.written = []
+        for at, (number, part) in enumerate(self.parts):
+            if bounds[at + 1] > bounds[at] or (keep_empty and number == 0):
+                rows = table.take(by_part[bounds[at]:bounds[at + 1]])
+                self.written.append((number, part.name, table_to_parquet_bytes(rows)))
+        return [(number, score_part_entry(name, data)) for number, name, data in self.written]
+
+    def write(self, name: str, identity: str) -> None:
+        dataset = location(self.dataset)
+        for _, part_name, data in self.written:
+            write_score_part(dataset, name, identity, part_name, data)
+
+
+def score_parts(scorer: str, name: str, dataset: str, run: str, window: tuple[int | None, int | None],
+                window_text: str, parts: list[IndexPart], actors: int | None = None,
+                progress: bool = True) -> tuple[str, int]:
+    """Score ``parts``' train examples with ``scorer`` (forgetting or loss) from ``run``'s dynamics in
+    ``window`` (first, last epoch) and store them as ``scores/<name>``; ``(the JSON's URL, rows)``."""
+    count = actors or default_workers(len(parts))
+    numbered = list(enumerate(parts))
+    pool = [DynamicsPartsScorer.remote(scorer, dataset, run, window, numbered[w::count]) for w in range(count)]
+    counts = np.zeros(1, np.int64)
+    for _, part_counts in fan_out(range(count), lambda w: pool[w].count.remote(), desc=f"{scorer} scores",
+                                  unit="part", progress=progress, weight=lambda w: len(numbered[w::count]),
+                                  label=lambda w: f"index parts {w}::{count}"):
+        size = max(len(counts), len(part_counts))
+        counts = np.pad(counts, (0, size - len(counts))) + np.pad(part_counts, (0, size - len(part_counts)))
+    if scorer == "forgetting":
+        require_counts_signal(counts, window_text)
+    longest = int(np.flatnonzero(counts).max()) if counts.any() else 0
+    nothing_scored = not counts.any()
+    entries = sorted(entry for reply in ray.get([worker.encode.remote(longest, nothing_scored) for worker in pool])
+                     for entry in reply)
+    listed = [entry for _, entry in entries]
+    identity = scores_identity(listed)
+    ray.get([worker.write.remote(name, identity) for worker in pool])
+    url = commit_scores(location(dataset), name, identity, listed, scorer_metadata(scorer)[METADATA])
+    return url, sum(entry["rows"] for entry in listed)
+

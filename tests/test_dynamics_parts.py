@@ -1,0 +1,107 @@
+"""Forgetting and loss scores of a partitioned dataset, computed part by part on Ray actors
+(pipeline.curation.scoring.dynamics_parts), store the bytes the single-process scorer stores, for any
+number of actors; the window-wide numbers (forgetting's P, the signal check's median) are exact."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.curation.scoring import ScoreContext, compute_scores, store_scores, write_scores
+from pipeline.curation.scoring.dynamics_scores import median_presentations, presentation_counts
+from pipeline.curation.scoring.stored import read_scores, scores_layout
+from shards import UsageError, location, read_index, read_manifest
+from shards.index import index_parts, table_to_parquet_bytes
+from trainer.dynamics import DYNAMICS, part_name
+
+
+@pytest.fixture(scope="module")
+def run(digits, tmp_path_factory) -> str:
+    """Dynamics of 4 epochs on 2 ranks over the train keys (and some val keys, which scoring ignores):
+    each epoch presents a random 80% (a pruned example is seen less often), correctness and losses drawn
+    with many ties, some attention variances missing."""
+    rng = np.random.default_rng(5)
+    index = read_index(location(digits), columns=["key", "split"])
+    keys = np.array(index["key"].to_pylist(), dtype=object)
+    train = keys[np.asarray(index["split"].to_pylist()) == "train"]
+    val = keys[np.asarray(index["split"].to_pylist()) == "val"][:20]
+    folder = location(str(tmp_path_factory.mktemp("run"))).child(DYNAMICS)
+    step = 0
+    for epoch in range(4):
+        shown = np.concatenate([rng.permutation(train)[: int(0.8 * len(train))], val])
+        for rank, rows in enumerate(np.array_split(shown, 2)):
+            for batch in np.array_split(rows, 3):
+                step += 1
+                table = pa.table({
+                    "key": pa.array(batch.tolist(), pa.string()),
+                    "epoch": np.full(len(batch), epoch, np.int32), "step": np.full(len(batch), step, np.int64),
+                    "correct": rng.random(len(batch)) < 0.6, "loss": np.round(rng.random(len(batch)), 1),
+                    "margin": rng.random(len(batch)),
+                    "cls_attention_variance": np.where(rng.random(len(batch)) < 0.1, np.nan, rng.random(len(batch))),
+                })
+                folder.write_atomic(part_name(rank, step), table_to_parquet_bytes(table))
+    return folder.url.rsplit("/", 1)[0]
+
+
+def stored_files(dataset: str, name: str) -> dict[str, bytes]:
+    """The JSON and every part it lists, as bytes."""
+    folder = location(dataset).child("scores")
+    layout = scores_layout(location(dataset), name)
+    parts = folder.child(*layout["folder"].split("/"))
+    return {f"{name}.json": folder.read_bytes(f"{name}.json"),
+            **{entry["name"]: parts.read_bytes(entry["name"]) for entry in layout["parts"]}}
+
+
+@pytest.mark.parametrize("scorer", ["forgetting", "loss"])
+@pytest.mark.parametrize("window", [(None, None), (1, 3)])
+def test_the_parts_hold_the_bytes_one_process_stores_for_1_2_and_3_actors(digits, run, scorer, window):
+    assert len(index_parts(read_manifest(location(digits)))) >= 3
+    context = ScoreContext(digits, run, *window, progress=False)
+    write_scores(location(digits), "one-process", compute_scores(scorer, context))
+    expected = stored_files(digits, "one-process")
+    expected_layout = expected.pop("one-process.json")
+    for actors in (1, 2, 3):
+        name = f"{scorer}-{actors}"
+        where, rows = store_scores(scorer, ScoreContext(digits, run, *window, actors=actors, progress=False),
+                                   stored_as=name)
+        assert where.endswith(f"scores/{name}.json") and rows == read_scores(location(digits), name).num_rows
+        got = stored_files(digits, name)
+        assert got.pop(f"{name}.json").replace(name.encode(), b"one-process") == expected_layout
+        assert got == expected  # every part byte for byte, named by the same index parts
+
+
+def test_forgettings_window_wide_scale_is_the_most_presentations_over_every_part(digits, run):
+    store_scores("forgetting", ScoreContext(digits, run, actors=3, progress=False), stored_as="scaled")
+    scores = read_scores(location(digits), "scaled")
+    longest = max(scores["presentations"].to_pylist())
+    never_learned = [score for score, learned, seen in zip(scores["score"].to_pylist(), scores["learned"].to_pylist(),
+                                                           scores["presentations"].to_pylist()) if seen and not learned]
+    assert longest == 4 and never_learned and set(never_learned) == {float(longest)}
+    assert json.loads(scores.schema.metadata[b"onion"]) == {"scorer": "forgetting"}
+
+
+def test_a_window_too_short_is_refused_as_in_one_process(digits, run):
+    context = ScoreContext(digits, run, 2, 2, actors=2, progress=False)
+    with pytest.raises(UsageError) as one_process:
+        compute_scores("forgetting", context)
+    with pytest.raises(UsageError) as on_actors:
+        store_scores("forgetting", context, stored_as="refused")
+    assert str(on_actors.value) == str(one_process.value) and "1 presentation(s) per example" in str(one_process.value)
+    assert scores_layout(location(digits), "refused") is None
+
+
+def test_no_run_or_no_dynamics_is_the_same_error(digits, tmp_path):
+    for run, expected in ((None, "give --run RUN"), (str(tmp_path), "no dynamics/*.parquet")):
+        with pytest.raises(UsageError, match=re.escape(expected)):
+            store_scores("loss", ScoreContext(digits, run, progress=False))
+
+
+@pytest.mark.parametrize("counts", [[0, 3], [5, 0, 2, 2], [0, 1, 1, 0, 1, 1], [0, 0, 0, 7, 1], [9]])
+def test_the_median_from_counts_is_numpys_median_over_the_presented(counts):
+    presentations = np.repeat(np.arange(len(counts)), counts)
+    presented = presentations[presentations > 0]
+    expected = float(np.median(presented)) if len(presented) else 0.0
+    assert median_presentations(presentation_counts(presentations)) == expected
