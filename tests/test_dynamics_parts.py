@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.curation.scoring import ScoreContext, compute_scores, store_scores, write_scores
-from pipeline.curation.scoring.dynamics_scores import median_presentations, presentation_counts
+from pipeline.curation.scoring.dynamics_scores import median_presentations, presentation_counts, summed_counts
 from pipeline.curation.scoring.stored import read_scores, scores_layout
 from shards import UsageError, location, read_index, read_manifest
 from shards.index import index_parts, table_to_parquet_bytes
@@ -100,8 +100,11 @@ def test_no_run_or_no_dynamics_is_the_same_error(digits, tmp_path):
 
 
 @pytest.mark.parametrize("counts", [[0, 3], [5, 0, 2, 2], [0, 1, 1, 0, 1, 1], [0, 0, 0, 7, 1], [9]])
-def test_the_median_from_counts_is_numpys_median_over_the_presented(counts):
+def test_the_median_from_counts_is_numpys_median_over_the_presented_and_counts_sum_over_splits(counts):
     presentations = np.repeat(np.arange(len(counts)), counts)
     presented = presentations[presentations > 0]
     expected = float(np.median(presented)) if len(presented) else 0.0
     assert median_presentations(presentation_counts(presentations)) == expected
+    shuffled = np.random.default_rng(0).permutation(presentations)
+    split = [presentation_counts(part) for part in np.array_split(shuffled, 3)]
+    assert median_presentations(summed_counts(split)) == expected  # counted per actor, summed in the driver

@@ -326,7 +326,8 @@ def make_selection(dataset: Location, request: SelectRequest, workers: int | Non
     (:mod:`pipeline.curation.partitioned_selection`): the same decisions as here, for any ``workers``."""
     from pipeline.curation.partitioned_selection import select_partitioned
     from pipeline.curation.scoring import read_scores, scorer_of
-    from pipeline.curation.scoring.dynamics_scores import require_signal
+    from pipeline.curation.scoring.dynamics_scores import presentation_counts, require_counts_signal, summed_counts
+    from pipeline.curation.scoring.stored import column_parts
     from shards.index import index_parts
     from shards.manifest import read_manifest
 
@@ -337,7 +338,9 @@ def make_selection(dataset: Location, request: SelectRequest, workers: int | Non
     if request.scores:
         scores = read_scores(dataset, request.scores, columns=[])  # exists? which scorer? (no rows read)
         if scorer_of(scores) == "forgetting":
-            require_signal(read_scores(dataset, request.scores, columns=["presentations"]), f"scores/{request.scores}")
+            counts = [presentation_counts(part.to_numpy())
+                      for part in column_parts(dataset, request.scores, "presentations")]
+            require_counts_signal(summed_counts(counts), f"scores/{request.scores}")
     if request.round_number is None:
         if not request.then_strategy and not request.dedup:
             raise UsageError(f"strategy {options.strategy} needs --scores NAME")

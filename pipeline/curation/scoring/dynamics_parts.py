@@ -24,6 +24,7 @@ from pipeline.curation.scoring.dynamics_scores import (
     mean_loss,
     presentation_counts,
     require_counts_signal,
+    summed_counts,
     window_rows,
 )
 from pipeline.curation.scoring.stored import (
@@ -112,12 +113,11 @@ def score_parts(scorer: str, name: str, dataset: str, run: str, window: tuple[in
     count = actors or default_workers(len(parts))
     numbered = list(enumerate(parts))
     pool = [DynamicsPartsScorer.remote(scorer, dataset, run, window, numbered[w::count]) for w in range(count)]
-    counts = np.zeros(1, np.int64)
-    for _, part_counts in fan_out(range(count), lambda w: pool[w].count.remote(), desc=f"{scorer} scores",
-                                  unit="part", progress=progress, weight=lambda w: len(numbered[w::count]),
-                                  label=lambda w: f"index parts {w}::{count}"):
-        size = max(len(counts), len(part_counts))
-        counts = np.pad(counts, (0, size - len(counts))) + np.pad(part_counts, (0, size - len(part_counts)))
+    loading = fan_out(range(count), lambda w: pool[w].count.remote(), desc=f"{scorer} scores", unit="part",
+                      progress=progress, weight=lambda w: len(numbered[w::count]),
+                      label=lambda w: f"index parts {w}::{count}")
+    replies = [part_counts for _, part_counts in loading]
+    counts = summed_counts(replies)
     if scorer == "forgetting":
         require_counts_signal(counts, window_text)
     longest = int(np.flatnonzero(counts).max()) if counts.any() else 0

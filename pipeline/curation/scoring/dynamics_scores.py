@@ -109,6 +109,14 @@ def presentation_counts(presentations: np.ndarray) -> np.ndarray:
     return np.bincount(presentations, minlength=1)
 
 
+def summed_counts(counts: list[np.ndarray]) -> np.ndarray:
+    """Several :func:`presentation_counts` (of disjoint sets of examples) as one."""
+    total = np.zeros(max((len(part) for part in counts), default=1), np.int64)
+    for part in counts:
+        total[:len(part)] += part
+    return total
+
+
 def median_presentations(counts: np.ndarray) -> float:
     """Median presentations per example in the window, over the examples it presented, from
     :func:`presentation_counts` (``counts[p]`` examples presented ``p`` times)."""

@@ -165,3 +165,13 @@ def matching_score_rows(dataset: Location, name: str, condition: pc.Expression,
         if len(rows):
             found.append(rows if columns is None else rows.select(columns))
     return pa.concat_tables(found) if found else pa.table({})
+
+
+def column_parts(dataset: Location, name: str, column: str) -> Iterator[pa.ChunkedArray]:
+    """``column`` of ``scores/<name>``, one part (or the one file) at a time: what is held is one part."""
+    layout = scores_layout(dataset, name)
+    if layout is None:
+        yield read_scores(dataset, name, columns=[column])[column]
+        return
+    for entry in layout["parts"]:
+        yield read_scores_part(dataset, name, layout, entry, [column])[column]
