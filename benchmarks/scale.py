@@ -1,4 +1,4 @@
-"""What grows with the dataset today: one rank's reader, select, report, inspect --key, at 10^6 and 10^7 rows.
+"""What grows with the dataset today: one rank's reader, select, score, report, inspect --key, at 10^6 and 10^7 rows.
 
     .venv/bin/python benchmarks/scale.py [--rows 1000000,10000000] [--out runs/bench-scale] [--quick]
 
@@ -25,6 +25,8 @@ Then, each in a fresh process whose peak RSS ``/usr/bin/time`` reads (that proce
   and ``selection`` (``ShardDataset(selection="v0001")``); ``import`` is the interpreter with the
   reader's imports and nothing else;
 * ``onion select DATASET --scores random --keep 0.8`` (drop-easy);
+* ``onion score DATASET loss --run RUN`` over epoch 0's dynamics as 64 ranks write them (one file
+  each): the driver's peak RSS, and the largest process's (a Ray actor scoring its index parts);
 * ``onion report DATASET --out DIR`` (stopped after ``--step-timeout`` seconds);
 * ``onion inspect DATASET --key KEY``;
 * bytes on disk per example of the index, ``scores/random`` and the selection (each with its parts).
@@ -264,7 +266,7 @@ def write_dynamics(run: Path, rows: int) -> None:
     import pyarrow as pa
 
     from shards.index import table_to_parquet_bytes
-    from trainer.dynamics import DYNAMICS, part_name
+    from trainer.dynamics_files import DYNAMICS, part_name
 
     folder = run / DYNAMICS
     folder.mkdir(parents=True, exist_ok=True)
@@ -467,7 +469,8 @@ def measure_reader(mode: str, dataset: Path, logs: Path, timeout: float, rows: i
     log = logs / f"reader-{mode}.log"
     helper = None
     if mode == "prune":  # ranks 1..63 plan beside the measured rank 0, in a process of their own
-        write_dynamics(dataset.parent / "run", rows)
+        if not (dataset.parent / "run" / "dynamics").exists():
+            write_dynamics(dataset.parent / "run", rows)
         shutil.rmtree(dataset.parent / "exchange", ignore_errors=True)
         helper = subprocess.Popen([sys.executable, __file__, "--planner-helper", str(dataset),
                                    str(dataset.parent / "run"), str(dataset.parent / "exchange")],
@@ -517,6 +520,13 @@ def measure_size(rows: int, out: Path, timeout: float, keep_data: bool, skip: fr
             continue
         print(f"[{rows}] reader {mode}", flush=True)
         figures["reader"][mode] = measure_reader(mode, dataset, logs, timeout, rows)
+    if "score" not in skip:  # forgetting counts over the ranks' dynamics, reduced per index part on actors
+        print(f"[{rows}] onion score loss", flush=True)
+        run = work / "run"
+        if not (run / "dynamics").exists():
+            write_dynamics(run, rows)
+        figures["score"] = run_measured([*ONION, "score", str(dataset), "loss", "--run", str(run), "--ray-cpus", "2"],
+                                        logs / "score.log", timeout)
     if "report" not in skip:
         print(f"[{rows}] onion report", flush=True)
         figures["report"] = run_measured([*ONION, "report", str(dataset), "--out", str(work / "report")],
@@ -568,10 +578,10 @@ def render(report: dict) -> str:
         "| rows | shards | reader plain: s / peak MiB | reader restrict(keys) (per-epoch pruning before) "
         "| reader prune (per-epoch pruning: plan its parts, restrict(version)) | reader restrict(None) "
         "| reader selection=v0001 | select --keep 0.8: s / driver peak MiB (largest process, sampled) "
-        "| report: s / peak MiB "
+        "| score loss: s / driver peak MiB (largest process, sampled) | report: s / peak MiB "
         "| inspect --key: s / peak MiB "
         "| bytes/example index (unique sha256) + scores + selection |",
-        "|---:|---:|---|---|---|---|---|---|---|---|---|",
+        "|---:|---:|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size in report["sizes"]:
         reader = size["reader"]
@@ -590,6 +600,7 @@ def render(report: dict) -> str:
             f"| {pair(reader.get('prune'))} "
             f"| {pair(reader.get('restrict-none'))} | {pair(reader.get('selection'))} "
             f"| {pair(size['select'], largest=True)} "
+            f"| {pair(size.get('score'), largest=True)} "
             f"| {pair(size.get('report'))} | {pair(size.get('inspect_key_lookup'))} "
             f"| {per['index_unique_sha256']} + {per['scores_random']} + {per.get('selection', '-')} "
             f"= {per.get('index_scores_selection', '-')} |")
@@ -632,7 +643,7 @@ def main() -> None:
                         help="seconds after which a measured step is stopped and reported as 'over' (default 600)")
     parser.add_argument("--keep-data", action="store_true", help="keep the synthetic datasets (default: deleted)")
     parser.add_argument("--skip", default="", metavar="STEPS",
-                        help="steps to leave out, comma-separated: report, inspect, and the reader modes "
+                        help="steps to leave out, comma-separated: report, inspect, score, and the reader modes "
                              f"({', '.join(m for m in READER_MODES if m != 'selection')}); select always runs")
     parser.add_argument("--reader-child", nargs=2, metavar=("MODE", "DATASET"), help=argparse.SUPPRESS)
     parser.add_argument("--planner-helper", nargs=3, metavar=("DATASET", "RUN", "EXCHANGE"), help=argparse.SUPPRESS)
@@ -644,7 +655,7 @@ def main() -> None:
         planner_helper(*args.planner_helper)
         return
     skip = frozenset(filter(None, args.skip.split(",")))
-    unknown = skip - {"report", "inspect", *READER_MODES} | ({"selection"} & skip)
+    unknown = skip - {"report", "inspect", "score", *READER_MODES} | ({"selection"} & skip)
     if unknown:
         parser.error(f"--skip: unknown step(s) {', '.join(sorted(unknown))}")
     sizes = [20_000, 200_000] if args.quick else [int(text) for text in args.rows.split(",")]

@@ -1,6 +1,6 @@
 """``benchmarks/scale.py --quick``: every step (one rank's reader in each mode, per-epoch pruning's planning
-among them, select, report, inspect --key) runs on both smoke sizes, and every figure it reports is a
-positive number."""
+among them, select, score loss on Ray actors, report, inspect --key) runs on both smoke sizes, and every
+figure it reports is a positive number."""
 
 import pytest
 
@@ -30,7 +30,8 @@ def test_quick_run_measures_every_step_with_positive_figures(tmp_path):
     for size in report["sizes"]:
         assert size["shards"] == size["rows"] // 2000
         assert set(size["reader"]) == READER_MODES
-        for step in [*size["reader"].values(), size["select"], size["report"], size["inspect_key_lookup"]]:
+        for step in [*size["reader"].values(), size["select"], size["score"], size["report"],
+                     size["inspect_key_lookup"]]:
             assert not step.get("timed_out") and step["seconds"] > 0 and step["peak_rss_mib"] > 0, step
         for mode in READER_MODES - {"import"}:
             assert size["reader"][mode]["to_first_batch_seconds"] > 0

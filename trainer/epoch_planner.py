@@ -44,7 +44,7 @@ from shards.selections import (
     write_selection_part,
 )
 from shards.urls import Location
-from trainer.dynamics import latest_losses
+from trainer.dynamics_files import latest_losses
 from trainer.example_pruning import STRATEGY, PlannedEpoch, exact_mean, exact_sum
 
 HISTOGRAM_BITS = 16

@@ -50,7 +50,7 @@ class ScoreContext:
     def dynamics_files(self) -> list[str]:
         """The run's dynamics files (names), or an error saying why there are none."""
         from shards.index import parquet_names
-        from trainer.dynamics import DYNAMICS
+        from trainer.dynamics_files import DYNAMICS
 
         if not self.run:
             raise UsageError("this scorer reads a training run's dynamics: give --run RUN")
@@ -61,7 +61,7 @@ class ScoreContext:
 
     def dynamics(self) -> pa.Table:
         from pipeline.curation.scoring.dynamics_scores import window_rows
-        from trainer.dynamics import read_dynamics
+        from trainer.dynamics_files import read_dynamics
 
         self.dynamics_files()
         return window_rows(read_dynamics(location(self.run)), self.first_epoch, self.last_epoch)

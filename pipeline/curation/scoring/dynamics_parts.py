@@ -39,7 +39,7 @@ from pipeline.fan_out import fan_out
 from pipeline.ray_runtime import default_workers
 from shards.index import IndexPart, parquet_names, read_index_part, read_parquet, table_to_parquet_bytes, usable_train
 from shards.urls import location
-from trainer.dynamics import DYNAMICS
+from trainer.dynamics_files import DYNAMICS
 
 PARTITIONED_SCORERS = ("forgetting", "loss")  # scored per part here; the others compute one table
 
