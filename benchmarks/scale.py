@@ -128,6 +128,7 @@ def build_dataset(path: Path, rows: int) -> dict:
     import pyarrow.compute as pc
 
     from pipeline.curation.scoring import write_scores
+    from pipeline.curation.scoring.random_scores import random_scores
     from shards.index import INDEX_SCHEMA, read_index, table_to_parquet_bytes
     from shards.manifest import (
         FORMAT_NAME,
@@ -248,9 +249,7 @@ def build_dataset(path: Path, rows: int) -> dict:
     (path / MANIFEST_NAME).write_bytes(manifest_bytes(manifest))
     # scores/random.parquet exactly as ``onion score DATASET random`` writes it (keys sorted, seed 0)
     keys = read_index(dataset, ["key"], manifest=manifest)["key"].combine_chunks()
-    scores = pa.table({"key": keys, "score": np.random.default_rng([0, 11]).random(rows),
-                       "tiebreak": np.zeros(rows)})
-    write_scores(location(str(path)), "random", scores.replace_schema_metadata(
+    write_scores(location(str(path)), "random", random_scores(keys, 0).replace_schema_metadata(
         {b"onion": json.dumps({"scorer": "random"}).encode()}))
     middle = keys[rows // 2].as_py()
     return {"rows": rows, "shards": shard_count, "real_shards": len(real) + 1, "real_shard_bytes": real_bytes,

@@ -13,7 +13,6 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 
 from pipeline.curation.scoring.stored import (  # noqa: F401 - re-exported: where scores are stored
@@ -87,10 +86,9 @@ def _loss(context: ScoreContext) -> pa.Table:
 
 
 def _random(context: ScoreContext) -> pa.Table:
-    keys = sorted(context.train_keys())
-    return pa.table({"key": pa.array(keys, pa.string()),
-                     "score": np.random.default_rng([context.seed, 11]).random(len(keys)),
-                     "tiebreak": np.zeros(len(keys))})
+    from pipeline.curation.scoring.random_scores import random_scores
+
+    return random_scores(context.train_keys(), context.seed)
 
 
 def _el2n(context: ScoreContext) -> pa.Table:
@@ -166,7 +164,7 @@ def _check_scorer(name: str, context: ScoreContext) -> None:
 
 def scored_on_ray(name: str, dataset: str) -> bool:
     """Whether :func:`store_scores` runs Ray tasks or actors for scorer ``name`` on ``dataset``."""
-    from pipeline.curation.scoring.dynamics_parts import PARTITIONED_SCORERS
+    from pipeline.curation.scoring.by_part import PARTITIONED_SCORERS
 
     partitioned = name in PARTITIONED_SCORERS and index_parts(read_manifest(location(dataset))) is not None
     return name in RAY_SCORERS or partitioned
@@ -175,19 +173,19 @@ def scored_on_ray(name: str, dataset: str) -> bool:
 def store_scores(name: str, context: ScoreContext, stored_as: str | None = None) -> tuple[str, int]:
     """Score with ``name`` and store the result as ``scores/<stored_as or name>``; ``(where, rows scored)``.
 
-    On a dataset with a partitioned index, forgetting and loss are computed part by part on Ray actors
-    (:mod:`~pipeline.curation.scoring.dynamics_parts`: no process holds the whole dynamics or score
-    table); the stored bytes are those of the table computed here, which every other case stores.
+    On a dataset with a partitioned index, forgetting, loss and random are computed part by part on Ray
+    actors (:mod:`~pipeline.curation.scoring.by_part`: no process holds the whole dynamics or
+    score table); the stored bytes are those of the table computed here, which every other case stores.
     """
-    from pipeline.curation.scoring.dynamics_parts import PARTITIONED_SCORERS, score_parts
+    from pipeline.curation.scoring.by_part import PARTITIONED_SCORERS, score_parts
 
     dataset = location(context.dataset)
     parts = index_parts(read_manifest(dataset))
     if name in PARTITIONED_SCORERS and parts is not None:
         _check_scorer(name, context)
-        context.dynamics_files()  # the same errors as one process gives: no run, no dynamics
+        if name != "random":
+            context.dynamics_files()  # the same errors as one process gives: no run, no dynamics
         window = (context.first_epoch, context.last_epoch)
-        return score_parts(name, stored_as or name, context.dataset, context.run, window, context.window(), parts,
-                           context.actors, context.progress)
+        return score_parts(name, stored_as or name, context, window, parts)
     table = compute_scores(name, context)
     return write_scores(dataset, stored_as or name, table), table.num_rows

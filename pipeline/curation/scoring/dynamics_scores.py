@@ -2,7 +2,7 @@
 
 Vectorised over all presentations at once (numpy). Each key's numbers depend only on its own rows,
 so the same functions score a subset of the keys from a subset of the rows:
-:mod:`~pipeline.curation.scoring.dynamics_parts` runs them per index part on Ray actors, and only
+:mod:`~pipeline.curation.scoring.by_part` runs them per index part on Ray actors, and only
 forgetting's window-wide P and the signal check's median are combined, from presentation counts.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Forgetting and loss scores of a partitioned dataset, computed part by part on Ray actors
-(pipeline.curation.scoring.dynamics_parts), store the bytes the single-process scorer stores, for any
+"""Forgetting, loss and random scores of a partitioned dataset, computed part by part on Ray actors
+(pipeline.curation.scoring.by_part), store the bytes the single-process scorer stores, for any
 number of actors; the window-wide numbers (forgetting's P, the signal check's median) are exact."""
 from __future__ import annotations
 
@@ -55,17 +55,17 @@ def stored_files(dataset: str, name: str) -> dict[str, bytes]:
             **{entry["name"]: parts.read_bytes(entry["name"]) for entry in layout["parts"]}}
 
 
-@pytest.mark.parametrize("scorer", ["forgetting", "loss"])
-@pytest.mark.parametrize("window", [(None, None), (1, 3)])
+@pytest.mark.parametrize(("scorer", "window"), [("forgetting", (None, None)), ("forgetting", (1, 3)),
+                                                ("loss", (None, None)), ("loss", (1, 3)), ("random", (None, None))])
 def test_the_parts_hold_the_bytes_one_process_stores_for_1_2_and_3_actors(digits, run, scorer, window):
     assert len(index_parts(read_manifest(location(digits)))) >= 3
-    context = ScoreContext(digits, run, *window, progress=False)
+    context = ScoreContext(digits, run, *window, seed=7, progress=False)
     write_scores(location(digits), "one-process", compute_scores(scorer, context))
     expected = stored_files(digits, "one-process")
     expected_layout = expected.pop("one-process.json")
     for actors in (1, 2, 3):
         name = f"{scorer}-{actors}"
-        where, rows = store_scores(scorer, ScoreContext(digits, run, *window, actors=actors, progress=False),
+        where, rows = store_scores(scorer, ScoreContext(digits, run, *window, seed=7, actors=actors, progress=False),
                                    stored_as=name)
         assert where.endswith(f"scores/{name}.json") and rows == read_scores(location(digits), name).num_rows
         got = stored_files(digits, name)
@@ -108,3 +108,18 @@ def test_the_median_from_counts_is_numpys_median_over_the_presented_and_counts_s
     shuffled = np.random.default_rng(0).permutation(presentations)
     split = [presentation_counts(part) for part in np.array_split(shuffled, 3)]
     assert median_presentations(summed_counts(split)) == expected  # counted per actor, summed in the driver
+
+
+def test_random_scores_depend_on_the_seed_and_each_key_alone(digits):
+    from pipeline.curation.scoring.random_scores import random_scores
+
+    keys = read_index(location(digits), columns=["key"])["key"].to_pylist()
+    whole = random_scores(keys, 3)
+    half = random_scores(keys[::2], 3)
+    assert whole["key"].to_pylist() == sorted(keys)
+    assert dict(zip(half["key"].to_pylist(), half["score"].to_pylist())).items() <= \
+        dict(zip(whole["key"].to_pylist(), whole["score"].to_pylist())).items()
+    scores = np.asarray(whole["score"])
+    assert 0 <= scores.min() and scores.max() < 1 and len(set(scores.tolist())) == len(keys)
+    assert abs(scores.mean() - 0.5) < 0.03  # uniform: the mean of 1,797 draws is within 4 standard errors
+    assert (np.asarray(random_scores(keys, 4)["score"]) != scores).all()

@@ -1,17 +1,20 @@
-"""Forgetting and loss scores of a dataset with a partitioned index, on Ray actors, stored part by part.
+"""Forgetting, loss and random scores of a dataset with a partitioned index, on Ray actors, part by part.
 
-No process holds the whole dynamics, the whole index or the whole score table. Actor ``w`` of ``W``
-owns the index parts ``w::W``: it reads their usable train keys, then the run's dynamics one file at a
-time (in the single-process order), keeping only the rows of its keys, and counts each example with
-the functions of :mod:`pipeline.curation.scoring.dynamics_scores`. A key's numbers depend only on its
-own rows, so they are the single-process numbers exactly. The one window-wide number, forgetting's P
-(the most presentations any example had), and the signal check's median come to the driver as a
-histogram of presentation counts (one integer per possible count). The actors then score with P,
-return their parts' checksums (the parts folder is named by them), write their parts, and the driver
-commits ``scores/<name>.json``: the same bytes :func:`~pipeline.curation.scoring.stored.write_scores`
-writes for the table computed in one process, for any number of actors.
+Each of these scorers scores a key from its own rows alone (``random``: from its seeded key-hash
+draw), so no process holds the whole dynamics, the whole index or the whole score table. Actor ``w``
+of ``W`` owns the index parts ``w::W``: it reads their usable train keys, then the run's dynamics one
+file at a time (in the single-process order), keeping only the rows of its keys, and counts each
+example with the functions of :mod:`pipeline.curation.scoring.dynamics_scores`: the single-process
+numbers exactly. The one window-wide number, forgetting's P (the most presentations any example
+had), and the signal check's median come to the driver as a histogram of presentation counts (one
+integer per possible count). The actors then score with P, return their parts' checksums (the parts
+folder is named by them), write their parts, and the driver commits ``scores/<name>.json``: the same
+bytes :func:`~pipeline.curation.scoring.stored.write_scores` writes for the table computed in one
+process, for any number of actors.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +30,7 @@ from pipeline.curation.scoring.dynamics_scores import (
     summed_counts,
     window_rows,
 )
+from pipeline.curation.scoring.random_scores import random_scores
 from pipeline.curation.scoring.stored import (
     METADATA,
     commit_scores,
@@ -41,18 +45,22 @@ from shards.index import IndexPart, parquet_names, read_index_part, read_parquet
 from shards.urls import location
 from trainer.dynamics_files import DYNAMICS
 
-PARTITIONED_SCORERS = ("forgetting", "loss")  # scored per part here; the others compute one table
+if TYPE_CHECKING:
+    from pipeline.curation.scoring import ScoreContext
+
+PARTITIONED_SCORERS = ("forgetting", "loss", "random")  # scored per part here; the others compute one table
 
 
 # No CPU reserved, so any --actors count starts (reserving one each would leave actors beyond the
 # cluster's CPUs waiting forever); SPREAD places them over the nodes, as the work is the reading.
 @ray.remote(num_cpus=0, scheduling_strategy="SPREAD")
-class DynamicsPartsScorer:
-    """The scores of some index parts' train examples, from a run's dynamics."""
+class PartsScorer:
+    """The scores of some index parts' train examples (from a run's dynamics, or their keys' draws)."""
 
-    def __init__(self, scorer: str, dataset: str, run: str, window: tuple[int | None, int | None],
+    def __init__(self, scorer: str, dataset: str, run: str | None, window: tuple[int | None, int | None], seed: int,
                  parts: list[tuple[int, IndexPart]]) -> None:
-        self.scorer, self.dataset, self.run, self.window, self.parts = scorer, dataset, run, window, parts
+        self.scorer, self.dataset, self.run, self.window, self.seed = scorer, dataset, run, window, seed
+        self.parts = parts
         self.keys: list[pa.Array] = []
         self.stats = None
         self.written: list[tuple[int, str, bytes]] = []
@@ -63,6 +71,9 @@ class DynamicsPartsScorer:
         self.keys = [usable_train(read_index_part(dataset, part, ["key", "split", "status"]))["key"].combine_chunks()
                      for _, part in self.parts]
         keys = pa.concat_arrays(self.keys) if self.keys else pa.array([], pa.string())
+        if self.scorer == "random":  # no dynamics: every key counts as presented 0 times
+            self.stats = random_scores(keys, self.seed)
+            return presentation_counts(np.zeros(len(keys), np.int64))
         rows = self._rows_of(keys)
         if self.scorer == "loss":
             self.stats = mean_loss(keys.to_pylist(), rows)
@@ -82,7 +93,7 @@ class DynamicsPartsScorer:
     def encode(self, longest: int, keep_empty: bool) -> list[tuple[int, dict]]:
         """Score with the window's P and serialise each part that holds scored keys (with ``keep_empty``,
         nothing was scored anywhere: the first part, empty, keeps the columns); ``(part number, entry)``."""
-        table = self.stats if self.scorer == "loss" else forgetting_table(self.stats, longest)
+        table = forgetting_table(self.stats, longest) if self.scorer == "forgetting" else self.stats
         table = table.replace_schema_metadata(scorer_metadata(self.scorer))
         self.stats = None
         # each key's part, in key order (the table's order: Arrow's UTF-8 byte order is Python's str order)
@@ -105,21 +116,22 @@ class DynamicsPartsScorer:
             write_score_part(dataset, name, identity, part_name, data)
 
 
-def score_parts(scorer: str, name: str, dataset: str, run: str, window: tuple[int | None, int | None],
-                window_text: str, parts: list[IndexPart], actors: int | None = None,
-                progress: bool = True) -> tuple[str, int]:
-    """Score ``parts``' train examples with ``scorer`` (forgetting or loss) from ``run``'s dynamics in
-    ``window`` (first, last epoch) and store them as ``scores/<name>``; ``(the JSON's URL, rows)``."""
-    count = actors or default_workers(len(parts))
+def score_parts(scorer: str, name: str, context: ScoreContext, window: tuple[int | None, int | None],
+                parts: list[IndexPart]) -> tuple[str, int]:
+    """Score ``parts``' train examples with ``scorer`` (forgetting, loss: from ``context.run``'s dynamics
+    in ``window``, first and last epoch; random) and store them as ``scores/<name>``; ``(the JSON's URL, rows)``."""
+    dataset, progress = context.dataset, context.progress
+    count = context.actors or default_workers(len(parts))
     numbered = list(enumerate(parts))
-    pool = [DynamicsPartsScorer.remote(scorer, dataset, run, window, numbered[w::count]) for w in range(count)]
+    pool = [PartsScorer.remote(scorer, dataset, context.run, window, context.seed, numbered[w::count])
+            for w in range(count)]
     loading = fan_out(range(count), lambda w: pool[w].count.remote(), desc=f"{scorer} scores", unit="part",
                       progress=progress, weight=lambda w: len(numbered[w::count]),
                       label=lambda w: f"index parts {w}::{count}")
     replies = [part_counts for _, part_counts in loading]
     counts = summed_counts(replies)
     if scorer == "forgetting":
-        require_counts_signal(counts, window_text)
+        require_counts_signal(counts, context.window())
     longest = int(np.flatnonzero(counts).max()) if counts.any() else 0
     nothing_scored = not counts.any()
     entries = sorted(entry for reply in ray.get([worker.encode.remote(longest, nothing_scored) for worker in pool])
