@@ -17,8 +17,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     score = commands.add_parser(
         NAME, help=HELP,
         description="Score how hard each train example is. forgetting and loss read a training run's "
-                    "dynamics (forgetting needs at least 2 presentations per example in the window); el2n runs "
-                    "the run's checkpoints over the shards in a pool of Ray actors; random needs nothing; "
+                    "dynamics (forgetting needs at least 2 presentations per example in the window); random is "
+                    "each key's seeded hash; these three run on Ray actors that each score and write some index "
+                    "parts; el2n runs the run's checkpoints over the shards in a pool of Ray actors; "
                     "exact (identical decoded pixels) and phash (256-bit perceptual hash within --radius bits) "
                     "group copies, one Ray task per shard; embed groups semantic copies from embeddings (the class "
                     "token of --run's checkpoint, a timm --model with local --weights, or --model pixels), "
