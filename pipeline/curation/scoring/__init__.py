@@ -185,7 +185,6 @@ def store_scores(name: str, context: ScoreContext, stored_as: str | None = None)
         _check_scorer(name, context)
         if name != "random":
             context.dynamics_files()  # the same errors as one process gives: no run, no dynamics
-        window = (context.first_epoch, context.last_epoch)
-        return score_parts(name, stored_as or name, context, window, parts)
+        return score_parts(name, stored_as or name, context, parts)
     table = compute_scores(name, context)
     return write_scores(dataset, stored_as or name, table), table.num_rows

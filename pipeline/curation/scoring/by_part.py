@@ -120,11 +120,12 @@ class PartsScorer:
             write_score_part(dataset, name, identity, part_name, data)
 
 
-def score_parts(scorer: str, name: str, context: ScoreContext, window: tuple[int | None, int | None],
-                parts: list[IndexPart]) -> tuple[str, int]:
+def score_parts(scorer: str, name: str, context: ScoreContext, parts: list[IndexPart]) -> tuple[str, int]:
     """Score ``parts``' train examples with ``scorer`` (forgetting, loss: from ``context.run``'s dynamics
-    in ``window``, first and last epoch; random) and store them as ``scores/<name>``; ``(the JSON's URL, rows)``."""
+    in its window of epochs; random: ``context.seed``) and store them as ``scores/<name>``;
+    ``(the JSON's URL, rows)``."""
     dataset, progress = context.dataset, context.progress
+    window = (context.first_epoch, context.last_epoch)
     count = context.actors or default_workers(len(parts))
     numbered = list(enumerate(parts))
     pool = [PartsScorer.remote(scorer, dataset, context.run, window, context.seed, numbered[w::count])
