@@ -60,6 +60,7 @@ def test_killed_ingest_rerun_gives_identical_bytes(tmp_path):
     assert manifests[0] == manifests[1]
 
 
+@pytest.mark.slow  # ~15 s: two ingests and two inspects, each a fresh onion process
 def test_ingest_inspect_and_refuse_to_overwrite(tmp_path):
     out = tmp_path / "digits"
     assert onion("ingest", "digits", out, "--shard-size", "500", "--ray-cpus", "1").returncode == 0

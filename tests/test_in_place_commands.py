@@ -66,6 +66,7 @@ def test_stock_webdataset_reads_the_keys_and_bytes_onion_reads(datasets):
         assert theirs[str(source / row["shard"]), wds_key] == read_example(str(out), row["key"]).image, row
 
 
+@pytest.mark.slow  # ~20 s: score, select and materialize --keys (three onion processes), then webdataset
 def test_kept_keys_filter_a_stock_webdataset_pipeline(datasets, tmp_path):
     source, before, out, copy = datasets
     onion_ok("score", out, "random", timeout=120)

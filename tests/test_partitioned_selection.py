@@ -243,6 +243,7 @@ def test_a_later_round_from_a_single_file_parent_decides_as_one_process_does(dat
         single_process(str(copy), later).select(COLUMNS).to_pylist()
 
 
+@pytest.mark.slow  # ~20 s: a select killed after its first part, then verify
 def test_verify_names_a_parts_folder_that_no_version_lists(dataset, tmp_path):
     """A select killed after writing a part but before its JSON leaves a folder no version lists: the
     same select run again reuses it, and ``onion verify`` names the one a select of other inputs left."""

@@ -92,6 +92,7 @@ def test_copied_shards_hold_no_cls_member_and_stock_webdataset_reads_them(ingest
     assert {json.loads(s["json"])["caption"] for s in samples} >= {"a temple", "a flower"}
 
 
+@pytest.mark.slow  # about a minute: three grouping scorers, a dedup and a report page
 def test_grouping_scores_dedup_and_report_work(ingested, laion, tmp_path):
     copied, in_place, before = ingested
     for dataset in (copied, in_place):
