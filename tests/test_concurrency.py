@@ -8,10 +8,11 @@ import time
 import pytest
 
 from helpers import ONION, files_of, onion_ok
-from shards.urls import is_temporary
+from pipeline.ingest.job import PLAN_NAME, IngestOptions, check_output, claim_output
+from pipeline.ingest.sources import open_source
+from shards import DatasetError, location
+from shards.urls import Location, is_temporary
 from shards.verify import verify_dataset
-
-pytestmark = pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
 
 SYNTHETIC = ["--count", "600", "--image-size", "16", "--shard-size", "30", "--ray-cpus", "1"]
 
@@ -22,6 +23,7 @@ def race(*commands: list[str]) -> list[subprocess.CompletedProcess]:
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate()) for p in processes]
 
 
+@pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
 def test_two_different_ingests_into_one_output(tmp_path):
     out = tmp_path / "out"
     results = race(["ingest", "synthetic", str(out), *SYNTHETIC, "--seed", "1"],
@@ -42,6 +44,7 @@ def test_two_different_ingests_into_one_output(tmp_path):
     assert raced == clean  # exactly the winner's dataset, nothing of the loser's
 
 
+@pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
 def test_two_identical_ingests_agree(tmp_path):
     out = tmp_path / "out"
     results = race(*[["ingest", "synthetic", str(out), *SYNTHETIC]] * 2)
@@ -49,6 +52,7 @@ def test_two_identical_ingests_agree(tmp_path):
     assert verify_dataset(str(out))[1] == []
 
 
+@pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
 @pytest.mark.parametrize("pause_after", ["link OUT/_ingest.json", "temp OUT/_parts/"],
                          ids=["claimed", "writing-a-part"])
 def test_a_twin_that_finishes_first_completes_the_other(tmp_path, pause_after):
@@ -93,6 +97,7 @@ def wait_for_pause(counter, match: str, process: subprocess.Popen, timeout: floa
     raise AssertionError(f"the ingest did not reach {counter} within {timeout} s")
 
 
+@pytest.mark.slow  # a system test: ./run.sh test -m "not slow" leaves it out
 def test_two_trainings_into_one_run_directory(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     onion_ok("ingest", "digits", data, "--ray-cpus", "1", timeout=600)
@@ -105,3 +110,25 @@ def test_two_trainings_into_one_run_directory(tmp_path):
     winner = min(results, key=lambda result: result.returncode)
     config = (run / "config.json").read_text()
     assert f'"seed": {winner.args[-1]}' in config  # the run is the winner's alone
+
+
+@pytest.mark.parametrize("twin", ["same", "different"])
+def test_a_claim_made_between_the_checks_and_the_listing_is_judged_as_a_claim(tmp_path, monkeypatch, twin):
+    """The window CI once hit by chance, made deterministic: a twin claims the output (and writes a shard)
+    after this job found no plan and no manifest, before it lists the folder. A same-dataset twin is
+    joined; a different dataset's owner is named; neither is called a foreign folder."""
+    dataset, source = location(str(tmp_path / "out")), open_source("digits")
+    listing = Location.list_names
+
+    def claimed_just_before_listing(self: Location) -> list[str]:
+        if not dataset.exists(PLAN_NAME):
+            claim_output(dataset, "fingerprint" if twin == "same" else "other", "digits")
+            dataset.write_atomic("shard-000000.tar", b"a shard the owner has written")
+        return listing(self)
+
+    monkeypatch.setattr(Location, "list_names", claimed_just_before_listing)
+    if twin == "same":
+        assert check_output(dataset, "fingerprint", source, IngestOptions()) is False
+    else:
+        with pytest.raises(DatasetError, match="holds an unfinished ingest of a different dataset"):
+            check_output(dataset, "fingerprint", source, IngestOptions())

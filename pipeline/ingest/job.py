@@ -269,6 +269,18 @@ def check_output(dataset: Location, print_fingerprint: str, source: Source, opti
     """True when ``dataset`` already holds this exact dataset; raise when it holds anything else.
     Names in ``allowed`` may be there already (the source's own shards, when they are indexed in place
     and OUT is their folder)."""
+    while True:
+        found = _judge_output(dataset, print_fingerprint, source, options, allowed)
+        if found is not None:
+            return found
+        # Another job claimed the output (or finished it) after we looked for its plan and manifest and
+        # before we listed: what we listed may be its files. Every file a job writes comes after its plan
+        # and the plan goes only once the manifest is there, so one of the two now exists: judge that.
+
+
+def _judge_output(dataset: Location, print_fingerprint: str, source: Source, options: object,
+                  allowed: frozenset[str] | set[str]) -> bool | None:
+    """:func:`check_output`'s one look; ``None`` when a job claimed the output while we looked."""
     if dataset.exists(MANIFEST_NAME):
         manifest = read_manifest(dataset)
         if manifest.get("fingerprint") == print_fingerprint:
@@ -294,6 +306,8 @@ def check_output(dataset: Location, print_fingerprint: str, source: Source, opti
                                f"({previous.get('source')}); choose another output or delete it")
         return False
     foreign = [name for name in dataset.list_names() if name != PARTS and name not in allowed]
+    if foreign and (dataset.exists(PLAN_NAME) or dataset.exists(MANIFEST_NAME)):
+        return None
     tars = foreign_shards(foreign)
     if tars:
         raise DatasetError(foreign_shards_message(dataset.url, sorted(tars), "Choose an empty or new output folder"))
