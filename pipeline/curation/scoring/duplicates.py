@@ -32,7 +32,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
-from pipeline.curation.scoring.shard_tasks import shard_index_rows, train_shards
+from pipeline.curation.scoring.shard_tasks import index_row_ids, shard_index_rows, train_shards
 from pipeline.fan_out import fan_out
 from pipeline.ray_runtime import cluster_cpus, current_node, describe_nodes, ensure_ray
 from shards import ShardDataset, UsageError
@@ -230,31 +230,40 @@ def near_pairs(packed: np.ndarray, radius: int, parallel: bool = False) -> tuple
     return codes // len(packed), codes % len(packed)
 
 
-def grouping_table(keys: np.ndarray, labels_of_groups: np.ndarray, distances: np.ndarray,
-                   hash_column: pa.Array | None = None) -> pa.Table:
-    """The scores table from each key's component label (keys sorted; group ids by lowest key).
-    ``distances`` keeps its type: bits (integers) for hashes, 1 - cosine for embeddings."""
-    _, first_member, inverse = np.unique(labels_of_groups, return_index=True, return_inverse=True)
-    rank = np.argsort(np.argsort(first_member, kind="stable"), kind="stable")  # groups numbered by lowest key
-    group = rank[inverse]
-    sizes = np.bincount(group)
-    representative_of = keys[np.sort(first_member)]
+def grouping_columns(keys: pa.Array, sizes: np.ndarray, distances: np.ndarray, group: np.ndarray,
+                     representatives: pa.Array, hash_column: pa.Array | None = None) -> dict:
+    """A grouping table's columns, in their stored order and types, for keys (sorted) and their groups'
+    sizes, ids and representatives. ``distances`` keeps its type: bits (integers) for hashes, 1 - cosine
+    for embeddings."""
     columns = {
-        "key": pa.array(keys.tolist(), pa.string()),
-        "score": sizes[group].astype(np.float64), "tiebreak": distances.astype(np.float64),
-        "group": group.astype(np.int64), "group_size": sizes[group].astype(np.int64),
-        "representative": pa.array(representative_of[group].tolist(), pa.string()),
+        "key": keys, "score": sizes.astype(np.float64), "tiebreak": distances.astype(np.float64),
+        "group": group.astype(np.int64), "group_size": sizes.astype(np.int64), "representative": representatives,
         "distance": distances,
     }
-    return pa.table(columns if hash_column is None else {**columns, "hash": hash_column})
+    return columns if hash_column is None else {**columns, "hash": hash_column}
 
 
-def exact_groups(keys: np.ndarray, digests: list[str]) -> pa.Table:
+def grouping_table(keys: np.ndarray, labels_of_groups: np.ndarray, distances: np.ndarray,
+                   hash_column: pa.Array | None = None, ids: np.ndarray | None = None) -> pa.Table:
+    """The scores table from each key's component label (keys sorted). A group's representative is its
+    lowest key; its id is the representative's ``ids`` entry: its index row (see
+    :func:`~pipeline.curation.scoring.shard_tasks.index_row_ids`), which a part-by-part computation knows
+    too; without ``ids``, its position among ``keys``."""
+    _, first_member, inverse = np.unique(labels_of_groups, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    sizes = np.bincount(inverse, minlength=len(first_member))[inverse]
+    representative = first_member[inverse]
+    group = representative if ids is None else np.asarray(ids, np.int64)[representative]
+    return pa.table(grouping_columns(pa.array(keys.tolist(), pa.string()), sizes, distances, group,
+                                     pa.array(keys[representative].tolist(), pa.string()), hash_column))
+
+
+def exact_groups(keys: np.ndarray, digests: list[str], ids: np.ndarray | None = None) -> pa.Table:
     _, component = np.unique(np.array(digests, dtype=object), return_inverse=True)
-    return grouping_table(keys, component, np.zeros(len(keys), np.int64), pa.array(digests, pa.string()))
+    return grouping_table(keys, component, np.zeros(len(keys), np.int64), pa.array(digests, pa.string()), ids)
 
 
-def phash_groups(keys: np.ndarray, values: list[bytes], radius: int) -> pa.Table:
+def phash_groups(keys: np.ndarray, values: list[bytes], radius: int, ids: np.ndarray | None = None) -> pa.Table:
     packed = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), HASH_BITS // 8)
     unique, inverse = np.unique(packed, axis=0, return_inverse=True)  # identical hashes: one node
     first, second = near_pairs(unique, radius, parallel=ray.is_initialized())
@@ -263,11 +272,12 @@ def phash_groups(keys: np.ndarray, values: list[bytes], radius: int) -> pa.Table
     per_key = component[inverse.reshape(-1)]
     _, first_member = np.unique(per_key, return_index=True)  # keys are sorted: the lowest key of each group
     distances = hamming(packed, np.arange(len(keys)), first_member[per_key]).astype(np.int64)
-    return grouping_table(keys, per_key, distances, pa.array(values, pa.binary(HASH_BITS // 8)))
+    return grouping_table(keys, per_key, distances, pa.array(values, pa.binary(HASH_BITS // 8)), ids)
 
 
 def duplicate_groups(dataset_url: str, kind: str, radius: int = PHASH_RADIUS, progress: bool = True) -> pa.Table:
     if kind not in ("exact", "phash"):
         raise UsageError(f"unknown grouping scorer {kind!r}")
     keys, hashes = hash_train_split(dataset_url, kind, progress)
-    return exact_groups(keys, hashes) if kind == "exact" else phash_groups(keys, hashes, radius)
+    ids = index_row_ids(dataset_url, keys)
+    return exact_groups(keys, hashes, ids) if kind == "exact" else phash_groups(keys, hashes, radius, ids)

@@ -36,7 +36,7 @@ from scipy.sparse import csr_matrix
 from tqdm import tqdm
 
 from pipeline.curation.scoring.duplicates import canonical_translation, grey, grouping_table
-from pipeline.curation.scoring.shard_tasks import shard_index_rows, train_shards
+from pipeline.curation.scoring.shard_tasks import index_row_ids, shard_index_rows, train_shards
 from pipeline.fan_out import fan_out_to_actors
 from pipeline.ray_runtime import current_node, describe_nodes, ensure_ray
 from shards import ShardDataset, UsageError, location
@@ -265,13 +265,13 @@ def leaders(count: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 
 def semantic_groups(keys: np.ndarray, features: np.ndarray, threshold: float = EMBED_THRESHOLD,
-                    cluster_size: int = CLUSTER_SIZE, probes: int = PROBES) -> pa.Table:
+                    cluster_size: int = CLUSTER_SIZE, probes: int = PROBES, ids: np.ndarray | None = None) -> pa.Table:
     vectors = unit_rows(features)
     first, second, _ = similar_pairs(vectors, threshold, cluster_size, probes) if len(keys) > 1 else ([], [], [])
     leader = leaders(len(keys), np.asarray(first, np.int64), np.asarray(second, np.int64))  # keys sorted: lowest leads
     distances = 1.0 - np.einsum("ij,ij->i", vectors, vectors[leader]).astype(np.float64)
     distances[leader == np.arange(len(leader))] = 0.0  # a leader is at distance 0 from itself, not 1e-7
-    return grouping_table(keys, leader, np.clip(distances, 0.0, 2.0))
+    return grouping_table(keys, leader, np.clip(distances, 0.0, 2.0), ids=ids)
 
 
 def embedding_groups(dataset_url: str, source: FeatureSource, threshold: float = EMBED_THRESHOLD,
@@ -281,4 +281,4 @@ def embedding_groups(dataset_url: str, source: FeatureSource, threshold: float =
     if source.model != PIXELS:  # a wrong model, weights file or run: one line here, not a dead Ray actor
         feature_function(source, torch.device("cpu"))
     keys, features = embed_train_split(dataset_url, source, actors, progress)
-    return semantic_groups(keys, features, threshold)
+    return semantic_groups(keys, features, threshold, ids=index_row_ids(dataset_url, keys))

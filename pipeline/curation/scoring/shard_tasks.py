@@ -10,10 +10,12 @@ the index once and puts each shard's rows in Ray's object store instead.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from shards import location, read_index, read_manifest
-from shards.index import index_parts
+from shards.index import index_parts, read_index_part
 from shards.reader import READ_COLUMNS
 
 INDEX_COLUMNS = [*READ_COLUMNS, "split", "status"]
@@ -39,3 +41,15 @@ def shard_index_rows(dataset_url: str, shards: list[str]) -> dict[str, ray.Objec
     parts = {str(names[a]): index.slice(a, b - a) for a, b in zip(starts, stops)}
     empty = index.slice(0, 0)
     return {shard: ray.put(parts.get(shard, empty)) for shard in shards}
+
+
+def index_row_ids(dataset_url: str, keys: np.ndarray) -> np.ndarray:
+    """Each key's row in the dataset's index, its parts read in the manifest's order (a single-file
+    index: its row in the file): the id a grouping scorer gives the group a key represents. A task
+    that holds one part knows its rows' ids from the manifest alone (the rows of the parts before it)."""
+    dataset = location(dataset_url)
+    manifest = read_manifest(dataset)
+    parts = index_parts(manifest)
+    every_key = (read_index(dataset, columns=["key"], manifest=manifest)["key"] if parts is None else
+                 pa.chunked_array([read_index_part(dataset, part, ["key"])["key"] for part in parts], pa.string()))
+    return pc.index_in(pa.array(list(keys), pa.string()), value_set=every_key).to_numpy(zero_copy_only=False)
