@@ -132,19 +132,27 @@ def test_random_scores_depend_on_the_seed_and_each_key_alone(digits):
 @pytest.fixture(scope="module")
 def planted_copies(ray_local, tmp_path_factory) -> str:
     """24 MNIST digits at 28x28 in shards of 4, with exact copies (other PNG bytes, the same pixels) named
-    to sort into other shards, and one file that is not an image (a quarantined row among the index rows)."""
+    to sort into other shards, one file that is not an image (a quarantined row among the index rows),
+    and a val split holding a copy too (val examples are not grouped)."""
     images, _ = mnist_data()
-    folder = tmp_path_factory.mktemp("planted") / "images" / "digits"
-    folder.mkdir(parents=True)
+    root = tmp_path_factory.mktemp("planted")
+    (root / "images" / "train" / "digits").mkdir(parents=True)
+    (root / "images" / "val" / "digits").mkdir(parents=True)
+
+    def save(index: int, name: str, level: int = 6, split: str = "train") -> None:
+        image = Image.fromarray(images[index].reshape(28, 28).astype(np.uint8))
+        image.save(root / "images" / split / "digits" / f"{name}.png", compress_level=level)
+
     for index in range(24):
-        Image.fromarray(images[index].reshape(28, 28).astype(np.uint8)).save(folder / f"m{index:02d}.png")
+        save(index, f"m{index:02d}")
     for index, names in {0: ["a00", "z00"], 5: ["a05"], 9: ["q09", "r09", "z09"]}.items():
         for level, name in enumerate(names):
-            Image.fromarray(images[index].reshape(28, 28).astype(np.uint8)).save(folder / f"{name}.png",
-                                                                                 compress_level=level + 1)
-    (folder / "b-broken.png").write_bytes(b"not an image")
-    out = str(folder.parent.parent / "data")
-    ingest(open_source(f"imagefolder:{folder.parent}"), out, IngestOptions(shard_size=4), command=["test"],
+            save(index, name, level + 1)
+    for index in (0, 30, 31, 32, 33):
+        save(index, f"v{index:02d}", split="val")
+    (root / "images" / "train" / "digits" / "b-broken.png").write_bytes(b"not an image")
+    out = str(root / "data")
+    ingest(open_source(f"imagefolder:{root / 'images'}"), out, IngestOptions(shard_size=4), command=["test"],
            progress=False)
     return out
 
@@ -152,7 +160,7 @@ def planted_copies(ray_local, tmp_path_factory) -> str:
 def test_exact_groups_by_part_are_the_bytes_one_process_stores_for_1_2_and_3_actors(planted_copies):
     dataset = location(planted_copies)
     parts = index_parts(read_manifest(dataset))
-    assert len(parts) >= 6
+    assert len(parts) >= 6 and {"train", "val"} <= {shard["split"] for shard in read_manifest(dataset)["shards"]}
     write_scores(dataset, "one-process", compute_scores("exact", ScoreContext(planted_copies, progress=False)))
     expected = stored_files(planted_copies, "one-process")
     expected_layout = expected.pop("one-process.json")

@@ -27,6 +27,7 @@ import ray
 
 from pipeline.curation.scoring.by_part import commit_actors_parts, encode_parts, write_parts
 from pipeline.curation.scoring.duplicates import exact_digest, grouping_columns
+from pipeline.curation.scoring.shard_tasks import train_shards
 from pipeline.curation.scoring.stored import scorer_metadata
 from pipeline.fan_out import fan_out
 from pipeline.ray_runtime import default_workers
@@ -63,8 +64,9 @@ def lowest_per_digest(table: pa.Table) -> pa.Table:
 class PartsGrouper:
     """The ``exact`` groups of some index parts' train examples, found with the other actors' help."""
 
-    def __init__(self, dataset: str, parts: list[tuple[int, IndexPart, int]]) -> None:
+    def __init__(self, dataset: str, parts: list[tuple[int, IndexPart, int]], train_shards: set[str]) -> None:
         self.dataset, self.parts = dataset, parts  # (part number, part, its first row in the index)
+        self.train_shards = train_shards
         self.keys: list[pa.Array] = []
         self.mine = pa.table({})  # key, digest, row: this actor's examples
         self.sent: list[pa.Table] = []  # per bucket, for its owner
@@ -78,8 +80,8 @@ class PartsGrouper:
             index = read_index_part(dataset, part, ["key", "split", "status"])
             row_of = dict(zip(index["key"].to_pylist(), range(first_row, first_row + index.num_rows)))
             self.keys.append(usable_train(index)["key"].combine_chunks())
-            examples = ShardDataset(self.dataset, "train", shuffle=False, shards=list(part.shards)) if part.shards \
-                else ()
+            shards = [shard for shard in part.shards if shard in self.train_shards]
+            examples = ShardDataset(self.dataset, "train", shuffle=False, shards=shards) if shards else ()
             for image, _, key in examples:
                 keys.append(key)
                 digests.append(exact_digest(image.permute(1, 2, 0).numpy()))
@@ -135,7 +137,8 @@ def group_exact_parts(name: str, context: ScoreContext, parts: list[IndexPart]) 
     count = context.actors or default_workers(len(parts))
     first_rows = np.r_[0, np.cumsum([part.rows for part in parts])].tolist()
     numbered = [(number, part, first_rows[number]) for number, part in enumerate(parts)]
-    pool = [PartsGrouper.remote(dataset, numbered[w::count]) for w in range(count)]
+    train = set(train_shards(dataset))
+    pool = [PartsGrouper.remote(dataset, numbered[w::count], train) for w in range(count)]
     hashed = sum(examples for _, examples in fan_out(
         range(count), lambda w: pool[w].hash.remote(count), desc="exact", unit="part", progress=context.progress,
         weight=lambda w: len(numbered[w::count]), label=lambda w: f"index parts {w}::{count}"))
