@@ -20,8 +20,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "dynamics (forgetting needs at least 2 presentations per example in the window); random is "
                     "each key's seeded hash; these three run on Ray actors that each score and write some index "
                     "parts; el2n runs the run's checkpoints over the shards in a pool of Ray actors; "
-                    "exact (identical decoded pixels) and phash (256-bit perceptual hash within --radius bits) "
-                    "group copies, one Ray task per shard; embed groups semantic copies from embeddings (the class "
+                    "exact (identical decoded pixels) groups copies on Ray actors that each hash some index "
+                    "parts and exchange digests by bucket, so no process holds them all; phash (256-bit "
+                    "perceptual hash within --radius bits) groups near copies, one Ray task per shard; embed "
+                    "groups semantic copies from embeddings (the class "
                     "token of --run's checkpoint, a timm --model with local --weights, or --model pixels), "
                     "k-means then cosine >= --threshold inside clusters (faiss), in a pool of Ray actors. "
                     "Grouping scores feed onion select --dedup. Higher scores are harder.",
