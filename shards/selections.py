@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -319,6 +320,28 @@ def selection_row(dataset: Location, version: str, key: str) -> dict | None:
             rank += int(((score < row["score"]) | ((score == row["score"]) & (keys < key))).sum())
     return {**{name: row[name] for name in PART_COLUMNS[:4]}, "rank": rank,
             **{name: row[name] for name in PART_COLUMNS[4:]}}
+
+
+def selection_parts(dataset: Location, version: str,
+                    columns: list[str]) -> Iterator[tuple[str | None, pa.Table]]:
+    """``columns`` of a version, one part at a time: ``(the index part's name, its rows)``; a version
+    stored as one file comes whole, named None. What is held is one part."""
+    layout = partitioned_version(dataset, version)
+    if layout is None:
+        require_version(dataset, version)
+        yield None, read_parquet(dataset.child(SELECTIONS), version, columns)
+        return
+    for entry in layout["parts"]:
+        yield entry["name"], read_selection_part(dataset, version, entry, layout, columns)
+
+
+def version_parameters(dataset: Location, version: str) -> dict:
+    """The parameters a version was made with, without reading its rows."""
+    layout = partitioned_version(dataset, version)
+    if layout is not None:
+        return layout["parameters"]
+    require_version(dataset, version)
+    return selection_parameters(read_parquet(dataset.child(SELECTIONS), version, []))
 
 
 def require_version(dataset: Location, version: str) -> None:

@@ -100,6 +100,16 @@ def test_rounds_drop_duplicates_first_and_never_restore_them(ray_local, tmp_path
     dynamics = read_dynamics(location(run))
     for epoch, kept_set in enumerate(kept_sets):  # each round trained on its survivors, no copy among them
         assert set(dynamics.filter(pc.equal(dynamics["epoch"], epoch))["key"].to_pylist()) == kept_set
+    # a plan whose round 0 leaves too few to restore from (the copies took the dropped share) is refused
+    # before any training, counted from round 0's selection part by part, and leaves the run folder free
+    tight = CurationPlan(rounds=2, round_epochs=1, keep=0.9, remove_n=20, scorer="loss", dedup="exact")
+    pool = max(0, source_size - copies - round(0.9 * source_size))
+    assert pool < 20
+    with pytest.raises(UsageError, match=f"round 0 leaves {pool} examples to restore from, and each later round "
+                                         "swaps 20"):
+        curate(dataset, TrainConfig(dataset=dataset, out=str(tmp_path / "tight"), epochs=2, **TINY), tight,
+               progress=False)
+    assert not (tmp_path / "tight" / "curation.json").exists()
 
 
 def test_a_signal_free_plan_is_refused_before_anything_is_written(digits, tmp_path):

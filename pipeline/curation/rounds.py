@@ -20,24 +20,24 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.curation.materialize import kept_url, materialize
 from pipeline.curation.scoring import ScoreContext, read_scores, store_scores
 from pipeline.curation.scoring.dynamics_scores import MIN_PRESENTATIONS
+from pipeline.curation.scoring.stored import read_scores_part, scores_layout
 from pipeline.curation.selection import (
     DEDUP_RULES,
     DUPLICATE,
-    SourceExamples,
-    duplicate_drops,
-    initial_round,
-    next_round,
+    Made,
+    SelectOptions,
+    SelectRequest,
+    make_selection,
     read_grouping,
 )
 from pipeline.ingest.job import IngestOptions
 from shards import UsageError, location, read_manifest
-from shards.selections import read_selection, save_selection, selection_parameters
+from shards.selections import selection_parts, version_parameters
 from shards.urls import Location
 from trainer.checkpoint import latest_position
 from trainer.config import TrainConfig
@@ -84,13 +84,12 @@ def check_plan(plan: CurationPlan) -> None:
             f"{MIN_PRESENTATIONS} or more, or --scorer loss")
 
 
-def check_pool(round_zero: pa.Table, plan: CurationPlan) -> None:
+def check_pool(reasons: Counter, kept: int, plan: CurationPlan) -> None:
     """Later rounds restore from what round 0 dropped at random (never duplicates): refuse, before any
-    training, a plan whose pool cannot feed them."""
+    training, a plan whose pool cannot feed them (``reasons``: round 0's rows by reason)."""
     if plan.rounds < 2:
         return
-    kept = sum(round_zero["kept"].to_pylist())
-    pool = round_zero["reason"].to_pylist().count("random-initial")
+    pool = reasons["random-initial"]
     wanted = plan.remove_n or max(1, int(0.1 * kept))
     if pool < wanted:
         raise UsageError(f"round 0 leaves {pool} examples to restore from, and each later round swaps {wanted}: "
@@ -139,29 +138,31 @@ def curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, *, progres
 
 
 def _curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, record: dict, progress: bool) -> dict:
+    """Each round's selection is made as ``onion select --round`` makes it (on Ray actors, part by part, for
+    a partitioned index: no process holds a row per example), recording the plan."""
     dataset, run = location(dataset_url), location(config.out)
-    source = SourceExamples.of(dataset)
     ingest_options = IngestOptions(seed=plan.seed)
     versions: list[str] = []
     trainer: Trainer | None = None
+    made: Made | None = None
     for round_number in range(plan.rounds):
         parameters = {"curation": config.out, "round": round_number, **asdict(plan)}
-        if round_number == 0:
-            duplicates = duplicate_drops(source, read_grouping(dataset, plan.dedup), plan.dedup_rule) \
-                if plan.dedup else None
-            table = initial_round(source, plan.keep, plan.seed, duplicates)
-            check_pool(table, plan)
+        if made is None:
+            request = SelectRequest(options=SelectOptions(keep=plan.keep, seed=plan.seed, dedup_rule=plan.dedup_rule),
+                                    dedup=plan.dedup, round_number=0)
         else:
             context = ScoreContext(dataset_url, config.out, first_epoch=(round_number - 1) * plan.round_epochs,
                                    last_epoch=round_number * plan.round_epochs - 1, seed=plan.seed, progress=progress)
             name = scores_name(plan, config.out, round_number)
             store_scores(plan.scorer, context, stored_as=name)
-            scores = read_scores(dataset, name)
-            parent = read_selection(dataset, versions[-1])
-            remove_n = plan.remove_n or max(1, int(0.1 * sum(parent["kept"].to_pylist())))
-            table = next_round(source, parent, versions[-1], scores, remove_n, round_number, plan.seed)
+            remove_n = plan.remove_n or max(1, int(0.1 * made.kept))
+            request = SelectRequest(name, SelectOptions(seed=plan.seed), round_number=round_number,
+                                    parent=made.version, remove_n=remove_n)
             parameters["scores"] = name
-        versions.append(save_selection(dataset, table, parameters))
+        made = make_selection(dataset, request, parameters=parameters)
+        if round_number == 0:
+            check_pool(reason_counts(dataset, made.version), made.kept, plan)
+        versions.append(made.version)
         if plan.survivor_shards:
             materialize(dataset_url, versions[-1], ingest_options, ["onion", "curate", dataset_url, config.out],
                         progress=progress)
@@ -177,36 +178,58 @@ def _curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, record: d
     return {**summary, "selections": versions, "rounds": round_reports(dataset, versions)}
 
 
+def reason_counts(dataset: Location, version: str) -> Counter:
+    """A version's rows by reason, counted part by part."""
+    counts: Counter = Counter()
+    for _, rows in selection_parts(dataset, version, ["reason"]):
+        counts.update(dict(zip(*(column.to_pylist() for column in pc.value_counts(rows["reason"]).flatten()))))
+    return counts
+
+
 def round_reports(dataset: Location, versions: list[str]) -> list[dict]:
-    """What each round did, in numbers a person reads: kept, dropped and restored (with why)."""
+    """What each round did, in numbers a person reads: kept, dropped and restored (with why), each version
+    counted part by part."""
     reports = []
     for version in versions:
-        table = read_selection(dataset, version)
-        reasons = table["reason"].to_pylist()
-        number = int(table["round"][0].as_py()) if table.num_rows else 0
+        reasons = reason_counts(dataset, version)
+        parameters = version_parameters(dataset, version)
+        number = int(parameters.get("round", 0))
         suffix = f"@r{number}"
-        dropped = Counter(r.split("@")[0] for r in reasons if r.endswith(suffix) and not r.startswith("restored"))
-        report = {"round": number, "version": version, "kept": int(sum(table["kept"].to_pylist())),
-                  "dropped": dict(dropped), "restored": sum(r == f"restored{suffix}" for r in reasons)}
+        dropped = Counter({reason.split("@")[0]: count for reason, count in reasons.items()
+                           if reason.endswith(suffix) and not reason.startswith("restored")})
+        kept = sum(int(pc.sum(rows["kept"]).as_py() or 0) for _, rows in selection_parts(dataset, version, ["kept"]))
+        report = {"round": number, "version": version, "kept": kept,
+                  "dropped": dict(dropped), "restored": reasons[f"restored{suffix}"]}
         if number == 0:
-            report["dropped"] = {"random-initial": reasons.count("random-initial")}
-            duplicates = sum(reason.startswith(DUPLICATE) for reason in reasons)
+            report["dropped"] = {"random-initial": reasons["random-initial"]}
+            duplicates = sum(count for reason, count in reasons.items() if reason.startswith(DUPLICATE))
             if duplicates:
                 report["dropped"]["duplicate"] = duplicates
-        scores_of = selection_parameters(table).get("scores")
-        if scores_of:
-            report.update(never_learned_report(dataset, table, scores_of))
+        if parameters.get("scores"):
+            report.update(never_learned_report(dataset, version, parameters["scores"]))
         reports.append(report)
     return reports
 
 
-def never_learned_report(dataset: Location, selection: pa.Table, scores_of: str) -> dict:
-    """How many never-learned examples the round's scores found, and how many of them stayed kept."""
-    scores = read_scores(dataset, scores_of)
-    if "learned" not in scores.column_names:
-        return {}
-    never = set(scores.filter(pc.invert(scores["learned"]))["key"].to_pylist())
-    presented = set(scores.filter(pc.greater(scores["presentations"], 0))["key"].to_pylist())
-    never &= presented
-    kept = set(selection.filter(selection["kept"])["key"].to_pylist())
-    return {"never_learned": len(never), "never_learned_kept": len(never & kept)}
+def never_learned_report(dataset: Location, version: str, scores_of: str) -> dict:
+    """How many never-learned examples the round's scores found, and how many of them stayed kept: one index
+    part at a time where the scores and the version are both stored by part (their parts are the index's)."""
+    layout = scores_layout(dataset, scores_of)
+    whole = read_scores(dataset, scores_of) if layout is None else None  # scores stored as one file
+    entries = {entry["name"]: entry for entry in layout["parts"]} if layout else {}
+    never = kept = 0
+    for part_name, rows in selection_parts(dataset, version, ["key", "kept"]):
+        if whole is None and part_name is None:  # the version is one file: every part of the scores
+            scores = read_scores(dataset, scores_of)
+        elif whole is None:
+            if part_name not in entries:
+                continue  # no scored key in this part
+            scores = read_scores_part(dataset, scores_of, layout, entries[part_name])
+        else:
+            scores = whole
+        if "learned" not in scores.column_names:
+            return {}
+        never_keys = scores.filter(pc.and_(pc.invert(scores["learned"]), pc.greater(scores["presentations"], 0)))["key"]
+        never += int(pc.sum(pc.is_in(never_keys, value_set=rows["key"])).as_py() or 0)
+        kept += int(pc.sum(pc.and_(pc.is_in(rows["key"], value_set=never_keys), rows["kept"])).as_py() or 0)
+    return {"never_learned": never, "never_learned_kept": kept}

@@ -319,8 +319,10 @@ def read_grouping(dataset: Location, name: str, only_copies: bool = False) -> pa
     return groups
 
 
-def make_selection(dataset: Location, request: SelectRequest, workers: int | None = None) -> Made:
+def make_selection(dataset: Location, request: SelectRequest, workers: int | None = None,
+                   parameters: dict | None = None) -> Made:
     """Compute and store the selection ``request`` describes; returns its version and counts.
+    ``parameters``: what the version records instead of the request's own (``onion curate``: its plan).
 
     On a dataset with a partitioned index it is decided on Ray actors and stored part by part
     (:mod:`pipeline.curation.partitioned_selection`): the same decisions as here, for any ``workers``."""
@@ -344,19 +346,20 @@ def make_selection(dataset: Location, request: SelectRequest, workers: int | Non
     if request.round_number is None:
         if not request.then_strategy and not request.dedup:
             raise UsageError(f"strategy {options.strategy} needs --scores NAME")
-        parameters: dict = {"strategy": vars(options), "scores": request.scores, "dedup": request.dedup}
+        own: dict = {"strategy": vars(options), "scores": request.scores, "dedup": request.dedup}
         strategy = "+".join(["dedup"] * bool(request.dedup) + [options.strategy] * request.then_strategy)
     elif request.round_number == 0:
-        parameters = {"round": 0, "keep": options.keep, "seed": options.seed,
-                      **({"dedup": request.dedup, "dedup_rule": options.dedup_rule} if request.dedup else {})}
+        own = {"round": 0, "keep": options.keep, "seed": options.seed,
+               **({"dedup": request.dedup, "dedup_rule": options.dedup_rule} if request.dedup else {})}
         strategy = "dedup+random-initial" if request.dedup else "random-initial"
     else:
         if not (request.parent and request.remove_n and request.scores):
             raise UsageError("rounds >= 1 need --parent vNNNN, --remove-n N and --scores NAME")
-        parameters = {"round": request.round_number, "parent": request.parent, "remove_n": request.remove_n,
-                      "scores": request.scores, "seed": options.seed}
+        own = {"round": request.round_number, "parent": request.parent, "remove_n": request.remove_n,
+               "scores": request.scores, "seed": options.seed}
         strategy = "rounds"
         require_version(dataset, request.parent)
+    parameters = own if parameters is None else parameters
     if request.dedup and request.round_number == 0 and options.dedup_rule == "highest-score":
         raise UsageError("--dedup-rule highest-score needs scores; the rounds dedup before any score exists")
     parts = index_parts(read_manifest(dataset))
