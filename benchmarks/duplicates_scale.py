@@ -5,19 +5,27 @@
 For each size: ingest synthetic 16x16 images (5% planted exact copies, 5% near-copies) once, then
 score with 2 Ray CPUs (and, at ``--speedup-size``, with 1 Ray CPU as well): wall clock of the
 whole call (hashing in Ray tasks over the shards, grouping by multi-index hashing with one Ray
-task per block), and peak memory sampled every 0.2 s: the driver's RSS, and the driver plus its
-Ray worker processes together as PSS (shared pages, such as torch's libraries that every worker
-maps, counted once; Ray's own daemons, GCS and raylet, are left out: a fixed cost that does not
-grow with the data). The growth check divides each time by n log2 n: a flat or falling
-column means the cost grows no faster than n log n.
+task per block), and peak memory sampled every 0.2 s (each scorer in a fresh process): the
+driver's RSS, and the driver plus its Ray worker processes together as PSS (shared pages, such as
+torch's libraries that every worker maps, counted once; Ray's own daemons, GCS and raylet, are
+left out: a fixed cost that does not grow with the data). The growth check divides each time by
+n log2 n: a flat or falling column means the cost grows no faster than n log n.
+
+``exact (by part)`` is ``onion score DATASET exact`` on the partitioned index: Ray actors that each
+hash some index parts and exchange digests by bucket, each writing its parts of the scores (the
+driver holds references); ``exact`` and ``phash`` are the one-process grouping (every hash in the
+driver). ``--scorers`` picks among them; ``--name`` names the result files.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,11 +34,13 @@ from pathlib import Path
 import psutil
 import ray
 
+from pipeline.curation.scoring import ScoreContext, read_scores, store_scores
 from pipeline.curation.scoring.duplicates import duplicate_groups
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
 from pipeline.ray_runtime import init_ray
 from report_files import write_report
+from shards import location
 
 GiB = 1 << 30
 
@@ -76,11 +86,19 @@ def make_dataset(root: Path, count: int) -> tuple[str, float]:
     return dataset, time.perf_counter() - start
 
 
+SCORERS = ("exact", "exact (by part)", "phash")
+
+
 def timed(dataset: str, kind: str, count: int, cpus: int) -> dict:
     with PeakMemory() as memory:
         start = time.perf_counter()
-        table = duplicate_groups(dataset, kind, progress=False)
+        if kind == "exact (by part)":
+            store_scores("exact", ScoreContext(dataset, progress=False), stored_as="exact-by-part")
+        else:
+            table = duplicate_groups(dataset, kind, progress=False)
         seconds = time.perf_counter() - start
+    if kind == "exact (by part)":
+        table = read_scores(location(dataset), "exact-by-part", columns=["group_size"])
     copies = int((table["group_size"].to_numpy() > 1).sum())
     return {"examples": count, "scorer": kind, "ray_cpus": cpus, "seconds": seconds,
             "per_n_log_n_us": seconds / (count * math.log2(count)) * 1e6, "in_groups": copies,
@@ -92,29 +110,37 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--speedup-size", type=int, default=1_000_000, help="size also scored with 1 Ray CPU")
+    parser.add_argument("--scorers", nargs="+", choices=SCORERS, default=list(SCORERS))
+    parser.add_argument("--name", default="duplicates_scale", help="the result files' name (default %(default)s)")
     parser.add_argument("--root", help="keep the datasets here and reuse them in later runs (default: a temporary "
                                            "folder, each dataset removed after its size is measured)")
+    parser.add_argument("--child", nargs=4, metavar=("SCORER", "DATASET", "EXAMPLES", "CPUS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        kind, dataset, count, cpus = args.child
+        init_ray(cpus=int(cpus))
+        print(json.dumps(timed(dataset, kind, int(count), int(cpus))))
+        return
     rows, ingests = [], []
     with tempfile.TemporaryDirectory() as scratch:
         for count in args.sizes:
             init_ray(cpus=2)
             dataset, seconds = make_dataset(Path(args.root or scratch), count)
             ingests.append({"examples": count, "seconds": seconds})
-            for cpus in (2, 1) if count == args.speedup_size else (2,):
-                ray.shutdown()
-                init_ray(cpus=cpus)
-                for kind in ("exact", "phash"):
-                    rows.append(timed(dataset, kind, count, cpus))
-                    print(rows[-1], flush=True)
             ray.shutdown()
+            for cpus in (2, 1) if count == args.speedup_size else (2,):
+                for kind in args.scorers:  # each in a fresh process: what one leaves allocated is not the next's
+                    child = subprocess.run([sys.executable, __file__, "--child", kind, dataset, str(count), str(cpus)],
+                                           check=True, capture_output=True, text=True)
+                    rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+                    print(rows[-1], flush=True)
             if not args.root:  # room for the next size
                 shutil.rmtree(dataset)
-    write_report(Path(args.out), "duplicates_scale", {"scoring": rows, "ingest": ingests}, render)
+    write_report(Path(args.out), args.name, {"scoring": rows, "ingest": ingests}, render)
 
 
 def render(report: dict) -> str:
-    lines = ["Grouping scorers at scale (synthetic 16x16, 10% planted copies; whole call: hashing in Ray tasks "
+    lines = ["Grouping scorers at scale (synthetic 16x16, 10% planted copies; whole call: hashing on Ray "
              "+ grouping):", "",
              "| examples | scorer | Ray CPUs | seconds | us per n log2 n | in groups | driver peak RSS GiB | "
              "driver + workers peak PSS GiB |", "|---|---|---|---|---|---|---|---|"]

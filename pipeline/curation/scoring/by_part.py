@@ -81,9 +81,9 @@ class PartsScorer:
             return presentation_counts(np.zeros(len(keys), np.int64))
         rows = self._rows_of(keys)
         if self.scorer == "loss":
-            self.stats = mean_loss(keys.to_pylist(), rows)
+            self.stats = mean_loss(keys, rows)
             return presentation_counts(self.stats["presentations"].to_numpy())
-        self.stats = forgetting_stats(keys.to_pylist(), rows)
+        self.stats = forgetting_stats(keys, rows)
         return presentation_counts(self.stats.presentations)
 
     def _rows_of(self, keys: pa.Array) -> pa.Table:
