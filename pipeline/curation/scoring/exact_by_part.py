@@ -53,10 +53,12 @@ def lowest_per_digest(table: pa.Table) -> pa.Table:
     if not table.num_rows:
         return table
     ordered = table.sort_by([("digest", "ascending"), ("key", "ascending")])
-    digests = ordered["digest"].to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(np.r_[True, digests[1:] != digests[:-1]])
+    digests = ordered["digest"].combine_chunks()
+    changes = pc.not_equal(digests.slice(1), digests.slice(0, len(digests) - 1)).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, changes])
     sizes = np.add.reduceat(ordered["size"].to_numpy(), starts)
-    return ordered.take(starts).set_column(3, "size", pa.array(sizes, pa.int64()))
+    first = ordered.take(starts)
+    return first.set_column(first.schema.get_field_index("size"), "size", pa.array(sizes, pa.int64()))
 
 
 # No CPU reserved (see by_part.PartsScorer): any --actors count starts; SPREAD places them over the nodes.
