@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -188,3 +190,15 @@ def test_exact_groups_by_part_are_the_bytes_one_process_stores_for_1_2_and_3_act
     by_key = {file_of[row["key"]]: row for row in table.to_pylist()}
     assert len({shard_of[key] for key, name in file_of.items() if name in ("a00.png", "m00.png", "z00.png")}) >= 2
     assert by_key["m09.png"]["group_size"] == 4 and by_key["m01.png"]["group_size"] == 1
+
+
+def test_the_driver_of_a_score_by_part_imports_no_torch(digits, run):
+    """The driver passes counts and references; torch (600 MiB of a driver's peak, measured at 10^7) is for
+    the scorers that read images, and is imported only by them."""
+    code = ("import sys\nfrom pipeline.curation.scoring import ScoreContext, store_scores\n"
+            f"store_scores('loss', ScoreContext({digits!r}, {run!r}, progress=False), stored_as='no-torch')\n"
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert read_scores(location(digits), "no-torch").num_rows == len(ScoreContext(digits).train_keys())

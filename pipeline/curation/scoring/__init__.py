@@ -180,11 +180,12 @@ def store_scores(name: str, context: ScoreContext, stored_as: str | None = None)
     other case stores.
     """
     from pipeline.curation.scoring.by_part import PARTITIONED_SCORERS, score_parts
-    from pipeline.curation.scoring.exact_by_part import group_exact_parts
 
     dataset = location(context.dataset)
     parts = index_parts(read_manifest(dataset))
     if name == "exact" and parts is not None:
+        from pipeline.curation.scoring.exact_by_part import group_exact_parts  # imports torch: only when used
+
         return group_exact_parts(stored_as or name, context, parts)
     if name in PARTITIONED_SCORERS and parts is not None:
         _check_scorer(name, context)
