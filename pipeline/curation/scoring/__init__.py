@@ -95,9 +95,14 @@ def _el2n(context: ScoreContext) -> pa.Table:
     from pipeline.curation.scoring.el2n import el2n
     from pipeline.curation.scoring.shard_tasks import train_shards
 
+    return el2n(context.dataset, "train", train_shards(context.dataset), _checkpoints_run(context), context.actors,
+                context.progress)
+
+
+def _checkpoints_run(context: ScoreContext) -> str:
     if not context.run:
         raise UsageError("el2n scores with a run's checkpoints: give --run RUN")
-    return el2n(context.dataset, "train", train_shards(context.dataset), context.run, context.actors, context.progress)
+    return context.run
 
 
 def _exact(context: ScoreContext) -> pa.Table:
@@ -176,8 +181,9 @@ def store_scores(name: str, context: ScoreContext, stored_as: str | None = None)
     On a dataset with a partitioned index, forgetting, loss and random are computed part by part on Ray
     actors (:mod:`~pipeline.curation.scoring.by_part`: no process holds the whole dynamics or
     score table), and so are ``exact`` groups (:mod:`~pipeline.curation.scoring.exact_by_part`: no
-    process holds every digest); the stored bytes are those of the table computed here, which every
-    other case stores.
+    process holds every digest); ``el2n``'s driver sets each part's scores aside as its shards are
+    scored (:func:`~pipeline.curation.scoring.el2n.el2n_parts`); the stored bytes are those of the table
+    computed here, which every other case stores.
     """
     from pipeline.curation.scoring.by_part import PARTITIONED_SCORERS, score_parts
 
@@ -187,6 +193,12 @@ def store_scores(name: str, context: ScoreContext, stored_as: str | None = None)
         from pipeline.curation.scoring.exact_by_part import group_exact_parts  # imports torch: only when used
 
         return group_exact_parts(stored_as or name, context, parts)
+    if name == "el2n" and parts is not None:
+        from pipeline.curation.scoring.el2n import el2n_parts
+
+        _check_scorer(name, context)
+        _checkpoints_run(context)
+        return el2n_parts(stored_as or name, context, parts)
     if name in PARTITIONED_SCORERS and parts is not None:
         _check_scorer(name, context)
         if name != "random":
