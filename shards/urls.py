@@ -12,6 +12,7 @@ mode, ``S3_MAX_ATTEMPTS`` attempts unless ``AWS_MAX_ATTEMPTS`` says otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -151,7 +152,8 @@ class Location:
     def remove(self, *parts: str, recursive: bool = False) -> None:
         path = self.path(*parts)
         if self.fs.exists(path):
-            self.fs.rm(path, recursive=recursive)
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile by a twin job: gone either way
+                self.fs.rm(path, recursive=recursive)
             boundary("remove", path)
 
     def remove_stale_temporaries(self) -> int:

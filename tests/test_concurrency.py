@@ -8,8 +8,8 @@ import time
 import pytest
 
 from helpers import ONION, files_of, onion_ok
-from pipeline.ingest.job import PLAN_NAME, IngestOptions, check_output, claim_output
-from pipeline.ingest.sources import open_source
+from pipeline.ingest.job import PLAN_NAME, IngestOptions, check_output, claim_output, ingest
+from pipeline.ingest.sources import SourceOptions, open_source
 from shards import DatasetError, location
 from shards.urls import Location, is_temporary
 from shards.verify import verify_dataset
@@ -122,7 +122,7 @@ def test_a_claim_made_between_the_checks_and_the_listing_is_judged_as_a_claim(tm
 
     def claimed_just_before_listing(self: Location) -> list[str]:
         if not dataset.exists(PLAN_NAME):
-            claim_output(dataset, "fingerprint" if twin == "same" else "other", "digits")
+            claim_output(dataset, "fingerprint" if twin == "same" else "other", source, IngestOptions())
             dataset.write_atomic("shard-000000.tar", b"a shard the owner has written")
         return listing(self)
 
@@ -132,3 +132,60 @@ def test_a_claim_made_between_the_checks_and_the_listing_is_judged_as_a_claim(tm
     else:
         with pytest.raises(DatasetError, match="holds an unfinished ingest of a different dataset"):
             check_output(dataset, "fingerprint", source, IngestOptions())
+
+
+@pytest.fixture(scope="module")
+def finished_elsewhere(ray_local, tmp_path_factory) -> bytes:
+    """The manifest of a finished ingest of another dataset (synthetic), to plant where a job looks."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    ingest(open_source("synthetic", SourceOptions(count=20, image_size=8)), str(out), IngestOptions(shard_size=10),
+           command=["test"], progress=False)
+    return (out / "manifest.json").read_bytes()
+
+
+def test_a_plan_removed_between_its_check_and_its_read_is_judged_by_what_its_job_left(tmp_path, monkeypatch,
+                                                                                      finished_elsewhere):
+    """Another dataset's job holds the output; it finishes (its manifest in, its plan out) after this job
+    saw the plan and before it read it: the one-line error names what the output holds, no traceback."""
+    out = tmp_path / "out"
+    dataset, source = location(str(out)), open_source("digits")
+    claim_output(dataset, "other", open_source("synthetic"), IngestOptions())
+    reading = Location.read_bytes
+
+    def finished_before_the_read(self: Location, *parts: str) -> bytes:
+        if parts == (PLAN_NAME,) and not (out / "manifest.json").exists():
+            (out / "manifest.json").write_bytes(finished_elsewhere)
+            (out / PLAN_NAME).unlink()
+        return reading(self, *parts)
+
+    monkeypatch.setattr(Location, "read_bytes", finished_before_the_read)
+    with pytest.raises(DatasetError, match="already holds a different dataset .synthetic"):
+        check_output(dataset, "fingerprint", source, IngestOptions())
+    monkeypatch.undo()
+    (out / "manifest.json").unlink()  # the claim's own read: the same
+    claim_output(dataset, "other", open_source("synthetic"), IngestOptions())
+    monkeypatch.setattr(Location, "read_bytes", finished_before_the_read)
+    with pytest.raises(DatasetError, match="already holds a different dataset .synthetic"):
+        claim_output(dataset, "fingerprint", source, IngestOptions())
+
+
+def test_a_claim_after_another_job_finished_there_stops_and_leaves_no_plan(tmp_path, finished_elsewhere):
+    """The output was empty when this job checked it; another dataset's job then claimed, finished and
+    removed its plan before this one claimed: this one stops, naming it, and leaves its manifest alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(finished_elsewhere)
+    with pytest.raises(DatasetError, match="already holds a different dataset .synthetic"):
+        claim_output(location(str(out)), "fingerprint", open_source("digits"), IngestOptions())
+    assert sorted(path.name for path in out.iterdir()) == ["manifest.json"]
+    assert (out / "manifest.json").read_bytes() == finished_elsewhere
+
+
+def test_removing_what_a_twin_removed_first_is_not_an_error(tmp_path, monkeypatch):
+    """Two jobs cleaning the same stale file: both saw it, the other removed it first."""
+    folder = location(str(tmp_path))
+    seen = type(folder.fs).exists
+    monkeypatch.setattr(type(folder.fs), "exists", lambda fs, path, **kw: True if path.endswith("gone") else
+                        seen(fs, path, **kw))
+    folder.remove("gone")  # the file is not there: the twin removed it after our look
+    folder.remove("gone-folder", recursive=True)

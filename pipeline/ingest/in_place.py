@@ -225,7 +225,7 @@ def ingest_in_place(source: WebDatasetSource, out: str, options: InPlaceOptions,
         clean_up(dataset)
         return IngestReport(dataset.url, read_manifest(dataset), 0, already_complete=True)
     sidecars = read_sidecars(source.folder, [name for name, _ in source.shards])  # a bad one stops us before the scan
-    claim_output(dataset, identity, source.spec)
+    claim_output(dataset, identity, source, options)
     ensure_ray()
     scans: dict[str, ShardScan] = {}
     for name, scan in fan_out([name for name, _ in source.shards],

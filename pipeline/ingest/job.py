@@ -300,7 +300,10 @@ def _judge_output(dataset: Location, print_fingerprint: str, source: Source, opt
         raise DatasetError(f"{dataset.url} already holds {source.spec} ingested with {why}: it is usable as it "
                            "is (train on it), or choose another output or delete it to write it again")
     if dataset.exists(PLAN_NAME):
-        previous = json.loads(dataset.read_bytes(PLAN_NAME))
+        try:
+            previous = json.loads(dataset.read_bytes(PLAN_NAME))
+        except FileNotFoundError:  # its job has finished and removed it since: judge what it left
+            return None
         if previous.get("fingerprint") != print_fingerprint:
             raise DatasetError(f"{dataset.url} holds an unfinished ingest of a different dataset "
                                f"({previous.get('source')}); choose another output or delete it")
@@ -316,17 +319,25 @@ def _judge_output(dataset: Location, print_fingerprint: str, source: Source, opt
     return False
 
 
-def claim_output(dataset: Location, print_fingerprint: str, source_spec: str) -> None:
+def claim_output(dataset: Location, print_fingerprint: str, source: Source, options: object) -> None:
     """Make this job the output's owner, or find that an identical job owns it (a resume, or a twin
     whose bytes will equal ours). A job for a different dataset that got there first wins: this
     one stops before writing anything, so the output is never a mix of two datasets."""
-    plan = json.dumps({"fingerprint": print_fingerprint, "source": source_spec}).encode()
-    if dataset.create_exclusive(PLAN_NAME, plan):
+    plan = json.dumps({"fingerprint": print_fingerprint, "source": source.spec}).encode()
+    while not dataset.create_exclusive(PLAN_NAME, plan):
+        try:
+            owner = json.loads(dataset.read_bytes(PLAN_NAME))
+        except FileNotFoundError:  # its job has just finished and removed it: claim again
+            continue
+        if owner.get("fingerprint") != print_fingerprint:
+            raise DatasetError(f"{dataset.url} is being written by another ingest of a different dataset "
+                               f"({owner.get('source')}); choose another output, or wait for it and delete it")
         return
-    owner = json.loads(dataset.read_bytes(PLAN_NAME))
-    if owner.get("fingerprint") != print_fingerprint:
-        raise DatasetError(f"{dataset.url} is being written by another ingest of a different dataset "
-                           f"({owner.get('source')}); choose another output, or wait for it and delete it")
+    # Claimed. A job that claimed, finished and removed its plan after check_output looked has left its
+    # manifest: a different dataset's stays, and this job stops before writing anything.
+    if dataset.exists(MANIFEST_NAME) and read_manifest(dataset).get("fingerprint") != print_fingerprint:
+        dataset.remove(PLAN_NAME)
+        _judge_output(dataset, print_fingerprint, source, options, frozenset())  # raises, naming what it holds
 
 
 def ingest(
@@ -376,7 +387,7 @@ def _write_dataset(dataset: Location, identity: str, source: Source, records: li
     if check_output(dataset, identity, source, options):
         clean_up(dataset)
         return IngestReport(dataset.url, read_manifest(dataset), 0, already_complete=True)
-    claim_output(dataset, identity, source.spec)
+    claim_output(dataset, identity, source, options)
     ensure_ray()
     dataset.remove_stale_temporaries()
     results: dict[str, ShardResult] = {}
