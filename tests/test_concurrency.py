@@ -188,4 +188,4 @@ def test_removing_what_a_twin_removed_first_is_not_an_error(tmp_path, monkeypatc
     monkeypatch.setattr(type(folder.fs), "exists", lambda fs, path, **kw: True if path.endswith("gone") else
                         seen(fs, path, **kw))
     folder.remove("gone")  # the file is not there: the twin removed it after our look
-    folder.remove("gone-folder", recursive=True)
+    folder.remove("folder-gone", recursive=True)
