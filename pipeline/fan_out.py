@@ -76,6 +76,7 @@ def _task_failed(desc: str, label: str, item: object, error: ray.exceptions.RayE
 
 
 _interrupted = False
+SETTLE_SECONDS = 60  # the most a failure's report waits for the cancelled tasks to end
 
 
 def note_interruption() -> None:
@@ -105,7 +106,7 @@ def fan_out(items: Sequence[Item], submit: Callable[[Item], ray.ObjectRef], *, d
     ensure_ray()
     limit = max(1, max_in_flight or IN_FLIGHT_PER_CPU * cluster_cpus())
     yield from _stream(items, [None] * limit, lambda _, item: submit(item), desc=desc, unit=unit, progress=progress,
-                       weight=weight, initial=initial, label=label)
+                       weight=weight, initial=initial, label=label, settle=True)
 
 
 def fan_out_to_actors(items: Sequence[Item], new_actor: Callable[[], ActorHandle],
@@ -124,8 +125,9 @@ def fan_out_to_actors(items: Sequence[Item], new_actor: Callable[[], ActorHandle
 
 def _stream(items: Sequence[Item], slots: list[Slot], call: Callable[[Slot, Item], ray.ObjectRef], *, desc: str,
             unit: str, progress: bool, weight: Callable[[Item], int] | None, initial: int,
-            label: Callable[[Item], str]) -> Iterator[tuple[Item, Any]]:
-    """The loop: each slot (an actor, or a place in the in-flight window) runs one call at a time."""
+            label: Callable[[Item], str], settle: bool = False) -> Iterator[tuple[Item, Any]]:
+    """The loop: each slot (an actor, or a place in the in-flight window) runs one call at a time.
+    ``settle``: on leaving early, wait (up to :data:`SETTLE_SECONDS`) for the cancelled calls to end."""
     weigh = weight or (lambda _: 1)
     todo = iter(items)
     free = list(reversed(slots))  # popped from the end: the first slots are used first
@@ -161,3 +163,9 @@ def _stream(items: Sequence[Item], slots: list[Slot], call: Callable[[Slot, Item
             if not _interrupted:
                 for ref in running:
                     ray.cancel(ref)
+                if settle and running:
+                    # A task already running ends at its next Python line (Ray raises KeyboardInterrupt
+                    # in it), not at once: the caller, cleaning up after this failure (an ingest finding
+                    # its twin's finished dataset removes its bookkeeping), must not race a call of ours
+                    # that still writes. (Actors' running calls are not interrupted: not waited for.)
+                    ray.wait(list(running), num_returns=len(running), timeout=SETTLE_SECONDS)

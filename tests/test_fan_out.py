@@ -2,10 +2,13 @@
 the window in flight, one bar counted in weights, and a failure that names its item.
 
 No timing is assumed: a :class:`Ledger` actor decides which call may finish next (calls wait for their
-turn), so the order results arrive in, and the most calls ever outstanding, are known in advance."""
+turn), so the order results arrive in, and the most calls ever outstanding, are known in advance. (The
+one test that sleeps does so to make a task's exit slow; what it checks holds however slow that is.)"""
 from __future__ import annotations
 
 import asyncio
+import pathlib
+import time
 
 import pytest
 import ray
@@ -253,3 +256,34 @@ def test_leaving_an_actor_loop_early_submits_nothing_more(ray_local):
         ray.get(ledger.advance.remote())
     _, sent = ray.get(ledger.report.remote())
     assert sent == [0, 1, 2]
+
+
+@ray.remote(num_cpus=0)
+def writes_until_cancelled(folder: str) -> None:
+    """Runs until cancelled; what it does on its way out (a last write) takes a moment."""
+    started, finished = pathlib.Path(folder, "started"), pathlib.Path(folder, "finished")
+    started.touch()
+    try:
+        while True:
+            time.sleep(0.05)
+    finally:
+        time.sleep(0.5)
+        finished.touch()
+
+
+@ray.remote(num_cpus=0)
+def fails_once_the_other_runs(folder: str) -> None:
+    while not pathlib.Path(folder, "started").exists():
+        time.sleep(0.05)
+    raise ValueError("cannot read it")
+
+
+def test_a_failure_is_reported_once_the_cancelled_tasks_have_ended(ray_local, tmp_path):
+    """A caller cleans up after a failure (an ingest whose twin finished removes its bookkeeping): no task of
+    the loop may still be writing by then, so the error comes only once the cancelled ones have ended."""
+    calls = {"runs": writes_until_cancelled, "fails": fails_once_the_other_runs}
+    with pytest.raises(TaskFailed, match="cannot read it"):
+        for _ in fan_out(["runs", "fails"], lambda name: calls[name].remote(str(tmp_path)), desc="write",
+                         progress=False, max_in_flight=2):
+            pass
+    assert (tmp_path / "finished").exists()
