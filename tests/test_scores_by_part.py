@@ -160,6 +160,7 @@ def planted_copies(ray_local, tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.slow  # ~20 s: hashing or training then scoring, 3 or 2 times over
 def test_exact_groups_by_part_are_the_bytes_one_process_stores_for_1_2_and_3_actors(planted_copies):
     dataset = location(planted_copies)
     parts = index_parts(read_manifest(dataset))
@@ -205,6 +206,7 @@ def test_the_driver_of_a_score_by_part_imports_no_torch(digits, run):
     assert read_scores(location(digits), "no-torch").num_rows == len(ScoreContext(digits).train_keys())
 
 
+@pytest.mark.slow  # ~20 s: hashing or training then scoring, 3 or 2 times over
 def test_el2n_by_part_is_the_bytes_one_process_stores(digits, tmp_path):
     """The driver sets each part aside as its shards are scored and writes them at the end: the same
     bytes as the whole table written by ``write_scores``, for 1 and 2 scoring actors."""
