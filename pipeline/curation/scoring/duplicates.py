@@ -134,9 +134,21 @@ def bit_blocks(packed: np.ndarray, radius: int) -> list[np.ndarray]:
     blocks in a fixed shuffled order: neighbouring DCT coefficients are correlated, and blocks of
     neighbours make a few huge buckets (measured on 950k hashes: 800M candidate pairs with 17
     contiguous blocks, 405M shuffled, 2.3M with two blocks agreeing, below)."""
-    varies = np.unpackbits(np.bitwise_or.reduce(packed, axis=0) ^ np.bitwise_and.reduce(packed, axis=0))
-    columns = np.flatnonzero(varies)
-    columns = columns[np.random.default_rng(BLOCK_SEED).permutation(len(columns))]
+    return blocks_of(varying_bits(np.bitwise_or.reduce(packed, axis=0), np.bitwise_and.reduce(packed, axis=0)),
+                     radius)
+
+
+def varying_bits(either: np.ndarray, both: np.ndarray) -> np.ndarray:
+    """The bit positions that differ among some hashes, from their bitwise OR and AND (packed bytes)."""
+    return np.flatnonzero(np.unpackbits(either ^ both))
+
+
+def blocks_of(varying: np.ndarray, radius: int) -> list[np.ndarray]:
+    """The bit positions ``varying`` dealt to ``radius + AGREE`` blocks in a fixed shuffled order (see
+    :func:`bit_blocks`); with fewer varying bits than ``radius``, every pair is within it, and as many
+    blocks as varying bits are enough."""
+    radius = min(radius, len(varying))
+    columns = varying[np.random.default_rng(BLOCK_SEED).permutation(len(varying))]
     count = radius + AGREE
     return [np.sort(columns[block::count]) for block in range(count)]
 
@@ -178,6 +190,16 @@ def bucket_pairs(packed: np.ndarray, key: np.ndarray, radius: int, chunk: int = 
     return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
 
+def blocks_words(packed: np.ndarray, blocks: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+    """Each block's bits of every packed hash (:func:`block_words`), and each block's width in bits."""
+    return [block_words(packed, columns) for columns in blocks], [max(1, len(columns)) for columns in blocks]
+
+
+def block_combinations(blocks: list[np.ndarray]) -> list[tuple[int, ...]]:
+    """The sets of ``AGREE`` blocks on which candidate pairs agree (see :func:`near_pairs`)."""
+    return list(itertools.combinations(range(len(blocks)), AGREE))
+
+
 def combined_key(words: list[np.ndarray], widths: list[int]) -> np.ndarray:
     """One key per row from blocks' words: a single integer when the bits fit in 62, else the words side by side."""
     if sum(widths) <= 62:
@@ -213,12 +235,8 @@ def near_pairs(packed: np.ndarray, radius: int, parallel: bool = False) -> tuple
     huge ones. With ``parallel`` the block combinations are split over Ray tasks (the hashes go to
     the object store once)."""
     blocks = bit_blocks(packed, radius)
-    varying = sum(len(columns) for columns in blocks)
-    if radius > varying:  # every pair is within the radius: as many blocks as bits that can differ are enough
-        blocks = bit_blocks(packed, varying)
-    words = [block_words(packed, columns) for columns in blocks]
-    widths = [max(1, len(columns)) for columns in blocks]
-    combinations = list(itertools.combinations(range(len(blocks)), AGREE))
+    words, widths = blocks_words(packed, blocks)
+    combinations = block_combinations(blocks)
     if parallel:
         shared_packed, shared_words = ray.put(packed), ray.put(words)
         tasks = max(1, min(len(combinations), 4 * cluster_cpus()))
