@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 
 DIGEST_BUCKET_CHARS = 15  # hex digits of a digest that choose its bucket (60 bits: an exact int64)
 HASH_BYTES = HASH_BITS // 8
-CANDIDATES_PER_ROUND = 1 << 24  # (hash, block pair) rows an actor sends per round: bounds its memory
+CANDIDATES_PER_ROUND = 1 << 22  # (hash, block pair) rows an actor sends per round (~48 bytes each): bounds its memory
 MIX = np.uint64(0x9E3779B97F4A7C15)  # a 64-bit odd constant: spreads block values over the buckets
 
 
