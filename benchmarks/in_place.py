@@ -56,6 +56,7 @@ from scale_out import timed
 from shards import STATUS_OK, ShardDataset, location, read_index, read_manifest
 from shards.decode import decode_pixels
 from trainer.augment import ImageTransform
+from trainer.run_folder import SUMMARY
 
 # The loopback servers are the tests' (tests/loopback.py, not installed with onion): run from the checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -322,7 +323,7 @@ def train_once(dataset: Path, run: Path, settings: list[str]) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     timed("train", str(dataset), "--out", str(run), *settings)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((run / SUMMARY).read_text())
     shutil.rmtree(run)
     return {"images_per_s": summary["images_per_second"], "images": summary["train_images"],
             "cpu_s": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime}

@@ -50,6 +50,8 @@ import sys
 import time
 from pathlib import Path
 
+from trainer.run_folder import DYNAMICS, dynamics_part
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARD_SIZE = 2000  # examples per shard: onion's default
 CLASSES = 1000
@@ -265,7 +267,6 @@ def write_dynamics(run: Path, rows: int) -> None:
     import pyarrow as pa
 
     from shards.index import table_to_parquet_bytes
-    from trainer.dynamics_files import DYNAMICS, part_name
 
     folder = run / DYNAMICS
     folder.mkdir(parents=True, exist_ok=True)
@@ -277,7 +278,7 @@ def write_dynamics(run: Path, rows: int) -> None:
                           "epoch": pa.array(np.zeros(stop - first, np.int32)),
                           "step": pa.array((row - first) // BATCH), "loss": pa.array(rng.gamma(2.0, 0.5, stop - first)
                                                                                      .astype(np.float32))})
-        (folder / part_name(rank, 0)).write_bytes(table_to_parquet_bytes(table))
+        (folder / dynamics_part(rank, 0)).write_bytes(table_to_parquet_bytes(table))
 
 
 class FileExchange:
@@ -468,7 +469,7 @@ def measure_reader(mode: str, dataset: Path, logs: Path, timeout: float, rows: i
     log = logs / f"reader-{mode}.log"
     helper = None
     if mode == "prune":  # ranks 1..63 plan beside the measured rank 0, in a process of their own
-        if not (dataset.parent / "run" / "dynamics").exists():
+        if not (dataset.parent / "run" / DYNAMICS).exists():
             write_dynamics(dataset.parent / "run", rows)
         shutil.rmtree(dataset.parent / "exchange", ignore_errors=True)
         helper = subprocess.Popen([sys.executable, __file__, "--planner-helper", str(dataset),
@@ -522,7 +523,7 @@ def measure_size(rows: int, out: Path, timeout: float, keep_data: bool, skip: fr
     if "score" not in skip:  # forgetting counts over the ranks' dynamics, reduced per index part on actors
         print(f"[{rows}] onion score loss", flush=True)
         run = work / "run"
-        if not (run / "dynamics").exists():
+        if not (run / DYNAMICS).exists():
             write_dynamics(run, rows)
         figures["score"] = run_measured([*ONION, "score", str(dataset), "loss", "--run", str(run), "--ray-cpus", "2"],
                                         logs / "score.log", timeout)

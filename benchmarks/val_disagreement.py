@@ -19,14 +19,16 @@ from pathlib import Path
 
 import torch
 
+from shards import location
 from trainer.config import TrainConfig
 from trainer.inputs import prepare
-from trainer.loop import SUMMARY_NAME, Trainer
+from trainer.loop import Trainer
+from trainer.run_folder import SUMMARY, run_config
 
 
 def correct_by_key(run: Path) -> dict[str, bool]:
     """Each val image's correctness under the run's last checkpoint, at the keep rates it ended with."""
-    config = TrainConfig.from_dict({**json.loads((run / "config.json").read_text()), "loader_workers": 0})
+    config = TrainConfig.from_dict({**run_config(location(str(run))), "loader_workers": 0})
     trainer = Trainer(config)
     if not trainer.resume():
         raise SystemExit(f"{run}: no checkpoint")
@@ -38,7 +40,7 @@ def correct_by_key(run: Path) -> dict[str, bool]:
         for images, labels, keys in trainer.val_data:
             predicted = trainer.model(prepare(images, trainer.img_size, trainer.device)).argmax(1)
             correct.update(zip(keys, (predicted == labels).tolist()))
-    recorded = json.loads((run / SUMMARY_NAME).read_text())["val_top1"]
+    recorded = json.loads((run / SUMMARY).read_text())["val_top1"]
     if abs(100 * sum(correct.values()) / len(correct) - recorded) > 1e-6:  # the same model as the bench's
         raise SystemExit(f"{run}: re-evaluated top-1 differs from the recorded {recorded}")
     return correct

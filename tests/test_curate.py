@@ -2,6 +2,7 @@
 index, or from survivor shards when asked), and its resumption."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -70,7 +71,9 @@ def test_survivor_shards_when_asked_are_what_the_round_trains_on(digits, tmp_pat
     table = read_selection(location(digits), version)
     kept = set(table.filter(table["kept"])["key"].to_pylist())
     assert read_manifest(location(kept_url(digits, version)))["selection"]["kept"] == len(kept)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"] == kept_url(digits, version)
+    # the trainer read the survivor shards (config.json keeps the configuration curate was started with)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["dataset"] == kept_url(digits, version)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"] == digits
     assert sorted(read_dynamics(location(run))["key"].to_pylist()) == sorted(kept)
 
 
@@ -151,3 +154,35 @@ def test_killed_curation_resumes_to_the_same_result(ray_local, tmp_path):
         assert read_selection(location(copy), version).equals(read_selection(location(other), version))
     summaries = [json.loads((run / "summary.json").read_text()) for run in (reference, killed)]
     assert summaries[0]["val_top1"] == summaries[1]["val_top1"] and np.isfinite(summaries[0]["val_top1"])
+
+
+def kept_keys(dataset: str, version: str) -> set[str]:
+    table = read_selection(location(dataset), version, columns=["key", "kept"])
+    return set(table.filter(table["kept"])["key"].to_pylist())
+
+
+@pytest.mark.slow  # ~60 s: two curations, one on 2 processes
+def test_curate_on_two_processes_presents_each_rounds_survivors_once_and_differs_within_its_swaps(digits, tmp_path):
+    """``curate --nproc 2`` trains each round as ``onion train --nproc 2`` does. Round 0 is chosen before any
+    training, so it is the one-process round 0; later rounds score dynamics that averaging gradients over 2
+    ranks (and twice the examples per step) changes, so they may differ, but only within the swaps: each round
+    moves ``remove_n`` examples out and as many in."""
+    plan = CurationPlan(rounds=3, round_epochs=2, keep=0.8, remove_n=40, scorer="forgetting", seed=3)
+    kept = {}
+    for nproc in (1, 2):
+        data = str(tmp_path / f"data-{nproc}")
+        shutil.copytree(digits, data)  # the same dataset, with no selections of the other curation
+        run = str(tmp_path / f"run-{nproc}")
+        result = curate(data, TrainConfig(dataset=data, out=run, epochs=6, nproc=nproc,
+                                          **{**TINY, "loader_workers": 0}), plan, progress=False)
+        kept[nproc] = [kept_keys(data, version) for version in result["selections"]]
+        assert json.loads((tmp_path / f"run-{nproc}" / "summary.json").read_text())["world_size"] == nproc
+    dynamics = read_dynamics(location(str(tmp_path / "run-2")), ["key", "epoch"])
+    assert {name.split("-s")[0] for name in os.listdir(tmp_path / "run-2" / "dynamics")} == {"part-r0", "part-r1"}
+    for epoch in range(6):  # exactly once over the 2 ranks: the round's survivors, each once per epoch
+        presented = pc.filter(dynamics["key"], pc.equal(dynamics["epoch"], epoch)).to_pylist()
+        assert sorted(presented) == sorted(kept[2][epoch // plan.round_epochs])
+    assert kept[1][0] == kept[2][0]
+    for number in (1, 2):
+        assert len(kept[1][number]) == len(kept[2][number])
+        assert len(kept[1][number] - kept[2][number]) <= plan.remove_n * number

@@ -13,10 +13,10 @@ import torch
 
 from helpers import assert_same_weights, last_weights, saved_config_of
 from pipeline.cli import main
-from trainer.checkpoint import EMA_FILE
 from trainer.launch import train
 from trainer.loop import Trainer
 from trainer.resume import saved_config
+from trainer.run_folder import EMA_FILE
 
 # A small decay, so that 2 short epochs (26 steps each) leave the average clearly apart from the raw weights.
 EMA = dict(epochs=2, ema=0.9, checkpoint_every=10, record_dynamics=False)

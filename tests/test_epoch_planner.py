@@ -19,9 +19,10 @@ from shards import location, read_index
 from shards.index import table_to_parquet_bytes
 from shards.key_hash import smallest
 from shards.selections import SourceExamples, read_selection, save_selection, selection_table
-from trainer.dynamics import DYNAMICS, latest_losses, part_name
+from trainer.dynamics import latest_losses
 from trainer.epoch_planner import Collective, kth_smallest, loss_weights, plan_epoch_in_parts, plans_in_parts
 from trainer.example_pruning import EpochPlan, exact_mean, exact_sum, plan_epoch, record_plan
+from trainer.run_folder import DYNAMICS, dynamics_part
 
 DECISIONS = ["key", "label", "kept", "score", "reason", "round", "parent", "strategy"]
 EPOCH, EPOCHS, RATIO, SEED = 2, 8, 0.4, 7
@@ -66,7 +67,7 @@ def run(dataset, tmp_path_factory) -> str:
             table = pa.table({"key": [r[0] for r in part], "epoch": pa.array([r[1] for r in part], pa.int32()),
                               "step": pa.array([r[2] for r in part], pa.int64()),
                               "loss": pa.array([r[3] for r in part], pa.float32())})
-            dynamics.write_atomic(part_name(rank, piece), table_to_parquet_bytes(table))
+            dynamics.write_atomic(dynamics_part(rank, piece), table_to_parquet_bytes(table))
     return str(folder)
 
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from helpers import onion, write_direct_dataset
-from pipeline.curation.rounds import CURATION_NAME, CurationPlan
+from pipeline.curation.rounds import CurationPlan
 from pipeline.curation.scoring import ScoreContext, compute_scores, write_scores
 from pipeline.curation.selection import SelectOptions, SelectRequest, make_selection
 from pipeline.ingest.job import IngestOptions, check_output
@@ -33,6 +33,7 @@ from trainer.config import TrainConfig
 from trainer.errors import RunError
 from trainer.model import check_model
 from trainer.preflight import check_device
+from trainer.run_folder import CURATION
 
 TINY = ["--epochs", "1", "--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--batch-size", "8",
         "--loader-workers", "0"]
@@ -224,18 +225,18 @@ def test_the_plot_says_why_it_draws_fewer_than_the_selection_holds(rounds, tmp_p
 
 
 def test_the_report_names_a_curation_runs_rounds(tmp_path):
-    """A run folder as onion curate leaves it: config.json names round 0's selection (the one its
-    trainer started on), curation.json lists every round's."""
+    """A run folder as onion curate leaves it (here with a config.json naming a selection, as a plain run's
+    would): curation.json lists every round's selection, and the report names them."""
     run = tmp_path / "run"
     run.mkdir()
     plan = CurationPlan(rounds=3, round_epochs=2, keep=0.8, remove_n=60, scorer="forgetting")
     config = TrainConfig(dataset="DATA", out=str(run), epochs=6, selection="v0001")
     (run / "config.json").write_text(json.dumps(config.to_dict()))
-    (run / CURATION_NAME).write_text(json.dumps({"dataset": "DATA", "plan": asdict(plan),
+    (run / CURATION).write_text(json.dumps({"dataset": "DATA", "plan": asdict(plan),
                                                  "selections": ["v0001", "v0002", "v0003"]}))
     (run / "summary.json").write_text('{"val_top1": 71.5, "epochs": 6, "images_per_second": 803.0}')
     assert read_run(str(run))["examples"] == "curation: 3 rounds (v0001 … v0003)"
-    (run / CURATION_NAME).write_text(json.dumps({"dataset": "DATA", "plan": asdict(plan), "selections": ["v0001"]}))
+    (run / CURATION).write_text(json.dumps({"dataset": "DATA", "plan": asdict(plan), "selections": ["v0001"]}))
     assert read_run(str(run))["examples"] == "curation: 1 of 3 rounds (v0001)"  # stopped after round 0
-    (run / CURATION_NAME).unlink()
+    (run / CURATION).unlink()
     assert read_run(str(run))["examples"] == "v0001"  # a plain run on a selection

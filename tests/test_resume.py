@@ -16,7 +16,7 @@ from pipeline.cli import main
 from trainer.config import TrainConfig
 from trainer.launch import train
 from trainer.loop import Trainer
-from trainer.resume import APPLIED_ON_RESUME, resumed_config, saved_config
+from trainer.resume import APPLIED_ON_RESUME, record_resume, resumed_config, saved_config
 from trainer.schedule import lr_factor
 
 SMALL = ["--depth", "1", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "4", "--batch-size", "64",
@@ -32,12 +32,15 @@ def test_a_copied_run_folder_resumes_into_the_copy_and_extends(digits, tmp_path)
     assert files_of(original) == before  # the original run is untouched
     summary = json.loads((copy / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["config"]["out"] == str(copy)
-    assert json.loads((copy / "config.json").read_text())["out"] == str(copy)
+    # config.json is written once (as the run started); the configuration in force is the resume's
+    assert json.loads((copy / "config.json").read_text()) == json.loads((original / "config.json").read_text())
+    assert saved_config(str(copy)).out == str(copy) and saved_config(str(copy)).epochs == 2
     assert len((copy / "metrics.csv").read_text().splitlines()) == 3  # header + epochs 1 and 2
     history = [json.loads(line) for line in (copy / "history.jsonl").read_text().splitlines()]
     assert len(history) == 1 and history[0]["resumed_at"]["epoch"] == 1
     assert history[0]["changed"] == {"epochs": {"before": 1, "now": 2}, "eval_every": {"before": 1, "now": 2},
                                      "out": {"before": str(original), "now": str(copy)}}
+    assert history[0]["config"] == saved_config(str(copy)).to_dict()
     assert "epochs 1 -> 2" in resumed.stdout and "eval_every 1 -> 2" in resumed.stdout
     finished = onion_ok("train", "--resume", copy)
     assert "is finished (2 of 2 epochs" in finished.stdout and "a larger --epochs extends it" in finished.stdout
@@ -138,12 +141,14 @@ def test_an_extension_interrupted_at_an_epoch_boundary_ends_where_an_uninterrupt
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     for run in (whole, parts):
         train(saved_config_of(digits, run, epochs=2))
-    config, _ = resumed_config(str(whole), {"epochs": 4})
+    config, changed = resumed_config(str(whole), {"epochs": 4})
+    record_resume(config, changed, ["test"])
     train(config, resume=True)
-    config, _ = resumed_config(str(parts), {"epochs": 4})
+    config, changed = resumed_config(str(parts), {"epochs": 4})
+    record_resume(config, changed, ["test"])  # the resume's configuration, extension included, is recorded
     trainer = Trainer(config)
     trainer.resume()
-    trainer.train(until_epoch=3)  # stopped after one added epoch; config.json already holds the extension
+    trainer.train(until_epoch=3)  # stopped after one added epoch
     trainer.loaders.clear()
     recorded = saved_config(str(parts))
     assert recorded.epochs == 4 and recorded.extensions == config.extensions

@@ -23,7 +23,7 @@ from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import open_source
 from shards import UsageError, location, read_index, read_manifest
 from shards.index import index_parts, read_index_part, table_to_parquet_bytes
-from trainer.dynamics import DYNAMICS, part_name
+from trainer.run_folder import DYNAMICS, dynamics_part
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def run(digits, tmp_path_factory) -> str:
                     "margin": rng.random(len(batch)),
                     "cls_attention_variance": np.where(rng.random(len(batch)) < 0.1, np.nan, rng.random(len(batch))),
                 })
-                folder.write_atomic(part_name(rank, step), table_to_parquet_bytes(table))
+                folder.write_atomic(dynamics_part(rank, step), table_to_parquet_bytes(table))
     return folder.url.rsplit("/", 1)[0]
 
 

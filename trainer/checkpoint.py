@@ -18,12 +18,8 @@ from safetensors.torch import save as save_safetensors
 
 from shards.urls import Location
 from trainer.errors import RunError
+from trainer.run_folder import CHECKPOINTS, EMA_FILE, LATEST, MODEL_FILE, STATE_FILE, STEP_PREFIX, rng_file, step_folder
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest.json"
-MODEL_FILE = "model.safetensors"
-EMA_FILE = "ema.safetensors"  # the model EMA's weights (--ema), timm's keys as in MODEL_FILE
-MODEL_JSON = "model.json"  # in the run folder: the timm model name and kwargs, to rebuild it for scoring
 KEEP_CHECKPOINTS = 2
 
 
@@ -67,13 +63,9 @@ def from_bytes(data: bytes) -> object:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def folder_name(step: int) -> str:
-    return f"step-{step:09d}"
-
-
 def save_rank_state(run: Location, position: Position, rank: int) -> None:
     """Each rank's RNG, written before rank 0 commits the checkpoint."""
-    run.child(CHECKPOINTS, folder_name(position.step)).write_atomic(f"rng-r{rank}.pt", to_bytes(rng_state()))
+    run.child(CHECKPOINTS, step_folder(position.step)).write_atomic(rng_file(rank), to_bytes(rng_state()))
 
 
 def weights_bytes(model: torch.nn.Module) -> bytes:
@@ -85,15 +77,15 @@ def commit_checkpoint(run: Location, position: Position, model: torch.nn.Module,
                       scheduler: torch.optim.lr_scheduler.LRScheduler, ema: torch.nn.Module | None = None) -> None:
     """Rank 0: weights (and the EMA's: ``ema`` is its averaged model) and optimiser state, then the
     pointer that makes the checkpoint current."""
-    folder = run.child(CHECKPOINTS, folder_name(position.step))
+    folder = run.child(CHECKPOINTS, step_folder(position.step))
     folder.write_atomic(MODEL_FILE, weights_bytes(model))
     if ema is not None:
         folder.write_atomic(EMA_FILE, weights_bytes(ema))
-    folder.write_atomic("state.pt", to_bytes({"optimizer": optimizer.state_dict(),
+    folder.write_atomic(STATE_FILE, to_bytes({"optimizer": optimizer.state_dict(),
                                               "scheduler": scheduler.state_dict()}))
     checkpoints = run.child(CHECKPOINTS)
     checkpoints.write_atomic(LATEST, json.dumps(vars(position)).encode())
-    complete = sorted(n for n in checkpoints.list_names() if n.startswith("step-"))
+    complete = sorted(n for n in checkpoints.list_names() if n.startswith(STEP_PREFIX))
     for old in complete[:-KEEP_CHECKPOINTS]:
         checkpoints.remove(old, recursive=True)
 
@@ -110,15 +102,15 @@ def load_checkpoint(run: Location, position: Position, rank: int, model: torch.n
                     ema: torch.nn.Module | None = None) -> bool:
     """Restore a checkpoint into the run's objects; ``ema`` (the EMA's averaged model) only from a
     checkpoint that holds its weights. Returns whether it did (False: none saved, or no ``ema``)."""
-    folder = run.child(CHECKPOINTS, folder_name(position.step))
+    folder = run.child(CHECKPOINTS, step_folder(position.step))
     model.load_state_dict(load_safetensors(folder.read_bytes(MODEL_FILE)))
     ema_loaded = ema is not None and folder.exists(EMA_FILE)
     if ema_loaded:
         ema.load_state_dict(load_safetensors(folder.read_bytes(EMA_FILE)))
-    state = from_bytes(folder.read_bytes("state.pt"))
+    state = from_bytes(folder.read_bytes(STATE_FILE))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(from_bytes(folder.read_bytes(f"rng-r{rank}.pt")))
+    set_rng_state(from_bytes(folder.read_bytes(rng_file(rank))))
     return ema_loaded
 
 
@@ -127,4 +119,4 @@ def load_weights(run: Location) -> dict[str, torch.Tensor]:
     position = latest_position(run)
     if position is None:
         raise RunError(f"{run.url}: no checkpoint to load weights from")
-    return load_safetensors(run.child(CHECKPOINTS, folder_name(position.step)).read_bytes(MODEL_FILE))
+    return load_safetensors(run.child(CHECKPOINTS, step_folder(position.step)).read_bytes(MODEL_FILE))

@@ -216,7 +216,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-RECORDED = ("extensions",)  # written by onion train --resume into config.json, never given
+RECORDED = ("extensions",)  # recorded by onion train --resume (in history.jsonl's configuration), never given
 RENAMED = {"workers": "loader_workers"}  # old name -> current name, for configs written before the rename
 CHANNELS = 3  # the loaders give RGB (grey images are converted)
 RATES = ("token_keep", "attn_keep")

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from shards.index import table_to_parquet_bytes
 from shards.urls import Location
-from trainer.dynamics_files import DYNAMICS, latest_losses, part_name, part_step, read_dynamics  # noqa: F401 - re-exported
+from trainer.dynamics_files import latest_losses, part_step, read_dynamics  # noqa: F401 - re-exported
+from trainer.run_folder import DYNAMICS, dynamics_part, rank_dynamics_prefix
 
 
 def presentation_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -54,11 +55,11 @@ class DynamicsRecorder:
         columns = {"key": pa.array(self._keys, pa.string())}
         for name in ("epoch", "step", "correct", "loss", "margin", "cls_attention_variance"):
             columns[name] = pa.array(torch.cat(self._tensors[name]).numpy())
-        self.folder.write_atomic(part_name(self.rank, step), table_to_parquet_bytes(pa.table(columns)))
+        self.folder.write_atomic(dynamics_part(self.rank, step), table_to_parquet_bytes(pa.table(columns)))
         self._keys, self._tensors = [], {}
 
     def drop_parts_after(self, step: int) -> None:
         """Forget parts that a killed run wrote after the checkpoint being resumed."""
         for name in self.folder.list_names():
-            if name.startswith(f"part-r{self.rank}-s") and part_step(name) > step:
+            if name.startswith(rank_dynamics_prefix(self.rank)) and part_step(name) > step:
                 self.folder.remove(name)

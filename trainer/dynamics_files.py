@@ -11,12 +11,7 @@ import pyarrow.compute as pc
 
 from shards.index import parquet_names, read_parquet
 from shards.urls import Location
-
-DYNAMICS = "dynamics"
-
-
-def part_name(rank: int, step: int) -> str:
-    return f"part-r{rank}-s{step:09d}.parquet"
+from trainer.run_folder import DYNAMICS
 
 
 def part_step(name: str) -> int:

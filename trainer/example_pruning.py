@@ -28,9 +28,9 @@ import pyarrow as pa
 from shards.key_hash import RULE, choose_at_random
 from shards.selections import SourceExamples, read_selection, save_selection, selection_table
 from shards.urls import Location
+from trainer.run_folder import EPOCH_SELECTIONS
 
 STRATEGY = "infobatch"
-EPOCH_SELECTIONS = "example_selections.json"  # in the run folder: which selection version each epoch used
 
 
 @dataclass(frozen=True)

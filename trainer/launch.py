@@ -1,11 +1,14 @@
 """Starting training: one process, ``--nproc N`` local processes, or under ``torchrun``.
 
+``onion train`` (:func:`train`) and every training phase of ``onion curate`` start training the same way,
+through :func:`run_training`; curate only supplies each phase's data (its round's selection) and the epoch
+it ends at, and scores the dynamics the phase wrote.
+
 DDP uses NCCL on GPUs and gloo on CPUs. Every rank streams its own share of the shards (the
 reader's exact-once rule), and all ranks write dynamics into the same run directory.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 
@@ -15,30 +18,25 @@ import torch.multiprocessing as mp
 
 from shards import location, read_manifest
 from shards.selections import read_selection
-from trainer.checkpoint import latest_position
 from trainer.config import TrainConfig
 from trainer.errors import RunError
-from trainer.loop import CONFIG_NAME, SUMMARY_NAME, Trainer
+from trainer.loop import Trainer
+from trainer.run_folder import CURATION, claim, read_summary, release_unstarted
 
 
 def claim_run_directory(config: TrainConfig, resume: bool) -> bool:
-    """A fresh run owns its directory: its config.json is created exclusively, so of two jobs started
-    on one --out only the first trains there (under torchrun, rank 0 claims it for all ranks).
+    """A fresh run owns its directory (:func:`trainer.run_folder.claim`): of two jobs started on one --out,
+    whatever their commands, only the first trains there (under torchrun, rank 0 claims it for all ranks).
     Returns whether this call made the claim."""
     if resume or int(os.environ.get("RANK", "0")) != 0:
         return False
-    if not location(config.out).create_exclusive(CONFIG_NAME, json.dumps(config.to_dict(), indent=2).encode()):
+    run = location(config.out)
+    if not claim(run, config.to_dict()):
+        if run.exists(CURATION):
+            raise RunError(f"{config.out} holds an onion curate run; choose another --out")
         raise RunError(f"{config.out} already holds a run; continue it with --resume {config.out} "
                        "or choose another --out")
     return True
-
-
-def release_unstarted_claim(config: TrainConfig) -> None:
-    """A job that fails before its first checkpoint leaves nothing to continue: free the folder, so
-    the corrected command can run there. (Once a checkpoint exists the claim stays: --resume.)"""
-    run = location(config.out)
-    if latest_position(run) is None:
-        run.remove(CONFIG_NAME)
 
 
 def backend() -> str:
@@ -51,7 +49,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run_rank(rank: int, config: TrainConfig, resume: bool, world_size: int, address: str | None) -> dict:
+def _run_rank(rank: int, config: TrainConfig, resume: bool, world_size: int, address: str | None,
+              until_epoch: int | None = None) -> dict:
     if world_size > 1:
         if address:
             dist.init_process_group(backend(), init_method=address, rank=rank, world_size=world_size)
@@ -61,15 +60,16 @@ def _run_rank(rank: int, config: TrainConfig, resume: bool, world_size: int, add
         trainer = Trainer(config, rank, world_size, resuming=resume)
         if resume:
             trainer.resume()
-        return trainer.train()
+        return trainer.train(until_epoch)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
 
 
-def _spawned(rank: int, config: TrainConfig, resume: bool, world_size: int, address: str) -> None:
+def _spawned(rank: int, config: TrainConfig, resume: bool, world_size: int, address: str,
+             until_epoch: int | None) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    _run_rank(rank, config, resume, world_size, address)
+    _run_rank(rank, config, resume, world_size, address, until_epoch)
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
@@ -84,22 +84,27 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     check_start(config)
     claimed = claim_run_directory(config, resume)
     try:
-        return _train(config, resume)
+        return run_training(config, resume)
     except BaseException:
         if claimed:
-            release_unstarted_claim(config)
+            release_unstarted(location(config.out))
         raise
 
 
-def _train(config: TrainConfig, resume: bool) -> dict:
+def run_training(config: TrainConfig, resume: bool, until_epoch: int | None = None) -> dict | None:
+    """Train the claimed run ``config.out`` on ``config``'s data up to ``until_epoch`` (default: the end),
+    continuing from its last checkpoint with ``resume``: in this process, on ``config.nproc`` local
+    processes, or as this torchrun rank. Returns the summary: this process's, or with ``--nproc`` the
+    run's ``summary.json`` (None while the run has epochs left)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        return _run_rank(int(os.environ["RANK"]), config, resume, int(os.environ["WORLD_SIZE"]), None)
+        return _run_rank(int(os.environ["RANK"]), config, resume, int(os.environ["WORLD_SIZE"]), None, until_epoch)
     if config.nproc > 1:
         address = f"tcp://127.0.0.1:{free_port()}"
         try:
-            mp.spawn(_spawned, args=(config, resume, config.nproc, address), nprocs=config.nproc, join=True)
+            mp.spawn(_spawned, args=(config, resume, config.nproc, address, until_epoch), nprocs=config.nproc,
+                     join=True)
         except mp.ProcessExitedException as error:  # one rank died: spawn has stopped the others
             raise RunError(f"{config.out}: training process {error.error_index} of {config.nproc} died "
                            f"({error}); the others were stopped. Continue with --resume {config.out}") from error
-        return json.loads(location(config.out).read_bytes(SUMMARY_NAME))
-    return _run_rank(0, config, resume, 1, None)
+        return read_summary(location(config.out))
+    return _run_rank(0, config, resume, 1, None, until_epoch)

@@ -25,7 +25,6 @@ from shards import ShardDataset, location, read_manifest
 from shards.reader import Selection
 from trainer.augment import device_augmentation
 from trainer.checkpoint import (
-    MODEL_JSON,
     Position,
     commit_checkpoint,
     latest_position,
@@ -55,12 +54,10 @@ from trainer.example_pruning import (
 from trainer.flops import ViTShape, forward_flops
 from trainer.inputs import Normalization, augment_policy, data_info, input_side, prepare, reader_transforms
 from trainer.model import build_model, model_kwargs
+from trainer.run_folder import METRICS, MODEL_JSON, TENSORBOARD, claim, write_summary
 from trainer.schedule import KeepSchedule, lr_factor, rate_pairs
 from trainer.sparse_vit import SparseVisionTransformer
 
-CONFIG_NAME = "config.json"
-SUMMARY_NAME = "summary.json"
-METRICS_NAME = "metrics.csv"
 NO_DECAY_TOKENS = ("pos_embed", "cls_token", "dist_token", "reg_token")  # learned tokens: no weight decay
 TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
 # torch's fused AdamW: one kernel over all parameters instead of ~10 ops per parameter (CPU, the
@@ -238,7 +235,7 @@ class Trainer:
         """Train up to ``until_epoch`` (default: the end); the summary is written at the end."""
         config = self.config
         if self.is_main:
-            self.run.write_atomic(CONFIG_NAME, json.dumps(config.to_dict(), indent=2).encode())
+            claim(self.run, config.to_dict())  # written once: a claimed run has it already (resumes: history.jsonl)
             self.run.write_atomic(MODEL_JSON, json.dumps(
                 {"model": config.model, "kwargs": model_kwargs(config, self.img_size, self.num_classes),
                  "mean": list(self.normalization.mean), "std": list(self.normalization.std)},
@@ -290,7 +287,7 @@ class Trainer:
                    "keep_rate_pairs": self.keep_rate_pairs,
                    "model_kwargs": model_kwargs(config, self.img_size, self.num_classes)}
         if self.is_main and self.position.epoch >= config.epochs:
-            self.run.write_atomic(SUMMARY_NAME, json.dumps(summary, indent=2).encode())
+            write_summary(self.run, summary)
         return summary
 
     def _train_epoch(self) -> tuple[int, float, int]:
@@ -415,13 +412,13 @@ class Trainer:
 
     def _log(self, row: dict) -> None:
         """Append a row to metrics.csv (rewritten whole, so object-store runs get it too) and TensorBoard."""
-        previous = self.run.read_bytes(METRICS_NAME).decode() if self.run.exists(METRICS_NAME) else ""
+        previous = self.run.read_bytes(METRICS).decode() if self.run.exists(METRICS) else ""
         line = io.StringIO()
         writer = csv.DictWriter(line, fieldnames=list(row))
         if not previous:
             writer.writeheader()
         writer.writerow(row)
-        self.run.write_atomic(METRICS_NAME, (previous + line.getvalue()).encode())
+        self.run.write_atomic(METRICS, (previous + line.getvalue()).encode())
         if not sys.stderr.isatty():  # the progress bar is off in logs and pipes: one line per epoch instead
             val = "not evaluated" if math.isnan(row["val_top1"]) else f"{row['val_top1']:.2f}%"
             if not math.isnan(row.get("val_top1_ema", NOT_EVALUATED)):
@@ -434,7 +431,7 @@ class Trainer:
             return  # TensorBoard's writer needs a local directory
         from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(os.path.join(self.run.root, "tensorboard")) as board:
+        with SummaryWriter(os.path.join(self.run.root, TENSORBOARD)) as board:
             for name, value in row.items():
                 if name not in ("epoch", "step") and not math.isnan(value):
                     board.add_scalar(name, value, row["step"])

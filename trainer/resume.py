@@ -15,19 +15,15 @@ into the copy (``out`` follows the folder). One rule decides every option given 
 """
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import replace
 
 from shards import UsageError, location
+from trainer import run_folder
 from trainer.checkpoint import Position, latest_position
 from trainer.config import TrainConfig
 from trainer.errors import RunError
-from trainer.loop import CONFIG_NAME, SUMMARY_NAME
+from trainer.run_folder import CONFIG, CURATION, read_summary, run_config
 from trainer.schedule import lr_factor
-
-CURATION_MARK = "curation.json"  # written by onion curate, which owns such a run
-HISTORY_NAME = "history.jsonl"  # one line per resume: when, the command, where it stood, what changed
 
 # How the run computes, not what it learns: the same weights come out whatever these are (epochs: more
 # of the same run, see the module's docstring). Not --loader-workers: the reader splits an epoch's
@@ -40,22 +36,19 @@ WHY_REFUSED = {"loader_workers": "the order of an epoch's examples depends on th
 def saved_config(run: str) -> TrainConfig:
     """The resolved configuration a run was started with (what ``--resume`` continues)."""
     folder = location(run)
-    if folder.exists(CURATION_MARK):  # rounds swap the data between phases; plain resume would not
+    if folder.exists(CURATION):  # rounds swap the data between phases; plain resume would not
         raise RunError(f"{run} is a curation run: continue it by running the same onion curate command again")
-    if not folder.exists(CONFIG_NAME):
-        raise RunError(f"{run}: no {CONFIG_NAME}, so there is no run to resume (a run stopped before its first "
+    if not folder.exists(CONFIG):
+        raise RunError(f"{run}: no {CONFIG}, so there is no run to resume (a run stopped before its first "
                        "checkpoint leaves nothing to continue: start it again with onion train DATASET --out RUN)")
-    return TrainConfig.from_dict(json.loads(folder.read_bytes(CONFIG_NAME)))
+    return TrainConfig.from_dict(run_config(folder))
 
 
 def finished_summary(config: TrainConfig) -> dict | None:
     """The summary of a run that trained all of ``config``'s epochs, else None (an extended run that
     stopped in its added epochs still holds the summary of its first end)."""
-    folder = location(config.out)
-    if not folder.exists(SUMMARY_NAME):
-        return None
-    summary = json.loads(folder.read_bytes(SUMMARY_NAME))
-    return summary if summary["epochs"] >= config.epochs else None
+    summary = read_summary(location(config.out))
+    return summary if summary is not None and summary["epochs"] >= config.epochs else None
 
 
 def flag(name: str) -> str:
@@ -109,12 +102,6 @@ def extension(saved: TrainConfig, position: Position | None, epochs: int, run: s
 
 
 def record_resume(config: TrainConfig, changed: dict[str, tuple[object, object]], command: list[str]) -> None:
-    """Append this resume to ``RUN/history.jsonl`` (rewritten whole, so object-store runs get it too)."""
-    folder = location(config.out)
-    position = latest_position(folder)
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
-             "resumed_at": None if position is None else {"epoch": position.epoch, "batch": position.batch,
-                                                          "step": position.step},
-             "changed": {name: {"before": before, "now": now} for name, (before, now) in changed.items()}}
-    previous = folder.read_bytes(HISTORY_NAME).decode() if folder.exists(HISTORY_NAME) else ""
-    folder.write_atomic(HISTORY_NAME, (previous + json.dumps(entry, sort_keys=True) + "\n").encode())
+    """Record this resume, and the configuration it continues with, in ``RUN/history.jsonl`` (see
+    :func:`trainer.run_folder.record_resume`)."""
+    run_folder.record_resume(location(config.out), config.to_dict(), changed, command)

@@ -19,6 +19,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "previous phase's training dynamics, swaps the --remove-n easiest out and as many from "
                     "the dropped pool in, and training continues (same model, optimiser, schedule) on "
                     "the new survivors for --round-epochs, read from the source shards through the index. "
+                    "Each round's training starts as onion train does (--nproc N: N local processes, DDP), from "
+                    "the run's last checkpoint; scoring and selection run on Ray between the rounds. "
                     "Run the same command again to resume.",
     )
     curate.add_argument("dataset", help="source dataset location")
@@ -42,7 +44,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                              "on those: pays on object stores when a small share is read for many epochs")
     add_ray_options(curate)
     # The rounds choose the examples; --seed also seeds the rounds' random choices.
-    add_train_options(curate, skip=("epochs", "nproc", "selection", "example_strategy", "prune_ratio", "prune_anneal"))
+    # --nproc N: each round's training phase on N local processes (DDP), as onion train --nproc N trains.
+    add_train_options(curate, skip=("epochs", "selection", "example_strategy", "prune_ratio", "prune_anneal"))
     curate.set_defaults(handler=run)
 
 

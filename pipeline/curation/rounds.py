@@ -39,13 +39,11 @@ from pipeline.ingest.job import IngestOptions
 from shards import UsageError, location, read_manifest
 from shards.selections import selection_parts, version_parameters
 from shards.urls import Location
-from trainer.checkpoint import latest_position
 from trainer.config import TrainConfig
-from trainer.loop import CONFIG_NAME, Trainer
+from trainer.launch import run_training
 from trainer.preflight import check_start
-from trainer.resume import CURATION_MARK
+from trainer.run_folder import CURATION, claim, has_checkpoint, release_unstarted
 
-CURATION_NAME = CURATION_MARK  # the run folder's owner mark
 DYNAMICS_SCORERS = ("forgetting", "loss")
 
 
@@ -97,14 +95,16 @@ def check_pool(reasons: Counter, kept: int, plan: CurationPlan) -> None:
                          "lower --remove-n")
 
 
-def claim_run(run: Location, record: dict) -> bool:
-    """curation.json, created exclusively, makes this job the run's owner; finding it means resuming.
-    Returns whether this call made the claim."""
-    if not run.exists(CURATION_NAME) and run.exists(CONFIG_NAME):
-        raise UsageError(f"{run.url} already holds a training run; use another --out")
-    if run.create_exclusive(CURATION_NAME, json.dumps({**record, "selections": []}, indent=2).encode()):
+def claim_run(run: Location, config: TrainConfig, record: dict) -> bool:
+    """Claim the folder as ``onion train`` does (:func:`trainer.run_folder.claim`), then mark it a curation
+    (``curation.json``); a folder already marked with the same dataset and plan is resumed. Returns whether
+    this call made the claim."""
+    if claim(run, config.to_dict()):
+        run.write_atomic(CURATION, json.dumps({**record, "selections": []}, indent=2).encode())
         return True
-    stored = json.loads(run.read_bytes(CURATION_NAME))
+    if not run.exists(CURATION):
+        raise UsageError(f"{run.url} already holds a training run; use another --out")
+    stored = json.loads(run.read_bytes(CURATION))
     if {"dataset": stored["dataset"], "plan": stored["plan"]} != record:
         raise UsageError(f"{run.url} holds a curation with other settings; use another --out")
     return False
@@ -127,13 +127,12 @@ def curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, *, progres
         read_grouping(dataset, plan.dedup)  # the groups exist, before the run is claimed
     run = location(config.out)
     record = {"dataset": dataset_url, "plan": asdict(plan)}
-    claimed = claim_run(run, record)
+    claimed = claim_run(run, config, record)
     try:
         return _curate(dataset_url, config, plan, record, progress)
     except BaseException:
-        if claimed and latest_position(run) is None:  # nothing trained yet: leave the folder free
-            run.remove(CONFIG_NAME)
-            run.remove(CURATION_NAME)
+        if claimed:  # failed before its first checkpoint: the folder is left free
+            release_unstarted(run)
         raise
 
 
@@ -143,8 +142,8 @@ def _curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, record: d
     dataset, run = location(dataset_url), location(config.out)
     ingest_options = IngestOptions(seed=plan.seed)
     versions: list[str] = []
-    trainer: Trainer | None = None
     made: Made | None = None
+    summary: dict | None = None
     for round_number in range(plan.rounds):
         parameters = {"curation": config.out, "round": round_number, **asdict(plan)}
         if made is None:
@@ -166,16 +165,13 @@ def _curate(dataset_url: str, config: TrainConfig, plan: CurationPlan, record: d
         if plan.survivor_shards:
             materialize(dataset_url, versions[-1], ingest_options, ["onion", "curate", dataset_url, config.out],
                         progress=progress)
-        run.write_atomic(CURATION_NAME, json.dumps({**record, "selections": versions}, indent=2).encode())
+        run.write_atomic(CURATION, json.dumps({**record, "selections": versions}, indent=2).encode())
         data = ((kept_url(dataset_url, versions[-1]), None) if plan.survivor_shards
                 else (dataset_url, versions[-1]))
-        if trainer is None:
-            trainer = Trainer(TrainConfig.from_dict({**config.to_dict(), "dataset": data[0],
-                                                     "selection": data[1] or ""}))
-            trainer.resume()
-        trainer.use_dataset(*data)
-        summary = trainer.train(until_epoch=(round_number + 1) * plan.round_epochs)
-    return {**summary, "selections": versions, "rounds": round_reports(dataset, versions)}
+        # the phase trains as onion train does (one process, or --nproc N), from the last checkpoint on
+        phase = TrainConfig.from_dict({**config.to_dict(), "dataset": data[0], "selection": data[1] or ""})
+        summary = run_training(phase, resume=has_checkpoint(run), until_epoch=(round_number + 1) * plan.round_epochs)
+    return {**(summary or {}), "selections": versions, "rounds": round_reports(dataset, versions)}
 
 
 def reason_counts(dataset: Location, version: str) -> Counter:

@@ -30,6 +30,7 @@ from pipeline.inspection.selections import distance_unit, ranked_groups, selecti
 from shards import STATUS_OK, DatasetDamaged, UsageError, location, read_index, read_manifest
 from shards.selections import read_selection, selection_parameters, selection_versions
 from shards.urls import Location
+from trainer.run_folder import CONFIG, CURATION, EPOCH_SELECTIONS, METRICS, SUMMARY, run_config
 
 # One character per example and selection version: 64 codes that need no escaping in JSON.
 CODE_ALPHABET = string.digits + string.ascii_uppercase + string.ascii_lowercase + "-_"
@@ -277,15 +278,14 @@ def _number(text: str) -> float | None:
 def read_run(url: str) -> dict:
     """A training run's curves (metrics.csv), its summary, and the share of examples each epoch trained on."""
     run = location(url)
-    if not run.exists("metrics.csv") and not run.exists("summary.json"):
+    if not run.exists(METRICS) and not run.exists(SUMMARY):
         raise UsageError(f"{url}: not a training run (no metrics.csv or summary.json)")
     with readable(f"{url}/metrics.csv"):
-        text = run.read_bytes("metrics.csv").decode() if run.exists("metrics.csv") else ""
-        summary = json.loads(run.read_bytes("summary.json")) if run.exists("summary.json") else {}
-        config = json.loads(run.read_bytes("config.json")) if run.exists("config.json") else summary.get("config", {})
-        curation = json.loads(run.read_bytes("curation.json")) if run.exists("curation.json") else None
-        epochs = (json.loads(run.read_bytes("example_selections.json"))
-                  if run.exists("example_selections.json") else None)
+        text = run.read_bytes(METRICS).decode() if run.exists(METRICS) else ""
+        summary = json.loads(run.read_bytes(SUMMARY)) if run.exists(SUMMARY) else {}
+        config = run_config(run) if run.exists(CONFIG) else summary.get("config", {})
+        curation = json.loads(run.read_bytes(CURATION)) if run.exists(CURATION) else None
+        epochs = json.loads(run.read_bytes(EPOCH_SELECTIONS)) if run.exists(EPOCH_SELECTIONS) else None
     rows = list(csv.DictReader(io.StringIO(text)))
     columns = {name: [_number(row[name]) for row in rows] for name in (rows[0] if rows else {}) if name}
     example_keep = []

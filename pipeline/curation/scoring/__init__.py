@@ -49,7 +49,7 @@ class ScoreContext:
     def dynamics_files(self) -> list[str]:
         """The run's dynamics files (names), or an error saying why there are none."""
         from shards.index import parquet_names
-        from trainer.dynamics_files import DYNAMICS
+        from trainer.run_folder import DYNAMICS
 
         if not self.run:
             raise UsageError("this scorer reads a training run's dynamics: give --run RUN")

@@ -44,7 +44,7 @@ from pipeline.fan_out import fan_out
 from pipeline.ray_runtime import default_workers, on_fresh_actors
 from shards.index import IndexPart, parquet_names, read_index_part, read_parquet, table_to_parquet_bytes, usable_train
 from shards.urls import location
-from trainer.dynamics_files import DYNAMICS
+from trainer.run_folder import DYNAMICS
 
 # The dynamics columns each scorer reads (every actor reads every file: only these, to read less)
 COLUMNS = {"forgetting": ["key", "epoch", "step", "correct", "cls_attention_variance"],

@@ -39,10 +39,9 @@ from pipeline.ray_runtime import current_node, describe_nodes, ensure_ray
 from shards import ShardDataset, UsageError, location
 from shards.index import IndexPart, table_to_parquet_bytes
 from trainer.augment import ImageTransform
-from trainer.checkpoint import CHECKPOINTS, MODEL_FILE, MODEL_JSON
 from trainer.config import TrainConfig
 from trainer.inputs import Normalization, augment_policy, data_info, prepare, reader_transforms
-from trainer.loop import CONFIG_NAME
+from trainer.run_folder import CHECKPOINTS, CONFIG, MODEL_FILE, MODEL_JSON, STEP_PREFIX, run_config
 
 if TYPE_CHECKING:
     from pipeline.curation.scoring import ScoreContext
@@ -52,7 +51,7 @@ BATCH = 256
 
 def checkpoint_folders(run_url: str) -> list[str]:
     checkpoints = location(run_url).child(CHECKPOINTS)
-    folders = [name for name in checkpoints.list_names() if name.startswith("step-")]
+    folders = [name for name in checkpoints.list_names() if name.startswith(STEP_PREFIX)]
     if not folders:
         raise UsageError(f"{run_url}: no checkpoints to score with (train it first, or give another --run)")
     return folders
@@ -73,7 +72,7 @@ def run_evaluation_transform(run_url: str, dataset_url: str) -> ImageTransform |
     """How the run's evaluation sees this dataset's images (photos of mixed sizes: the centre crop at the
     model's side; equal-size small images: as stored, resized on the device)."""
     run = location(run_url)
-    recorded = json.loads(run.read_bytes(CONFIG_NAME)) if run.exists(CONFIG_NAME) else {}
+    recorded = run_config(run) if run.exists(CONFIG) else {}
     config = TrainConfig.from_dict(recorded)
     info = data_info(location(dataset_url))
     _, kwargs = run_architecture(run_url)

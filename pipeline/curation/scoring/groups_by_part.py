@@ -32,7 +32,7 @@ phash_groups`), for any number of actors.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -128,13 +128,18 @@ class ExactGroups:
             for image, _, key in ShardDataset(self.dataset, "train", shuffle=False, shards=shards) if shards else ():
                 yield key, image.permute(1, 2, 0).numpy(), row_of[key]
 
-    def hash(self, buckets: int) -> int:
-        """Digest this actor's examples and sum them up per bucket (see :meth:`bucket`); how many it hashed."""
-        keys, digests, rows = [], [], []
+    def _hashed(self, hasher: Callable[[np.ndarray], object]) -> tuple[list[str], list, list[int]]:
+        """This actor's examples' keys, hashes (by ``hasher``, of their HxWxC pixels) and index rows."""
+        keys, hashes, rows = [], [], []
         for key, pixels, row in self._examples():
             keys.append(key)
-            digests.append(exact_digest(pixels))
+            hashes.append(hasher(pixels))
             rows.append(row)
+        return keys, hashes, rows
+
+    def hash(self, buckets: int) -> int:
+        """Digest this actor's examples and sum them up per bucket (see :meth:`bucket`); how many it hashed."""
+        keys, digests, rows = self._hashed(exact_digest)
         self.mine = pa.table({"key": pa.array(keys, pa.string()), "label": pa.array(digests, pa.string()),
                               "row": pa.array(rows, pa.int64())})
         self._send(self.mine, buckets)
@@ -193,11 +198,7 @@ class PhashGroups(ExactGroups):
 
     def hash(self, buckets: int) -> tuple[int, bytes, bytes]:
         """Hash this actor's examples; how many, and the bitwise OR and AND of their hashes."""
-        keys, hashes, rows = [], [], []
-        for key, pixels, row in self._examples():
-            keys.append(key)
-            hashes.append(perceptual_hash(pixels))
-            rows.append(row)
+        keys, hashes, rows = self._hashed(perceptual_hash)
         self.mine = pa.table({"key": pa.array(keys, pa.string()), "row": pa.array(rows, pa.int64()),
                               "hash": pa.array(hashes, pa.binary(HASH_BYTES))})
         packed = np.frombuffer(b"".join(hashes), np.uint8).reshape(len(hashes), HASH_BYTES)
