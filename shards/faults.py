@@ -38,7 +38,9 @@ Environment (all unset in normal use: then :func:`boundary` costs one dict looku
     whatever the machine's load, instead of at a wall-clock time the job may already have passed.
     ``ONION_FAULT_SIGNAL=STOP`` pauses the process that reached boundary N (SIGSTOP to itself, once
     the lock is released) until someone sends it SIGCONT: the twin-ingest test lets another job run
-    to its end in that pause.
+    to its end in that pause. ``ONION_FAULT_SIGNAL=DIE`` kills only the process that reached boundary N
+    (SIGKILL to itself, once the lock is released): one worker lost, the others left running (the Ray
+    Train test kills a training worker so).
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def boundary(kind: str, path: str) -> None:
 
 def _reached(counter: str, kind: str, path: str) -> None:
     fd = os.open(counter, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-    pause = False
+    pause = die = False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         match = os.environ.get(MATCH, "").encode()  # b"" is in every line: then every boundary counts
@@ -74,12 +76,16 @@ def _reached(counter: str, kind: str, path: str) -> None:
                 _ctrl_c()
             elif chosen == "STOP":
                 pause = True
+            elif chosen == "DIE":
+                die = True
             else:
                 _power_cut()
     finally:
         os.close(fd)
     if pause:
         os.kill(os.getpid(), signal.SIGSTOP)
+    if die:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _read_all(fd: int) -> bytes:

@@ -10,6 +10,8 @@ import pytest
 
 from helpers import files_of, onion
 from loopback import RAY_CLUSTER_ENV, LoopbackRayCluster
+from shards import location
+from shards.selections import read_selection
 from trainer.config import TrainConfig
 from trainer.launch import train
 
@@ -70,3 +72,31 @@ def test_cluster_launcher_config_passes_rays_schema():
     validate_config(fillout_defaults(config))  # raises on a field Ray does not know or a missing one
     assert config["provider"]["type"] == "aws" and config["head_node_type"] in config["available_node_types"]
     assert any("pip install" in command and "onion" in command for command in config["setup_commands"])
+
+
+CURATE = ["--rounds", "2", "--round-epochs", "2", "--remove-n", "30", "--depth", "1", "--embed-dim", "32",
+          "--num-heads", "2", "--patch-size", "4", "--batch-size", "64", "--loader-workers", "0"]
+WORKER_NODE = re.compile(r"Ray Train worker (\d) of 2 on node (\w+)")
+
+
+def test_curate_on_two_ray_train_workers_across_the_nodes_selects_as_nproc_2(cluster, tmp_path):
+    """Each round's training on 2 Ray Train workers, one on each node of the cluster, gives the selections of
+    ``--nproc 2`` on one machine (the same threads per rank: the machine's CPUs shared by 2)."""
+    source = tmp_path / "source"
+    onion_on("ingest", "synthetic", str(source), "--count", "600", "--image-size", "16", "--shard-size", "100")
+    local, spread = tmp_path / "local", tmp_path / "spread"
+    for data in (local, spread):
+        subprocess.run(["cp", "-r", str(source), str(data)], check=True)
+    onion_on("curate", str(local), "--out", str(tmp_path / "run-nproc"), "--nproc", "2", *CURATE)
+    result = onion_on("curate", str(spread), "--out", str(tmp_path / "run-ray"), "--ray-workers", "2", *CURATE,
+                      address=cluster)
+    workers = {rank: node for rank, node in WORKER_NODE.findall(result.stderr)}
+    assert set(workers) == {"0", "1"} and len(set(workers.values())) == 2, result.stderr[-3000:]
+    versions = [sorted(name for name in os.listdir(data / "selections") if name.endswith(".json"))
+                for data in (local, spread)]
+    assert len(versions[0]) == 2 and versions[0] == versions[1]
+    versions = versions[0]
+    for name in versions:
+        tables = [read_selection(location(str(data)), name.removesuffix(".json"), columns=["key", "kept", "reason"])
+                  for data in (local, spread)]
+        assert tables[0].equals(tables[1]), name

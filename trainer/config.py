@@ -108,6 +108,9 @@ class TrainConfig:
     amp: str = knob("auto", "auto (bf16 on a GPU that supports it, else off), bf16, or off")
     device: str = knob("auto", "auto (cuda if present), cpu, cuda, cuda:1, ...")
     nproc: int = knob(1, "DDP processes on this machine (gloo on CPU, NCCL on GPU); or launch with torchrun")
+    ray_workers: int = knob(0, "train on N workers of the Ray cluster with Ray Train (one GPU each where the "
+                               "cluster has them, else CPU workers; --address or RAY_ADDRESS picks the cluster); "
+                               "0: not on Ray")
     record_dynamics: bool = knob(True, "write per-example training dynamics to dynamics/*.parquet")
     compile: str = knob("off", "torch.compile the training step: off, default, reduce-overhead (CUDA graphs) or "
                                "max-autotune; one static graph per distinct pair of keep rates a full batch meets (the "
@@ -155,7 +158,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 refuse(name, "in [0, 1)")
-        for name in ("loader_workers", "keep_stages"):
+        for name in ("loader_workers", "keep_stages", "ray_workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 refuse(name, "a whole number >= 0")
@@ -168,6 +171,9 @@ class TrainConfig:
             refuse("keep_quantum", "at most 1")
         if self.attn_block is not None and (self.attn_block < 16 or self.attn_block & (self.attn_block - 1)):
             refuse("attn_block", "a power of two >= 16 (FlexAttention's tiles)")
+        if self.ray_workers and self.nproc > 1:
+            raise RunError(f"--ray-workers {self.ray_workers} and --nproc {self.nproc}: choose one (Ray Train's "
+                           "workers or local processes)")
         if self.example_strategy == "infobatch" and not self.record_dynamics:
             raise RunError("--example-strategy infobatch scores examples by their recorded losses: "
                            "it needs --record-dynamics")

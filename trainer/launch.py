@@ -94,8 +94,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 def run_training(config: TrainConfig, resume: bool, until_epoch: int | None = None) -> dict | None:
     """Train the claimed run ``config.out`` on ``config``'s data up to ``until_epoch`` (default: the end),
     continuing from its last checkpoint with ``resume``: in this process, on ``config.nproc`` local
-    processes, or as this torchrun rank. Returns the summary: this process's, or with ``--nproc`` the
-    run's ``summary.json`` (None while the run has epochs left)."""
+    processes, on ``config.ray_workers`` workers of the Ray cluster (:mod:`trainer.ray_train`), or as this
+    torchrun rank. Returns the summary: this process's, or with ``--nproc`` or Ray Train the run's
+    ``summary.json`` (None while the run has epochs left)."""
+    if config.ray_workers:
+        from trainer.ray_train import train_on_ray
+
+        return train_on_ray(config, resume, until_epoch)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
         return _run_rank(int(os.environ["RANK"]), config, resume, int(os.environ["WORLD_SIZE"]), None, until_epoch)
     if config.nproc > 1:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from pipeline.cli.common import add_ray_options, start_ray
 from shards import UsageError
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                             "differs from the run's is refused (--loader-workers too: the example order depends "
                             "on it)")
     add_train_options(train)
+    add_ray_options(train)  # used with --ray-workers N: the Ray cluster the workers run on
     train.set_defaults(handler=run)
 
 
@@ -103,6 +105,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
         from trainer.launch import train
 
         config = train_config(args)
+        if config.ray_workers:
+            start_ray(args)
         summary, out = train(config), config.out
     val = "no validation" if math.isnan(summary["val_top1"]) else f"val top-1 {summary['val_top1']:.2f}%"
     console.print(f"{out}: {val}  {summary['images_per_second']:.0f} img/s  {summary['train_seconds']:.1f} s training",
@@ -125,4 +129,6 @@ def resume(args: argparse.Namespace, console: Console) -> dict | None:
     for name, (before, now) in changed.items():
         console.print(f"{args.resume}: {name} {before!r} -> {now!r}", soft_wrap=True)
     record_resume(config, changed, args.argv)
+    if config.ray_workers:
+        start_ray(args)
     return train(config, resume=True)
