@@ -1,5 +1,19 @@
 import pytest
 
+FAILED: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        FAILED.append(f"{report.nodeid} ({report.when})")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The failed tests, one short line each, as the log's very last lines: CI keeps only the log's tail,
+    which pytest's own summary (the full assertion text on CI) can fill before the names are reached."""
+    for nodeid in FAILED:
+        print(f"FAILED {nodeid}")
+
 
 @pytest.fixture(scope="session")
 def ray_local():

@@ -65,12 +65,20 @@ def kill_first_process_running(marker: str, killed: list[int], stop: threading.E
         time.sleep(0.01)
 
 
+class FileBytes(bytes):
+    """A file's bytes that print as their size and digest: a failed comparison of two folders names the
+    files that differ instead of printing every byte of every shard."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self):,} bytes, sha256 {hashlib.sha256(self).hexdigest()[:16]}>"
+
+
 def files_of(path: Path) -> dict[str, bytes]:
     """Every file under the folder ``path``, by POSIX path relative to it, in sorted order; a single
     file is ``{"": its bytes}``."""
     if path.is_file():
-        return {"": path.read_bytes()}
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+        return {"": FileBytes(path.read_bytes())}
+    return {p.relative_to(path).as_posix(): FileBytes(p.read_bytes()) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def saved_config_of(dataset: str, run: Path | str, **settings) -> TrainConfig:

@@ -33,6 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import files_of
 from pipeline.curation.scoring import read_scores, write_scores
 from pipeline.curation.selection import SourceExamples, initial_round
 from pipeline.ingest.job import IngestOptions, ingest
@@ -137,12 +138,6 @@ def references(base, tmp_path_factory):
 def workspace_from(base: Path, target: Path) -> Path:
     shutil.copytree(base, target, symlinks=True)
     return target
-
-
-def files_of(root: Path) -> dict[str, bytes]:
-    if root.is_file():
-        return {"": root.read_bytes()}
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def describe(boundary: tuple[int, str, str], workspace: Path) -> str:

@@ -7,12 +7,20 @@ plus any from a YAML file. All use the same data, epochs, seeds and hyper-parame
 rotates with the seed so machine drift favours none. Time is each arm's whole wall clock (curation's
 scoring included); FLOPs are counted from the token counts the steps really ran with.
 
+A bench survives a stop: every finished run is recorded in ``runs.json`` under its arm, seed and a
+fingerprint of everything that decides its result (the whole training configuration, the curation
+plan, the data), and the same command run again keeps those and runs the rest. Pieces run
+elsewhere (``--first-seed`` to give each its own seeds, dense in every piece) are put together by
+``--merge``, which pairs each arm with dense of the same seed from the same piece.
+
 Accuracy is judged by paired differences: each arm's top-1 minus dense's top-1 of the same seed
 (same initial weights and data order), with a 95% t-interval over seeds. An arm is at *parity* only
 when the interval's lower bound is above minus the preset's margin.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -123,22 +131,37 @@ def describe_machine(preset: Preset) -> str:
     return f"{os.cpu_count()} CPUs"
 
 
-def run_arm(name: str, settings: dict, preset: Preset, dataset: str, out: Path, seed: int,
-            compile_mode: str = "off") -> dict:
+def run_folder_of(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / f"{re.sub(r'[^A-Za-z0-9.]+', '-', name)}-seed{seed}"
+
+
+def arm_plan(name: str, settings: dict, preset: Preset, dataset: str, out: Path, seed: int,
+             compile_mode: str = "off") -> tuple[TrainConfig, CurationPlan | None]:
+    """The training configuration of one arm and seed, and its curation plan if it runs rounds."""
     settings = {"compile": compile_mode, **settings}
     curated = settings.pop(CURATE, False)
     keep = settings.pop(KEEP, preset.keep)
-    run = out / "runs" / f"{re.sub(r'[^A-Za-z0-9.]+', '-', name)}-seed{seed}"
-    shutil.rmtree(run, ignore_errors=True)
-    config = TrainConfig(**{**preset.train, **settings, "dataset": dataset, "out": str(run), "epochs": preset.epochs,
-                            "seed": seed})
+    config = TrainConfig(**{**preset.train, **settings, "dataset": dataset, "out": str(run_folder_of(out, name, seed)),
+                            "epochs": preset.epochs, "seed": seed})
+    plan = CurationPlan(rounds=preset.rounds, round_epochs=preset.epochs // preset.rounds, keep=keep,
+                        seed=seed) if curated else None
+    return config, plan
+
+
+def fingerprint(config: TrainConfig, plan: CurationPlan | None, preset: Preset) -> str:
+    """What decides a run's result besides its seed: every training setting (defaults included, so a
+    changed default is a new run), the curation plan and the data; not where the run is written."""
+    decided = {name: value for name, value in config.to_dict().items() if name not in ("dataset", "out", "seed")}
+    decided["curation"] = None if plan is None else {k: v for k, v in dataclasses.asdict(plan).items() if k != "seed"}
+    decided["data"] = {"source": preset.source, "options": dataclasses.asdict(preset.source_options)}
+    return hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_arm(name: str, config: TrainConfig, plan: CurationPlan | None) -> dict:
+    shutil.rmtree(config.out, ignore_errors=True)  # a run that a stop cut short starts again: its clock must be whole
     started = time.perf_counter()
-    if curated:
-        plan = CurationPlan(rounds=preset.rounds, round_epochs=preset.epochs // preset.rounds, keep=keep, seed=seed)
-        summary = curate(dataset, config, plan, progress=False)
-    else:
-        summary = train(config)
-    return {"arm": name, "seed": seed, "seconds": time.perf_counter() - started, "top1": summary["val_top1"],
+    summary = curate(config.dataset, config, plan, progress=False) if plan else train(config)
+    return {"arm": name, "seed": config.seed, "seconds": time.perf_counter() - started, "top1": summary["val_top1"],
             "images": summary["train_images"], "flops": summary["train_flops"],
             "images_per_second": summary["images_per_second"], "train_seconds": summary["train_seconds"]}
 
@@ -256,18 +279,24 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def bench_train(preset_name: str, out: Path, seeds: int | None = None, arms_file: str | None = None,
-                only: list[str] | None = None, compile_mode: str = "off") -> list[dict]:
-    """Run the arms (all, or dense plus ``only``) over the seeds; write and return the table rows.
-
-    ``compile_mode`` applies to every arm; compile time is inside each arm's wall clock.
-    """
+def preset_named(preset_name: str, arms_file: str | None = None) -> Preset:
     preset = PRESETS[preset_name]
     if arms_file:
         with open(arms_file, encoding="utf-8") as handle:
             preset = Preset(**{**preset.__dict__, "arms": {**preset.arms, **(yaml.safe_load(handle) or {})}})
     if preset.epochs % preset.rounds:
         raise UsageError(f"preset {preset_name}: {preset.epochs} epochs do not split into {preset.rounds} rounds")
+    return preset
+
+
+def bench_train(preset_name: str, out: Path, seeds: int | None = None, arms_file: str | None = None,
+                only: list[str] | None = None, compile_mode: str = "off", first_seed: int = 0) -> list[dict]:
+    """Run the arms (all, or dense plus ``only``) over seeds ``first_seed`` ..; write and return the table rows.
+
+    Runs that ``out/runs.json`` records as finished with the same settings are kept, not run again.
+    ``compile_mode`` applies to every arm; compile time is inside each arm's wall clock.
+    """
+    preset = preset_named(preset_name, arms_file)
     arms = list(preset.arm_settings().items())
     if only:
         unknown = sorted(set(only) - {name for name, _ in arms})
@@ -280,18 +309,96 @@ def bench_train(preset_name: str, out: Path, seeds: int | None = None, arms_file
     dataset = str(out / "data" / preset.source)
     ingest(open_source(preset.source, preset.source_options), dataset, IngestOptions(), ["onion", "bench"],
            progress=False)
-    runs = []
-    for seed in range(seeds or preset.seeds):
+    seeds = range(first_seed, first_seed + (seeds or preset.seeds))
+    planned = []  # (arm, config, plan, fingerprint), the arm order rotating with the seed
+    for seed in seeds:
         for name, settings in arms[seed % len(arms):] + arms[: seed % len(arms)]:
-            runs.append(run_arm(name, settings, preset, dataset, out, seed, compile_mode))
-            (out / "runs.json").write_text(json.dumps(runs, indent=2))
-            done = runs[-1]
-            print(f"  seed {seed} {name}: {done['seconds']:.1f} s, val top-1 {done['top1']:.2f}% "
-                  f"({len(runs)} of {len(arms) * (seeds or preset.seeds)} runs)", file=sys.stderr, flush=True)
+            config, plan = arm_plan(name, settings, preset, dataset, out, seed, compile_mode)
+            planned.append((name, config, plan, fingerprint(config, plan, preset)))
+    finished = {run_key(r): r for r in read_runs(out)}
+    wanted = {(name, config.seed, mark) for name, config, _, mark in planned}
+    others = [r for key, r in finished.items() if key not in wanted]  # kept in runs.json, not in this table
+    runs = []
+    for name, config, plan, mark in planned:
+        done = finished.get((name, config.seed, mark))
+        if done is None:
+            done = {**run_arm(name, config, plan), "settings": mark, "preset": preset_name, "machine": machine}
+            what = f"{done['seconds']:.1f} s, val top-1 {done['top1']:.2f}%"
+        else:
+            what = f"kept from {out / RUNS_FILE} (finished earlier, same settings)"
+        runs.append(done)
+        write_runs(out, runs + others)
+        print(f"  seed {config.seed} {name}: {what} ({len(runs)} of {len(planned)} runs)", file=sys.stderr, flush=True)
     title = (f"onion bench train --preset {preset_name}: {preset.source}, {preset.epochs} epochs, "
-             f"{seeds or preset.seeds} seed(s), {machine}, compile {compile_mode}")
+             f"{len(seeds)} seed(s), {machine}, compile {compile_mode}")
     return write_results(out, preset_name, sorted(runs, key=lambda r: [a for a, _ in arms].index(r["arm"])), title,
                          preset.parity_margin)
+
+
+RUNS_FILE = "runs.json"
+
+
+def run_key(run: dict) -> tuple[str, int, str | None]:
+    return run["arm"], run["seed"], run.get("settings")
+
+
+def read_runs(folder: Path) -> list[dict]:
+    """The finished runs a bench folder records (none if it has no ``runs.json``)."""
+    path = folder / RUNS_FILE
+    if not path.exists():
+        return []
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}: not a bench's run record ({error})") from error
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and {"arm", "seed", "top1"} <= set(r) for r in runs):
+        raise UsageError(f"{path}: not a bench's run record (a list of runs with arm, seed and top1)")
+    return runs
+
+
+def write_runs(out: Path, runs: list[dict]) -> None:
+    """``runs.json``, replaced whole (written aside, then renamed): a stop never leaves half a record."""
+    temporary = out / f".{RUNS_FILE}.partial"
+    temporary.write_text(json.dumps(runs, indent=2))
+    os.replace(temporary, out / RUNS_FILE)
+
+
+def bench_merge(preset_name: str, folders: list[Path], out: Path, arms_file: str | None = None) -> list[dict]:
+    """One table from bench folders that each ran some seeds of ``preset_name`` (dense in each).
+
+    Each arm is paired with dense of the same seed from the same folder; an arm must have run with
+    the same settings everywhere, and a seed of an arm may come from one folder only.
+    """
+    preset = preset_named(preset_name, arms_file)
+    order = list(preset.arm_settings())
+    runs, source, settings, machines = [], {}, {}, set()
+    for folder in folders:
+        mine = [r for r in read_runs(folder) if r.get("preset") == preset_name]
+        if not mine:
+            raise UsageError(f"{folder}: no finished run of preset {preset_name} in its {RUNS_FILE}")
+        dense_seeds = {r["seed"] for r in mine if r["arm"] == "dense"}
+        for run in mine:
+            arm, seed = run["arm"], run["seed"]
+            if seed not in dense_seeds:
+                raise UsageError(f"{folder}: seed {seed} of {arm} has no dense run of the same seed there to pair with")
+            if (arm, seed) in source:
+                raise UsageError(f"seed {seed} of {arm} is in both {source[arm, seed]} and {folder}; run each piece "
+                                 f"with its own seeds (--first-seed)")
+            if settings.setdefault(arm, (run["settings"], folder))[0] != run["settings"]:
+                raise UsageError(f"{arm} ran with other settings in {settings[arm][1]} than in {folder}")
+            source[arm, seed] = folder
+            machines.add(run.get("machine", "unknown machine"))
+            runs.append(run)
+    unknown = sorted({r["arm"] for r in runs} - set(order))
+    if unknown:
+        raise UsageError(f"arms {unknown} are not arms of preset {preset_name} (extra arms: --arms with the same YAML)")
+    runs.sort(key=lambda r: (order.index(r["arm"]), r["seed"]))
+    out.mkdir(parents=True, exist_ok=True)
+    write_runs(out, runs)
+    seeds = len({r["seed"] for r in runs if r["arm"] == "dense"})
+    title = (f"onion bench train --preset {preset_name}: {preset.source}, {preset.epochs} epochs, {seeds} seed(s) "
+             f"merged from {len(folders)} folder(s), {', '.join(sorted(machines))}")
+    return write_results(out, preset_name, runs, title, preset.parity_margin)
 
 
 def write_results(out: Path, preset_name: str, runs: list[dict], title: str, margin: float = 0.5) -> list[dict]:

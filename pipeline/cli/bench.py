@@ -6,7 +6,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.cli.common import positive_int
+from pipeline.cli.common import non_negative_int, positive_int
+from shards import UsageError
 
 NAME = "bench"
 HELP = "side-by-side benchmarks: training arms, data loaders"
@@ -33,13 +34,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                               "gpu: one CUDA card, DeiT-Tiny at 224 px in bf16, with block-sparse attention arms "
                               "(<= 6 min)")
     trained.add_argument("--seeds", type=positive_int, help="seeds per arm (default: the preset's)")
+    trained.add_argument("--first-seed", type=non_negative_int, default=0,
+                         help="the first seed (default 0): a bench run in pieces gives each piece its own seeds")
     trained.add_argument("--arms", help="YAML mapping of extra arm name -> training settings (curate: true for rounds, "
                                         "keep: share of examples kept), e.g. for a trade-off curve")
     trained.add_argument("--only", type=lambda text: text.split(","),
                          help="comma-separated arms to run besides dense (default: all)")
     trained.add_argument("--compile", choices=COMPILE_MODES, default="off",
                          help="torch.compile every arm (compile time counts in its wall clock; default off)")
-    trained.add_argument("--out", help="results folder (default runs/bench-<preset>, outside the source tree)")
+    trained.add_argument("--out", help="results folder (default runs/bench-<preset>, outside the source tree). "
+                                       "Run again, the same command keeps the runs its runs.json records as finished "
+                                       "with the same settings and runs the rest")
+    trained.add_argument("--merge", nargs="+", metavar="FOLDER",
+                         help="train nothing: one table in --out from these bench folders of the preset (each ran "
+                              "dense and its own seeds); each arm is paired with dense of the same seed and folder")
     trained.set_defaults(handler=run_bench_train)
     data = kinds.add_parser(
         "data", help="our shard reader vs torchvision ImageFolder on the same images (--photos: JPEG photos)",
@@ -66,10 +74,17 @@ def worker_counts(text: str) -> tuple[int, ...]:
 
 
 def run_bench_train(args: argparse.Namespace, console: Console) -> None:
-    from pipeline.bench.train import bench_train
+    from pipeline.bench.train import bench_merge, bench_train
 
     out = Path(args.out or f"runs/bench-{args.preset}")
-    bench_train(args.preset, out, args.seeds, args.arms, args.only, args.compile)
+    if args.merge:
+        given = [flag for flag, value in (("--seeds", args.seeds), ("--first-seed", args.first_seed),
+                                          ("--only", args.only), ("--compile", args.compile != "off")) if value]
+        if given:
+            raise UsageError(f"--merge trains nothing: {', '.join(given)} do not apply to it")
+        bench_merge(args.preset, [Path(folder) for folder in args.merge], out, args.arms)
+    else:
+        bench_train(args.preset, out, args.seeds, args.arms, args.only, args.compile, args.first_seed)
     console.print((out / "results.md").read_text(encoding="utf-8"))  # the table(s) just written
     console.print(f"wrote {out}/results.md, results.png, results.json")
 
