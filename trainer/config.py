@@ -67,6 +67,10 @@ class TrainConfig:
     token_blocks: list[int] | None = knob(None, "0-based pruning blocks, e.g. 3,6,9 "
                                                 "(default: 3,6,9 of 12, scaled to the depth)")
     attn_keep: float = knob(1.0, "share of keys each query keeps from a pruning block on (1.0: attention level off)")
+    patch_drop: float = knob(0.0, "share of each training image's patch tokens removed at random after the position "
+                                  "embedding, a new draw per image and step (PatchDropout, timm's patch_drop_rate; "
+                                  "FLIP masks 0.5-0.75); the blocks see the rest, evaluation sees every token "
+                                  "(0: off)")
     fuse_token: bool = knob(False, "fuse the dropped tokens into one attention-weighted token (EViT)")
     attn_mode: str = knob("exact", "exact: each query keeps its top keys, a dense masked kernel (the paper's "
                                    "regulariser; saves no time); block: each tile of queries keeps its top tiles of "
@@ -226,7 +230,7 @@ RECORDED = ("extensions",)  # recorded by onion train --resume (in history.jsonl
 RENAMED = {"workers": "loader_workers"}  # old name -> current name, for configs written before the rename
 CHANNELS = 3  # the loaders give RGB (grey images are converted)
 RATES = ("token_keep", "attn_keep")
-SHARES = ("drop_path", "ema", "label_smoothing", "prune_ratio", "prune_anneal")
+SHARES = ("drop_path", "patch_drop", "ema", "label_smoothing", "prune_ratio", "prune_anneal")
 NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "keep_warmup_epochs", "keep_ramp_epochs",
                 "keep_quantum", "clip_grad", "mixup", "cutmix", "checkpoint_every", "progress_seconds")
 POSITIVE_COUNTS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "nproc",

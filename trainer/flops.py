@@ -6,6 +6,7 @@ A training step costs about 3x its forward pass for both, so the ratio predicts 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trainer.sparse_vit import kept_count
@@ -52,9 +53,24 @@ def token_counts(shape: ViTShape, token_keep: float, token_blocks: frozenset[int
 
 def forward_flops(shape: ViTShape, token_keep: float = 1.0, token_blocks: frozenset[int] | set[int] = frozenset(),
                   fuse_token: bool = False) -> int:
+    """One image's forward pass at the token counts the token level's settings give (all patches in)."""
+    return counted_flops(shape, shape.patches, token_counts(shape, token_keep, token_blocks, fuse_token))
+
+
+def measured_forward_flops(shape: ViTShape, input_tokens: tuple[int, int], block_tokens: Sequence[int]) -> int:
+    """One image's forward pass at the token counts a forward really ran with: ``input_tokens`` is
+    (patches embedded, tokens into the first block: fewer under patch dropout) and ``block_tokens``
+    the tokens out of each block (a block's MLP sees its output count: tokens are dropped or merged
+    between its attention and its MLP)."""
+    embedded, first = input_tokens
+    return counted_flops(shape, embedded, list(zip([first, *block_tokens[:-1]], block_tokens, strict=True)))
+
+
+def counted_flops(shape: ViTShape, embedded: int, counts: list[tuple[int, int]]) -> int:
+    """Patch embedding of ``embedded`` patches, then per block (tokens in attention, tokens in MLP), then the head."""
     d, h = shape.dim, shape.mlp_hidden
-    total = 2 * shape.patches * shape.patch_pixels * d + 2 * d * shape.num_classes * shape.heads
-    for attention_tokens, mlp_tokens in token_counts(shape, token_keep, token_blocks, fuse_token):
+    total = 2 * embedded * shape.patch_pixels * d + 2 * d * shape.num_classes * shape.heads
+    for attention_tokens, mlp_tokens in counts:
         n = attention_tokens
         total += 2 * n * d * 3 * d + 2 * n * n * d * 2 + 2 * n * d * d  # qkv, scores and weighted sum, proj
         total += 2 * mlp_tokens * d * h * 2  # fc1, fc2

@@ -51,7 +51,7 @@ from trainer.example_pruning import (
     record_epoch,
     record_plan,
 )
-from trainer.flops import ViTShape, forward_flops
+from trainer.flops import ViTShape, measured_forward_flops
 from trainer.inputs import Normalization, augment_policy, data_info, input_side, prepare, reader_transforms
 from trainer.model import build_model, model_kwargs
 from trainer.run_folder import METRICS, MODEL_JSON, TENSORBOARD, claim, write_summary
@@ -366,8 +366,8 @@ class Trainer:
         self.step_shapes.add(shape)
         if compiled_step:
             self.compiled_shapes.add(shape)
-        step_flops = TRAIN_FLOPS_PER_FORWARD * len(keys) * forward_flops(
-            self.shape, self.model.token_keep, self.model.token_blocks, self.model.fuse_token)
+        step_flops = TRAIN_FLOPS_PER_FORWARD * len(keys) * measured_forward_flops(
+            self.shape, self.model.last_input_tokens, self.model.last_token_counts)
         self.position = replace(self.position, step=self.position.step + 1, batch=self.position.batch + 1,
                                 train_flops=self.position.train_flops + step_flops * self.world_size)
         self.scheduler.step()  # after the position moved: it sets the rate of the next step

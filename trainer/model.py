@@ -26,6 +26,8 @@ def model_kwargs(config: TrainConfig, img_size: int, num_classes: int) -> dict:
     """The overrides handed to ``timm.create_model`` (also what a user needs to rebuild it)."""
     kwargs = {"img_size": img_size, "num_classes": num_classes, "drop_path_rate": config.drop_path,
               "patch_size": patch_size_of(config, img_size)}
+    if config.patch_drop:  # timm builds its PatchDropout only when asked: default models keep their modules
+        kwargs["patch_drop_rate"] = config.patch_drop
     for name in ("depth", "embed_dim", "num_heads"):
         if getattr(config, name) is not None:
             kwargs[name] = getattr(config, name)

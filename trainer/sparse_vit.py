@@ -128,7 +128,8 @@ class SparseVisionTransformer(VisionTransformer):
     fuse_token: bool
     record_cls_attention: bool
     last_cls_attention_variance: torch.Tensor | None
-    last_token_counts: list[int]
+    last_token_counts: list[int]  # tokens out of each block in the last forward pass
+    last_input_tokens: tuple[int, int]  # (patches embedded, tokens into the first block) in the last forward pass
 
     def set_rates(self, token_keep: float | None = None, attn_keep: float | None = None) -> None:
         """Change the keep rates between steps (for schedules)."""
@@ -143,8 +144,10 @@ class SparseVisionTransformer(VisionTransformer):
         if attn_mask is not None or is_causal:
             raise NotImplementedError("the sparse ViT computes its own attention masks")
         x = self.patch_embed(x)
+        embedded = math.prod(x.shape[1:-1])  # (B, N, D), or (B, H, W, D) with timm's dynamic_img_size
         x = self._pos_embed(x)  # the model's own: adds the class, distillation and register tokens
-        x = self.patch_drop(x)
+        x = self.patch_drop(x)  # PatchDropout (patch_drop_rate) while training, else nothing
+        self.last_input_tokens = (embedded, x.shape[1])
         x = self.norm_pre(x)
         mask = None
         counts = []
@@ -569,6 +572,7 @@ def sparsify(
     sparse.record_cls_attention = False
     sparse.last_cls_attention_variance = None
     sparse.last_token_counts = []
+    sparse.last_input_tokens = (0, 0)
     sparse.token_keep = sparse.attn_keep = 1.0
     sparse.set_rates(token_keep, attn_keep)
     return sparse
