@@ -67,6 +67,11 @@ class TrainConfig:
     token_blocks: list[int] | None = knob(None, "0-based pruning blocks, e.g. 3,6,9 "
                                                 "(default: 3,6,9 of 12, scaled to the depth)")
     attn_keep: float = knob(1.0, "share of keys each query keeps from a pruning block on (1.0: attention level off)")
+    token_merge: int = knob(0, "token merging (ToMe), the alternative token level: patch tokens merged away in "
+                               "every block by bipartite soft matching of their attention keys, merged tokens "
+                               "averaged by size and weighed by it in attention (proportional attention), e.g. 4 "
+                               "takes 49 patches to 25 over 6 blocks; needs --token-keep 1 and --attn-keep 1 "
+                               "(0: off)")
     patch_drop: float = knob(0.0, "share of each training image's patch tokens removed at random after the position "
                                   "embedding, a new draw per image and step (PatchDropout, timm's patch_drop_rate; "
                                   "FLIP masks 0.5-0.75); the blocks see the rest, evaluation sees every token "
@@ -162,7 +167,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
                 refuse(name, "in [0, 1)")
-        for name in ("loader_workers", "keep_stages", "ray_workers"):
+        for name in ("loader_workers", "keep_stages", "ray_workers", "token_merge"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 refuse(name, "a whole number >= 0")
@@ -175,6 +180,9 @@ class TrainConfig:
             refuse("keep_quantum", "at most 1")
         if self.attn_block is not None and (self.attn_block < 16 or self.attn_block & (self.attn_block - 1)):
             refuse("attn_block", "a power of two >= 16 (FlexAttention's tiles)")
+        if self.token_merge and (self.token_keep < 1.0 or self.attn_keep < 1.0):
+            raise RunError(f"--token-merge {self.token_merge} is the token level in place of pruning: give it with "
+                           f"--token-keep 1 and --attn-keep 1 (not {self.token_keep} and {self.attn_keep})")
         if self.ray_workers and self.nproc > 1:
             raise RunError(f"--ray-workers {self.ray_workers} and --nproc {self.nproc}: choose one (Ray Train's "
                            "workers or local processes)")

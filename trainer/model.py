@@ -116,4 +116,5 @@ def build_model(config: TrainConfig, img_size: int, num_classes: int, *, load_pr
     if config.pretrained and load_pretrained_weights:
         load_pretrained(vit, config.pretrained, say)
     return sparsify(vit, token_keep=1.0, token_blocks=config.token_blocks, attn_keep=1.0,
-                    fuse_token=config.fuse_token, attn_mode=config.attn_mode, attn_block=config.attn_block)
+                    fuse_token=config.fuse_token, attn_mode=config.attn_mode, attn_block=config.attn_block,
+                    token_merge=config.token_merge)

@@ -9,6 +9,10 @@ keys) but runs a forward pass that:
   ``num_prefix_tokens``: class, distillation and register tokens) are always kept, whatever their
   score; optionally the dropped ones are fused into one token weighted by their scores (EViT),
   appended last;
+* **token merging** (``token_merge = r > 0``, an alternative token level, with both rates at 1.0):
+  in every block, between attention and MLP, ``r`` patch tokens merge into their most similar ones
+  (ToMe's bipartite soft matching; sizes carried forward and weighed in attention:
+  :mod:`trainer.token_merging`);
 * **attention level** (``attn_keep < 1``): at the same blocks, from the head-averaged attention map
   among the kept tokens, a mask is chosen that serves the following blocks until the next pruning
   block (a pruning block itself attends densely: it ranks afresh). Two modes:
@@ -79,6 +83,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from trainer.compile import allow_static_graphs
+from trainer.token_merging import bipartite_matching, merge_tokens, proportional_bias
 
 ATTN_MODES = ("exact", "block")
 # Block mode's tile side when none is given: per pruning block, the smallest power of two >= 16 (the
@@ -125,6 +130,7 @@ class SparseVisionTransformer(VisionTransformer):
     attn_mode: str
     attn_block: int | None  # None: tile_side of each pruning block's token count
     token_blocks: frozenset[int]
+    token_merge: int  # ToMe: patch tokens merged away in every block (0: off; trainer/token_merging.py)
     fuse_token: bool
     record_cls_attention: bool
     last_cls_attention_variance: torch.Tensor | None
@@ -137,6 +143,8 @@ class SparseVisionTransformer(VisionTransformer):
             if value is not None:
                 if not 0.0 < value <= 1.0:
                     raise ValueError(f"{name} must be in (0, 1], not {value}")
+                if value < 1.0 and self.token_merge:
+                    raise ValueError(f"token merging is the token level here: {name} must stay 1.0, not {value}")
                 setattr(self, name, float(value))
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -149,7 +157,7 @@ class SparseVisionTransformer(VisionTransformer):
         x = self.patch_drop(x)  # PatchDropout (patch_drop_rate) while training, else nothing
         self.last_input_tokens = (embedded, x.shape[1])
         x = self.norm_pre(x)
-        mask = None
+        mask = size = None  # size: how many patches each token holds, once tokens merge (token_merge)
         counts = []
         last = len(self.blocks) - 1
         # Checkpointing only pays when there is a backward pass to recompute for.
@@ -160,18 +168,20 @@ class SparseVisionTransformer(VisionTransformer):
             if checkpointing:
                 # Non-reentrant: the recomputation sees the same input and RNG state, so it ranks
                 # and keeps the same tokens; _block has no side effects to repeat.
-                x, mask, variance = checkpoint(self._block, block, x, mask, prune, record, use_reentrant=False)
+                x, mask, variance, size = checkpoint(self._block, block, x, mask, size, prune, record,
+                                                     use_reentrant=False)
             else:
-                x, mask, variance = self._block(block, x, mask, prune, record)
+                x, mask, variance, size = self._block(block, x, mask, size, prune, record)
             if record:
                 self.last_cls_attention_variance = variance
             counts.append(x.shape[1])
         self.last_token_counts = counts
         return self.norm(x)
 
-    def _block(self, block: Block, x: torch.Tensor, mask: Mask, prune: bool,
-               record: bool) -> tuple[torch.Tensor, Mask, torch.Tensor | None]:
-        """One block: (tokens out, attention mask for the next blocks, ranking variance if ``record``).
+    def _block(self, block: Block, x: torch.Tensor, mask: Mask, size: torch.Tensor | None, prune: bool,
+               record: bool) -> tuple[torch.Tensor, Mask, torch.Tensor | None, torch.Tensor | None]:
+        """One block: (tokens out, attention mask for the next blocks, ranking variance if ``record``,
+        token sizes once tokens merge).
 
         The mask is an additive bias (exact mode, or block mode where FlexAttention has no backward
         and gathering does not pay), a ``BlockMask`` (block mode, run by FlexAttention) or a
@@ -193,9 +203,10 @@ class SparseVisionTransformer(VisionTransformer):
         elif prune and (full_map or self.cls_token is None) and reuses_attention_map(q.device):
             out, row, full = self._attend_and_rank(q, k, v, attn.scale, dropout, full_map)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if prune or mask is None else mask.to(q.dtype), dropout_p=dropout,
-            )  # a pruning block ranks afresh, without the previous block's mask
+            # a pruning block ranks afresh, without the previous block's mask; merged tokens weigh by their size
+            bias = proportional_bias(size, q.dtype) if size is not None else (
+                None if prune or mask is None else mask.to(q.dtype))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         if (prune or record) and row is None:
             row, full = self._ranking(q, k, attn.scale, full_map=full_map)
         # num_heads * head_dim rather than attn.attn_dim, which timm < 1.0.23 lacks
@@ -208,8 +219,12 @@ class SparseVisionTransformer(VisionTransformer):
             fused = self._fuses(tokens - self.num_prefix_tokens)
             x, full = self._drop_tokens(x, row, full)
             mask = None if full is None else self._next_mask(full, fused)
+        if self.token_merge:
+            merge = bipartite_matching(k.mean(dim=1), self.token_merge, self.num_prefix_tokens)
+            if merge is not None:
+                x, size = merge_tokens(merge, x, size)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        return x, mask, variance
+        return x, mask, variance, size
 
     @torch.no_grad()
     def _ranking(self, q: torch.Tensor, k: torch.Tensor, scale: float,
@@ -499,6 +514,7 @@ def sparsify(
     fuse_token: bool = False,
     attn_mode: str = "exact",
     attn_block: int | None = None,
+    token_merge: int = 0,
 ) -> SparseVisionTransformer:
     """A sparse view of ``vit`` that shares its parameters (and state_dict keys).
 
@@ -534,6 +550,9 @@ def sparsify(
             (the smallest such side leaving at most 24 tiles), so short sequences keep a fine choice
             among 16-token tiles (FlexAttention's own default, 128, would leave 1-5 tiles on them:
             nearly dense at any keep rate) and long ones get tiles that skip work efficiently.
+        token_merge: ToMe's ``r``: patch tokens merged away in every block, between attention and
+            MLP, by bipartite soft matching with proportional attention (:mod:`trainer.token_merging`);
+            an alternative token level, so the keep rates must stay 1.0. 0: off.
     """
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"sparsify needs a timm VisionTransformer, not {type(vit).__name__}")
@@ -573,6 +592,9 @@ def sparsify(
     sparse.last_cls_attention_variance = None
     sparse.last_token_counts = []
     sparse.last_input_tokens = (0, 0)
+    if isinstance(token_merge, bool) or not isinstance(token_merge, int) or token_merge < 0:
+        raise ValueError(f"token_merge must be a whole number >= 0, not {token_merge!r}")
+    sparse.token_merge = token_merge
     sparse.token_keep = sparse.attn_keep = 1.0
     sparse.set_rates(token_keep, attn_keep)
     return sparse

@@ -56,13 +56,6 @@ BLOCK_ARMS = {"attention-block": {"attn_keep": 0.3, "attn_mode": "block"},
               "token+attention-block": {"token_keep": 0.7, "attn_keep": 0.3, "attn_mode": "block"}}
 
 
-# Methods that came after the paper, alone and with per-epoch example pruning (the CPU presets run
-# them; the gpu preset keeps its arms and its 6-minute budget). PatchDropout / FLIP: half of each
-# image's patches removed at the input while training.
-LATER_ARMS = {"patch-dropout": {"patch_drop": 0.5},
-              "example-dynamic+patch-dropout": {**DYNAMIC, "patch_drop": 0.5}}
-
-
 @dataclass(frozen=True)
 class Preset:
     source: str
@@ -76,6 +69,17 @@ class Preset:
     seeds: int = 3
     arms: dict = field(default_factory=dict)
     parity_margin: float = 0.5  # top-1 points: parity when the paired interval's lower bound is above -margin
+    later: bool = False  # the arms of methods that came after the paper (later_arms)
+    merge_r: int = 4  # token merging's r: patch tokens merged away per block
+
+    def later_arms(self) -> dict[str, dict]:
+        """Methods that came after the paper, alone and with per-epoch example pruning: token merging
+        (ToMe, ``merge_r`` per block) and input patch dropout (PatchDropout / FLIP, half the patches)."""
+        if not self.later:
+            return {}
+        merge, drop = {"token_merge": self.merge_r}, {"patch_drop": 0.5}
+        return {"token-merge": merge, "patch-dropout": drop, "example-dynamic+token-merge": {**DYNAMIC, **merge},
+                "example-dynamic+patch-dropout": {**DYNAMIC, **drop}}
 
     def arm_settings(self) -> dict[str, dict]:
         sparse = {"token_keep": self.token_keep}
@@ -83,7 +87,7 @@ class Preset:
         return {"dense": {}, "example": {CURATE: True}, "example-dynamic": DYNAMIC, "token": sparse,
                 "attention": attention, "token+attention": {**sparse, **attention},
                 "tri-level": {CURATE: True, **sparse, **attention},
-                "tri-level-dynamic": {**DYNAMIC, **sparse, **attention}, **self.arms}
+                "tri-level-dynamic": {**DYNAMIC, **sparse, **attention}, **self.later_arms(), **self.arms}
 
 
 # The cpu preset's ViT and schedule: 6 blocks, width 96, 3 heads, patch 7 (16 tokens + class token).
@@ -103,14 +107,15 @@ PRESETS = {
     # (92-93%, no augmentation) from about epoch 19 of 30; about 90 s per dense run on 2 cores.
     # Parity is only meaningful at convergence: cutting presentations from a run that is still
     # learning costs accuracy by construction (see cpu-deit-tiny). Validated once, after the last epoch.
-    "cpu": Preset("mnist5k", SourceOptions(), CPU_TRAIN, epochs=30, rounds=5, seeds=5, arms={**LATER_ARMS}),
+    # Later methods: ToMe's r = 2 takes the 16 patches to 4 over the 6 blocks.
+    "cpu": Preset("mnist5k", SourceOptions(), CPU_TRAIN, epochs=30, rounds=5, seeds=5, later=True, merge_r=2),
     # Block-sparse attention's accuracy against the exact mode where tiles mean something: the cpu preset
     # at patch 4 (49 tokens + class token: four 16-token tiles; at attn_keep 0.3 each query tile keeps
     # its top two key tiles and the class token's; the cpu preset's 17 tokens make one or two tiles).
     # Dense converges as in the cpu preset (train top-1 99% by epoch 30, val flat at 89% from epoch 24),
     # about 3.5 minutes a run.
     "cpu-tiles": Preset("mnist5k", SourceOptions(), {**CPU_TRAIN, "patch_size": 4}, epochs=30, rounds=5, seeds=5,
-                        arms={**BLOCK_ARMS, **LATER_ARMS}),
+                        arms={**BLOCK_ARMS}, later=True, merge_r=4),  # ToMe: 49 patches to 25
     # The earlier CPU preset, kept so its figures reproduce: a DeiT-Tiny-shaped ViT (12 blocks, width 192,
     # 3 heads) for 28x28 at patch 7, 8 epochs, about 2.5 minutes per dense run. It does NOT converge in
     # 8 epochs (train loss still falling steeply, val top-1 near 88% and rising); the sparse levels'
