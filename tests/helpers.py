@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -82,14 +83,47 @@ def files_of(path: Path) -> dict[str, bytes]:
 
 
 def saved_config_of(dataset: str, run: Path | str, **settings) -> TrainConfig:
-    """A tiny run (1 block of width 32, 4-pixel patches, half the tokens kept): an epoch of digits in seconds."""
-    return TrainConfig(dataset=dataset, out=str(run), depth=1, embed_dim=32, num_heads=2, patch_size=4, batch_size=64,
-                       loader_workers=0, token_keep=0.5, token_blocks=[0], warmup_epochs=0.5, **settings)
+    """A tiny run (1 block of width 32, 4-pixel patches, half the tokens kept; ``settings`` override any of it):
+    an epoch of digits in seconds."""
+    tiny = dict(depth=1, embed_dim=32, num_heads=2, patch_size=4, batch_size=64, loader_workers=0, token_keep=0.5,
+                token_blocks=[0], warmup_epochs=0.5)
+    return TrainConfig(dataset=dataset, out=str(run), **{**tiny, **settings})
 
 
 def last_weights(run: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
     """The weights file ``name`` of the run's newest checkpoint folder (model.safetensors, ema.safetensors)."""
     return load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / name))
+
+
+def resumed_from_mid_epoch(run: Path, copy: Path) -> Path:
+    """A copy of the finished ``run`` (checkpointed every few steps, 2 epochs or more) rewound to its
+    last checkpoint inside an epoch after the first, as if stopped there, then resumed to its end."""
+    from trainer.loop import Trainer
+    from trainer.resume import resumed_config
+    from trainer.run_folder import step_folder
+
+    shutil.copytree(run, copy)
+    (copy / "summary.json").unlink()
+    latest = json.loads((copy / "checkpoints" / "latest.json").read_text())
+    per_epoch = latest["step"] // latest["epoch"]
+    steps = sorted(int(p.name.split("-")[1]) for p in (copy / "checkpoints").glob("step-*"))
+    mid = [step for step in steps if step > per_epoch and step % per_epoch][-1]
+    for step in steps:
+        if step > mid:
+            shutil.rmtree(copy / "checkpoints" / step_folder(step))
+    (copy / "checkpoints" / "latest.json").write_text(json.dumps(
+        {**latest, "step": mid, "epoch": mid // per_epoch, "batch": mid % per_epoch}))
+    trainer = Trainer(resumed_config(str(copy), {})[0])
+    assert trainer.resume()
+    trainer.train()
+    return copy
+
+
+def loader_epoch(dataset, workers: int) -> list[tuple[torch.Tensor, list[str]]]:  # noqa: ANN001 - a ShardDataset
+    """A reader's batches of one epoch through a DataLoader with ``workers`` workers: (images, keys) each."""
+    from torch.utils.data import DataLoader
+
+    return [(images, keys) for images, _, keys in DataLoader(dataset, batch_size=None, num_workers=workers)]
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
-from torch.utils.data import DataLoader
 
+from helpers import loader_epoch
 from photos import sample_photos
 from shards import DatasetError, ShardDataset, location, read_index
 from trainer.augment import ImageTransform, centre_box, device_augmentation
@@ -127,10 +127,6 @@ def test_photo_defaults_are_224_and_basic_equal_size_small_ones_unchanged(photos
     train, evaluation = reader_transforms("none", info, 224, 0)
     assert train == evaluation and not train.train  # mixed sizes without augmentation: the evaluation resize
     assert device_augmentation("deit", torch.device("cpu")) is not None and device_augmentation("basic", "cpu") is None
-
-
-def loader_epoch(dataset: ShardDataset, workers: int) -> list[tuple[torch.Tensor, list[str]]]:
-    return [(images, keys) for images, _, keys in DataLoader(dataset, batch_size=None, num_workers=workers)]
 
 
 def test_unbatched_samples_come_out_as_the_batches_do(photos):

@@ -1,17 +1,13 @@
 """Input patch dropout (``--patch-drop``): timm's PatchDropout in the sparse ViT, counted in FLOPs,
 drawn from the seeded RNG (so a mid-epoch resume continues bit for bit), never at evaluation."""
-import json
-import shutil
 
 import torch
 
-from helpers import assert_same_weights, last_weights, saved_config_of
+from helpers import assert_same_weights, last_weights, resumed_from_mid_epoch, saved_config_of
 from trainer.config import TrainConfig
 from trainer.flops import ViTShape, measured_forward_flops
 from trainer.launch import train
-from trainer.loop import Trainer
 from trainer.model import build_model
-from trainer.resume import resumed_config
 
 PATCHES = 64  # 32 px images in 4 px patches
 
@@ -68,19 +64,5 @@ def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_one(d
     dense = train(saved_config_of(digits, tmp_path / "dense", epochs=2, checkpoint_every=5))
     assert summary["train_images"] == dense["train_images"]
     assert summary["train_flops"] < 0.75 * dense["train_flops"]  # half the patches in, counted
-    shutil.copytree(whole, resumed)
-    (resumed / "summary.json").unlink()
-    latest = json.loads((resumed / "checkpoints" / "latest.json").read_text())
-    per_epoch = latest["step"] // 2
-    mid = next(step for step in (int(p.name.split("-")[1]) for p in sorted((resumed / "checkpoints").glob("step-*")))
-               if step > per_epoch and step % per_epoch)  # inside the second epoch
-    for folder in (resumed / "checkpoints").glob("step-*"):
-        if int(folder.name.split("-")[1]) > mid:
-            shutil.rmtree(folder)
-    (resumed / "checkpoints" / "latest.json").write_text(json.dumps(
-        {**latest, "step": mid, "epoch": mid // per_epoch, "batch": mid % per_epoch}))
-    config, _ = resumed_config(str(resumed), {})
-    trainer = Trainer(config)
-    assert trainer.resume()
-    trainer.train()
+    resumed_from_mid_epoch(whole, resumed)
     assert_same_weights(last_weights(resumed), last_weights(whole))

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from shards.decode import DecodeError
+from trainer.curriculum import side_of
 
 AUGMENT_POLICIES = ("none", "basic", "deit")
 EVAL_CROP_FRACTION = 0.875  # timm's and DeiT's crop_pct: the centre 87.5% of the short side
@@ -114,6 +115,10 @@ class ImageTransform:
     train: bool = True
     seed: int = 0
     channels: int = 3
+    sides: tuple[int, ...] = ()  # a resolution curriculum's side per epoch (trainer/curriculum.py); () : size
+
+    def side(self, epoch: int) -> int:
+        return side_of(self.sides, epoch, self.size)
 
     def __post_init__(self) -> None:
         if self.policy not in AUGMENT_POLICIES:
@@ -145,13 +150,13 @@ class ImageTransform:
                 box = crop.get_params(image, crop.scale, crop.ratio)
                 # the flip's own draw (torchvision's: torch.rand(1) < p); the mirror is a view of the pixels
                 mirrored = bool(torch.rand(1) < flip.p)
-                image = crop_resized(image, box, self.size, resample)
+                image = crop_resized(image, box, self.side(epoch), resample)
                 if rand_augment is not None:
                     image = rand_augment(image.convert("RGB").transpose(Image.FLIP_LEFT_RIGHT) if mirrored else
                                          image.convert("RGB"))
                     mirrored = False
         else:
-            image, mirrored = crop_resized(image, centre_box(*image.size), self.size, resample), False
+            image, mirrored = crop_resized(image, centre_box(*image.size), self.side(epoch), resample), False
         mode = "L" if self.channels == 1 else "RGB"
         pixels = np.asarray(image if image.mode == mode else image.convert(mode))
         pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels

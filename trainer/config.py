@@ -72,6 +72,14 @@ class TrainConfig:
                                "averaged by size and weighed by it in attention (proportional attention), e.g. 4 "
                                "takes 49 patches to 25 over 6 blocks; needs --token-keep 1 and --attn-keep 1 "
                                "(0: off)")
+    curriculum_side: int | None = knob(None, "resolution curriculum (EfficientTrain++): the input side of the first "
+                                             "epoch, a multiple of the patch side; the side rises to the full one "
+                                             "by --curriculum-until, decided per epoch in the loader workers (which "
+                                             "decode to it) and on the device; the position embedding is "
+                                             "interpolated to each grid; evaluation runs at the full side "
+                                             "(default: off)")
+    curriculum_until: float = knob(0.5, "share of the epochs over which the curriculum's side rises; the rest, "
+                                        "and always the last epoch, train at the full side")
     patch_drop: float = knob(0.0, "share of each training image's patch tokens removed at random after the position "
                                   "embedding, a new draw per image and step (PatchDropout, timm's patch_drop_rate; "
                                   "FLIP masks 0.5-0.75); the blocks see the rest, evaluation sees every token "
@@ -237,12 +245,12 @@ class TrainConfig:
 RECORDED = ("extensions",)  # recorded by onion train --resume (in history.jsonl's configuration), never given
 RENAMED = {"workers": "loader_workers"}  # old name -> current name, for configs written before the rename
 CHANNELS = 3  # the loaders give RGB (grey images are converted)
-RATES = ("token_keep", "attn_keep")
+RATES = ("token_keep", "attn_keep", "curriculum_until")
 SHARES = ("drop_path", "patch_drop", "ema", "label_smoothing", "prune_ratio", "prune_anneal")
 NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "warmup_epochs", "keep_warmup_epochs", "keep_ramp_epochs",
                 "keep_quantum", "clip_grad", "mixup", "cutmix", "checkpoint_every", "progress_seconds")
-POSITIVE_COUNTS = ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "epochs", "batch_size", "nproc",
-                   "attn_block", "log_every", "eval_every")
+POSITIVE_COUNTS = ("img_size", "patch_size", "curriculum_side", "depth", "embed_dim", "num_heads", "epochs",
+                   "batch_size", "nproc", "attn_block", "log_every", "eval_every")
 ATTN_MODES = ("exact", "block")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 EXAMPLE_STRATEGIES = ("all", "infobatch")

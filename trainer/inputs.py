@@ -52,14 +52,15 @@ def augment_policy(config: TrainConfig, info: DataInfo) -> str:
     return "none" if info.uniform and info.stored_side < SMALL_SIDE else "basic"
 
 
-def reader_transforms(policy: str, info: DataInfo, side: int,
-                      seed: int) -> tuple[ImageTransform | None, ImageTransform | None]:
+def reader_transforms(policy: str, info: DataInfo, side: int, seed: int,
+                      sides: tuple[int, ...] = ()) -> tuple[ImageTransform | None, ImageTransform | None]:
     """The reader's (train, evaluation) per-example transforms; (None, None) for the fast path: equal-size
-    images without augmentation are decoded as stored, stacked, and resized on the device."""
+    images without augmentation are decoded as stored, stacked, and resized on the device. ``sides``: a
+    resolution curriculum's train side per epoch (evaluation keeps ``side``)."""
     if policy == "none" and info.uniform:
         return None, None
     evaluation = ImageTransform(side, policy, train=False, seed=seed)
-    return (evaluation if policy == "none" else ImageTransform(side, policy, train=True, seed=seed)), evaluation
+    return ImageTransform(side, policy, train=policy != "none", seed=seed, sides=sides), evaluation
 
 
 @dataclass(frozen=True)

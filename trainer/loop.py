@@ -33,6 +33,7 @@ from trainer.checkpoint import (
 )
 from trainer.compile import compiled, compiled_graphs
 from trainer.config import TrainConfig
+from trainer.curriculum import epoch_sides, side_of
 from trainer.dynamics import DynamicsRecorder, latest_losses
 from trainer.ema import SparseModelEma
 from trainer.epoch_planner import (
@@ -53,7 +54,7 @@ from trainer.example_pruning import (
 )
 from trainer.flops import ViTShape, measured_forward_flops
 from trainer.inputs import Normalization, augment_policy, data_info, input_side, prepare, reader_transforms
-from trainer.model import build_model, model_kwargs
+from trainer.model import build_model, model_kwargs, patch_size_of
 from trainer.run_folder import METRICS, MODEL_JSON, TENSORBOARD, claim, write_summary
 from trainer.schedule import KeepSchedule, lr_factor, rate_pairs
 from trainer.sparse_vit import SparseVisionTransformer
@@ -92,7 +93,11 @@ class Trainer:
         self.normalization = Normalization.of(config)
         self.num_classes = info.num_classes
         self.augment = augment_policy(config, info)
-        self.train_transform, self.eval_transform = reader_transforms(self.augment, info, self.img_size, config.seed)
+        # a resolution curriculum's side per epoch (empty: img_size always)
+        self.sides = epoch_sides(self.img_size, config.curriculum_side, config.curriculum_until, config.epochs,
+                                 patch_size_of(config, self.img_size))
+        self.train_transform, self.eval_transform = reader_transforms(self.augment, info, self.img_size, config.seed,
+                                                                      self.sides)
         self.device_augment = device_augmentation(self.augment, self.device)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
@@ -332,7 +337,7 @@ class Trainer:
         queue the next steps while the device works (checked by the tests)."""
         config = self.config
         self.model.set_rates(self.token_schedule(self.position.step), self.attn_schedule(self.position.step))
-        x = prepare(images, self.img_size, self.device, self.normalization)
+        x = prepare(images, side_of(self.sides, self.position.epoch, self.img_size), self.device, self.normalization)
         if self.device_augment is not None:  # DeiT's random erasing, per sample, before Mixup as in timm
             x = self.device_augment(x)
         y = labels.to(self.device, non_blocking=True)

@@ -28,6 +28,8 @@ def model_kwargs(config: TrainConfig, img_size: int, num_classes: int) -> dict:
               "patch_size": patch_size_of(config, img_size)}
     if config.patch_drop:  # timm builds its PatchDropout only when asked: default models keep their modules
         kwargs["patch_drop_rate"] = config.patch_drop
+    if config.curriculum_side:  # the position embedding interpolated to each epoch's grid (trainer/curriculum.py)
+        kwargs["dynamic_img_size"] = True
     for name in ("depth", "embed_dim", "num_heads"):
         if getattr(config, name) is not None:
             kwargs[name] = getattr(config, name)

@@ -23,14 +23,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "train", help="dense vs each level alone vs all three, same data, seeds and settings",
         description="Train the arms dense, example (the paper's rounds), example-dynamic (per-epoch soft "
                     "pruning, InfoBatch), token, attention, token+attention, tri-level and tri-level-dynamic "
-                    "(the cpu presets add token-merge, patch-dropout and each with example-dynamic; plus any "
+                    "(the cpu presets add token-merge, patch-dropout, curriculum, each with example-dynamic, and "
+                    "tri-level-dynamic+curriculum; plus any "
                     "from --arms YAML) on a preset's data, interleaved over seeds, and write "
                     "results.md (table with each arm's paired top-1 difference to dense and its 95%% interval), "
                     "results.png (top-1 against time relative to dense) and results.json.",
     )
     trained.add_argument("--preset", choices=list(PRESETS), default="smoke",
                          help="smoke: CI-sized (< 3 min); cpu: mnist5k, a small ViT trained to convergence "
-                              "(12 arms x 5 seeds, about an hour on 2 cores); cpu-tiles: the same at patch 4 (49 "
+                              "(15 arms x 5 seeds, about 75 min on 2 cores); cpu-tiles: the same at patch 4 (49 "
                               "patches + the class token), with block-attention arms; cpu-deit-tiny: the earlier "
                               "DeiT-Tiny-shaped preset (8 epochs, not converged; 8 arms x 3 seeds in 45 min); "
                               "gpu: one CUDA card, DeiT-Tiny at 224 px in bf16, with block-sparse attention arms "
