@@ -115,7 +115,7 @@ class ImageTransform:
     train: bool = True
     seed: int = 0
     channels: int = 3
-    sides: tuple[int, ...] = ()  # a resolution curriculum's side per epoch (trainer/curriculum.py); () : size
+    sides: tuple[int, ...] = ()  # a resolution curriculum's side per epoch (trainer/curriculum.py); (): size always
 
     def side(self, epoch: int) -> int:
         return side_of(self.sides, epoch, self.size)
