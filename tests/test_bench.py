@@ -86,7 +86,7 @@ def test_smoke_preset_runs_every_arm_and_writes_table_plot_and_json(ray_local, t
         reported = results[arm]
         assert reported["fixed_seconds"] == pytest.approx(runs[arm]["seconds"] - runs[arm]["train_seconds"])
         assert reported["fixed_seconds"] > 0
-        assert cells[:8] == [arm, f"{reported['seconds']:.1f}", f"{reported['relative_time']:.2f}x",
+        assert cells[:9] == [arm, "1", f"{reported['seconds']:.1f}", f"{reported['relative_time']:.2f}x",
                              f"{reported['fixed_seconds']:.1f} ({100 * reported['fixed_share_of_dense']:.1f}%)",
                              f"{reported['images_per_second']:.0f}", f"{reported['relative_images']:.2f}x",
                              f"{reported['relative_flops']:.2f}x", f"{reported['relative_flops_per_image']:.2f}x"], line

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers import onion
+from pipeline.bench import train as bench_module
 from pipeline.bench.train import PRESETS, arm_plan, bench_merge, bench_train, fingerprint, read_runs, write_runs
 from shards import UsageError
 
@@ -64,6 +65,31 @@ def test_merge_pairs_each_arm_with_dense_of_its_piece(tmp_path):
     assert [(r["arm"], r["seed"]) for r in json.loads((tmp_path / "out" / "runs.json").read_text())] == [
         ("dense", 0), ("dense", 1), ("token", 0), ("token", 1)]
     assert "2 seed(s) merged from 2 folder(s), 2 CPUs" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_rerun_keeps_the_recorded_runs_it_has_not_reached_yet_in_runs_json(ray_local, tmp_path, monkeypatch):
+    """A stop while dense of seed 0 trains must not lose the record of dense of seed 1, which the rerun
+    reaches only later: runs.json is rewritten after each run, and it holds every recorded run each time."""
+    out, preset = tmp_path / "bench", PRESETS["smoke"]
+    config, plan = arm_plan("dense", {}, preset, str(out / "data" / preset.source), out, seed=1)
+    out.mkdir()
+    write_runs(out, [run("dense", 1, settings=fingerprint(config, plan, preset), top1=61.0)])
+    recorded_at_each_start = []
+
+    def training(name: str, config, plan) -> dict:  # stands in for a training run: the record around it is tested
+        recorded_at_each_start.append(sorted((r["arm"], r["seed"]) for r in read_runs(out)))
+        return {key: value for key, value in run(name, config.seed, top1=60.0).items() if key in RESULT_KEYS}
+
+    monkeypatch.setattr(bench_module, "run_arm", training)
+    bench_train("smoke", out, seeds=2, only=["token"])  # seed 0: dense, token; seed 1: token, dense (kept)
+    assert recorded_at_each_start == [[("dense", 1)], [("dense", 0), ("dense", 1)],
+                                      [("dense", 0), ("dense", 1), ("token", 0)]]
+    assert sorted((r["arm"], r["seed"]) for r in read_runs(out)) == [("dense", 0), ("dense", 1), ("token", 0),
+                                                                     ("token", 1)]
+    assert next(r for r in read_runs(out) if (r["arm"], r["seed"]) == ("dense", 1))["top1"] == 61.0  # as recorded
+
+
+RESULT_KEYS = ("arm", "seed", "top1", "seconds", "images", "flops", "images_per_second", "train_seconds")
 
 
 @pytest.mark.slow  # five smoke-preset trainings (about a minute on 2 cores)

@@ -4,7 +4,16 @@ import math
 
 import pytest
 
-from pipeline.bench.train import PRESETS, aggregate, block_vs_exact, markdown, paired_interval, verdict
+from pipeline.bench.train import (
+    PRESETS,
+    aggregate,
+    block_vs_exact,
+    markdown,
+    paired_interval,
+    pareto_front,
+    plot,
+    verdict,
+)
 from trainer.sparse_vit import kept_count, tile_side
 
 MNIST_SIDE = 28  # the cpu presets' images (mnist5k), trained at their own size
@@ -37,6 +46,39 @@ def test_aggregate_pairs_each_arm_with_dense_of_the_same_seed():
     assert (fast["paired_low"], fast["paired_high"]) == pytest.approx(expected[1:])
     assert fast["verdict"] == "not shown" and rows["dense"]["verdict"] == "baseline"
     assert rows["dense"]["paired_delta"] == 0.0
+
+
+def test_the_pareto_front_keeps_only_arms_no_other_arm_beats_on_both_time_and_accuracy():
+    def row(arm, time, delta):
+        return {"arm": arm, "relative_time": time, "paired_delta": delta, "paired_low": delta - 1,
+                "paired_high": delta + 1}
+
+    rows = [row("dense", 1.0, 0.0), row("slow-and-worse", 1.2, -0.5), row("fast", 0.5, -2.0),
+            row("faster-than-fast-and-better", 0.45, -1.0), row("middle", 0.7, 0.5), row("tied-slower", 0.8, 0.5),
+            row("best", 0.9, 1.5)]
+    # fast loses to an arm that is faster and better; tied-slower to middle (as good, faster); dense
+    # and slow-and-worse to best
+    assert pareto_front(rows) == ["faster-than-fast-and-better", "middle", "best"]
+    assert "fastest first: faster-than-fast-and-better, middle, best." in markdown(rows_with_columns(rows), "title")
+
+
+def rows_with_columns(rows: list[dict]) -> list[dict]:
+    """Rows as aggregate writes them, for markdown: the columns these tests do not look at filled in."""
+    filler = {"seconds": 1.0, "fixed_seconds": 0.0, "fixed_share_of_dense": 0.0, "images_per_second": 1.0,
+              "relative_images": 1.0, "relative_flops": 1.0, "relative_flops_per_image": 1.0,
+              "speedup_vs_predicted": 1.0, "top1_mean": 90.0, "top1_std": 0.0, "verdict": "-", "pairs": 3}
+    return [{**filler, **r} for r in rows]
+
+
+def test_the_plot_draws_every_arm_and_the_front(tmp_path):
+    rows = [{"arm": "dense", "relative_time": 1.0, "paired_delta": 0.0, "paired_low": math.nan,
+             "paired_high": math.nan},
+            {"arm": "fast", "relative_time": 0.5, "paired_delta": -1.0, "paired_low": -3.0, "paired_high": 1.0}]
+    plot(rows, tmp_path / "results.png", "title")
+    from PIL import Image
+
+    with Image.open(tmp_path / "results.png") as image:
+        assert image.size == (900, 600)  # 7.5 x 5 inches at 120 dpi
 
 
 def test_block_arms_are_paired_with_their_exact_twins():

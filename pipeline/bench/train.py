@@ -259,15 +259,18 @@ def block_vs_exact(runs: list[dict]) -> list[dict]:
 def markdown(rows: list[dict], title: str, margin: float = 0.5, block_rows: list[dict] | None = None) -> str:
     lines = [title, "", "Time and images/s: medians over seeds; top-1: mean +- std; paired delta: top-1 minus "
              f"dense's of the same seed, mean [95% t-interval]; parity: interval above -{margin} points.", "",
-             "| arm | time (s) | time vs dense | fixed costs (s, share of dense) | images/s | presentations vs dense "
-             "| FLOPs vs dense | FLOPs/image vs dense | speed-up / FLOPs-predicted | top-1 (%) "
-             "| paired delta (points) | parity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['arm']} | {r['seconds']:.1f} | {r['relative_time']:.2f}x | "
+             "| arm | seeds | time (s) | time vs dense | fixed costs (s, share of dense) | images/s "
+             "| presentations vs dense | FLOPs vs dense | FLOPs/image vs dense | speed-up / FLOPs-predicted "
+             "| top-1 (%) | paired delta (points) | parity |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['pairs']} | {r['seconds']:.1f} | {r['relative_time']:.2f}x | "
               f"{r['fixed_seconds']:.1f} ({100 * r['fixed_share_of_dense']:.1f}%) | {r['images_per_second']:.0f} | "
               f"{r['relative_images']:.2f}x | {r['relative_flops']:.2f}x | {r['relative_flops_per_image']:.2f}x | "
               f"{r['speedup_vs_predicted']:.2f} | {r['top1_mean']:.2f} +- {r['top1_std']:.2f} | "
               f"{interval_text(r)} | {r['verdict']} |" for r in rows]
+    if rows:
+        lines += ["", f"Pareto front (no other arm both faster and higher in paired delta), fastest first: "
+                  f"{', '.join(pareto_front(rows))}."]
     if block_rows:
         lines += ["", "Block-sparse attention against the exact mode (top-1 of the block arm minus its exact twin's, "
                   "same seed; mean [95% t-interval]):", "", "| block arm | exact arm | seeds | paired delta (points) |",
@@ -282,21 +285,45 @@ def interval_text(row: dict) -> str:
     return f"{row['paired_delta']:+.2f} [{row['paired_low']:+.2f}, {row['paired_high']:+.2f}]"
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def pareto_front(rows: list[dict]) -> list[str]:
+    """The arms that no other arm beats on both counts (less wall clock and a higher paired top-1 delta
+    to dense), fastest first: the trade-offs worth choosing between; every other arm is dominated."""
+    front, best = [], -math.inf
+    for row in sorted(rows, key=lambda r: (r["relative_time"], -r["paired_delta"])):
+        if row["paired_delta"] > best:
+            front.append(row["arm"])
+            best = row["paired_delta"]
+    return front
+
+
+def plot(rows: list[dict], path: Path, title: str, margin: float = 0.5) -> None:
+    """Each arm's paired top-1 delta to dense (95% interval) against its wall clock relative to dense,
+    the Pareto front drawn through the arms no other arm beats on both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    figure, axes = plt.subplots(figsize=(7.5, 5.0), dpi=120)
     for row in rows:
-        axes.errorbar(row["relative_time"], row["top1_mean"], yerr=row["top1_std"], fmt="o", capsize=3)
-        axes.annotate(row["arm"], (row["relative_time"], row["top1_mean"]), textcoords="offset points", xytext=(5, 5),
-                      fontsize=8)
+        low, high = row["paired_low"], row["paired_high"]
+        spread = None if math.isnan(low) else [[row["paired_delta"] - low], [high - row["paired_delta"]]]
+        axes.errorbar(row["relative_time"], row["paired_delta"], yerr=spread, fmt="o", capsize=3, alpha=0.85)
+        axes.annotate(row["arm"], (row["relative_time"], row["paired_delta"]), textcoords="offset points",
+                      xytext=(5, 4), fontsize=7)
+    by_arm = {row["arm"]: row for row in rows}
+    front = [by_arm[arm] for arm in pareto_front(rows)]
+    axes.step([r["relative_time"] for r in front], [r["paired_delta"] for r in front], where="post", color="black",
+              lw=1.0, ls=":", label="Pareto front")
+    deltas = [row["paired_delta"] for row in rows]
+    axes.set_ylim(min(deltas + [-margin]) - 2.5, max(deltas) + 2.5)  # intervals wider than this run off the edge
+    axes.axhline(0.0, color="grey", lw=0.8)
+    axes.axhline(-margin, color="grey", lw=0.8, ls="--", label=f"parity margin (-{margin} points)")
     axes.axvline(1.0, color="grey", lw=0.8, ls="--")
-    axes.set_xlabel("training time relative to dense")
-    axes.set_ylabel("top-1 (%)")
-    axes.set_title(title, fontsize=10)
+    axes.set_xlabel("training wall clock relative to dense")
+    axes.set_ylabel("top-1 minus dense's, same seed (points, 95% interval)")
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -339,8 +366,6 @@ def bench_train(preset_name: str, out: Path, seeds: int | None = None, arms_file
             config, plan = arm_plan(name, settings, preset, dataset, out, seed, compile_mode)
             planned.append((name, config, plan, fingerprint(config, plan, preset)))
     finished = {run_key(r): r for r in read_runs(out)}
-    wanted = {(name, config.seed, mark) for name, config, _, mark in planned}
-    others = [r for key, r in finished.items() if key not in wanted]  # kept in runs.json, not in this table
     runs = []
     for name, config, plan, mark in planned:
         done = finished.get((name, config.seed, mark))
@@ -350,7 +375,8 @@ def bench_train(preset_name: str, out: Path, seeds: int | None = None, arms_file
         else:
             what = f"kept from {out / RUNS_FILE} (finished earlier, same settings)"
         runs.append(done)
-        write_runs(out, runs + others)
+        this_table = {run_key(r) for r in runs}  # the rest stay recorded: runs of other arms, and ones not reached yet
+        write_runs(out, runs + [r for key, r in finished.items() if key not in this_table])
         print(f"  seed {config.seed} {name}: {what} ({len(runs)} of {len(planned)} runs)", file=sys.stderr, flush=True)
     title = (f"onion bench train --preset {preset_name}: {preset.source}, {preset.epochs} epochs, "
              f"{len(seeds)} seed(s), {machine}, compile {compile_mode}")
@@ -435,5 +461,5 @@ def write_results(out: Path, preset_name: str, runs: list[dict], title: str, mar
     (out / "results.json").write_text(json.dumps({"preset": preset_name, "parity_margin": margin,
                                                   "arms": plain(rows), "block_vs_exact": plain(block_rows)}, indent=2))
     (out / "results.md").write_text(markdown(rows, title, margin, block_rows))
-    plot(rows, out / "results.png", title)
+    plot(rows, out / "results.png", title, margin)
     return rows

@@ -27,7 +27,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "tri-level-dynamic+curriculum; plus any "
                     "from --arms YAML) on a preset's data, interleaved over seeds, and write "
                     "results.md (table with each arm's paired top-1 difference to dense and its 95%% interval), "
-                    "results.png (top-1 against time relative to dense) and results.json.",
+                    "results.png (each arm's paired top-1 difference against its time relative to dense, with "
+                    "the Pareto front of the arms no other arm beats on both) and results.json.",
     )
     trained.add_argument("--preset", choices=list(PRESETS), default="smoke",
                          help="smoke: CI-sized (< 3 min); cpu: mnist5k, a small ViT trained to convergence "

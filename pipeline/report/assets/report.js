@@ -627,7 +627,7 @@
         h("td", { text: a.verdict || "–" })));
       const n = (x) => h("th", { class: "num", text: x });
       root.append(h("div", { class: "panel" }, table(["arm", n("time (s)"), n("time vs dense"), n("images/s"), n("FLOPs vs dense"), n("top-1 (%)"), n("paired delta"), "parity"], rows, { id: "bench" })));
-      if (b.plot) root.append(h("p", {}, h("img", { class: "bench-plot", src: "bench.png", alt: "bench: top-1 against time relative to dense" })));
+      if (b.plot) root.append(h("p", {}, h("img", { class: "bench-plot", src: "bench.png", alt: "bench: each arm's top-1 difference to dense against its time relative to dense" })));
     }
   }
 
