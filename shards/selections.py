@@ -14,6 +14,11 @@ Two layouts, both read by :func:`read_selection` as one table:
   key), listed in the JSON with rows, kept and sha256. A reader assigned a few shards reads only their
   parts (:func:`read_selection_part`). The folder is named by the rows' fingerprint, so writing the
   same selection twice writes the same bytes to the same place; the JSON is the commit point.
+
+A version's identity is everything its rows store, the scores the decisions were made by and the
+strategy included: two runs that happen to make the same decisions from different losses (two
+arms of one seed whose first epoch is the same model, say) get versions of their own, each with
+its own scores (the loss weights of a planned epoch are read back from them).
 """
 from __future__ import annotations
 
@@ -104,6 +109,9 @@ def fingerprint(table: pa.Table) -> str:
     digest = hashlib.sha256()
     for column in ("key", "kept", "reason", "round", "parent"):
         digest.update(json.dumps(table[column].to_pylist()).encode())
+    for column in ("label", "score", "strategy"):  # what else the rows store (rank follows from score)
+        if column in table.column_names:
+            digest.update(json.dumps([column, table[column].to_pylist()]).encode())
     rule = selection_rule(table)
     if rule:
         digest.update(f"rule={rule}".encode())
@@ -140,10 +148,11 @@ def _claim_version(dataset: Location, identity: str, suffix: str, data: bytes) -
 # -- partitioned versions -------------------------------------------------------------------------------
 
 def part_digest(table: pa.Table) -> str:
-    """The identity of one part's decisions (its keys, kept and reasons)."""
+    """The identity of one part as stored (every column: keys, decisions, reasons, the scores they were
+    made by): two writers of one identity write the same bytes, so neither changes a committed part."""
     digest = hashlib.sha256()
-    for column in ("key", "kept", "reason"):
-        digest.update(json.dumps(table[column].to_pylist()).encode())
+    for column in table.column_names:
+        digest.update(json.dumps([column, table[column].to_pylist()]).encode())
     return digest.hexdigest()
 
 

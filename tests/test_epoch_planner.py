@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import open_source
 from shards import location, read_index
-from shards.index import table_to_parquet_bytes
+from shards.index import parquet_bytes_to_table, table_to_parquet_bytes
 from shards.key_hash import smallest
 from shards.selections import SourceExamples, read_selection, save_selection, selection_table
 from trainer.dynamics import latest_losses
@@ -141,6 +141,27 @@ def test_the_stored_version_does_not_depend_on_the_number_of_ranks(dataset, run)
                                                                       SEED, c, {"test": True}))[0].version
                 for world in (1, 3)}
     assert versions[1] == versions[3]  # the same parts, so the same fingerprint: found, not written again
+
+
+def test_runs_that_decide_alike_from_other_losses_each_get_their_own_version(dataset, run, tmp_path):
+    """Two arms of one seed whose first epoch is the same model make the same decisions from losses that
+    differ in their last bits. Each planned epoch must store, and weigh by, its own run's scores: the
+    second must not rewrite the first's committed parts (whose sha256 would then no longer match)."""
+    data, doubled = location(dataset), location(str(tmp_path / "doubled"))
+    for name in location(run).child(DYNAMICS).list_names():  # the same dynamics, every loss doubled (exactly)
+        table = parquet_bytes_to_table(location(run).child(DYNAMICS).read_bytes(name))
+        table = table.set_column(table.column_names.index("loss"), "loss", pc.multiply(table["loss"], 2))
+        doubled.child(DYNAMICS).write_atomic(name, table_to_parquet_bytes(table))
+    first, second = (plan_epoch_in_parts(data, folder, None, EPOCH + 2, RATIO, SEED, Collective(), {"test": True})
+                     for folder in (location(run), doubled))
+    assert first.version != second.version
+    decisions = [read_selection(data, p.version, ["key", "kept", "reason"]) for p in (first, second)]
+    assert decisions[0].equals(decisions[1])  # the same decisions (the same examples below a doubled mean) ...
+    scores = [read_selection(data, p.version, ["score"])["score"] for p in (first, second)]
+    assert scores[1].equals(pc.multiply(scores[0], 2))  # ... each version with its own run's scores
+    assert second.threshold == 2 * first.threshold
+    shards = set(read_index(data, ["shard"])["shard"].drop_null().to_pylist())
+    assert loss_weights(data, first, shards, RATIO) == loss_weights(data, second, shards, RATIO) != {}
 
 
 def test_kth_smallest_matches_the_key_hash_rule_with_collisions():

@@ -178,6 +178,11 @@ def test_versions_are_immutable_and_reused(tmp_path):
     assert first == "v0001"
     assert save_selection(dataset, initial_round(src, 0.8, 1), {"round": 0}) == "v0001"
     assert save_selection(dataset, initial_round(src, 0.8, 2), {"round": 0}) == "v0002"
+    # the same decisions from other scores are a version of their own: a version keeps the scores it was made by
+    rescored = initial_round(src, 0.8, 1)
+    rescored = rescored.set_column(rescored.column_names.index("score"), "score",
+                                   pa.array([0.5] * rescored.num_rows, pa.float64()))
+    assert save_selection(dataset, rescored, {"round": 0}) == "v0003"
 
 
 def test_saving_reads_no_stored_version_once_their_fingerprints_are_marked(tmp_path):

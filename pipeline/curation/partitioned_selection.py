@@ -90,8 +90,14 @@ class PartReader:
 
 @dataclass(frozen=True)
 class DigestPart:
+    """A part's identity: the digest of the rows it will store."""
+
+    round_number: int
+    parent: str | None
+    strategy: str
+
     def __call__(self, number: int, decided: pa.Table) -> str:
-        return part_digest(decided)
+        return part_digest(selection_part_table(decided, self.round_number, self.parent, self.strategy))
 
 
 @dataclass(frozen=True)
@@ -117,15 +123,16 @@ def select_partitioned(dataset: Location, parts: list[IndexPart], request: Selec
     round_number = request.round_number or 0
     parent = request.parent if round_number >= 1 else None
     reader = PartReader(dataset.url, tuple(parts), request.scores, parent)
+    digest = DigestPart(round_number, parent, strategy)
     with SelectionWorkers(workers or default_workers(len(parts))) as pool:
         pool.load_with(reader, len(parts))
         if request.round_number is None:
-            digests = pool.select(options, DigestPart(), groups, request.then_strategy)
+            digests = pool.select(options, digest, groups, request.then_strategy)
         elif request.round_number == 0:
-            digests = pool.initial_round(options.keep, options.seed, DigestPart(), groups, options.dedup_rule)
+            digests = pool.initial_round(options.keep, options.seed, digest, groups, options.dedup_rule)
         else:
             label = drop_label(read_scores(dataset, request.scores, columns=[]))
-            digests = pool.next_round(request.remove_n, request.round_number, options.seed, label, DigestPart())
+            digests = pool.next_round(request.remove_n, request.round_number, options.seed, label, digest)
         identity = parts_fingerprint(list(digests.written), round_number, parent, RULE)
         version = stored_version(dataset, identity)
         if version is None:
