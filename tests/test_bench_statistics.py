@@ -1,17 +1,16 @@
-"""The bench's accuracy verdict: paired differences to dense with a t-interval, by hand; and the
+"""The bench's accuracy verdict: paired differences to dense with a t-interval, by hand; the Pareto plot; and the
 block-sparse presets' tile counts."""
 import math
 
 import pytest
 
+from pipeline.bench.pareto import overlap_area, pareto_front, place_labels, plot, text_extent
 from pipeline.bench.train import (
     PRESETS,
     aggregate,
     block_vs_exact,
     markdown,
     paired_interval,
-    pareto_front,
-    plot,
     verdict,
 )
 from trainer.sparse_vit import kept_count, tile_side
@@ -79,6 +78,31 @@ def test_the_plot_draws_every_arm_and_the_front(tmp_path):
 
     with Image.open(tmp_path / "results.png") as image:
         assert image.size == (900, 600)  # 7.5 x 5 inches at 120 dpi
+
+
+def test_labels_of_arms_at_nearly_the_same_point_do_not_print_over_each_other():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # five arms within a hundredth of dense's time and a tenth of a point: the first place (right, above)
+    # is the same spot for all of them
+    points = [(0.56 + 0.002 * i, 2.0 + 0.02 * i, f"tri-level-dynamic token 0.{i}") for i in range(5)]
+    points.append((0.9, -3.0, "dense"))
+    figure, axes = plt.subplots(figsize=(7.5, 5.0), dpi=120)
+    axes.plot([x for x, _, _ in points], [y for _, y, _ in points], "o")
+    axes.set_xlim(0.3, 1.05)
+    axes.set_ylim(-6.0, 8.0)
+    labels = place_labels(axes, points)
+    renderer = figure.canvas.get_renderer()
+    boxes = [text_extent(label, renderer) for label in labels]
+    assert [label.get_text() for label in labels] == [text for _, _, text in points]
+    assert len(axes.texts) == len(points)  # the places tried and not taken are gone
+    plt.close(figure)
+    for i, one in enumerate(boxes):
+        for other in boxes[i + 1:]:
+            assert overlap_area(one, other) == 0.0, (one, other)
 
 
 def test_block_arms_are_paired_with_their_exact_twins():

@@ -36,6 +36,7 @@ import torch
 import yaml
 from scipy import stats
 
+from pipeline.bench.pareto import pareto_front, plot
 from pipeline.curation.rounds import CurationPlan, curate
 from pipeline.ingest.job import IngestOptions, ingest
 from pipeline.ingest.sources import SourceOptions, open_source
@@ -283,50 +284,6 @@ def interval_text(row: dict) -> str:
     if math.isnan(row["paired_low"]):
         return f"{row['paired_delta']:+.2f}"
     return f"{row['paired_delta']:+.2f} [{row['paired_low']:+.2f}, {row['paired_high']:+.2f}]"
-
-
-def pareto_front(rows: list[dict]) -> list[str]:
-    """The arms that no other arm beats on both counts (less wall clock and a higher paired top-1 delta
-    to dense), fastest first: the trade-offs worth choosing between; every other arm is dominated."""
-    front, best = [], -math.inf
-    for row in sorted(rows, key=lambda r: (r["relative_time"], -r["paired_delta"])):
-        if row["paired_delta"] > best:
-            front.append(row["arm"])
-            best = row["paired_delta"]
-    return front
-
-
-def plot(rows: list[dict], path: Path, title: str, margin: float = 0.5) -> None:
-    """Each arm's paired top-1 delta to dense (95% interval) against its wall clock relative to dense,
-    the Pareto front drawn through the arms no other arm beats on both."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7.5, 5.0), dpi=120)
-    for row in rows:
-        low, high = row["paired_low"], row["paired_high"]
-        spread = None if math.isnan(low) else [[row["paired_delta"] - low], [high - row["paired_delta"]]]
-        axes.errorbar(row["relative_time"], row["paired_delta"], yerr=spread, fmt="o", capsize=3, alpha=0.85)
-        axes.annotate(row["arm"], (row["relative_time"], row["paired_delta"]), textcoords="offset points",
-                      xytext=(5, 4), fontsize=7)
-    by_arm = {row["arm"]: row for row in rows}
-    front = [by_arm[arm] for arm in pareto_front(rows)]
-    axes.step([r["relative_time"] for r in front], [r["paired_delta"] for r in front], where="post", color="black",
-              lw=1.0, ls=":", label="Pareto front")
-    deltas = [row["paired_delta"] for row in rows]
-    axes.set_ylim(min(deltas + [-margin]) - 2.5, max(deltas) + 2.5)  # intervals wider than this run off the edge
-    axes.axhline(0.0, color="grey", lw=0.8)
-    axes.axhline(-margin, color="grey", lw=0.8, ls="--", label=f"parity margin (-{margin} points)")
-    axes.axvline(1.0, color="grey", lw=0.8, ls="--")
-    axes.set_xlabel("training wall clock relative to dense")
-    axes.set_ylabel("top-1 minus dense's, same seed (points, 95% interval)")
-    axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
 
 
 def preset_named(preset_name: str, arms_file: str | None = None) -> Preset:
