@@ -38,7 +38,7 @@ def place_labels(axes, points: list[tuple[float, float, str]], fontsize: float =
     renderer = figure.canvas.get_renderer()
     inside = axes.get_window_extent(renderer)
     taken = []
-    for x, y in ((px, py) for px, py, _ in points):
+    for x, y, _ in points:
         cx, cy = axes.transData.transform((x, y))
         taken.append(Bbox.from_extents(cx - MARKER_HALF_SIDE, cy - MARKER_HALF_SIDE,
                                        cx + MARKER_HALF_SIDE, cy + MARKER_HALF_SIDE))
